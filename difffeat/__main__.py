@@ -1,0 +1,7 @@
+"""`python -m difffeat` runs the CLI."""
+
+import sys
+
+from difffeat.cli import main
+
+sys.exit(main())

@@ -1,0 +1,176 @@
+"""`load_pipeline`: one factory for every model difffeat can run, by name, folder, file or Hub id.
+
+Names are a registry (`MODELS`): the built-in trained "mini", its random-weight twin, and real-size
+random presets. Anything else is a local diffusers folder, a single-file checkpoint, or a Hub id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from difffeat.errors import UserError
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin",
+                "pytorch_model.bin", "diffusion_pytorch_model.safetensors.index.json",
+                "model.safetensors.index.json", "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors")
+
+MODELS: dict[str, Callable[[], object]] = {}
+
+
+def register_model(name: str):
+    """Decorator: `@register_model("name")` on a zero-argument function returning a pipeline."""
+
+    def wrap(fn):
+        MODELS[name] = fn
+        return fn
+
+    return wrap
+
+
+@register_model("mini")
+def _mini():
+    from difffeat.zoo.mini import weights_dir
+
+    path = weights_dir()
+    if not (path / "model_index.json").exists():
+        raise UserError(f"{path}: the built-in mini model's weights are missing from this install "
+                        "(reinstall difffeat, or rebuild them with `difffeat zoo train-mini`)")
+    return _from_folder(path)
+
+
+@register_model("mini-random")
+def _mini_random():
+    from difffeat.zoo.mini import random_mini_pipeline
+
+    return random_mini_pipeline()
+
+
+def _register_presets() -> None:
+    from difffeat.zoo.presets import PRESETS, build_preset_pipeline
+
+    for name in PRESETS:
+        register_model(name)(lambda name=name: build_preset_pipeline(name))
+
+
+_register_presets()
+
+
+def check_pipeline_folder(path: Path) -> dict:
+    """Raise a UserError naming what is missing from a diffusers pipeline folder; return its index."""
+    index_path = path / "model_index.json"
+    if not index_path.exists():
+        raise UserError(f"{path}: not a diffusers pipeline folder (model_index.json is missing)")
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{index_path}: not valid JSON ({e})") from None
+    missing = []
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue  # metadata, or a component the pipeline declares absent
+        sub = path / name
+        if not sub.is_dir():
+            missing.append(f"{name}/")
+        elif name.startswith("tokenizer"):
+            if not any((sub / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+                missing.append(f"{name}/tokenizer.json")
+        elif name.startswith("scheduler"):
+            if not (sub / "scheduler_config.json").exists():
+                missing.append(f"{name}/scheduler_config.json")
+        elif name not in ("feature_extractor", "image_processor"):
+            if not (sub / "config.json").exists():
+                missing.append(f"{name}/config.json")
+            if not any((sub / w).exists() for w in WEIGHT_FILES):
+                missing.append(f"{name}/ weights ({WEIGHT_FILES[0]} or {WEIGHT_FILES[1]})")
+    if missing:
+        raise UserError(f"{path}: incomplete pipeline folder, missing " + ", ".join(missing))
+    return index
+
+
+def _from_folder(path: Path):
+    from diffusers import DiffusionPipeline
+
+    index = check_pipeline_folder(path)
+    kwargs = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+    return DiffusionPipeline.from_pretrained(path, local_files_only=True, **kwargs)
+
+
+def _from_single_file(path: Path, config: str | None):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    errors = []
+    # Try SD-1/2 then SDXL; diffusers infers the variant from the keys, but needs the pipeline class.
+    for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline):
+        try:
+            return cls.from_single_file(str(path), config=config, local_files_only=config is not None
+                                        or _offline())
+        except Exception as e:  # diffusers raises many types here; we report them together
+            errors.append(f"{cls.__name__}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    hint = "" if config else " (offline, pass config=DIR: a diffusers folder of the same architecture)"
+    raise UserError(f"{path}: could not load as a single-file checkpoint{hint}; " + "; ".join(errors))
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    parts = model.split("/")
+    return len(parts) == 2 and all(parts) and not model.startswith((".", "/", "~"))
+
+
+def _from_hub(model_id: str):
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.from_pretrained(model_id, local_files_only=_offline())
+    except Exception as e:
+        reason = "offline (HF_HUB_OFFLINE is set) and not in the local cache" if _offline() else \
+            f"could not be fetched from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        raise UserError(f"{model_id}: not a local folder, file or built-in name, and as a Hub id it {reason}") from None
+
+
+def _as_dtype(dtype):
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype not in names:
+        raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+    return names[dtype]
+
+
+def load_pipeline(model: str | os.PathLike = "mini", device: str = "cpu", dtype=None, config: str | None = None):
+    """A diffusers pipeline with `.unet`, `.vae`, `.text_encoder`, `.tokenizer`, `.scheduler`.
+
+    `model` is a registered name (`"mini"`, `"mini-random"`, `"sd15-random"`, …; see `MODELS`), a local
+    diffusers folder, a single-file checkpoint (`config` names a diffusers folder to take the
+    architecture from when offline), or a Hub id (offline it fails with one clear error naming the id).
+    `dtype` is a torch dtype or one of "fp32", "fp16", "bf16"; None keeps the stored precision.
+    """
+    dtype = _as_dtype(dtype)
+    name = str(model)
+    path = Path(name).expanduser()
+    if name in MODELS:
+        pipe = MODELS[name]()
+    elif path.is_dir():
+        pipe = _from_folder(path)
+    elif path.is_file():
+        if path.suffix not in SINGLE_FILE_SUFFIXES:
+            raise UserError(f"{path}: not a checkpoint file (expected one of {', '.join(SINGLE_FILE_SUFFIXES)})")
+        pipe = _from_single_file(path, config)
+    elif _looks_like_hub_id(name) and not name.endswith(SINGLE_FILE_SUFFIXES):
+        pipe = _from_hub(name)
+    else:
+        raise UserError(f"{name}: no such model folder or file, and not a built-in name "
+                        f"({', '.join(MODELS)}) or a Hub id (owner/name)")
+    pipe = pipe.to(device)
+    if dtype is not None:
+        pipe = pipe.to(dtype=dtype)
+    return pipe
