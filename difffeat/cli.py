@@ -48,6 +48,13 @@ def _cmd_zoo_eval_mini(args) -> None:
     print(text)
 
 
+def _cmd_zoo_report(args) -> None:
+    from difffeat.zoo.report import write_mini_report
+
+    report = write_mini_report(args.run, args.model, args.out, seed=args.seed)
+    print(json.dumps(report, indent=1))
+
+
 def _cmd_sample(args) -> None:
     from difffeat.zoo.sampling import sample_to_folder
 
@@ -61,6 +68,87 @@ def _cmd_sample(args) -> None:
     out = sample_to_folder(prompts, args.out, model=args.model, steps=args.steps, guidance=args.guidance,
                            seed=args.seed, progress=not args.quiet)
     print(f"wrote {len(prompts)} samples and grid.png to {out}")
+
+
+def _cmd_layers(args) -> None:
+    from difffeat.layers import LAYER_PRESETS, list_layers, resolve_layers
+    from difffeat.zoo import load_pipeline
+
+    pipe = load_pipeline(args.model)
+    size = tuple(args.size) if args.size else (None, None)
+    for name, shape in list_layers(pipe, *size):
+        print(f"{name}\t{'×'.join(map(str, shape))}")
+    for preset in LAYER_PRESETS:
+        print(f"# preset {preset}: {' '.join(resolve_layers(pipe, [preset], *size))}")
+
+
+def _extract_config(args):
+    from dataclasses import fields
+
+    from difffeat.runner import ExtractRunConfig
+
+    if args.config:
+        try:
+            saved = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{args.config}: cannot read the run config ({e})") from None
+        saved = saved.get("config", saved)  # a manifest.json or a bare config
+        known = {f.name for f in fields(ExtractRunConfig)}
+        cfg = ExtractRunConfig(**{k: v for k, v in saved.items() if k in known and k != "out"},
+                               out=args.out)
+        if args.images:
+            cfg.images = args.images
+        return cfg
+    if not args.images:
+        raise UserError("give an image folder, glob or dataset (or --config FILE)")
+    return ExtractRunConfig(
+        images=args.images, out=args.out, model=args.model, layers=args.layer or ["dift"],
+        timesteps=args.t or [50], seed=args.seed, ensemble=args.ensemble, batch_size=args.batch_size,
+        noise=not args.clean, posterior=args.posterior, prompt=args.prompt, prompt_source=args.prompt_from,
+        captions_csv=args.captions_csv, caption_column=args.caption_column, label_template=args.label_template,
+        resolution=list(args.size) if args.size else None, resize=args.resize, dtype=args.dtype,
+        store_dtype="float16" if args.fp16_store else "float32", concat=args.concat,
+        concat_size=list(args.concat_size) if args.concat_size else None, capture=args.capture,
+        attention=args.attention or [], techniques=args.technique or [], shard_size=args.shard_size,
+    )
+
+
+def _cmd_extract(args) -> None:
+    from difffeat.runner import run_extraction
+
+    report = run_extraction(_extract_config(args), overwrite=args.overwrite, resume=args.resume,
+                            progress=not args.quiet)
+    if report["rank"] == 0:
+        failed = report["failed"]
+        speed = report["images_per_second"]
+        print(f"extracted {report['extracted']} images to {args.out}"
+              + (f" ({speed:.1f} img/s per process)" if speed else "")
+              + (f"; {report['already_done']} already done" if report["already_done"] else "")
+              + (f"; skipped {len(failed)} (see {args.out}/report.json)" if failed else ""))
+        for f in failed[:10]:
+            print(f"  skipped {f['key']}: {f['reason']}", file=sys.stderr)
+
+
+def _cmd_inspect(args) -> None:
+    from difffeat.store import FeatureStore, summarize
+
+    print(summarize(FeatureStore(args.store)))
+
+
+def _cmd_viz(args) -> None:
+    from difffeat.store import FeatureStore
+    from difffeat.viz import save_pca_image
+
+    store = FeatureStore(args.store)
+    layer = args.layer or store.layers[0]
+    if layer not in store.layers:
+        raise UserError(f"{args.store}: no layer {layer!r} (layers: {', '.join(store.layers)})")
+    keys = args.keys or store.keys()[: args.n]
+    missing = [k for k in keys if k not in store]
+    if missing:
+        raise UserError(f"{args.store}: no image {missing[0]!r}")
+    save_pca_image([store[k][layer].astype("float32") for k in keys], args.out, scale=args.scale)
+    print(f"wrote PCA image of {layer} for {len(keys)} images to {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +182,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the report here")
     p.set_defaults(func=_cmd_zoo_eval_mini)
+    p = zoo.add_parser("report", help="loss curve, sample grid and quality numbers of a mini run (docs/)")
+    p.add_argument("run", help="the train-mini run folder (for losses.csv)")
+    p.add_argument("--model", default="mini", help="the pipeline to sample (default: the shipped mini)")
+    p.add_argument("--out", default="docs")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_zoo_report)
+
+    p = sub.add_parser("layers", help="hookable UNet modules with their output shapes, and the presets")
+    p.add_argument("--model", default="mini")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="image size (default: native)")
+    p.set_defaults(func=_cmd_layers)
+
+    p = sub.add_parser("extract", help="extract UNet features of an image folder into a feature store")
+    p.add_argument("images", nargs="?", help="image folder (recursive), glob, or imagefolder")
+    p.add_argument("--out", required=True, help="feature store folder")
+    p.add_argument("--config", help="repeat a run: its manifest.json (or a config JSON)")
+    p.add_argument("--model", default="mini")
+    p.add_argument("--layer", action="append", help="module name or preset (dift, gdf-legacy, hyperfeatures); repeat")
+    p.add_argument("--t", type=int, action="append", help="timestep; repeat for several (default 50)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ensemble", type=int, default=1, help="noise draws averaged per image and timestep")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--technique", action="append", help="generation technique spec; repeat")
+    p.add_argument("--prompt", default="", help="prompt for every image (or the fallback of --prompt-from)")
+    p.add_argument("--prompt-from", default="fixed", choices=["fixed", "sidecar", "csv", "label"],
+                   help="sidecar: <image>.txt; csv: --caption-column of --captions-csv; label: --label-template")
+    p.add_argument("--captions-csv", help="CSV with file_name and caption/label columns (default IMAGES/metadata.csv)")
+    p.add_argument("--caption-column", default="fine_caption")
+    p.add_argument("--label-template", default="a photo of a {label}")
+    p.add_argument("--clean", action="store_true", help="no noise: the UNet sees the clean latent at t")
+    p.add_argument("--posterior", default="mean", choices=["mean", "sample"])
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="resize images to this (default: native)")
+    p.add_argument("--resize", default="center-crop", choices=["center-crop", "pad", "stretch"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--fp16-store", action="store_true", help="store features as float16")
+    p.add_argument("--concat", action="store_true", help="resize all layers to one size and concatenate")
+    p.add_argument("--concat-size", type=int, nargs=2, metavar=("H", "W"))
+    p.add_argument("--capture", default="output", choices=["output", "input"])
+    p.add_argument("--attention", action="append", help="attention module whose cross-attention maps to keep")
+    p.add_argument("--shard-size", type=int, default=256)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("inspect", help="summarise a feature store")
+    p.add_argument("store")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("viz", help="PCA-to-RGB image of one layer of a feature store (PNG)")
+    p.add_argument("store")
+    p.add_argument("--layer")
+    p.add_argument("--keys", nargs="*")
+    p.add_argument("--n", type=int, default=8, help="first N images when --keys is not given")
+    p.add_argument("--scale", type=int, default=4)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_viz)
 
     p = sub.add_parser("sample", help="generate images from prompts (DDIM)")
     p.add_argument("prompts", nargs="*", help="prompts, one image each")

@@ -92,6 +92,7 @@ def colour_accuracy(pipe, scenes: list[Scene], seed: int = 0, steps: int = 50, g
     return {"accuracy": acc, "chance": chance, "n": len(scenes), "images": images}
 
 
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """Peak signal-to-noise ratio of two uint8 images, in dB: 10·log10(255² / MSE)."""
     mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
@@ -136,6 +137,7 @@ def evaluate_quality(model: str = "mini", n: int = 64, seed: int = 0) -> dict:
         "seed": seed,
         "conditioning_mse": conditioning_mse(pipe, scenes, seed=seed),
         "colour_accuracy": colour["accuracy"],
+        "colour_n": colour["n"],
         "colour_chance": colour["chance"],
         "img2img_psnr_strength_0.5": img2img_psnr(pipe, scenes[:32], seed=seed),
         "img2img_psnr_random_weights": img2img_psnr(load_pipeline("mini-random"), scenes[:32], seed=seed),

@@ -1,0 +1,206 @@
+"""`FeatureExtractor`: images in, UNet activations out (VAE encode → noise at t → one hooked UNet pass).
+
+Work is folded into batches of (image, timestep, noise draw) items, so a batch is always full whatever
+the ensemble size. Noise is drawn per item from a generator seeded by (seed, image key, t, draw): a
+feature never depends on batch size, order, or which process extracted it. The UNet stops right after
+the deepest requested module; the VAE decoder never runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from difffeat.capture import Capture
+from difffeat.errors import UserError
+from difffeat.layers import latent_size, resolve_layers
+
+
+def item_seed(seed: int, key: str, *parts) -> int:
+    """A 63-bit seed from (seed, key, parts): stable across runs, processes and platforms."""
+    digest = hashlib.sha256("|".join(map(str, (seed, key, *parts))).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def seeded_normal(shape, seed: int) -> torch.Tensor:
+    """Standard normal noise from its own CPU generator (so CPU and GPU runs draw the same numbers)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, dict | None]:
+    """Text embeddings [P, T, D] for distinct prompts, plus SDXL's pooled embeddings where the model has them.
+
+    Uses the pipeline's own `encode_prompt`, so each architecture conditions exactly as it does when
+    generating (SDXL: both text encoders, penultimate hidden states, pooled projection).
+    """
+    device = pipe.unet.device
+    if hasattr(pipe, "text_encoder_2"):
+        embeds, _, pooled, _ = pipe.encode_prompt(list(prompts), device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        return embeds, {"text_embeds": pooled}
+    embeds, _ = pipe.encode_prompt(list(prompts), device, 1, False)
+    return embeds, None
+
+
+def concat_features(features: dict[str, torch.Tensor], size: tuple[int, int] | None = None) -> torch.Tensor:
+    """All maps resized (bilinear) to one resolution and concatenated along channels, in dict order.
+
+    `size` defaults to the largest map's (h, w).
+    """
+    maps = list(features.values())
+    if size is None:
+        size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
+    return torch.cat([m if tuple(m.shape[-2:]) == tuple(size) else
+                      F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False) for m in maps], 1)
+
+
+class FeatureExtractor:
+    """Extracts features of named UNet modules for batches of images.
+
+    Args:
+        pipe: a diffusers pipeline (`difffeat.load_pipeline`).
+        layers: module names as `difffeat.list_layers` gives them, or preset names (`dift`,
+            `gdf-legacy`, `hyperfeatures`); checked before any work.
+        timesteps: UNet timesteps; with several, output keys are `f"{layer}@{t}"`.
+        ensemble: noise draws per (image, timestep); features are their mean.
+        seed: base seed of the per-image noise (and of posterior samples).
+        noise: False for clean mode: the UNet sees the VAE posterior mean × scaling factor at `t`.
+        prompt: the prompt of every image unless `extract` is given per-image prompts.
+        techniques: generation techniques (`pipelines`); none are built in yet.
+        batch_size: UNet items per forward.
+        posterior: "mean" (default, deterministic) or "sample" (seeded per image) of the VAE posterior.
+        resolution: (height, width) images are resized to (center crop) when given as PIL images of
+            another size; default the model's native resolution.
+        capture_inputs: hook module inputs instead of outputs.
+        attention: attention modules (e.g. `up_blocks.1.attentions.0.transformer_blocks.0.attn2`) whose
+            head-averaged probabilities to return as `f"{name}:probs"` maps [tokens, h, w].
+        early_exit: stop the UNet after the deepest requested module (never changes values).
+    """
+
+    def __init__(self, pipe, layers: Sequence[str], timesteps: Sequence[int] = (50,), ensemble: int = 1,
+                 seed: int = 0, noise: bool = True, prompt: str = "", techniques: Sequence = (), batch_size: int = 8,
+                 posterior: str = "mean", resolution: tuple[int, int] | None = None, capture_inputs: bool = False,
+                 attention: Sequence[str] = (), early_exit: bool = True):
+        if techniques:
+            raise UserError("generation techniques are not available in this version of difffeat")
+        if ensemble < 1 or batch_size < 1:
+            raise UserError(f"ensemble and batch_size must be ≥ 1 (got {ensemble}, {batch_size})")
+        if posterior not in ("mean", "sample"):
+            raise UserError(f"posterior must be 'mean' or 'sample', got {posterior!r}")
+        n_train = pipe.scheduler.config.num_train_timesteps
+        bad = [t for t in timesteps if not 0 <= int(t) < n_train]
+        if bad or not timesteps:
+            raise UserError(f"timesteps must be in [0, {n_train}), got {list(timesteps)}")
+        self.pipe = pipe
+        factor = getattr(pipe, "vae_scale_factor", 8)
+        native = tuple(s * factor for s in latent_size(pipe))
+        self.resolution = tuple(resolution) if resolution else native
+        self.layers = resolve_layers(pipe, layers, *self.resolution)
+        modules = dict(pipe.unet.named_modules())
+        for name in attention:
+            if not hasattr(modules.get(name), "get_attention_scores"):
+                raise UserError(f"{name!r} is not an attention module of this UNet")
+        self.attention = list(attention)
+        self.timesteps = [int(t) for t in timesteps]
+        self.ensemble = ensemble if noise else 1  # without noise every draw is the same
+        self.seed, self.noise, self.prompt = seed, noise, prompt
+        self.batch_size, self.posterior = batch_size, posterior
+        self.capture_inputs, self.early_exit = capture_inputs, early_exit
+        self._prompt_cache: dict[str, tuple[torch.Tensor, dict | None]] = {}
+
+    # ------------------------------------------------------------------------------------------ helpers
+    @property
+    def output_names(self) -> list[str]:
+        names = self.layers + [f"{a}:probs" for a in self.attention]
+        if len(self.timesteps) == 1:
+            return names
+        return [f"{n}@{t}" for t in self.timesteps for n in names]
+
+    def _as_tensor(self, images) -> torch.Tensor:
+        if isinstance(images, torch.Tensor):
+            if images.ndim != 4 or images.shape[1] != 3:
+                raise UserError(f"images tensor must be [B, 3, H, W] in [0, 1], got {tuple(images.shape)}")
+            return images.float()
+        from difffeat.data.images import resize_image, to_rgb, to_tensor
+
+        return to_tensor([resize_image(to_rgb(im), self.resolution) for im in images])
+
+    def _prompt_embeddings(self, prompts: list[str]):
+        new = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if new:
+            embeds, added = encode_prompts(self.pipe, new)
+            for i, p in enumerate(new):
+                self._prompt_cache[p] = (embeds[i], None if added is None else {k: v[i] for k, v in added.items()})
+        return [self._prompt_cache[p] for p in prompts]
+
+    @torch.no_grad()
+    def encode_latents(self, x: torch.Tensor, keys: list[str]) -> torch.Tensor:
+        """Clean latents z0 = posterior (mean or seeded sample) × scaling factor, batched."""
+        vae = self.pipe.vae
+        out = []
+        for s in range(0, len(x), self.batch_size):
+            xb = (x[s : s + self.batch_size] * 2 - 1).to(vae.device, vae.dtype)
+            dist = vae.encode(xb).latent_dist
+            z = dist.mean
+            if self.posterior == "sample":
+                eps = torch.stack([seeded_normal(z.shape[1:], item_seed(self.seed, k, "posterior"))
+                                   for k in keys[s : s + self.batch_size]]).to(z)
+                z = z + dist.std * eps
+            out.append(z * vae.config.scaling_factor)
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------------------------------ extract
+    @torch.no_grad()
+    def extract(self, images, prompts: Sequence[str] | None = None, keys: Sequence[str] | None = None
+                ) -> dict[str, torch.Tensor]:
+        """layer → [B, C, h, w] float32 CPU features, the mean over `ensemble` noise draws.
+
+        `images`: PIL images or a [B, 3, H, W] tensor in [0, 1]. `keys` name the images for seeding
+        (default their positions "0", "1", …); `prompts` are per image (default the extractor's prompt).
+        """
+        x = self._as_tensor(images)
+        n = len(x)
+        keys = [str(i) for i in range(n)] if keys is None else [str(k) for k in keys]
+        prompts = [self.prompt] * n if prompts is None else list(prompts)
+        if len(keys) != n or len(prompts) != n:
+            raise UserError(f"got {n} images but {len(keys)} keys and {len(prompts)} prompts")
+        unet = self.pipe.unet
+        z0 = self.encode_latents(x, keys)
+        latent_hw = tuple(z0.shape[-2:])
+        conds = self._prompt_embeddings(prompts)
+        alphas = self.pipe.scheduler.alphas_cumprod
+        items = [(i, t, d) for i in range(n) for t in self.timesteps for d in range(self.ensemble)]
+        out: dict[str, torch.Tensor] = {}
+        with Capture(unet, self.layers, latent_hw, inputs=self.capture_inputs, attention=self.attention,
+                     early_exit=self.early_exit) as cap:
+            for s in range(0, len(items), self.batch_size):
+                batch = items[s : s + self.batch_size]
+                idx = [i for i, _, _ in batch]
+                ts = torch.tensor([t for _, t, _ in batch])
+                zb = z0[idx]
+                if self.noise:
+                    eps = torch.stack([seeded_normal(zb.shape[1:], item_seed(self.seed, keys[i], t, d))
+                                       for i, t, d in batch]).to(zb)
+                    a = alphas[ts].to(zb).view(-1, 1, 1, 1)
+                    zb = a.sqrt() * zb + (1 - a).sqrt() * eps
+                emb = torch.stack([conds[i][0] for i in idx]).to(unet.device, unet.dtype)
+                kwargs = {}
+                if conds[0][1] is not None:  # SDXL: pooled text embeddings and size/crop conditions
+                    h, w = self.resolution
+                    pooled = torch.stack([conds[i][1]["text_embeds"] for i in idx])
+                    time_ids = torch.tensor([[h, w, 0, 0, h, w]] * len(batch))  # original size, crop, target
+                    kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(unet.device, unet.dtype),
+                                                   "time_ids": time_ids.to(unet.device, unet.dtype)}
+                feats = cap.run(zb, ts.to(unet.device), emb, **kwargs)
+                for name, fmap in feats.items():
+                    fmap = fmap.float().cpu()
+                    for row, (i, t, _) in enumerate(batch):
+                        key = name if len(self.timesteps) == 1 else f"{name}@{t}"
+                        if key not in out:
+                            out[key] = torch.zeros(n, *fmap.shape[1:])
+                        out[key][i] += fmap[row] / self.ensemble
+        return {k: out[k] for k in self.output_names}

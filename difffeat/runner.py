@@ -1,0 +1,188 @@
+"""An extraction run: an image source in, a FeatureStore out, a report beside it (`difffeat extract`).
+
+The same code runs in one process or under `accelerate launch` / `torchrun`: process r takes every
+world_size-th image (sorted by key) and writes its own shards; noise seeded per image key makes the
+union identical to a one-process run. Bad images are skipped and named in the report; an interrupted
+run continues with `resume=True` and never redoes an image in a finished shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from difffeat.errors import UserError
+
+PROMPT_SOURCES = ("fixed", "sidecar", "csv", "label")
+
+
+@dataclass
+class ExtractRunConfig:
+    """Everything that defines an extraction run; stored in the manifest, and a run can be repeated from it."""
+
+    images: str
+    out: str
+    model: str = "mini"
+    layers: list[str] = field(default_factory=lambda: ["dift"])
+    timesteps: list[int] = field(default_factory=lambda: [50])
+    seed: int = 0
+    ensemble: int = 1
+    batch_size: int = 8
+    noise: bool = True
+    posterior: str = "mean"
+    prompt: str = ""
+    prompt_source: str = "fixed"  # fixed | sidecar (<image>.txt) | csv (caption_column) | label (label_template)
+    captions_csv: str | None = None  # default: metadata.csv beside the images
+    caption_column: str = "fine_caption"
+    label_template: str = "a photo of a {label}"
+    resolution: list[int] | None = None  # [height, width]; default the model's native size
+    resize: str = "center-crop"
+    dtype: str = "fp32"
+    store_dtype: str = "float32"
+    concat: bool = False
+    concat_size: list[int] | None = None
+    capture: str = "output"
+    attention: list[str] = field(default_factory=list)
+    techniques: list[str] = field(default_factory=list)
+    shard_size: int = 256
+
+    def store_config(self) -> dict:
+        """The part of the config that defines the features (not where they come from or go)."""
+        cfg = asdict(self)
+        for k in ("out", "batch_size", "shard_size"):
+            cfg.pop(k)  # batch size and sharding never change a feature
+        cfg["images"] = str(Path(self.images)) if self.images else self.images
+        return cfg
+
+
+class PromptSource:
+    """Per-image prompts from the run config: one fixed text, sidecar files, a CSV column or a label template."""
+
+    def __init__(self, cfg: ExtractRunConfig):
+        from difffeat.data.images import read_caption_table
+
+        if cfg.prompt_source not in PROMPT_SOURCES:
+            raise UserError(f"unknown prompt source {cfg.prompt_source!r}; use one of {', '.join(PROMPT_SOURCES)}")
+        self.cfg = cfg
+        self.table = None
+        if cfg.prompt_source in ("csv", "label"):
+            csv_path = Path(cfg.captions_csv) if cfg.captions_csv else Path(cfg.images) / "metadata.csv"
+            column = cfg.caption_column if cfg.prompt_source == "csv" else "label"
+            self.table = read_caption_table(csv_path, column)
+            self.csv_path = csv_path
+
+    def __call__(self, item) -> str:
+        from difffeat.data.images import label_prompt, sidecar_caption
+
+        source = self.cfg.prompt_source
+        if source == "fixed":
+            return self.cfg.prompt
+        if source == "sidecar":
+            return (sidecar_caption(item.path) if item.path else None) or self.cfg.prompt
+        if item.key not in self.table:
+            raise UserError(f"{self.csv_path}: no row for image {item.key}")
+        value = self.table[item.key]
+        return value if source == "csv" else label_prompt(self.cfg.label_template, value)
+
+
+def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool = False, progress: bool = True,
+                   pipe=None) -> dict:
+    """Extract features for every image of `cfg.images` into the store `cfg.out`; returns the run report."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from difffeat.data.images import BadImageError, discover_images, load_image, resize_image
+    from difffeat.extract import FeatureExtractor, concat_features
+    from difffeat.store import FeatureStoreWriter
+    from difffeat.zoo import load_pipeline
+
+    state = PartialState()
+    rank, world = state.process_index, state.num_processes
+    if cfg.capture not in ("output", "input"):
+        raise UserError(f"capture must be 'output' or 'input', got {cfg.capture!r}")
+    items = discover_images(cfg.images)
+    prompts = PromptSource(cfg)
+    if pipe is None:
+        pipe = load_pipeline(cfg.model, device=str(state.device), dtype=cfg.dtype)
+    extractor = FeatureExtractor(
+        pipe, cfg.layers, timesteps=cfg.timesteps, ensemble=cfg.ensemble, seed=cfg.seed, noise=cfg.noise,
+        techniques=cfg.techniques, batch_size=cfg.batch_size, posterior=cfg.posterior,
+        resolution=tuple(cfg.resolution) if cfg.resolution else None, capture_inputs=cfg.capture == "input",
+        attention=cfg.attention,
+    )
+    store_cfg = cfg.store_config()
+    store_cfg.update(layers=extractor.layers, resolution=list(extractor.resolution))
+    # Rank 0 creates (or checks) the store before the others open it.
+    writer = None
+    if rank == 0:
+        writer = FeatureStoreWriter(cfg.out, store_cfg, shard_size=cfg.shard_size, dtype=cfg.store_dtype,
+                                    rank=rank, overwrite=overwrite, resume=resume)
+    state.wait_for_everyone()
+    if rank != 0:
+        writer = FeatureStoreWriter(cfg.out, store_cfg, shard_size=cfg.shard_size, dtype=cfg.store_dtype,
+                                    rank=rank, resume=True)
+    done = writer.done_keys()
+    mine = [it for it in items[rank::world] if it.key not in done]
+    failures: list[dict] = []
+    t0 = time.perf_counter()
+    extracted = 0
+    bar = tqdm(total=len(mine), desc=f"extract[{rank}]" if world > 1 else "extract", unit="img",
+               disable=not progress or rank != 0)
+    with writer:
+        for s in range(0, len(mine), cfg.batch_size):
+            batch, images, texts = [], [], []
+            for item in mine[s : s + cfg.batch_size]:
+                try:
+                    images.append(resize_image(load_image(item.path), extractor.resolution, cfg.resize))
+                    texts.append(prompts(item))
+                    batch.append(item)
+                except BadImageError as e:
+                    failures.append({"key": item.key, "reason": e.reason})
+                    writer.fail(item.key, e.reason)
+            if batch:
+                feats = extractor.extract(images, prompts=texts, keys=[it.key for it in batch])
+                if cfg.concat:
+                    feats = {"concat": concat_features(feats, tuple(cfg.concat_size) if cfg.concat_size else None)}
+                for row, item in enumerate(batch):
+                    writer.add(item.key, {name: f[row] for name, f in feats.items()})
+                extracted += len(batch)
+            bar.update(len(batch) + (len(mine[s : s + cfg.batch_size]) - len(batch)))
+    bar.close()
+    seconds = time.perf_counter() - t0
+    report = {
+        "rank": rank,
+        "world_size": world,
+        "images_found": len(items),
+        "images_of_this_process": len(items[rank::world]),
+        "already_done": len(items[rank::world]) - len(mine),
+        "extracted": extracted,
+        "failed": failures,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(extracted / seconds, 3) if seconds > 0 and extracted else None,
+    }
+    _write_report(Path(cfg.out), report, rank, world, state)
+    return report
+
+
+def _write_report(out: Path, report: dict, rank: int, world: int, state) -> None:
+    """Each process writes its part; process 0 merges them into report.json once all are done."""
+    part = out / f"report-r{rank:03d}.json"
+    tmp = part.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(tmp, part)
+    state.wait_for_everyone()
+    if rank == 0:
+        parts = [json.loads((out / f"report-r{r:03d}.json").read_text()) for r in range(world)]
+        merged = {
+            "images_found": parts[0]["images_found"],
+            "extracted": sum(p["extracted"] for p in parts),
+            "already_done": sum(p["already_done"] for p in parts),
+            "failed": [f for p in parts for f in p["failed"]],
+            "processes": parts,
+        }
+        tmp = out / "report.tmp"
+        tmp.write_text(json.dumps(merged, indent=1) + "\n")
+        os.replace(tmp, out / "report.json")

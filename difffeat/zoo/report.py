@@ -1,0 +1,63 @@
+"""Pictures of a mini training run for docs/: the loss curve and a sample grid from fine captions."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+
+def plot_losses(losses_csv: str | Path, out_png: str | Path) -> None:
+    """One panel per stage (VAE, UNet) of `losses.csv`, loss against step, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(open(losses_csv)))
+    stages = list(dict.fromkeys(r["stage"] for r in rows))
+    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.2), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        steps = [int(r["step"]) for r in rows if r["stage"] == stage]
+        loss = [float(r["loss"]) for r in rows if r["stage"] == stage]
+        ax.plot(steps, loss, lw=1)
+        ax.set(title=f"{stage} training loss", xlabel="step", ylabel="loss", yscale="log")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def sample_grid(pipe, out_png: str | Path, n: int = 16, seed: int = 0, scale: int = 2) -> list[str]:
+    """Held-out scenes (top row of each pair) above samples from their fine captions; returns the captions."""
+    from PIL import Image
+
+    from difffeat.zoo.quality import heldout_scenes
+    from difffeat.zoo.sampling import grid, sample
+
+    scenes = heldout_scenes(n, seed)
+    captions = [s.fine_caption for s in scenes]
+    samples = sample(pipe, captions, seed=seed)
+    cols = 8
+    tiles = []
+    for start in range(0, n, cols):
+        tiles += [Image.fromarray(s.image) for s in scenes[start : start + cols]]
+        tiles += samples[start : start + cols]
+    g = grid(tiles, cols=cols)
+    g.resize((g.width * scale, g.height * scale), Image.NEAREST).save(out_png)
+    return captions
+
+
+def write_mini_report(run: str | Path, model: str, out_dir: str | Path, seed: int = 0) -> dict:
+    """Loss curve, sample grid and quality numbers of a mini model into `out_dir` (docs/)."""
+    from difffeat.zoo import load_pipeline
+    from difffeat.zoo.quality import evaluate_quality
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_losses(Path(run) / "losses.csv", out_dir / "mini_loss.png")
+    captions = sample_grid(load_pipeline(model), out_dir / "mini_samples.png", seed=seed)
+    (out_dir / "mini_samples.txt").write_text("\n".join(captions) + "\n")
+    report = evaluate_quality(model, seed=seed)
+    (out_dir / "mini_quality.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
