@@ -91,6 +91,7 @@ class PromptSource:
 def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool = False, progress: bool = True,
                    pipe=None) -> dict:
     """Extract features for every image of `cfg.images` into the store `cfg.out`; returns the run report."""
+    import torch
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
@@ -99,8 +100,12 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
     from difffeat.store import FeatureStoreWriter
     from difffeat.zoo import load_pipeline
 
-    state = PartialState()
+    # Without CUDA, accelerate starts the gloo (CPU) group only when asked for CPU explicitly.
+    state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != world:  # never let several processes write as if each were alone
+        raise UserError(f"launched as {launched} processes but accelerate sees {world}; check the launcher's flags")
     if cfg.capture not in ("output", "input"):
         raise UserError(f"capture must be 'output' or 'input', got {cfg.capture!r}")
     items = discover_images(cfg.images)

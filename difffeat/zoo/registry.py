@@ -171,6 +171,6 @@ def load_pipeline(model: str | os.PathLike = "mini", device: str = "cpu", dtype=
         raise UserError(f"{name}: no such model folder or file, and not a built-in name "
                         f"({', '.join(MODELS)}) or a Hub id (owner/name)")
     pipe = pipe.to(device)
-    if dtype is not None:
+    if dtype is not None and pipe.unet.dtype != dtype:
         pipe = pipe.to(dtype=dtype)
     return pipe
