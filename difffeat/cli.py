@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="", help="prompt for every image (or the fallback of --prompt-from)")
     p.add_argument("--prompt-from", default="fixed", choices=["fixed", "sidecar", "csv", "label"],
                    help="sidecar: <image>.txt; csv: --caption-column of --captions-csv; label: --label-template")
-    p.add_argument("--captions-csv", help="CSV with file_name and caption/label columns (default IMAGES/metadata.csv)")
+    p.add_argument("--captions-csv",
+                   help="CSV with file_name and caption/label columns (default: each image's own metadata row)")
     p.add_argument("--caption-column", default="fine_caption")
     p.add_argument("--label-template", default="a photo of a {label}")
     p.add_argument("--clean", action="store_true", help="no noise: the UNet sees the clean latent at t")

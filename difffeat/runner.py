@@ -54,38 +54,42 @@ class ExtractRunConfig:
         cfg = asdict(self)
         for k in ("out", "batch_size", "shard_size"):
             cfg.pop(k)  # batch size and sharding never change a feature
-        cfg["images"] = str(Path(self.images)) if self.images else self.images
         return cfg
 
 
 class PromptSource:
-    """Per-image prompts from the run config: one fixed text, sidecar files, a CSV column or a label template."""
+    """Per-image prompts from the run config: one fixed text, sidecar files, a metadata column or a label template.
 
-    def __init__(self, cfg: ExtractRunConfig):
+    Columns come from `captions_csv` when given (keyed by file_name relative to the image folder), else
+    from the image's own metadata row (imagefolder `metadata.csv`, or a dataset's columns).
+    """
+
+    def __init__(self, cfg: ExtractRunConfig, source):
         from difffeat.data.images import read_caption_table
 
         if cfg.prompt_source not in PROMPT_SOURCES:
             raise UserError(f"unknown prompt source {cfg.prompt_source!r}; use one of {', '.join(PROMPT_SOURCES)}")
-        self.cfg = cfg
-        self.table = None
-        if cfg.prompt_source in ("csv", "label"):
-            csv_path = Path(cfg.captions_csv) if cfg.captions_csv else Path(cfg.images) / "metadata.csv"
-            column = cfg.caption_column if cfg.prompt_source == "csv" else "label"
-            self.table = read_caption_table(csv_path, column)
-            self.csv_path = csv_path
+        self.cfg, self.source = cfg, source
+        self.column = cfg.caption_column if cfg.prompt_source == "csv" else "label"
+        self.table = read_caption_table(cfg.captions_csv, self.column) if cfg.captions_csv else None
 
     def __call__(self, item) -> str:
         from difffeat.data.images import label_prompt, sidecar_caption
 
-        source = self.cfg.prompt_source
-        if source == "fixed":
+        kind = self.cfg.prompt_source
+        if kind == "fixed":
             return self.cfg.prompt
-        if source == "sidecar":
+        if kind == "sidecar":
             return (sidecar_caption(item.path) if item.path else None) or self.cfg.prompt
-        if item.key not in self.table:
-            raise UserError(f"{self.csv_path}: no row for image {item.key}")
-        value = self.table[item.key]
-        return value if source == "csv" else label_prompt(self.cfg.label_template, value)
+        if self.table is not None:
+            value = self.table.get(item.key)
+            where = self.cfg.captions_csv
+        else:
+            value = (self.source.row(item) or {}).get(self.column)
+            where = "its metadata (pass --captions-csv)"
+        if value is None:
+            raise UserError(f"{item.key}: no {self.column!r} in {where}")
+        return str(value) if kind == "csv" else label_prompt(self.cfg.label_template, str(value))
 
 
 def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool = False, progress: bool = True,
@@ -95,7 +99,8 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from difffeat.data.images import BadImageError, discover_images, load_image, resize_image
+    from difffeat.data.images import BadImageError, resize_image
+    from difffeat.data.sources import ImageSource
     from difffeat.extract import FeatureExtractor, concat_features
     from difffeat.store import FeatureStoreWriter
     from difffeat.zoo import load_pipeline
@@ -108,8 +113,9 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
         raise UserError(f"launched as {launched} processes but accelerate sees {world}; check the launcher's flags")
     if cfg.capture not in ("output", "input"):
         raise UserError(f"capture must be 'output' or 'input', got {cfg.capture!r}")
-    items = discover_images(cfg.images)
-    prompts = PromptSource(cfg)
+    source = ImageSource(cfg.images)
+    items = source.items
+    prompts = PromptSource(cfg, source)
     if pipe is None:
         pipe = load_pipeline(cfg.model, device=str(state.device), dtype=cfg.dtype)
     extractor = FeatureExtractor(
@@ -141,7 +147,7 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
             batch, images, texts = [], [], []
             for item in mine[s : s + cfg.batch_size]:
                 try:
-                    images.append(resize_image(load_image(item.path), extractor.resolution, cfg.resize))
+                    images.append(resize_image(source.load(item), extractor.resolution, cfg.resize))
                     texts.append(prompts(item))
                     batch.append(item)
                 except BadImageError as e:

@@ -1,3 +1,4 @@
+import csv
 import json
 import os
 import shutil
@@ -156,3 +157,34 @@ def test_two_processes_make_the_one_process_store(train_images, tmp_path, launch
     assert [p["extracted"] for p in report["processes"]] == [8, 8]
     assert {p.name.split("-")[1] for p in (two / "shards").glob("*.safetensors")} == {"r000", "r001"}
     _arrays_equal(FeatureStore(two), FeatureStore(one))
+
+
+def test_imagefolder_takes_listed_images_with_label_prompts(train_images, tmp_path):
+    from difffeat import load_pipeline
+    from difffeat.data.images import load_image
+    from difffeat.extract import FeatureExtractor
+
+    root = train_images.parent.parent
+    out = tmp_path / "store"
+    assert main(["--quiet", "extract", str(root), "--out", str(out), "--model", MODEL, "--layer", "mid_block",
+                 "--prompt-from", "label", "--label-template", "a {label}", "--clean"]) == 0
+    store = FeatureStore(out)
+    assert len(store) == 20, "train + val + test images, no masks"
+    assert all("/images/" in k for k in store.keys())
+    rows = list(csv.DictReader(open(root / "test" / "metadata.csv")))
+    keys = [f"test/{r['file_name']}" for r in rows]
+    fe = FeatureExtractor(load_pipeline(MODEL), ["mid_block"], noise=False)
+    ref = fe.extract([load_image(root / k) for k in keys], prompts=[f"a {r['label']}" for r in rows], keys=keys)
+    for i, k in enumerate(keys):
+        np.testing.assert_allclose(store[k]["mid_block"], ref["mid_block"][i].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_hf_dataset_source(train_images, tmp_path):
+    root = train_images.parent.parent
+    out = tmp_path / "store"
+    assert main(["--quiet", "extract", f"hf:{root}:validation", "--out", str(out), "--model", MODEL,
+                 "--layer", "mid_block", "--prompt-from", "csv", "--caption-column", "fine_caption"]) == 0
+    store = FeatureStore(out)
+    assert len(store) == 2 and all(k.startswith("validation/") for k in store.keys())
+    assert main(["--quiet", "extract", f"hf:{tmp_path / 'nothing-here'}", "--out", str(tmp_path / "x"),
+                 "--model", MODEL]) == 2

@@ -146,6 +146,20 @@ def _as_dtype(dtype):
     return names[dtype]
 
 
+def _use_xformers_if_installed(pipe) -> None:
+    """xformers attention on CUDA when the optional extra is installed; otherwise torch SDPA stays."""
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        return
+    try:
+        pipe.enable_xformers_memory_efficient_attention()
+    except Exception as e:  # a build that does not match this GPU / torch: SDPA is the safe fallback
+        import warnings
+
+        warnings.warn(f"xformers is installed but unusable here ({e}); using torch SDPA", stacklevel=3)
+
+
 def load_pipeline(model: str | os.PathLike = "mini", device: str = "cpu", dtype=None, config: str | None = None):
     """A diffusers pipeline with `.unet`, `.vae`, `.text_encoder`, `.tokenizer`, `.scheduler`.
 
@@ -171,6 +185,8 @@ def load_pipeline(model: str | os.PathLike = "mini", device: str = "cpu", dtype=
         raise UserError(f"{name}: no such model folder or file, and not a built-in name "
                         f"({', '.join(MODELS)}) or a Hub id (owner/name)")
     pipe = pipe.to(device)
+    if str(device).startswith("cuda"):
+        _use_xformers_if_installed(pipe)
     if dtype is not None and pipe.unet.dtype != dtype:
         pipe = pipe.to(dtype=dtype)
     return pipe

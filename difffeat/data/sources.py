@@ -1,0 +1,89 @@
+"""Where an extraction's images come from: a folder, a glob, an imagefolder, or a Hugging Face dataset.
+
+- a folder or glob: every image file (recursive), keyed by its path relative to the folder;
+- an imagefolder (a folder holding `metadata.csv` files with a `file_name` column, as Shapes-LT and
+  `datasets`' imagefolder use): exactly the images its rows name, so mask files beside them are not
+  taken for images, and each image keeps its metadata row (captions, labels);
+- `hf:NAME[:SPLIT]`: a `datasets` dataset by name or local path (offline: only what is cached).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from PIL import Image
+
+from difffeat.data.images import BadImageError, ImageItem, discover_hf, discover_images, load_hf_image, load_image
+from difffeat.errors import UserError
+
+
+class ImageSource:
+    """A list of `ImageItem`s, a way to load each, and each one's metadata row where it has one."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.rows: dict[str, dict] = {}
+        self.dataset = None
+        if spec.startswith("hf:"):
+            self.items = self._open_hf(spec[3:])
+        elif Path(spec).is_dir() and (tables := self._metadata_files(Path(spec))):
+            self.items = self._open_imagefolder(Path(spec), tables)
+        else:
+            self.items = discover_images(spec)
+
+    @staticmethod
+    def _metadata_files(root: Path) -> list[Path]:
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            if "metadata.csv" in filenames:
+                found.append(Path(dirpath) / "metadata.csv")
+        return found
+
+    def _open_imagefolder(self, root: Path, tables: list[Path]) -> list[ImageItem]:
+        items = []
+        for table in tables:
+            with open(table, newline="") as f:
+                reader = csv.DictReader(f)
+                if "file_name" not in (reader.fieldnames or []):
+                    raise UserError(f"{table}: an imagefolder metadata.csv needs a file_name column")
+                for row in reader:
+                    path = table.parent / row["file_name"]
+                    key = path.relative_to(root).as_posix()
+                    self.rows[key] = row
+                    items.append(ImageItem(key=key, path=path))
+        if not items:
+            raise UserError(f"{root}: its metadata.csv files list no images")
+        return sorted(items, key=lambda it: it.key)
+
+    def _open_hf(self, name: str) -> list[ImageItem]:
+        import datasets
+
+        name, _, split = name.partition(":")
+        try:
+            ds = datasets.load_dataset(name, split=split or None)
+        except Exception as e:  # offline, unknown name, bad split: all one user-facing failure
+            raise UserError(f"hf:{name}: cannot load the dataset ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+                            ) from None
+        if isinstance(ds, datasets.DatasetDict):
+            raise UserError(f"hf:{name}: has splits {', '.join(ds)}; name one as hf:{name}:SPLIT")
+        self.dataset = ds
+        items = discover_hf(ds)
+        # Metadata rows without decoding a single image.
+        meta = ds.remove_columns([c for c, f in ds.features.items() if isinstance(f, datasets.Image)]).to_list()
+        for item in items:
+            self.rows[item.key] = {k: v for k, v in meta[item.index].items() if isinstance(v, (str, int, float))}
+        return items
+
+    def load(self, item: ImageItem) -> Image.Image:
+        """The item as an RGB image; raises BadImageError naming it and the reason."""
+        if self.dataset is not None:
+            return load_hf_image(self.dataset, item)
+        if item.path is None or not item.path.exists():
+            raise BadImageError(item.path or item.key, "no such file")
+        return load_image(item.path)
+
+    def row(self, item: ImageItem) -> dict | None:
+        return self.rows.get(item.key)
