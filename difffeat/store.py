@@ -401,6 +401,21 @@ class FeatureStore:
         handle = self._handle(file)
         return {layer: handle.get_tensor(f"{i}/{layer}") for layer in layers}
 
+    def entry(self, key: str) -> dict:
+        """The per-image part of the manifest: shard file, position, and each layer's shape and dtype.
+
+        It lives in the shard's own header rather than in manifest.json, so it is written atomically
+        with the data it describes: a shard and its index can never disagree, even after a crash.
+        """
+        file, i, layers = self._locate(key)
+        handle = self._handle(file)
+        names = {"F16": "float16", "F32": "float32", "BF16": "bfloat16", "F64": "float64"}
+        layer_info = {}
+        for layer in layers:
+            sl = handle.get_slice(f"{i}/{layer}")
+            layer_info[layer] = {"shape": list(sl.get_shape()), "dtype": names.get(sl.get_dtype(), sl.get_dtype())}
+        return {"key": key, "shard": file.relative_to(self.path).as_posix(), "position": i, "layers": layer_info}
+
     def _slice(self, key: str, layer: str):
         file, i, layers = self._locate(key)
         if layer not in layers:

@@ -49,6 +49,9 @@ def test_extract_cli_end_to_end_matches_the_library(train_images, tmp_path):
     assert m["model"] == MODEL and m["timesteps"] == [50, 300] and m["seed"] == 0
     assert m["layers"] == ["down_blocks.1", "up_blocks.1"] and m["resolution"] == [64, 64]
     assert "torch" in m["versions"] and "diffusers" in m["versions"]
+    entry = store.entry("000000.png")
+    assert entry["shard"].startswith("shards/shard-r000-") and entry["position"] == 0
+    assert entry["layers"]["up_blocks.1@50"] == {"shape": [64, 16, 16], "dtype": "float32"}
     report = json.loads((out / "report.json").read_text())
     assert report["extracted"] == 16 and report["failed"] == []
     # The same features straight from the library, keyed and prompted the same way.

@@ -77,3 +77,13 @@ def test_unknown_layer_fails_with_suggestions(pipe):
     assert set(LAYER_PRESETS) >= {"dift", "gdf-legacy", "hyperfeatures"}
     # Forward order and no duplicates whatever the request order.
     assert resolve_layers(pipe, ["up_blocks.1", "down_blocks.0", "up_blocks.1"]) == ["down_blocks.0", "up_blocks.1"]
+
+
+def test_layers_cli_lists_shapes_and_presets(capsys):
+    from difffeat.cli import main
+
+    assert main(["layers", "--model", "mini-random", "--size", "128", "128"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "up_blocks.1.upsamplers.0\t64×32×32" in out
+    assert any(line.startswith("# preset dift: up_blocks.1") for line in out)
+    assert main(["layers", "--model", "no/such-model"]) == 2
