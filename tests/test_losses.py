@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import downstream.losses as losses
+import downstream.losses.logit_adjusted as logit_adjusted_module
+import downstream.losses.pixel_auc as pixel_auc_module
 from downstream.losses import logit_adjusted_loss, pixel_auc_loss, pixel_auc_loss_pairwise
 
 
@@ -49,4 +50,5 @@ def test_logit_adjusted_loss_matches_cross_entropy_of_shifted_logits():
 
 
 def test_docstring_examples():
-    assert doctest.testmod(losses).failed == 0
+    for module in (pixel_auc_module, logit_adjusted_module):
+        assert doctest.testmod(module).failed == 0

@@ -1,12 +1,8 @@
-"""Long-tail losses for heads on stored features: small pure functions, the formula in each docstring.
-
-References: research/aucseg_dirmixe.md (AUCSeg, A.2–A.5) and research/longtail_suite.md (logit adjustment).
-"""
+"""AUCSeg's pixel-level AUC loss (research/aucseg_dirmixe.md A.2–A.5)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def pixel_auc_loss(logits: torch.Tensor, labels: torch.Tensor, margin: float = 1.0,
@@ -65,18 +61,3 @@ def pixel_auc_loss_pairwise(logits: torch.Tensor, labels: torch.Tensor, margin: 
     terms = [((margin - s[y == c, c][:, None] + s[y == d, c][None, :]) ** 2).mean()
              for c in classes for d in classes if c != d]
     return torch.stack(terms).mean()
-
-
-def logit_adjusted_loss(logits: torch.Tensor, targets: torch.Tensor, class_counts: torch.Tensor,
-                        tau: float = 1.0) -> torch.Tensor:
-    """Logit-adjusted cross-entropy (Menon et al.): CE(logits + τ·log π, y), π = counts / Σ counts.
-
-    Adding the log prior during training makes the raw logits a balanced (prior-free) classifier.
-
-    >>> logit_adjusted_loss(torch.zeros(1, 2), torch.tensor([0]), torch.tensor([1.0, 1.0])).item() == F.cross_entropy(
-    ...     torch.zeros(1, 2), torch.tensor([0])).item()
-    True
-    """
-    counts = torch.as_tensor(class_counts, dtype=logits.dtype, device=logits.device)
-    prior = counts / counts.sum()
-    return F.cross_entropy(logits + tau * torch.log(prior), targets)
