@@ -106,3 +106,23 @@ def test_cli_model_error_is_one_line(tmp_path):
                            "--model", str(tmp_path / "missing")], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "missing" in proc.stderr
+
+
+def test_sample_cli_writes_images_grid_and_config(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from difffeat.cli import main
+    from difffeat.data.shapes_lt import synthesize
+
+    data = synthesize(tmp_path / "d", n=10, seed=0)
+    out = tmp_path / "s"
+    rc = main(["--quiet", "sample", "a red circle", "--captions", str(data / "test" / "metadata.csv"), "--n", "1",
+               "--out", str(out), "--model", "mini-random", "--steps", "2"])
+    assert rc == 0
+    cfg = json.loads((out / "sample_config.json").read_text())
+    assert cfg["prompts"][0] == "a red circle" and len(cfg["prompts"]) == 2 and cfg["steps"] == 2
+    assert Image.open(out / "0001.png").size == (64, 64) and (out / "grid.png").exists()
+    assert main(["sample", "--captions", str(data / "test" / "metadata.csv"), "--column", "nope",
+                 "--out", str(out)]) == 2
