@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -151,6 +152,48 @@ def _cmd_viz(args) -> None:
     print(f"wrote PCA image of {layer} for {len(keys)} images to {args.out}")
 
 
+def _cmd_train_seg(args) -> None:
+    from downstream.train_seg import SegTrainConfig, group_summary, train_seg
+
+    if args.config:
+        try:
+            saved = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{args.config}: cannot read the run config ({e})") from None
+        cfg = SegTrainConfig.from_dict(saved.get("config", saved), out=args.out)
+    else:
+        if not args.features or not args.masks:
+            raise UserError("give --features DIR and --masks DIR (or --config RUN/config.json)")
+        cfg = SegTrainConfig(
+            features=args.features, masks=args.masks, out=args.out, classes=args.classes, split=args.split,
+            val_split=args.val_split, layers=args.layer, mask_size=args.mask_size, head=args.head,
+            variants=args.variants, ensemble=args.ensemble, hidden=args.hidden, loss=args.loss,
+            auc_weight=args.auc_weight, margin=args.margin, class_weights=args.class_weights,
+            memory_bank=args.memory_bank, bank_capacity=args.bank_capacity, bank_sample_ratio=args.bank_sample_ratio,
+            iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+            warmup_iterations=args.warmup, seed=args.seed, checkpoint_every=args.checkpoint_every,
+            eval_every=args.eval_every, mixed_precision=args.mixed_precision, num_workers=args.num_workers)
+    run = train_seg(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                    stop_after=args.stop_after)
+    metrics = run / "metrics.json"
+    if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch: one report, from rank 0
+        return
+    if metrics.is_file():
+        print(f"trained {run}; {cfg.val_split}: {group_summary(json.loads(metrics.read_text()))}")
+    else:
+        print(f"trained {run}")
+
+
+def _cmd_eval_seg(args) -> None:
+    from downstream.train_seg import eval_seg, group_summary
+
+    scores = eval_seg(args.run, args.features, args.masks, split=args.split, out=args.out,
+                      mask_size=args.mask_size, batch_size=args.batch_size, progress=not args.quiet)
+    if os.environ.get("RANK", "0") != "0":
+        return
+    print(f"{scores['images']} images: {group_summary(scores)}  (wrote {scores['out']}/metrics.json)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="difffeat", description=__doc__.splitlines()[0])
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -251,6 +294,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("train-seg", help="train a segmentation head on stored features (CE or AUCSeg)")
+    p.add_argument("--features", action="append", help="feature store; repeat for several variants")
+    p.add_argument("--masks", help="mask root: Shapes-LT / imagefolder root, or a folder of masks")
+    p.add_argument("--classes", help="classes.json, a names file or a,b,c (default: MASKS/classes.json)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--config", help="repeat a run: its config.json")
+    p.add_argument("--split", help="train on keys under this folder (e.g. train)")
+    p.add_argument("--val-split", help="evaluate on keys under this folder (e.g. val)")
+    p.add_argument("--layer", action="append", help="use only these layers; repeat")
+    p.add_argument("--mask-size", default="resize", choices=["resize", "refuse"],
+                   help="a mask whose size differs from the features' source images: resize (nearest) or refuse")
+    p.add_argument("--head", default="conv", choices=["mlp", "conv"])
+    p.add_argument("--variants", default="concat", choices=["concat", "weighted"],
+                   help="several stores: concatenate, or a learned softmax-weighted sum")
+    p.add_argument("--ensemble", type=int, default=10, help="members of the pixel MLP ensemble")
+    p.add_argument("--hidden", type=int, default=128, help="width of the conv head")
+    p.add_argument("--loss", default="ce", choices=["ce", "aucseg"])
+    p.add_argument("--auc-weight", type=float, default=0.5, help="λ in CE + λ·AUC (0.5 = AUCSeg's w_auc 1)")
+    p.add_argument("--margin", type=float, default=1.0, help="margin of the square AUC surrogate")
+    p.add_argument("--class-weights", default="none", choices=["none", "inverse", "sqrt-inverse"])
+    p.add_argument("--memory-bank", action="store_true", help="feature-space T-Memory Bank on tail classes")
+    p.add_argument("--bank-capacity", type=int, default=5)
+    p.add_argument("--bank-sample-ratio", type=float, default=1.0)
+    p.add_argument("--iterations", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup", type=int, default=0, help="linear warm-up iterations")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--eval-every", type=int, default=0, help="validate every N iterations (0: at the end)")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
+    p.add_argument("--stop-after", type=int, help="stop after N iterations of this call (--resume goes on)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.set_defaults(func=_cmd_train_seg)
+
+    p = sub.add_parser("eval-seg", help="mIoU (overall, head, middle, tail) of a train-seg run on features and masks")
+    p.add_argument("--run", required=True, help="train-seg run folder")
+    p.add_argument("--features", action="append", required=True, help="feature store(s), as in training")
+    p.add_argument("--masks", required=True)
+    p.add_argument("--split", help="evaluate keys under this folder (e.g. test)")
+    p.add_argument("--out", help="where to write metrics.json and confusion.png (default RUN/eval-SPLIT)")
+    p.add_argument("--mask-size", choices=["resize", "refuse"], help="default: as in training")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=_cmd_eval_seg)
     return parser
 
 

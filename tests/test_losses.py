@@ -52,3 +52,11 @@ def test_logit_adjusted_loss_matches_cross_entropy_of_shifted_logits():
 def test_docstring_examples():
     for module in (pixel_auc_module, logit_adjusted_module):
         assert doctest.testmod(module).failed == 0
+
+
+def test_logit_adjusted_loss_is_finite_with_a_zero_count_class():
+    logits = torch.zeros(2, 2, requires_grad=True)
+    loss = logit_adjusted_loss(logits, torch.tensor([1, 1]), torch.tensor([5.0, 0.0]))
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()

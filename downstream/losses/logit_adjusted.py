@@ -5,10 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from downstream.losses.prior import class_prior
+
 
 def logit_adjusted_loss(logits: torch.Tensor, targets: torch.Tensor, class_counts: torch.Tensor,
                         tau: float = 1.0) -> torch.Tensor:
     """Logit-adjusted cross-entropy (Menon et al.): CE(logits + τ·log π, y), π = counts / Σ counts.
+
+    A class with no training samples gets the floored prior `PRIOR_FLOOR`, so the loss stays finite.
 
     Adding the log prior during training makes the raw logits a balanced (prior-free) classifier.
 
@@ -16,6 +20,5 @@ def logit_adjusted_loss(logits: torch.Tensor, targets: torch.Tensor, class_count
     ...     torch.zeros(1, 2), torch.tensor([0])).item()
     True
     """
-    counts = torch.as_tensor(class_counts, dtype=logits.dtype, device=logits.device)
-    prior = counts / counts.sum()
+    prior = class_prior(class_counts, like=logits).to(logits.dtype)  # zero counts floored: no inf
     return F.cross_entropy(logits + tau * torch.log(prior), targets)

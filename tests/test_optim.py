@@ -1,0 +1,210 @@
+import doctest
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import downstream.optim.head_tail as head_tail_module
+import downstream.optim.sam as sam_module
+from downstream.optim import SAM, SSESAM, GroupLosses, ImbSAM, split_losses, tail_classes
+
+TAIL = [2, 3]
+
+
+@pytest.fixture(autouse=True)
+def _grad_enabled():  # a session fixture elsewhere switches autograd off
+    with torch.enable_grad():
+        yield
+
+
+def make_problem(seed=0, with_tail=True):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.nn.Parameter(torch.randn(4, 3, generator=g, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.randn(4, generator=g, dtype=torch.float64))
+    x = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 3, 0, 1] if with_tail else [0, 1, 0, 0, 1, 1, 0, 1])
+    return [w, b], x, y
+
+
+def per_sample(params, x, y):
+    w, b = params
+    return F.cross_entropy(x @ w.T + b, y, reduction="none")
+
+
+def group_grads(params, x, y, at=None):
+    """Independent ∇L_H and ∇L_T (batch-normalised) at `at` (default: the current values)."""
+    leaves = [p.detach().clone().requires_grad_() for p in (at or params)]
+    losses = per_sample(leaves, x, y)
+    tail = torch.isin(y, torch.tensor(TAIL))
+    head_loss, tail_loss = losses[~tail].sum() / len(y), losses[tail].sum() / len(y)
+    gh = torch.autograd.grad(head_loss, leaves, retain_graph=True, allow_unused=True)
+    gt = torch.autograd.grad(tail_loss, leaves, allow_unused=True)
+    zero = lambda g, p: torch.zeros_like(p) if g is None else g
+    return [zero(g, p) for g, p in zip(gh, leaves)], [zero(g, p) for g, p in zip(gt, leaves)]
+
+
+def unit(grads):
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    return [g / norm for g in grads]
+
+
+def shifted(params, direction, rho):
+    return [p.detach() + rho * d for p, d in zip(params, direction)]
+
+
+def global_norm(tensors):
+    return float(torch.sqrt(sum((t ** 2).sum() for t in tensors)))
+
+
+def test_sam_perturbation_norm_and_update():
+    params, x, y = make_problem()
+    start = [p.detach().clone() for p in params]
+    opt = SAM(params, torch.optim.SGD, rho=0.05, lr=0.1)
+    per_sample(params, x, y).mean().backward()
+    opt.first_step(zero_grad=True)
+    assert global_norm([p.detach() - s for p, s in zip(params, start)]) == pytest.approx(0.05, rel=1e-9)
+    with torch.no_grad():
+        for p, s in zip(params, start):
+            p.copy_(s)
+    opt.state.clear()
+    opt.zero_grad()
+    # the full step against an independent computation: w − lr·∇L(w + ρ·g/‖g‖)
+    gh, gt = group_grads(params, x, y)
+    g = [a + c for a, c in zip(gh, gt)]
+    at = shifted(params, unit(g), 0.05)
+    gh2, gt2 = group_grads(params, x, y, at)
+    expected = [s - 0.1 * (a + c) for s, a, c in zip(start, gh2, gt2)]
+    loss = opt.step(lambda: per_sample(params, x, y).mean())
+    assert loss.item() == pytest.approx(per_sample(start, x, y).mean().item())
+    for p, e in zip(params, expected):
+        assert torch.allclose(p.detach(), e, rtol=1e-10, atol=1e-12)
+    # (losses, targets) closures mean the same thing
+    params2, _, _ = make_problem()
+    SAM(params2, torch.optim.SGD, rho=0.05, lr=0.1).step(lambda: (per_sample(params2, x, y), y))
+    assert all(torch.allclose(p, q) for p, q in zip(params, params2))
+
+
+def test_sam_with_zero_radius_is_the_base_optimizer():
+    params, x, y = make_problem(1)
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    opt = SAM(params, torch.optim.SGD, rho=0.0, lr=0.05, momentum=0.9, weight_decay=1e-2)
+    base = torch.optim.SGD(ref, lr=0.05, momentum=0.9, weight_decay=1e-2)
+    for _ in range(3):
+        opt.step(lambda: per_sample(params, x, y).mean())
+        base.zero_grad()
+        per_sample(ref, x, y).mean().backward()
+        base.step()
+    assert all(torch.allclose(p, q) for p, q in zip(params, ref))
+
+
+def test_closure_that_calls_backward_is_refused():
+    params, x, y = make_problem()
+    opt = SAM(params, torch.optim.SGD, lr=0.1)
+
+    def closure():
+        loss = per_sample(params, x, y).mean()
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="backward"):
+        opt.step(closure)
+
+
+def test_imbsam_perturbs_only_the_tail_loss():
+    params, x, y = make_problem(2)
+    start = [p.detach().clone() for p in params]
+    gh, gt = group_grads(params, x, y)
+    opt = ImbSAM(params, torch.optim.SGD, tail_classes=TAIL, rho=0.1, lr=0.2)
+    # by hand: the perturbation is ρ along the tail gradient alone
+    parts = opt.group_losses((per_sample(params, x, y), y))
+    parts.head.backward(retain_graph=True)
+    opt.store_head_grad()
+    parts.tail.backward()
+    opt.first_step()
+    eps = [p.detach() - s for p, s in zip(params, start)]
+    assert global_norm(eps) == pytest.approx(0.1, rel=1e-9)
+    for e, d in zip(eps, unit(gt)):
+        assert torch.allclose(e, 0.1 * d, atol=1e-12)
+    per_sample_now = per_sample(params, x, y)
+    opt.group_losses((per_sample_now, y)).tail.backward()
+    opt.second_step()
+    # update = ∇L_T(w + ε) + ∇L_H(w): the head gradient is taken at the unperturbed w
+    _, gt2 = group_grads(params, x, y, shifted(start, unit(gt), 0.1))
+    expected = [s - 0.2 * (t + h) for s, t, h in zip(start, gt2, gh)]
+    for p, e in zip(params, expected):
+        assert torch.allclose(p.detach(), e, rtol=1e-10, atol=1e-12)
+    # step(closure) does the same
+    params2, _, _ = make_problem(2)
+    ImbSAM(params2, torch.optim.SGD, tail_classes=TAIL, rho=0.1, lr=0.2).step(lambda: (per_sample(params2, x, y), y))
+    assert all(torch.allclose(p, q, atol=1e-12) for p, q in zip(params, params2))
+
+
+def test_imbsam_without_tail_samples_is_a_plain_step():
+    params, x, y = make_problem(3, with_tail=False)
+    start = [p.detach().clone() for p in params]
+    gh, gt = group_grads(params, x, y)
+    assert global_norm(gt) == 0.0
+    ImbSAM(params, torch.optim.SGD, tail_classes=TAIL, rho=0.1, lr=0.2).step(lambda: (per_sample(params, x, y), y))
+    for p, s, h in zip(params, start, gh):
+        assert torch.allclose(p.detach(), s - 0.2 * h)
+
+
+def test_ssesam_groupwise_then_switches_at_gamma_epochs():
+    params, x, y = make_problem(4)
+    opt = SSESAM(params, torch.optim.SGD, tail_classes=TAIL, rho_head=0.05, rho_tail=0.1, gamma=0.7,
+                 total_epochs=10, lr=0.3)
+    closure = lambda: (per_sample(params, x, y), y)
+    for epoch in range(10):
+        assert opt.rho_head == (0.05 if epoch < 7 else 0.0), epoch  # ⌈0.7·10⌉ = 7, despite 0.7·10 = 7.000…01
+        if epoch in (0, 7):
+            start = [p.detach().clone() for p in params]
+            gh, gt = group_grads(params, x, y)
+            head_at = shifted(start, unit(gh), 0.05) if epoch == 0 else start
+            gh2, _ = group_grads(params, x, y, head_at)
+            _, gt2 = group_grads(params, x, y, shifted(start, unit(gt), 0.1))
+            opt.step(closure)
+            for p, s, h, t in zip(params, start, gh2, gt2):
+                assert torch.allclose(p.detach(), s - 0.3 * (h + t), rtol=1e-10, atol=1e-12)
+        opt.epoch_end()
+    assert opt.switched
+    saved = opt.state_dict()
+    fresh = SSESAM(params, torch.optim.SGD, tail_classes=TAIL, gamma=0.7, total_epochs=10, lr=0.3)
+    fresh.load_state_dict(saved)
+    assert fresh.switched and fresh.base_optimizer.param_groups is fresh.param_groups
+    never = SSESAM(params, torch.optim.SGD, tail_classes=TAIL, gamma=0.0, total_epochs=3, lr=0.1)
+    for _ in range(5):
+        never.epoch_end()
+    assert never.rho_head == 0.05
+
+
+def test_ssesam_manual_steps_perturbation_norms():
+    params, x, y = make_problem(5)
+    start = [p.detach().clone() for p in params]
+    opt = SSESAM(params, torch.optim.SGD, tail_classes=TAIL, rho_head=0.03, rho_tail=0.07, total_epochs=5, lr=0.1)
+    for name, rho in (("head", 0.03), ("tail", 0.07)):
+        getattr(opt.group_losses((per_sample(params, x, y), y)), name).backward()
+        opt.first_step(name)
+        assert global_norm([p.detach() - s for p, s in zip(params, start)]) == pytest.approx(rho, rel=1e-9)
+        getattr(opt.group_losses((per_sample(params, x, y), y)), name).backward()
+        opt.second_step()
+        assert all(torch.allclose(p.detach(), s, rtol=0, atol=1e-15) for p, s in zip(params, start))
+    opt.base_step()
+    assert not all(torch.equal(p.detach(), s) for p, s in zip(params, start))
+
+
+def test_split_losses_normalisations_and_ignored_pixels():
+    losses = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    targets = torch.tensor([[0, 2], [255, 3]])  # one ignored pixel
+    batch = split_losses(losses, targets, torch.tensor(TAIL), "batch", ignore_index=255)
+    assert (batch.head.item(), batch.tail.item(), batch.n_head, batch.n_tail) == (1 / 3, 6 / 3, 1, 2)
+    group = split_losses(losses, targets, torch.tensor(TAIL), "group", tail_weight=2.0, ignore_index=255)
+    assert (group.head.item(), group.tail.item()) == (1.0, 2.0 * 6 / 2)
+    empty = split_losses(torch.tensor([1.0]), torch.tensor([0]), torch.tensor(TAIL), "group")
+    assert empty.tail.item() == 0.0 and empty.n_tail == 0
+    assert tail_classes([500, 100, 19, 3], eta=20) == [2, 3]
+    assert isinstance(batch, GroupLosses)
+
+
+def test_docstring_examples():
+    for module in (sam_module, head_tail_module):
+        assert doctest.testmod(module).failed == 0, module.__name__
