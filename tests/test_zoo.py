@@ -126,3 +126,12 @@ def test_sample_cli_writes_images_grid_and_config(tmp_path):
     assert Image.open(out / "0001.png").size == (64, 64) and (out / "grid.png").exists()
     assert main(["sample", "--captions", str(data / "test" / "metadata.csv"), "--column", "nope",
                  "--out", str(out)]) == 2
+
+
+def test_public_api_contract_names():
+    import difffeat
+    import downstream.losses
+
+    for name in ("load_pipeline", "list_layers", "FeatureExtractor", "FeatureStore"):
+        assert callable(getattr(difffeat, name)), name
+    assert callable(downstream.losses.pixel_auc_loss) and callable(downstream.losses.logit_adjusted_loss)
