@@ -75,21 +75,36 @@ def dominant_colour(image: np.ndarray, tolerance: float = 60.0) -> str | None:
     return list(THING_COLOURS)[int(counts.argmax())] if counts.max() > 0 else None
 
 
-def colour_accuracy(pipe, scenes: list[Scene], seed: int = 0, steps: int = 50, guidance: float = 4.0) -> dict:
-    """Samples from fine captions (DDIM): how often the dominant colour is the main object's colour.
+def colour_present(image: np.ndarray, colour: str, tolerance: float = 60.0, min_pixels: int = 30) -> bool:
+    """Whether at least `min_pixels` pixels lie within `tolerance` (RGB distance) of a thing colour."""
+    pix = np.asarray(image, np.float32).reshape(-1, 3)
+    return int((np.linalg.norm(pix - np.array(THING_COLOURS[colour], np.float32), axis=1) <= tolerance).sum()) \
+        >= min_pixels
 
-    `chance` scores the same samples against other scenes' main colours: what matching would give
-    if the samples ignored their captions.
+
+def colour_accuracy(pipe, scenes: list[Scene], seed: int = 0, steps: int = 50, guidance: float = 4.0) -> dict:
+    """Samples from fine captions (DDIM): do they show the main object in the colour the caption names?
+
+    - `accuracy`: the sample's dominant thing colour is the main object's colour;
+    - `present`: the main object's colour covers at least 30 pixels of the sample.
+    `chance` and `present_chance` score the same samples against other scenes' main colours: what
+    matching would give if the samples ignored their captions.
     """
     from difffeat.zoo.sampling import sample
 
     images = sample(pipe, [s.fine_caption for s in scenes], steps=steps, guidance=guidance, seed=seed)
-    predicted = [dominant_colour(np.asarray(im)) for im in images]
+    arrays = [np.asarray(im) for im in images]
+    predicted = [dominant_colour(a) for a in arrays]
     target = [s.things[0].colour for s in scenes]
-    acc = float(np.mean([p == t for p, t in zip(predicted, target)]))
-    chance = float(np.mean([np.mean([p == t for p, t in zip(predicted, np.roll(target, k))])
-                            for k in range(1, len(scenes))]))
-    return {"accuracy": acc, "chance": chance, "n": len(scenes), "images": images}
+    others = [np.roll(target, k) for k in range(1, len(scenes))]
+    return {
+        "accuracy": float(np.mean([p == t for p, t in zip(predicted, target)])),
+        "chance": float(np.mean([np.mean([p == t for p, t in zip(predicted, o)]) for o in others])),
+        "present": float(np.mean([colour_present(a, t) for a, t in zip(arrays, target)])),
+        "present_chance": float(np.mean([np.mean([colour_present(a, t) for a, t in zip(arrays, o)]) for o in others])),
+        "n": len(scenes),
+        "images": images,
+    }
 
 
 
@@ -137,8 +152,10 @@ def evaluate_quality(model: str = "mini", n: int = 64, seed: int = 0) -> dict:
         "seed": seed,
         "conditioning_mse": conditioning_mse(pipe, scenes, seed=seed),
         "colour_accuracy": colour["accuracy"],
-        "colour_n": colour["n"],
         "colour_chance": colour["chance"],
+        "colour_present": colour["present"],
+        "colour_present_chance": colour["present_chance"],
+        "colour_n": colour["n"],
         "img2img_psnr_strength_0.5": img2img_psnr(pipe, scenes[:32], seed=seed),
         "img2img_psnr_random_weights": img2img_psnr(load_pipeline("mini-random"), scenes[:32], seed=seed),
         "vae_psnr": vae_psnr(pipe, scenes),
