@@ -346,7 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers warns at import about optional image processors difffeat never uses; keep the CLI quiet
+    # about them (an explicit TRANSFORMERS_VERBOSITY still wins).
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
+    if args.quiet:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        try:
+            import diffusers
+
+            diffusers.utils.logging.disable_progress_bar()
+        except ImportError:
+            pass
     try:
         args.func(args)
     except UserError as e:
