@@ -191,3 +191,20 @@ def test_hf_dataset_source(train_images, tmp_path):
     assert len(store) == 2 and all(k.startswith("validation/") for k in store.keys())
     assert main(["--quiet", "extract", f"hf:{tmp_path / 'nothing-here'}", "--out", str(tmp_path / "x"),
                  "--model", MODEL]) == 2
+
+
+def test_bf16_model_fp16_store_and_concat(train_images, tmp_path, capsys):
+    out32, out16 = tmp_path / "fp32", tmp_path / "bf16"
+    base = ["--quiet", "extract", str(train_images), "--model", MODEL, "--layer", "down_blocks.1",
+            "--layer", "up_blocks.1", "--clean", "--concat"]
+    assert main(base + ["--out", str(out32)]) == 0
+    assert main(base + ["--out", str(out16), "--dtype", "bf16", "--fp16-store"]) == 0
+    a, b = FeatureStore(out32), FeatureStore(out16)
+    assert a.layers == ["concat"] and a.shapes["concat"] == (128, 16, 16)  # 64 + 64 channels at 16×16
+    assert b.dtypes["concat"] == "float16" and a.dtypes["concat"] == "float32"
+    x, y = a[a.keys()[0]]["concat"], b[b.keys()[0]]["concat"].astype(np.float32)
+    assert np.linalg.norm(x - y) / np.linalg.norm(x) < 0.05, "bf16 compute stays close to fp32"
+    (tmp_path / "afile").write_text("")
+    assert main(["--quiet", "extract", str(train_images), "--model", MODEL,
+                 "--out", str(tmp_path / "afile" / "store")]) == 2
+    assert "cannot create folder" in capsys.readouterr().err
