@@ -144,8 +144,9 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
                disable=not progress or rank != 0)
     with writer:
         for s in range(0, len(mine), cfg.batch_size):
+            chunk = mine[s : s + cfg.batch_size]
             batch, images, texts = [], [], []
-            for item in mine[s : s + cfg.batch_size]:
+            for item in chunk:
                 try:
                     images.append(resize_image(source.load(item), extractor.resolution, cfg.resize))
                     texts.append(prompts(item))
@@ -160,7 +161,7 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
                 for row, item in enumerate(batch):
                     writer.add(item.key, {name: f[row] for name, f in feats.items()})
                 extracted += len(batch)
-            bar.update(len(batch) + (len(mine[s : s + cfg.batch_size]) - len(batch)))
+            bar.update(len(chunk))
     bar.close()
     seconds = time.perf_counter() - t0
     report = {
