@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from difffeat.atomic import write_json_atomic
 from difffeat.errors import UserError
 
 PROMPT_SOURCES = ("fixed", "sidecar", "csv", "label")
@@ -181,10 +182,7 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
 
 def _write_report(out: Path, report: dict, rank: int, world: int, state) -> None:
     """Each process writes its part; process 0 merges them into report.json once all are done."""
-    part = out / f"report-r{rank:03d}.json"
-    tmp = part.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    os.replace(tmp, part)
+    write_json_atomic(out / f"report-r{rank:03d}.json", report)
     state.wait_for_everyone()
     if rank == 0:
         parts = [json.loads((out / f"report-r{r:03d}.json").read_text()) for r in range(world)]
@@ -195,6 +193,4 @@ def _write_report(out: Path, report: dict, rank: int, world: int, state) -> None
             "failed": [f for p in parts for f in p["failed"]],
             "processes": parts,
         }
-        tmp = out / "report.tmp"
-        tmp.write_text(json.dumps(merged, indent=1) + "\n")
-        os.replace(tmp, out / "report.json")
+        write_json_atomic(out / "report.json", merged)

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from difffeat.atomic import atomic_path, write_json_atomic
 from difffeat.errors import UserError
 
 FORMAT = "difffeat-store/1"
@@ -95,16 +96,6 @@ def _read_manifest(path: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{path}: not a difffeat feature store ({MANIFEST} is not a {FORMAT} manifest)")
     return manifest
-
-
-def _write_atomic(file: Path, data: bytes) -> None:
-    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, file)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"{file.parent}: cannot write {file.name} ({e.strerror or e})") from None
 
 
 def _list_shards(shards: Path) -> list[tuple[int, int, Path]]:
@@ -233,7 +224,7 @@ class FeatureStoreWriter:
             "versions": library_versions(),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        _write_atomic(path / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+        write_json_atomic(path / MANIFEST, manifest)
 
     def _mkdir(self, folder: Path) -> None:
         try:
@@ -310,14 +301,8 @@ class FeatureStoreWriter:
         metadata = {"keys": json.dumps([k for k, _ in self._buffer]), "layers": json.dumps(list(layers))}
         name = shard_name(self.rank, self._next_index)
         final = self.shards_dir / name
-        tmp = self.shards_dir / f".{name}.tmp-{os.getpid()}"
-        try:
+        with atomic_path(final, what=f"feature shard {name}") as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
-            os.replace(tmp, final)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            raise UserError(f"{self.shards_dir}: cannot write feature shard {name} ({e.strerror or e})") from None
         self._header_cache[final] = [k for k, _ in self._buffer]
         self._buffer.clear()
         self._next_index += 1

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from difffeat.atomic import atomic_path
 from difffeat.errors import UserError
 
 
@@ -83,12 +84,10 @@ def save_pca_image(features: np.ndarray | list[np.ndarray], out_png: str | os.Pa
         canvas[: im.shape[0], x : x + im.shape[1]] = im
         x += im.shape[1] + gap
     out = Path(out_png)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(canvas, "RGB").save(tmp, format="PNG")
-        os.replace(tmp, out)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"{out}: cannot write image ({e.strerror or e})") from None
+        raise UserError(f"{out.parent}: cannot create folder ({e.strerror or e})") from None
+    with atomic_path(out, what="image") as tmp:
+        Image.fromarray(canvas, "RGB").save(tmp, format="PNG")
     return out

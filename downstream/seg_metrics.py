@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
+from difffeat.atomic import atomic_path
 from downstream.seg_data import SegClasses
 
 
@@ -141,11 +142,9 @@ def save_curves_png(history: Sequence[dict], path: str | os.PathLike) -> None:
 def _save(fig, path: str | os.PathLike) -> None:
     import matplotlib.pyplot as plt
 
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
         if os.path.exists(tmp):

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from difffeat.atomic import atomic_path, write_json_atomic
 from difffeat.errors import UserError
 from difffeat.store import library_versions
 from downstream.heads import HeadConfig, SegModel
@@ -158,9 +159,7 @@ def _collate(items: list[dict]) -> dict:
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, data, default=_json_default)
 
 
 def _json_default(value):
@@ -172,10 +171,9 @@ def _json_default(value):
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
 
 
 def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
