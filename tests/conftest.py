@@ -17,11 +17,8 @@ def shapes_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mini_pipe():
-    import torch
-
+    # No global torch.set_grad_enabled(False) here: a session fixture would leave it off for every later
+    # test. The quality checks run under no_grad themselves.
     from difffeat import load_pipeline
 
-    torch.set_grad_enabled(False)
-    pipe = load_pipeline("mini")
-    yield pipe
-    torch.set_grad_enabled(True)
+    return load_pipeline("mini")
