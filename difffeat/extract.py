@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from difffeat.capture import Capture
 from difffeat.errors import UserError
-from difffeat.layers import latent_size, resolve_layers
+from difffeat.layers import native_resolution, resolve_layers
 
 
 def item_seed(seed: int, key: str, *parts) -> int:
@@ -96,9 +96,7 @@ class FeatureExtractor:
         if bad or not timesteps:
             raise UserError(f"timesteps must be in [0, {n_train}), got {list(timesteps)}")
         self.pipe = pipe
-        factor = getattr(pipe, "vae_scale_factor", 8)
-        native = tuple(s * factor for s in latent_size(pipe))
-        self.resolution = tuple(resolution) if resolution else native
+        self.resolution = tuple(resolution) if resolution else native_resolution(pipe)
         self.layers = resolve_layers(pipe, layers, *self.resolution)
         modules = dict(pipe.unet.named_modules())
         for name in attention:

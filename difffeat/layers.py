@@ -17,9 +17,21 @@ from difffeat.errors import UserError
 _CACHE: dict[tuple, list[tuple[str, tuple[int, int, int]]]] = {}
 
 
+def vae_scale_factor(pipe) -> int:
+    """Image pixels per latent cell along a side (8 for SD, 4 for mini)."""
+    return getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def native_resolution(pipe) -> tuple[int, int]:
+    """The (height, width) of images the model was made for."""
+    factor = vae_scale_factor(pipe)
+    h, w = latent_size(pipe)
+    return h * factor, w * factor
+
+
 def latent_size(pipe, height: int | None = None, width: int | None = None) -> tuple[int, int]:
     """Latent (h, w) for an image of height×width (default: the model's native resolution)."""
-    factor = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    factor = vae_scale_factor(pipe)
     native = pipe.unet.config.sample_size
     native = native if isinstance(native, (tuple, list)) else (native, native)
     h = native[0] if height is None else math.ceil(height / factor)
