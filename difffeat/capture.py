@@ -8,8 +8,6 @@ the selected attention layers alone; every other layer keeps its fast processor 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
 from difffeat.layers import as_map, first_tensor
@@ -136,9 +134,3 @@ class Capture:
         if missing:
             raise RuntimeError(f"layers not reached by the forward pass: {', '.join(missing)}")
         return self.features
-
-
-@contextmanager
-def capture(unet, layers, latent_hw, **kwargs):
-    with Capture(unet, layers, latent_hw, **kwargs) as cap:
-        yield cap

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from difffeat.atomic import atomic_path
 from difffeat.data.shapes_lt import iter_scenes
 from difffeat.zoo import mini
 
@@ -67,9 +68,8 @@ def _log(run: Path, stage: str, step: int, loss: float, lr: float, secs: float) 
 
 
 def _save(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)  # atomic: an interrupted save never leaves a broken checkpoint
+    with atomic_path(path) as tmp:  # an interrupted save never leaves a broken checkpoint
+        torch.save(obj, tmp)
 
 
 def _load(path: Path):
