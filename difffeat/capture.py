@@ -8,6 +8,8 @@ the selected attention layers alone; every other layer keeps its fast processor 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from difffeat.layers import as_map, first_tensor
@@ -64,12 +66,24 @@ class Capture:
         self.features: dict[str, torch.Tensor] = {}
         self._handles = []
         self._saved_processors = {}
+        self._paused = False
 
     @property
     def wanted(self) -> list[str]:
         return self.layers + [f"{a}:probs" for a in self.attention]
 
+    @contextmanager
+    def paused(self):
+        """UNet calls inside run to the end and record nothing (e.g. denoising steps before the feature pass)."""
+        self._paused = True
+        try:
+            yield self
+        finally:
+            self._paused = False
+
     def _record(self, name: str, fmap: torch.Tensor) -> None:
+        if self._paused:
+            return
         self.features[name] = fmap
         if self.early_exit and len(self.features) == len(self.wanted):
             raise StopForward

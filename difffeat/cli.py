@@ -7,12 +7,17 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 from pathlib import Path
 
 from difffeat.errors import UserError
+
+# Modules of the other layers that add sub-commands through `add_commands(subparsers)`: difffeat never
+# imports them otherwise (dependencies point from them to difffeat).
+EXTENSION_COMMANDS: list[str] = ["downstream.cls_cli"]
 
 
 def _cmd_data_synth(args) -> None:
@@ -110,8 +115,20 @@ def _extract_config(args):
         resolution=list(args.size) if args.size else None, resize=args.resize, dtype=args.dtype,
         store_dtype="float16" if args.fp16_store else "float32", concat=args.concat,
         concat_size=list(args.concat_size) if args.concat_size else None, capture=args.capture,
-        attention=args.attention or [], techniques=args.technique or [], shard_size=args.shard_size,
+        attention=args.attention or [], techniques=args.technique or [], variants=_variants(args),
+        shard_size=args.shard_size,
     )
+
+
+def _variants(args) -> dict[str, list[str]]:
+    from pipelines.variants import parse_variant_args, read_variants_file
+
+    variants = read_variants_file(args.variants) if args.variants else {}
+    for name, specs in parse_variant_args(args.variant or []).items():
+        if name in variants:
+            raise UserError(f"variant {name!r} is both in {args.variants} and given by --variant")
+        variants[name] = specs
+    return variants
 
 
 def _cmd_extract(args) -> None:
@@ -247,7 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ensemble", type=int, default=1, help="noise draws averaged per image and timestep")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--technique", action="append", help="generation technique spec; repeat")
+    p.add_argument("--technique", action="append", metavar="SPEC",
+                   help="generation technique for every variant, e.g. controlnet:canny,scale=1.0 lora:DIR "
+                        "prompt:fine denoise-from:60 cfg:7.5; repeat (`difffeat techniques` lists them)")
+    p.add_argument("--variant", action="append", metavar="NAME=SPEC[+SPEC…]",
+                   help="a named variant (its layers are stored as NAME/LAYER); repeat")
+    p.add_argument("--variants", metavar="FILE", help="variants file (YAML/JSON), e.g. from `difffeat gate --emit`")
     p.add_argument("--prompt", default="", help="prompt for every image (or the fallback of --prompt-from)")
     p.add_argument("--prompt-from", default="fixed", choices=["fixed", "sidecar", "csv", "label"],
                    help="sidecar: <image>.txt; csv: --caption-column of --captions-csv; label: --label-template")
@@ -342,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-size", choices=["resize", "refuse"], help="default: as in training")
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=_cmd_eval_seg)
+
+    for module in EXTENSION_COMMANDS:  # the other layers' commands; each module imports only argparse at load
+        importlib.import_module(module).add_commands(sub)
     return parser
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from difffeat.capture import Capture
 from difffeat.errors import UserError
 from difffeat.layers import native_resolution, resolve_layers
+from difffeat.prompts import PromptEncoder
 
 
 def item_seed(seed: int, key: str, *parts) -> int:
@@ -31,19 +32,25 @@ def seeded_normal(shape, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_prompts(pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, dict | None]:
-    """Text embeddings [P, T, D] for distinct prompts, plus SDXL's pooled embeddings where the model has them.
+def encode_latents(pipe, x: torch.Tensor, keys: Sequence[str] | None = None, posterior: str = "mean", seed: int = 0,
+                   batch_size: int = 8) -> torch.Tensor:
+    """Clean latents z0 = VAE posterior (mean, or a sample seeded per image key) × scaling factor.
 
-    Uses the pipeline's own `encode_prompt`, so each architecture conditions exactly as it does when
-    generating (SDXL: both text encoders, penultimate hidden states, pooled projection).
+    `x`: [B, 3, H, W] images in [0, 1].
     """
-    device = pipe.unet.device
-    if hasattr(pipe, "text_encoder_2"):
-        embeds, _, pooled, _ = pipe.encode_prompt(list(prompts), device=device, num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=False)
-        return embeds, {"text_embeds": pooled}
-    embeds, _ = pipe.encode_prompt(list(prompts), device, 1, False)
-    return embeds, None
+    vae = pipe.vae
+    keys = [str(i) for i in range(len(x))] if keys is None else list(keys)
+    out = []
+    for s in range(0, len(x), batch_size):
+        xb = (x[s : s + batch_size] * 2 - 1).to(vae.device, vae.dtype)
+        dist = vae.encode(xb).latent_dist
+        z = dist.mean
+        if posterior == "sample":
+            eps = torch.stack([seeded_normal(z.shape[1:], item_seed(seed, k, "posterior"))
+                               for k in keys[s : s + batch_size]]).to(z)
+            z = z + dist.std * eps
+        out.append(z * vae.config.scaling_factor)
+    return torch.cat(out)
 
 
 def concat_features(features: dict[str, torch.Tensor], size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -70,7 +77,8 @@ class FeatureExtractor:
         seed: base seed of the per-image noise (and of posterior samples).
         noise: False for clean mode: the UNet sees the VAE posterior mean × scaling factor at `t`.
         prompt: the prompt of every image unless `extract` is given per-image prompts.
-        techniques: generation techniques (`pipelines`); none are built in yet.
+        techniques: generation techniques (`pipelines` spec strings such as `controlnet:canny` or
+            `pipelines.Technique` objects), composed in kind order; see `pipelines.TechniqueStack`.
         batch_size: UNet items per forward.
         posterior: "mean" (default, deterministic) or "sample" (seeded per image) of the VAE posterior.
         resolution: (height, width) images are resized to (center crop) when given as PIL images of
@@ -84,9 +92,7 @@ class FeatureExtractor:
     def __init__(self, pipe, layers: Sequence[str], timesteps: Sequence[int] = (50,), ensemble: int = 1,
                  seed: int = 0, noise: bool = True, prompt: str = "", techniques: Sequence = (), batch_size: int = 8,
                  posterior: str = "mean", resolution: tuple[int, int] | None = None, capture_inputs: bool = False,
-                 attention: Sequence[str] = (), early_exit: bool = True):
-        if techniques:
-            raise UserError("generation techniques are not available in this version of difffeat")
+                 attention: Sequence[str] = (), early_exit: bool = True, prompt_encoder=None):
         if ensemble < 1 or batch_size < 1:
             raise UserError(f"ensemble and batch_size must be ≥ 1 (got {ensemble}, {batch_size})")
         if posterior not in ("mean", "sample"):
@@ -108,7 +114,15 @@ class FeatureExtractor:
         self.seed, self.noise, self.prompt = seed, noise, prompt
         self.batch_size, self.posterior = batch_size, posterior
         self.capture_inputs, self.early_exit = capture_inputs, early_exit
-        self._prompt_cache: dict[str, tuple[torch.Tensor, dict | None]] = {}
+        # pipelines builds on difffeat, so it is imported here, not at module level.
+        from pipelines.stack import TechniqueStack
+
+        self.stack = TechniqueStack(pipe, techniques)
+        if self.stack.schedule is not None and not noise:
+            raise UserError(f"{self.stack.schedule.spec} needs noise; it cannot run in clean mode (noise=False)")
+        for t in self.timesteps if self.stack.schedule is not None else ():
+            self.stack.schedule.timesteps(t)  # fails now, not mid-run, when it starts below a feature timestep
+        self.prompt_encoder = prompt_encoder or PromptEncoder(pipe)
 
     # ------------------------------------------------------------------------------------------ helpers
     @property
@@ -127,73 +141,52 @@ class FeatureExtractor:
 
         return to_tensor([resize_image(to_rgb(im), self.resolution) for im in images])
 
-    def _prompt_embeddings(self, prompts: list[str]):
-        new = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
-        if new:
-            embeds, added = encode_prompts(self.pipe, new)
-            for i, p in enumerate(new):
-                self._prompt_cache[p] = (embeds[i], None if added is None else {k: v[i] for k, v in added.items()})
-        return [self._prompt_cache[p] for p in prompts]
-
-    @torch.no_grad()
     def encode_latents(self, x: torch.Tensor, keys: list[str]) -> torch.Tensor:
-        """Clean latents z0 = posterior (mean or seeded sample) × scaling factor, batched."""
-        vae = self.pipe.vae
-        out = []
-        for s in range(0, len(x), self.batch_size):
-            xb = (x[s : s + self.batch_size] * 2 - 1).to(vae.device, vae.dtype)
-            dist = vae.encode(xb).latent_dist
-            z = dist.mean
-            if self.posterior == "sample":
-                eps = torch.stack([seeded_normal(z.shape[1:], item_seed(self.seed, k, "posterior"))
-                                   for k in keys[s : s + self.batch_size]]).to(z)
-                z = z + dist.std * eps
-            out.append(z * vae.config.scaling_factor)
-        return torch.cat(out)
+        """Clean latents of images x (see `encode_latents`) with this extractor's posterior and seed."""
+        return encode_latents(self.pipe, x, keys, self.posterior, self.seed, self.batch_size)
 
     # ------------------------------------------------------------------------------------------ extract
+    # ------------------------------------------------------------------------------------------ extract
     @torch.no_grad()
-    def extract(self, images, prompts: Sequence[str] | None = None, keys: Sequence[str] | None = None
-                ) -> dict[str, torch.Tensor]:
+    def extract(self, images, prompts: Sequence[str] | None = None, keys: Sequence[str] | None = None,
+                fields: Sequence[dict] | None = None, latents: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """layer → [B, C, h, w] float32 CPU features, the mean over `ensemble` noise draws.
 
         `images`: PIL images or a [B, 3, H, W] tensor in [0, 1]. `keys` name the images for seeding
         (default their positions "0", "1", …); `prompts` are per image (default the extractor's prompt).
+        `fields` are per-image prompt fields for prompt templates (`caption`, `label`); `latents` are the
+        images' clean latents when the caller already has them (variants of one run share them).
         """
         x = self._as_tensor(images)
         n = len(x)
         keys = [str(i) for i in range(n)] if keys is None else [str(k) for k in keys]
         prompts = [self.prompt] * n if prompts is None else list(prompts)
-        if len(keys) != n or len(prompts) != n:
-            raise UserError(f"got {n} images but {len(keys)} keys and {len(prompts)} prompts")
-        unet = self.pipe.unet
-        z0 = self.encode_latents(x, keys)
+        fields = [{}] * n if fields is None else list(fields)
+        if len(keys) != n or len(prompts) != n or len(fields) != n:
+            raise UserError(f"got {n} images but {len(keys)} keys, {len(prompts)} prompts and {len(fields)} fields")
+        stack = self.stack
+        prompts = [stack.prompt(p, f, k) for p, f, k in zip(prompts, fields, keys)]
+        z0 = self.encode_latents(x, keys) if latents is None else latents.to(self.pipe.unet.device)
+        controls = stack.control_images(x, keys)
         latent_hw = tuple(z0.shape[-2:])
-        conds = self._prompt_embeddings(prompts)
-        alphas = self.pipe.scheduler.alphas_cumprod
         items = [(i, t, d) for i in range(n) for t in self.timesteps for d in range(self.ensemble)]
         out: dict[str, torch.Tensor] = {}
-        with Capture(unet, self.layers, latent_hw, inputs=self.capture_inputs, attention=self.attention,
-                     early_exit=self.early_exit) as cap:
+        with stack.active(), Capture(self.pipe.unet, self.layers, latent_hw, inputs=self.capture_inputs,
+                                     attention=self.attention, early_exit=self.early_exit) as cap:
             for s in range(0, len(items), self.batch_size):
                 batch = items[s : s + self.batch_size]
                 idx = [i for i, _, _ in batch]
                 ts = torch.tensor([t for _, t, _ in batch])
+                cond = stack.conditioning(self.prompt_encoder, prompts, controls, idx, self.resolution)
                 zb = z0[idx]
                 if self.noise:
                     eps = torch.stack([seeded_normal(zb.shape[1:], item_seed(self.seed, keys[i], t, d))
                                        for i, t, d in batch]).to(zb)
-                    a = alphas[ts].to(zb).view(-1, 1, 1, 1)
-                    zb = a.sqrt() * zb + (1 - a).sqrt() * eps
-                emb = torch.stack([conds[i][0] for i in idx]).to(unet.device, unet.dtype)
-                kwargs = {}
-                if conds[0][1] is not None:  # SDXL: pooled text embeddings and size/crop conditions
-                    h, w = self.resolution
-                    pooled = torch.stack([conds[i][1]["text_embeds"] for i in idx])
-                    time_ids = torch.tensor([[h, w, 0, 0, h, w]] * len(batch))  # original size, crop, target
-                    kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(unet.device, unet.dtype),
-                                                   "time_ids": time_ids.to(unet.device, unet.dtype)}
-                feats = cap.run(zb, ts.to(unet.device), emb, **kwargs)
+                    with cap.paused():  # denoise-from's steps are not the feature pass
+                        for t in ts.unique().tolist():
+                            rows = (ts == t).nonzero().flatten().tolist()
+                            zb[rows] = cond.subset(rows).prepare_latents(zb[rows], eps[rows], t)
+                feats = cond.features(cap, zb, ts)
                 for name, fmap in feats.items():
                     fmap = fmap.float().cpu()
                     for row, (i, t, _) in enumerate(batch):

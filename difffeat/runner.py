@@ -47,7 +47,8 @@ class ExtractRunConfig:
     concat_size: list[int] | None = None
     capture: str = "output"
     attention: list[str] = field(default_factory=list)
-    techniques: list[str] = field(default_factory=list)
+    techniques: list[str] = field(default_factory=list)  # applied to every variant
+    variants: dict[str, list[str]] = field(default_factory=dict)  # name → technique specs; empty: one plain run
     shard_size: int = 256
 
     def store_config(self) -> dict:
@@ -74,6 +75,17 @@ class PromptSource:
         self.column = cfg.caption_column if cfg.prompt_source == "csv" else "label"
         self.table = read_caption_table(cfg.captions_csv, self.column) if cfg.captions_csv else None
 
+    def fields(self, item) -> dict:
+        """The image's prompt-template fields: its own caption (sidecar or metadata column) and label."""
+        from difffeat.data.images import sidecar_caption
+
+        row = self.source.row(item) or {}
+        caption = (sidecar_caption(item.path) if item.path else None) or row.get(self.cfg.caption_column)
+        if caption is None and self.table is not None and self.column != "label":
+            caption = self.table.get(item.key)
+        label = row.get("label")
+        return {"caption": None if caption is None else str(caption), "label": None if label is None else str(label)}
+
     def __call__(self, item) -> str:
         from difffeat.data.images import label_prompt, sidecar_caption
 
@@ -93,6 +105,13 @@ class PromptSource:
         return str(value) if kind == "csv" else label_prompt(self.cfg.label_template, str(value))
 
 
+def parse_spec(spec: str) -> str:
+    """A technique spec in its canonical form (checks it, too)."""
+    from pipelines import parse_technique
+
+    return parse_technique(spec).spec
+
+
 def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool = False, progress: bool = True,
                    pipe=None) -> dict:
     """Extract features for every image of `cfg.images` into the store `cfg.out`; returns the run report."""
@@ -100,7 +119,7 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from difffeat.data.images import BadImageError, resize_image
+    from difffeat.data.images import BadImageError, resize_image, to_tensor
     from difffeat.data.sources import ImageSource
     from difffeat.extract import FeatureExtractor, concat_features
     from difffeat.store import FeatureStoreWriter
@@ -119,14 +138,23 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
     prompts = PromptSource(cfg, source)
     if pipe is None:
         pipe = load_pipeline(cfg.model, device=str(state.device), dtype=cfg.dtype)
-    extractor = FeatureExtractor(
-        pipe, cfg.layers, timesteps=cfg.timesteps, ensemble=cfg.ensemble, seed=cfg.seed, noise=cfg.noise,
-        techniques=cfg.techniques, batch_size=cfg.batch_size, posterior=cfg.posterior,
-        resolution=tuple(cfg.resolution) if cfg.resolution else None, capture_inputs=cfg.capture == "input",
-        attention=cfg.attention,
-    )
+    from difffeat.prompts import PromptEncoder
+
+    encoder = PromptEncoder(pipe)  # variants share text embeddings (per LoRA weights)
+    extractors = {
+        name: FeatureExtractor(
+            pipe, cfg.layers, timesteps=cfg.timesteps, ensemble=cfg.ensemble, seed=cfg.seed, noise=cfg.noise,
+            techniques=[*cfg.techniques, *specs], batch_size=cfg.batch_size, posterior=cfg.posterior,
+            resolution=tuple(cfg.resolution) if cfg.resolution else None, capture_inputs=cfg.capture == "input",
+            attention=cfg.attention, prompt_encoder=encoder)
+        for name, specs in (cfg.variants or {"": []}).items()
+    }
+    extractor = next(iter(extractors.values()))
     store_cfg = cfg.store_config()
-    store_cfg.update(layers=extractor.layers, resolution=list(extractor.resolution))
+    # Canonical spec strings: the manifest names each technique one way, and repeating a run from it works.
+    store_cfg.update(layers=extractor.layers, resolution=list(extractor.resolution),
+                     techniques=[parse_spec(x) for x in cfg.techniques],
+                     variants={name: [parse_spec(x) for x in specs] for name, specs in cfg.variants.items()})
     # Rank 0 creates (or checks) the store before the others open it.
     writer = None
     if rank == 0:
@@ -146,19 +174,33 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
     with writer:
         for s in range(0, len(mine), cfg.batch_size):
             chunk = mine[s : s + cfg.batch_size]
-            batch, images, texts = [], [], []
+            batch, images, texts, fields = [], [], [], []
             for item in chunk:
                 try:
-                    images.append(resize_image(source.load(item), extractor.resolution, cfg.resize))
-                    texts.append(prompts(item))
-                    batch.append(item)
+                    image = resize_image(source.load(item), extractor.resolution, cfg.resize)
+                    text, item_fields = prompts(item), prompts.fields(item)
+                    why = next((w for e in extractors.values() if (w := e.stack.missing(item.key, item_fields))),
+                               None)
+                    if why is not None:
+                        raise BadImageError(item.key, why)
                 except BadImageError as e:
                     failures.append({"key": item.key, "reason": e.reason})
                     writer.fail(item.key, e.reason)
+                    continue
+                images.append(image)
+                texts.append(text)
+                fields.append(item_fields)
+                batch.append(item)
             if batch:
-                feats = extractor.extract(images, prompts=texts, keys=[it.key for it in batch])
-                if cfg.concat:
-                    feats = {"concat": concat_features(feats, tuple(cfg.concat_size) if cfg.concat_size else None)}
+                keys = [it.key for it in batch]
+                x = to_tensor(images)
+                latents = extractor.encode_latents(x, keys)  # one VAE pass for every variant
+                feats = {}
+                for name, ext in extractors.items():
+                    part = ext.extract(x, prompts=texts, keys=keys, fields=fields, latents=latents)
+                    if cfg.concat:
+                        part = {"concat": concat_features(part, tuple(cfg.concat_size) if cfg.concat_size else None)}
+                    feats.update({f"{name}/{layer}" if name else layer: f for layer, f in part.items()})
                 for row, item in enumerate(batch):
                     writer.add(item.key, {name: f[row] for name, f in feats.items()})
                 extracted += len(batch)

@@ -126,8 +126,13 @@ def _looks_like_hub_id(model: str) -> bool:
 def _from_hub(model_id: str):
     from diffusers import DiffusionPipeline
 
+    return from_hub_model(DiffusionPipeline, model_id)
+
+
+def from_hub_model(cls, model_id: str):
+    """`cls.from_pretrained(model_id)` from the Hub (or its cache when offline), one clear error otherwise."""
     try:
-        return DiffusionPipeline.from_pretrained(model_id, local_files_only=_offline())
+        return cls.from_pretrained(model_id, local_files_only=_offline())
     except Exception as e:
         reason = "offline (HF_HUB_OFFLINE is set) and not in the local cache" if _offline() else \
             f"could not be fetched from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0][:160]})"

@@ -1,0 +1,162 @@
+"""`difffeat lora train IMAGES --out DIR`: a LoRA (peft) fitted to a few target images, the paper's recipe.
+
+research/content_shift_gate.md §3.2: about 30 images, each seen with three caption styles (empty, tags,
+a sentence), repeated; rank 64, alpha 32; learning rate 1e-4 for the UNet and 5e-5 for the text encoder;
+about 100 epochs. Here the tag-style caption is the image folder's `coarse_caption` column when there is
+one, the sentence its sidecar `.txt` or `fine_caption` column; styles an image lacks are left out.
+
+The adapters go on the UNet's attention projections (to_q/k/v/out) and the text encoder's (q/k/v/out_proj)
+and are written in diffusers' LoRA format (`pytorch_lora_weights.safetensors`), which `lora:DIR` loads.
+Batches depend only on (seed, step), and a run resumes from its last checkpoint with the same result.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from difffeat.atomic import atomic_path, write_json_atomic
+from difffeat.errors import UserError
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass
+class LoraTrainConfig:
+    images: str
+    out: str
+    model: str = "mini"
+    rank: int = 64
+    alpha: float = 32.0
+    unet_lr: float = 1e-4
+    text_lr: float = 5e-5  # 0 trains the UNet only
+    epochs: int = 100
+    repeats: int = 10
+    batch_size: int = 8
+    max_images: int = 30
+    seed: int = 0
+    checkpoint_every: int = 200
+    steps: int = 0  # 0: epochs × repeats × samples / batch size
+    captions: list[str] = field(default_factory=lambda: ["empty", "tags", "sentence"])
+
+
+def _captions(source, item, styles: list[str]) -> list[str]:
+    from difffeat.data.images import sidecar_caption
+
+    row = source.row(item) or {}
+    found = {"empty": "", "tags": row.get("coarse_caption"),
+             "sentence": (sidecar_caption(item.path) if item.path else None) or row.get("fine_caption")}
+    return list(dict.fromkeys(found[s] for s in styles if found.get(s) is not None))
+
+
+def _peft_config(rank: int, alpha: float, targets: list[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
+
+
+def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> Path:
+    """Fit the LoRA, write `cfg.out/pytorch_lora_weights.safetensors` (+ config and losses); returns the folder."""
+    from peft.utils import get_peft_model_state_dict
+    from tqdm.auto import tqdm
+
+    from difffeat import load_pipeline
+    from difffeat.data.images import BadImageError, resize_image, to_tensor
+    from difffeat.data.sources import ImageSource
+    from difffeat.layers import native_resolution
+
+    bad = [s for s in cfg.captions if s not in ("empty", "tags", "sentence")]
+    if bad:
+        raise UserError(f"unknown caption style {bad[0]!r}; use empty, tags, sentence")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "train_config.json"
+    if cfg_path.exists() and json.loads(cfg_path.read_text()) != asdict(cfg):
+        raise UserError(f"{out}: holds a LoRA run with another config (see {cfg_path}); use a new folder")
+    write_json_atomic(cfg_path, asdict(cfg))
+    pipe = load_pipeline(cfg.model)
+    source = ImageSource(cfg.images)
+    size = native_resolution(pipe)
+    images, captions = [], []
+    for item in source.items[: cfg.max_images]:
+        try:
+            images.append(resize_image(source.load(item), size))
+        except BadImageError as e:
+            raise UserError(str(e)) from None
+        captions.append(_captions(source, item, cfg.captions))
+    if not images:
+        raise UserError(f"{cfg.images}: no images to train a LoRA on")
+    samples = [(i, c) for i, caps in enumerate(captions) for c in caps]
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    pipe.vae.requires_grad_(False)
+    with torch.no_grad():
+        x = to_tensor(images) * 2 - 1
+        post = pipe.vae.encode(x).latent_dist
+        mean, std = post.mean, post.std
+    torch.manual_seed(cfg.seed)  # the adapters' initial weights
+    unet.add_adapter(_peft_config(cfg.rank, cfg.alpha, UNET_TARGETS))
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.unet_lr}]
+    if cfg.text_lr > 0:
+        from peft import inject_adapter_in_model
+
+        # peft directly: transformers' own add_adapter insists on a newer peft than some installs have.
+        inject_adapter_in_model(_peft_config(cfg.rank, cfg.alpha, TEXT_TARGETS), text_encoder)
+        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": cfg.text_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=1e-2)
+    params = [p for g in groups for p in g["params"]]
+    steps = cfg.steps or max(1, cfg.epochs * cfg.repeats * len(samples) // cfg.batch_size)
+    ckpt = out / "checkpoint.pt"
+    start = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=True)
+        for p, saved in zip(params, state["params"]):
+            p.data.copy_(saved)
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    tok = pipe.tokenizer
+    alphas = pipe.scheduler.alphas_cumprod
+    scale = pipe.vae.config.scaling_factor
+    gen = torch.Generator()
+    log = out / "losses.csv"
+    if start == 0:
+        log.write_text("step,loss,seconds\n")
+    unet.train()
+    text_encoder.train()
+    t0 = time.time()
+    bar = tqdm(range(start, steps), desc="lora", disable=not progress)
+    for step in bar:
+        gen.manual_seed(cfg.seed * 1_000_003 + step)
+        pick = torch.randint(len(samples), (cfg.batch_size,), generator=gen).tolist()
+        idx = [samples[k][0] for k in pick]
+        ids = tok([samples[k][1] for k in pick], padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids
+        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        loss = F.mse_loss(unet(zt, t, text_encoder(ids)[0]).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with open(log, "a") as f:
+            f.write(f"{step},{loss.item():.6f},{time.time() - t0:.1f}\n")
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+            with atomic_path(ckpt) as tmp:
+                torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict(), "step": step + 1}, tmp)
+    unet.eval()
+    text_encoder.eval()
+    text_layers = get_peft_model_state_dict(text_encoder) if cfg.text_lr > 0 else None
+    type(pipe).save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(unet),
+                                 text_encoder_lora_layers=text_layers, safe_serialization=True)
+    ckpt.unlink(missing_ok=True)
+    return out
