@@ -74,17 +74,24 @@ class PromptSource:
         self.cfg, self.source = cfg, source
         self.column = cfg.caption_column if cfg.prompt_source == "csv" else "label"
         self.table = read_caption_table(cfg.captions_csv, self.column) if cfg.captions_csv else None
+        self._next = {a.key: b for a, b in zip(source.items, source.items[1:] + source.items[:1])}
 
-    def fields(self, item) -> dict:
-        """The image's prompt-template fields: its own caption (sidecar or metadata column) and label."""
+    def caption(self, item) -> str | None:
+        """The image's own caption: its sidecar `.txt`, else the caption column of its metadata or captions CSV."""
         from difffeat.data.images import sidecar_caption
 
-        row = self.source.row(item) or {}
-        caption = (sidecar_caption(item.path) if item.path else None) or row.get(self.cfg.caption_column)
+        caption = (sidecar_caption(item.path) if item.path else None) or \
+            (self.source.row(item) or {}).get(self.cfg.caption_column)
         if caption is None and self.table is not None and self.column != "label":
             caption = self.table.get(item.key)
-        label = row.get("label")
-        return {"caption": None if caption is None else str(caption), "label": None if label is None else str(label)}
+        return None if caption is None else str(caption)
+
+    def fields(self, item) -> dict:
+        """The image's prompt-template fields: caption, label, and the next image's caption (`other_caption`)."""
+        label = (self.source.row(item) or {}).get("label")
+        other = self._next.get(item.key)
+        return {"caption": self.caption(item), "label": None if label is None else str(label),
+                "other_caption": None if other is None or other.key == item.key else self.caption(other)}
 
     def __call__(self, item) -> str:
         from difffeat.data.images import label_prompt, sidecar_caption

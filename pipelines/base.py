@@ -13,8 +13,8 @@ Techniques compose in that kind order (`KIND_ORDER`), and in the order given wit
 order the user lists them in; so a spec list names one composition.
 
 Spec strings are ``NAME[:VALUE][,FIELD=VALUE]…``: ``VALUE`` fills the technique's positional field.
-A comma starts a new field only when it is followed by ``FIELD=`` for one of the technique's fields, so
-prompt templates may hold commas. `Technique.spec` writes the canonical string (non-default fields in
+A comma followed by ``WORD=`` starts a new field; in a free-text field (a prompt template, a negative
+prompt) it stays text unless WORD is one of the technique's fields, so templates may hold commas. `Technique.spec` writes the canonical string (non-default fields in
 declaration order), and ``parse_technique(t.spec) == t``: specs round-trip through the store manifest.
 """
 
@@ -51,6 +51,7 @@ class Technique:
     name: ClassVar[str]
     kind: ClassVar[str]
     positional: ClassVar[str | None] = None  # the field `NAME:VALUE` fills
+    free_text: ClassVar[tuple[str, ...]] = ()  # fields whose values may hold ", x=y" as plain text
 
     def bind(self, pipe) -> None:
         """Load and check what the technique needs for `pipe` (default: nothing)."""
@@ -135,26 +136,25 @@ def parse_technique(spec: str | Technique) -> Technique:
                         + "; ".join(describe(TECHNIQUES[n]) for n in sorted(TECHNIQUES)))
     cls = TECHNIQUES[name]
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    # Split on commas that start a `field=`, so free text (templates) may contain commas.
-    pattern = r",\s*(?=(?:" + "|".join(map(re.escape, fields)) + r")=)" if fields else r"(?!)"
-    pieces = re.split(pattern, rest) if rest else []
-    kwargs = {}
-    for i, piece in enumerate(pieces):
-        if i == 0 and not piece.startswith(","):
+    raw: dict[str, str] = {}
+    last = None
+    for i, piece in enumerate(re.split(r",\s*(?=[A-Za-z_][\w-]*=)", rest) if rest else []):
+        if i == 0 and not rest.startswith(","):  # NAME:VALUE
             if cls.positional is None:
                 if piece:
                     raise UserError(f"technique {text!r}: {name} takes no value after ':'; valid: {describe(cls)}")
                 continue
-            kwargs[cls.positional] = _convert(cls, fields[cls.positional], piece, text)
+            raw[last := cls.positional] = piece
             continue
-        piece = piece.lstrip(",").strip()
-        if not piece:
-            continue
-        key, eq, value = piece.partition("=")
+        key, _, value = piece.lstrip(",").partition("=")
         key = key.strip()
-        if not eq or key not in fields:
+        if key in fields:
+            raw[last := key] = value.strip()
+        elif last in cls.free_text:  # "a, b=c" inside free text (a template) is text
+            raw[last] += "," + piece
+        elif key:
             raise UserError(f"technique {text!r}: unknown parameter {key!r}; valid: {describe(cls)}")
-        kwargs[key] = _convert(cls, fields[key], value.strip(), text)
+    kwargs = {k: _convert(cls, fields[k], v, text) for k, v in raw.items()}
     missing = [f for f in fields.values() if _default(f) is dataclasses.MISSING and f.name not in kwargs]
     if missing:
         raise UserError(f"technique {text!r}: missing {missing[0].name}; valid: {describe(cls)}")

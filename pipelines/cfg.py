@@ -15,8 +15,11 @@ from pipelines.base import Technique, register_technique
 @register_technique
 @dataclass
 class ClassifierFreeGuidance(Technique):
+    """Classifier-free guidance: ε_u + scale·(ε_c − ε_u), features combined the same way."""
+
     name = "cfg"
     kind = "guidance"
+    free_text = ("negative",)
     positional = "scale"
 
     scale: float = 7.5

@@ -71,6 +71,8 @@ def check_compatible(controlnet, unet, vae_factor: int, where: str) -> None:
 @register_technique
 @dataclass
 class ControlNet(Technique):
+    """ControlNet residuals from canny maps of each image or from a folder of per-image control maps."""
+
     name = "controlnet"
     kind = "residual"
     positional = "model"

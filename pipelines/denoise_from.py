@@ -25,6 +25,8 @@ MAX_DEFAULT_STEPS = 10
 @register_technique
 @dataclass
 class DenoiseFrom(Technique):
+    """Noise at START, DDIM-denoise down to the feature timestep, then extract."""
+
     name = "denoise-from"
     kind = "schedule"
     positional = "start"

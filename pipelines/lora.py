@@ -72,6 +72,8 @@ def adapter_name(path: str) -> str:
 @register_technique
 @dataclass
 class LoRA(Technique):
+    """LoRA weights (diffusers, peft or kohya file or folder) applied at a scale."""
+
     name = "lora"
     kind = "weights"
     positional = "path"

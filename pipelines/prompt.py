@@ -2,8 +2,10 @@
 
 `prompt:TEMPLATE` rewrites each image's prompt. TEMPLATE is a preset name (`PRESETS`) or literal text in
 which `{prompt}` (the prompt so far: the run's prompt, or the previous prompt technique's output),
-`{caption}` (the image's own caption: sidecar `.txt` or metadata column) and `{label}` (its label) are
-filled in; other braces stay as they are. Several prompt techniques chain in the order given.
+`{caption}` (the image's own caption: sidecar `.txt` or metadata column), `{label}` (its label) and
+`{other_caption}` (another image's caption: the next image's in key order, a deliberately wrong prompt for
+checking that GATE catches harmful techniques) are filled in; other braces stay as they are. Several prompt
+techniques chain in the order given.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ PRESETS = {
     "caption": "{caption}",
     "label": "a photo of a {label}",
     "empty": "",
+    "other-caption": "{other_caption}",
 }
-FIELDS = ("prompt", "caption", "label")
+FIELDS = ("prompt", "caption", "label", "other_caption")
 
 
 class MissingPromptField(UserError):
@@ -36,6 +39,7 @@ class PromptTemplate(Technique):
 
     name = "prompt"
     kind = "prompt"
+    free_text = ("template",)
     positional = "template"
 
     template: str = "fine"
@@ -56,4 +60,4 @@ class PromptTemplate(Technique):
                 raise MissingPromptField(f"{key or 'image'}: no {name} for prompt template {self.template!r}")
             # str.replace, not str.format: other braces in a template are plain text.
             text = text.replace("{" + name + "}", str(value))
-        return text.strip(", ") if text.startswith(", ") else text
+        return text.removeprefix(", ")  # "{prompt}, tags" with an empty prompt

@@ -31,7 +31,7 @@ class ControlNetTrainConfig:
     model: str = "mini"
     seed: int = 0
     n_train: int = 4000
-    steps: int = 1500
+    steps: int = 2500
     lr: float = 3e-4
     warmup: int = 100
     batch_size: int = 32
