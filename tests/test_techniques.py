@@ -327,3 +327,46 @@ def test_lora_for_another_architecture_is_refused_naming_keys(tmp_path):
         TechniqueStack(pipe, [f"lora:{tmp_path}"])
     with pytest.raises(UserError, match="not found"):
         TechniqueStack(pipe, [f"lora:{tmp_path / 'missing'}"])
+
+
+def test_kohya_lora_loads_like_its_diffusers_twin(tmp_path, images):
+    """The same LoRA as a diffusers file, a kohya file (lora_unet_… keys, alpha = rank) and a peft adapter folder
+    (alpha = 2r, B halved) gives the same features."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from difffeat import FeatureExtractor, load_pipeline
+
+    pipe = load_pipeline("mini")
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # peft starts B at zero; make the LoRA do something
+    layers = get_peft_model_state_dict(pipe.unet)
+    type(pipe).save_lora_weights(tmp_path / "diffusers", unet_lora_layers=layers, safe_serialization=True)
+    kohya = {}
+    for key, value in layers.items():
+        module, _, matrix = key.rpartition(".lora_")
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[name + (".lora_down.weight" if matrix.startswith("A") else ".lora_up.weight")] = value
+        kohya[name + ".alpha"] = torch.tensor(4.0)
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
+    (tmp_path / "peft").mkdir()
+    save_file({f"base_model.model.{k}": v / 2 if ".lora_B" in k else v for k, v in layers.items()},
+              str(tmp_path / "peft" / "adapter_model.safetensors"))  # alpha 8 / r 4 doubles B
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "peft_type": "LORA"}))
+    x, caps = images
+    feats = {}
+    for name, path in (("diffusers", tmp_path / "diffusers"), ("kohya", tmp_path / "kohya.safetensors"),
+                       ("peft", tmp_path / "peft")):
+        fresh = load_pipeline("mini")
+        ex = FeatureExtractor(fresh, ["dift"], techniques=[f"lora:{path},scale=0.5"])
+        feats[name] = ex.extract(x, prompts=caps)["up_blocks.1"]
+    plain = FeatureExtractor(load_pipeline("mini"), ["dift"]).extract(x, prompts=caps)["up_blocks.1"]
+    torch.testing.assert_close(feats["kohya"], feats["diffusers"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(feats["peft"], feats["diffusers"], rtol=1e-4, atol=1e-5)
+    assert (feats["kohya"] - plain).abs().mean() > 1e-4
