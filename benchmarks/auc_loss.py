@@ -1,7 +1,8 @@
 """`downstream.losses.pixel_auc_loss` (moment form) against the two other ways to compute it, in one run.
 
 Contenders, on the same logits [1, K, h, w] and long-tailed labels (Zipf over K classes, 5 % ignore):
-- moment: `pixel_auc_loss`: class moments by `index_add`, O(nK) with no class loop, float64 moments;
+- moment: `pixel_auc_loss`: class sums of s and s² in one blocked pass (sigmoid, square, scatter-add per
+  cache-sized block of pixels, block sums in float64), O(nK) with no class loop and no [n, K] temporary;
 - loop: the AUCSeg code's approach (research/aucseg_dirmixe.md A.2, A.4): a dense n×K one-hot, then per
   present class a handful of length-n vector ops (its ``0.5·A − B`` without the ½, so values compare);
 - pairwise: the definition, pair by pair (`pixel_auc_loss_pairwise`, O(n²) memory), at small n only;
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -155,8 +157,10 @@ def main() -> None:
             rows.append({"K": k, "n": side * side, **res})
             print(json.dumps(rows[-1]), flush=True)
 
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     lines = [f"pixel AUC loss, {args.device} ({platform.processor() or platform.machine()}, "
-             f"{torch.get_num_threads()} torch threads), torch {torch.__version__}, median of {args.repeat}",
+             f"{torch.get_num_threads()} torch threads), torch {torch.__version__}, median of {args.repeat}; "
+             f"load average at the end {load}",
              "| K | n | contender | fwd ms | fwd+bwd ms | peak MiB | rel. diff |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         for name in ("moment", "loop", "pairwise", "sigmoid"):
@@ -173,9 +177,12 @@ def main() -> None:
                      f"{lo['fwd_bwd_ms'] / m['fwd_bwd_ms']:.2f}× | {m['fwd_ms'] / sg['fwd_ms']:.1f}× |")
     target = [r for r in rows if r["K"] == 150 and abs(r["n"] - 262_144) < 30_000]
     for r in target:
-        ok = r["loop"]["fwd_bwd_ms"] / r["moment"]["fwd_bwd_ms"] >= 3 and r["loop"]["rel_diff"] <= 1e-5
-        lines.append(f"- target (K = 150, n = {r['n']}: ≥ 3× the loop, values within 1e-5): "
-                     f"{'met' if ok else 'NOT met'}")
+        fwd = r["loop"]["fwd_ms"] / r["moment"]["fwd_ms"]
+        both = r["loop"]["fwd_bwd_ms"] / r["moment"]["fwd_bwd_ms"]
+        ok = min(fwd, both) >= 3 and r["loop"]["rel_diff"] <= 1e-5
+        lines.append(f"- target (K = 150, n = {r['n']}: ≥ 3× the loop, forward and forward+backward, values "
+                     f"within 1e-5): {'met' if ok else 'NOT met'} ({fwd:.1f}× / {both:.1f}×, "
+                     f"rel. diff {r['loop']['rel_diff']:.1e})")
     text = "\n".join(lines)
     print(text)
     if args.results:

@@ -17,7 +17,7 @@ from difffeat.errors import UserError
 
 # Modules of the other layers that add sub-commands through `add_commands(subparsers)`: difffeat never
 # imports them otherwise (dependencies point from them to difffeat).
-EXTENSION_COMMANDS: list[str] = ["pipelines.cli", "downstream.cls_cli"]
+EXTENSION_COMMANDS: list[str] = ["pipelines.cli", "downstream.cls_cli", "gate.cli"]
 
 
 def _cmd_data_synth(args) -> None:

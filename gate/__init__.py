@@ -1,4 +1,29 @@
 """GATE: ranks candidate techniques by how well they suppress content shift (reconstruct, score, rank, report).
 
-Filled by the GATE issue; the package exists so the distribution's layout is fixed from the start.
+    import difffeat, gate
+    pipe = difffeat.load_pipeline("mini")
+    result = gate.rank(pipe, "shapes/test", {"canny": ["controlnet:canny"], "caption": ["prompt:caption"]})
+    result.table(), result.accepted, gate.write_report(result, Path("runs/gate"))
+
+`difffeat gate IMAGES --candidates FILE.yaml --out DIR` is the same from the command line (docs/gate.md).
 """
+
+# Names load on first use: `difffeat`'s CLI imports `gate.cli`, which must not pull in torch at start-up.
+_LAZY = {
+    "rank": "gate.rank",
+    "GateConfig": "gate.rank",
+    "GateResult": "gate.rank",
+    "read_candidates": "gate.candidates",
+    "write_report": "gate.report",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gate' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

@@ -1,7 +1,7 @@
 """`TechniqueStack`: techniques bound to one pipeline and composed in kind order; the one place that turns
 them into UNet calls, for extraction (`features`) and for generation (`eps`) alike.
 
-Per batch, `condition(...)` gives a `Conditioning`: the prompt embeddings (after the prompt techniques,
+Per batch, `conditioning(...)` gives a `Conditioning`: the prompt embeddings (after the prompt techniques,
 with the LoRA weights active), the unconditional branch for CFG, and the control images. Its UNet call
 runs every ControlNet on the same latents and adds their residuals, then combines CFG's two branches;
 `prepare_latents` runs denoise-from's steps with that same call before the feature pass.

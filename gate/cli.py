@@ -1,0 +1,117 @@
+"""`difffeat gate`: rank candidate techniques by how well they suppress content shift, and write the report.
+
+Registered in difffeat's CLI through `EXTENSION_COMMANDS`; this module imports only the standard library at
+load, GATE itself when the command runs.
+
+    difffeat gate IMAGES --candidates FILE.yaml [--strength 0.7] [--steps 25] [--n 16] [--seed 0] [--t 50]
+        [--primary psnr] --out DIR [--emit FILE] [--greedy] [--probe LABELS]
+    difffeat gate --config DIR/config.json --out DIR2       # repeat a run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _config(args):
+    from difffeat.errors import UserError
+    from gate.candidates import read_candidates
+    from gate.rank import GateConfig
+
+    if args.config:
+        try:
+            saved = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{args.config}: cannot read the run config ({e})") from None
+        cfg = GateConfig.from_dict(saved.get("config", saved))
+        if args.images:
+            cfg.images = args.images
+        if args.candidates:
+            cfg.candidates = read_candidates(args.candidates)
+        return cfg
+    if not args.images or not args.candidates:
+        raise UserError("give IMAGES and --candidates FILE.yaml (or --config DIR/config.json)")
+    return GateConfig(
+        images=args.images, candidates=read_candidates(args.candidates), model=args.model, n=args.n or None,
+        seed=args.seed, strength=args.strength, steps=args.steps, t=args.t, layers=args.layer or ["dift"],
+        primary=args.primary, prompt=args.prompt, prompt_source=args.prompt_from, caption_column=args.caption_column,
+        edge_tolerance=args.edge_tolerance, feature_reference=args.feature_reference, n_boot=args.boot,
+        greedy=args.greedy, probe=args.probe, probe_n=args.probe_n, probe_task=args.probe_task,
+        batch_size=args.batch_size)
+
+
+def _cmd_gate(args) -> None:
+    from difffeat.zoo import load_pipeline
+    from gate.rank import rank
+    from gate.report import write_report
+    from pipelines.variants import write_variants_file
+
+    cfg = _config(args)
+    cfg.check()  # before the model loads
+    pipe = load_pipeline(cfg.model)
+    result = rank(pipe, cfg.images, cfg.candidates, cfg, progress=not args.quiet)
+    out = Path(args.out)
+    page = write_report(result, out, report_images=args.report_images)
+    primary = result.primary
+    print(f"GATE on {len(result.keys)} images ({len(result.dropped)} dropped), primary {primary}:")
+    for row in result.table():
+        imp = "" if row["candidate"] == "reference" else \
+            f"  Δ {row['improvement']:+.3g} [{row['improvement_low']:+.3g}, {row['improvement_high']:+.3g}]"
+        print(f"  {row['rank']}. {row['candidate']:<16} {primary} {row[primary]:.4g} "
+              f"[{row[primary + '_low']:.4g}, {row[primary + '_high']:.4g}]{imp}"
+              + ("  accepted" if row["accepted"] else ""))
+    if result.greedy and result.greedy["selected"]:
+        print(f"  greedy: {' + '.join(result.greedy['selected'])}")
+    if result.probe:
+        p = result.probe
+        print(f"  probe ({p['metric']}): " + ", ".join(f"{n} {q:.3f}" for n, q in p["quality"].items())
+              + f"; Spearman ρ with {primary}: {p['primary_spearman']:+.2f}")
+    for d in result.dropped[:10]:
+        print(f"  dropped {d['key']}: {d['reason']}", file=sys.stderr)
+    if args.emit:
+        variants = result.accepted_variants()
+        note = "no candidate was accepted: the plain reference" if not result.accepted else \
+            ("the greedy combination" if result.greedy else "accepted candidates")
+        write_variants_file(args.emit, variants, comment=f"difffeat gate {cfg.images}: {note} "
+                                                          f"(primary {primary}); report in {out}")
+        print(f"wrote {len(variants)} variant(s) to {args.emit} (difffeat extract --variants {args.emit})")
+    print(f"report: {page}")
+
+
+def add_commands(subparsers) -> None:
+    """Add `gate` to difffeat's sub-commands."""
+    p = subparsers.add_parser("gate", help="rank candidate techniques by content-shift suppression (GATE)",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("images", nargs="?", help="image folder, glob, imagefolder or hf:NAME[:SPLIT]")
+    p.add_argument("--candidates", help="YAML: candidate name → list of technique specs (reference is added)")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--config", help="repeat a run: its config.json")
+    p.add_argument("--model", default="mini")
+    p.add_argument("--strength", type=float, default=0.7, help="img2img repainting strength")
+    p.add_argument("--steps", type=int, default=25, help="img2img DDIM steps (int(steps·strength) run)")
+    p.add_argument("--n", type=int, default=16, help="images drawn (seeded) from IMAGES; 0: all")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--t", type=int, default=50, help="feature timestep (feature Score, PCA, probe)")
+    p.add_argument("--layer", action="append", help="feature layer or preset; repeat (default dift)")
+    p.add_argument("--primary", default="psnr", choices=["psnr", "ssim", "edge_f1", "lpips", "feature_score"],
+                   help="the score that decides and ranks")
+    p.add_argument("--prompt", default="", help="base prompt of every image")
+    p.add_argument("--prompt-from", default="fixed", choices=["fixed", "sidecar", "csv", "label"],
+                   help="base prompts as in `difffeat extract` (prompt techniques rewrite them)")
+    p.add_argument("--caption-column", default="fine_caption", help="metadata column of an image's caption")
+    p.add_argument("--edge-tolerance", type=int, default=1, help="pixels an edge may move and still match")
+    p.add_argument("--feature-reference", default="technique", choices=["technique", "plain"],
+                   help="t=0 reference features with each candidate's techniques, or without any")
+    p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--emit", metavar="FILE", help="write the accepted candidates as a variants file for "
+                                                  "`difffeat extract --variants FILE`")
+    p.add_argument("--greedy", action="store_true", help="forward selection over combinations of accepted ones")
+    p.add_argument("--probe", metavar="LABELS", help="labelled images (masks or labels) for a linear probe")
+    p.add_argument("--probe-n", type=int, default=32, help="labelled images drawn for the probe (half fit, half score)")
+    p.add_argument("--probe-task", default="auto", choices=["auto", "seg", "cls"])
+    p.add_argument("--report-images", type=int, default=8, help="images shown in the HTML report")
+    p.set_defaults(func=_cmd_gate)

@@ -1,0 +1,359 @@
+"""`rank`: GATE as a measured ranking. Reconstruct every image under every candidate, score, decide, rank.
+
+GATE (research/content_shift_gate.md §2): img2img at a high repainting strength with and without a
+technique; a technique whose output stays closer to the input suppresses content shift. Here each candidate
+is scored per image (PSNR, SSIM, edge F1, LPIPS when available, and the paper's feature Score), every score
+gets a bootstrap interval over images, and a candidate is *accepted* when its paired improvement over
+`reference` on the primary score is significant: the 95% paired bootstrap interval of the mean difference
+(same resampled images for both) lies entirely above 0.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+
+from difffeat.errors import UserError
+from gate.candidates import REFERENCE, check_candidates
+from gate.inputs import GateInputs, drop_unusable, require_enough
+from gate.reconstruct import Reconstructor
+from gate.score import HIGHER_IS_BETTER, contour_diff, edge_f1, lpips, lpips_weights, psnr, ssim
+from gate.stats import Interval, bootstrap, difference, mean_of, resample
+
+FEATURE_REFERENCES = ("technique", "plain")
+
+
+@dataclass
+class GateConfig:
+    """Everything that defines a GATE run; written next to its outputs (`config.json`), and a run repeats from it."""
+
+    images: str | None = None  # folder, glob, imagefolder or hf:NAME[:SPLIT] (None: tensors given to `rank`)
+    candidates: dict[str, list[str]] = field(default_factory=dict)  # name → technique specs (reference added)
+    model: str = "mini"
+    n: int | None = 16  # images drawn (seeded) from `images`; None: all
+    seed: int = 0  # image draw, img2img noise, feature noise and bootstrap
+    strength: float = 0.7  # img2img repainting strength (diffusers semantics)
+    steps: int = 25  # DDIM steps of img2img; int(steps · strength) of them run
+    t: int = 50  # feature-extraction timestep (the feature Score's features)
+    layers: list[str] = field(default_factory=lambda: ["dift"])
+    primary: str = "psnr"  # the score the decision and the ranking use
+    prompt: str = ""  # base prompt of every image (prompt techniques rewrite it)
+    prompt_source: str = "fixed"  # fixed | sidecar | csv | label, as `difffeat extract --prompt-from`
+    caption_column: str = "fine_caption"
+    edge_tolerance: int = 1  # pixels an edge may move and still match (edge F1)
+    feature_reference: str = "technique"  # t = 0 reference features: with the candidate's techniques, or plain
+    n_boot: int = 2000
+    level: float = 0.95
+    greedy: bool = False  # forward selection over combinations of accepted candidates
+    probe: str | None = None  # labelled image set for the linear probe
+    probe_n: int = 32
+    probe_task: str = "auto"  # auto | seg | cls
+    batch_size: int = 8
+    reuse: bool = True  # share VAE encodes and text embeddings across candidates (False: the benchmark baseline)
+
+    @classmethod
+    def from_dict(cls, d: dict, **override) -> GateConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in d.items() if k in known}, **override})
+
+    def check(self) -> None:
+        if not 0 < self.strength <= 1:
+            raise UserError(f"--strength must be in (0, 1], got {self.strength}")
+        if self.steps < 1 or int(self.steps * self.strength) < 1:
+            raise UserError(f"--steps {self.steps} at strength {self.strength} runs no denoising step")
+        if self.primary not in HIGHER_IS_BETTER:
+            raise UserError(f"--primary {self.primary!r}: use one of {', '.join(HIGHER_IS_BETTER)}")
+        if self.feature_reference not in FEATURE_REFERENCES:
+            raise UserError(f"feature_reference {self.feature_reference!r}: use one of {', '.join(FEATURE_REFERENCES)}")
+        if self.probe_task not in ("auto", "seg", "cls"):
+            raise UserError(f"--probe-task {self.probe_task!r}: use auto, seg or cls")
+        if not 0 < self.level < 1 or self.n_boot < 100:
+            raise UserError(f"level must be in (0, 1) and n_boot ≥ 100 (got {self.level}, {self.n_boot})")
+
+
+@dataclass
+class Evaluation:
+    """One technique list's per-image scores, contour diffs (per layer) and what the report shows of it."""
+
+    specs: list[str]
+    per_image: dict[str, np.ndarray]  # metric → [n]
+    diffs: dict[str, np.ndarray]  # layer → [n] contour diffs (Eq. 1) against its t = 0 reference
+    recon: torch.Tensor
+    features: torch.Tensor  # first layer's features at t, [n, C, h, w]
+
+
+@dataclass
+class GateResult:
+    """What a GATE run found: scores with intervals, the decision, the ranking, and the pictures' material."""
+
+    config: GateConfig
+    candidates: dict[str, list[str]]
+    keys: list[str]
+    dropped: list[dict]
+    metrics: list[str]
+    skipped_metrics: dict[str, str]
+    scores: dict[str, dict[str, Interval]]  # candidate → metric → interval
+    improvement: dict[str, Interval]  # candidate → paired improvement over reference on the primary score
+    accepted: list[str]
+    evaluations: dict[str, Evaluation]
+    inputs: torch.Tensor
+    reference_features: torch.Tensor  # first layer's clean t = 0 features without technique, [n, C, h, w]
+    greedy: dict | None = None
+    probe: dict | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def primary(self) -> str:
+        return self.config.primary
+
+    def ranking(self) -> list[str]:
+        """Candidate names, best first on the primary score."""
+        sign = 1 if HIGHER_IS_BETTER[self.primary] else -1
+        return sorted(self.scores, key=lambda c: -sign * self.scores[c][self.primary].value)
+
+    def table(self) -> list[dict]:
+        """One row per candidate in ranking order: rank, name, specs, every score with its interval, decision."""
+        rows = []
+        for rank, name in enumerate(self.ranking(), 1):
+            row = {"rank": rank, "candidate": name, "techniques": " + ".join(self.candidates[name]) or "(none)"}
+            for m in self.metrics:
+                iv = self.scores[name][m]
+                row.update({m: iv.value, f"{m}_low": iv.low, f"{m}_high": iv.high})
+            imp = self.improvement.get(name)
+            row.update({"improvement": imp.value if imp else 0.0, "improvement_low": imp.low if imp else 0.0,
+                        "improvement_high": imp.high if imp else 0.0, "accepted": name in self.accepted})
+            rows.append(row)
+        return rows
+
+    def accepted_variants(self) -> dict[str, list[str]]:
+        """What `--emit` writes: the greedy combination, else each accepted candidate; `reference` when none is."""
+        if self.greedy and self.greedy["selected"]:
+            name = self.greedy.get("name", self.greedy["selected"][0])
+            return {name: list(self.greedy["specs"])}
+        if not self.accepted:
+            return {REFERENCE: []}
+        return {name: list(self.candidates[name]) for name in self.ranking() if name in self.accepted}
+
+    def to_dict(self) -> dict:
+        """The JSON-able result (no tensors)."""
+        return {
+            "primary": self.primary,
+            "higher_is_better": {m: HIGHER_IS_BETTER[m] for m in self.metrics},
+            "decision": f"accepted when the {self.config.level:.0%} paired bootstrap interval of the mean "
+                        f"improvement over {REFERENCE!r} on {self.primary} lies above 0",
+            "images": len(self.keys),
+            "keys": self.keys,
+            "dropped": self.dropped,
+            "skipped_metrics": self.skipped_metrics,
+            "ranking": self.table(),
+            "accepted": self.accepted,
+            "greedy": self.greedy,
+            "probe": self.probe,
+            "per_image": {c: {m: [float(v) for v in e.per_image[m]] for m in self.metrics}
+                          for c, e in self.evaluations.items() if c in self.scores},
+            "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+            "config": asdict(self.config),
+        }
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+class _Scorer:
+    """Evaluates technique lists on one image set; holds the shared reconstructor and the anchor's diffs."""
+
+    def __init__(self, pipe, inputs: GateInputs, cfg: GateConfig, progress: bool):
+        self.cfg, self.inputs, self.progress = cfg, inputs, progress
+        self.recon = Reconstructor(pipe, inputs, strength=cfg.strength, steps=cfg.steps, seed=cfg.seed,
+                                   layers=cfg.layers, batch_size=cfg.batch_size, reuse=cfg.reuse)
+        self.lpips_at, why = lpips_weights()
+        self.skipped = {} if self.lpips_at else {"lpips": why}
+        self.metrics = ["psnr", "ssim", "edge_f1"] + (["lpips"] if self.lpips_at else []) + ["feature_score"]
+        self.plain_t0 = self.recon.features([], 0, noise=False)
+        self.layers = list(self.plain_t0)
+        self._t0: dict[tuple[str, ...], dict[str, torch.Tensor]] = {(): self.plain_t0}
+        self.anchor: dict[str, np.ndarray] | None = None
+        self.idx = resample(len(inputs), cfg.n_boot, cfg.seed)
+
+    def _reference_t0(self, specs: Sequence[str]) -> dict[str, torch.Tensor]:
+        from pipelines.base import parse_technique
+
+        if self.cfg.feature_reference == "plain":
+            return self.plain_t0
+        # A schedule technique (denoise-from) means nothing without noise: the t = 0 pass leaves it out.
+        key = tuple(s for s in specs if parse_technique(s).kind != "schedule")
+        if key not in self._t0:
+            self._t0[key] = self.recon.features(list(key), 0, noise=False)
+        return self._t0[key]
+
+    def evaluate(self, specs: Sequence[str]) -> Evaluation:
+        x = self.inputs.images
+        rec = self.recon.reconstruct(specs)
+        per_image = {"psnr": psnr(rec, x).numpy(), "ssim": ssim(rec, x).numpy(),
+                     "edge_f1": edge_f1(rec, x, self.cfg.edge_tolerance).numpy()}
+        if self.lpips_at:
+            per_image["lpips"] = lpips(rec, x).numpy()
+        feats = self.recon.features(specs, self.cfg.t)
+        ref0 = self._reference_t0(specs)
+        diffs = {layer: contour_diff(feats[layer], ref0[layer]).numpy().astype(np.float64) for layer in self.layers}
+        anchor = self.anchor if self.anchor is not None else diffs
+        # Per image, Eq. 2 with that image's own anchor diff (the interval uses ratios of sums instead).
+        per_image["feature_score"] = np.mean(
+            [1 - diffs[layer] / np.maximum(anchor[layer], 1e-12) for layer in self.layers], axis=0)
+        return Evaluation(list(specs), per_image, diffs, rec, feats[self.layers[0]])
+
+    def statistic(self, ev: Evaluation, metric: str) -> Callable[[np.ndarray], np.ndarray]:
+        """The bootstrap statistic of one score: a mean over images; for the feature Score, Eq. 2 on sums of
+        diffs over the resampled images (`gate.score.feature_score`), averaged over layers."""
+        if metric != "feature_score":
+            return mean_of(ev.per_image[metric])
+        d, a = ev.diffs, self.anchor
+        return lambda idx: np.mean([1 - d[layer][idx].sum(1) / np.maximum(a[layer][idx].sum(1), 1e-12)
+                                    for layer in self.layers], axis=0)
+
+    def intervals(self, ev: Evaluation) -> dict[str, Interval]:
+        return {m: bootstrap(self.statistic(ev, m), self.idx, self.cfg.level) for m in self.metrics}
+
+    def improvement(self, ev: Evaluation, base: Evaluation) -> Interval:
+        """Paired improvement of `ev` over `base` on the primary score (positive = better, whatever its direction)."""
+        m = self.cfg.primary
+        a, b = self.statistic(ev, m), self.statistic(base, m)
+        return bootstrap(difference(a, b) if HIGHER_IS_BETTER[m] else difference(b, a), self.idx, self.cfg.level)
+
+
+# ---------------------------------------------------------------------------------------------- ranking
+def rank(pipe, images, candidates: dict[str, list[str]], config: GateConfig | None = None, progress: bool = False,
+         keys: Sequence[str] | None = None, prompts: Sequence[str] | None = None,
+         fields: Sequence[dict] | None = None, **overrides) -> GateResult:
+    """Rank `candidates` ({name: technique specs}; `reference` added) by how close their img2img
+    reconstructions of `images` stay to the inputs.
+
+    `images`: a folder, glob, imagefolder or `hf:` spec (base prompts and caption fields come from the
+    config's prompt source), a `GateInputs`, or a [B, 3, H, W] tensor in [0, 1] with optional `keys`,
+    `prompts` and `fields` (prompt-template fields: caption, label, other_caption). `overrides` set
+    `GateConfig` fields. Images that fail, or lack a field some candidate needs, are dropped from all.
+    """
+    from pipelines.stack import TechniqueStack
+
+    cfg = GateConfig.from_dict(asdict(config) if config else {}, **overrides)
+    cfg.candidates = check_candidates(candidates or cfg.candidates)
+    cfg.check()
+    if cfg.primary == "lpips" and lpips_weights()[0] is None:
+        raise UserError(f"--primary lpips: LPIPS cannot run here ({lpips_weights()[1]}); choose another score")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    inputs = _inputs(pipe, images, cfg, keys, prompts, fields)
+    cfg.images = cfg.images if isinstance(images, GateInputs | torch.Tensor) else str(images)
+    stacks = {name: TechniqueStack(pipe, specs) for name, specs in cfg.candidates.items()}  # fails before any work
+    inputs = drop_unusable(inputs, stacks)
+    require_enough(inputs, cfg.images or "images")
+    timings["load"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    scorer = _Scorer(pipe, inputs, cfg, progress)
+    evaluations: dict[str, Evaluation] = {}
+    from tqdm.auto import tqdm
+
+    for name, specs in tqdm(cfg.candidates.items(), desc="gate", unit="candidate", disable=not progress):
+        evaluations[name] = scorer.evaluate(specs)
+        if name == REFERENCE:
+            scorer.anchor = evaluations[name].diffs
+    timings["candidates"] = time.perf_counter() - t0
+    ref = evaluations[REFERENCE]
+    scores = {name: scorer.intervals(ev) for name, ev in evaluations.items()}
+    improvement = {name: scorer.improvement(ev, ref) for name, ev in evaluations.items() if name != REFERENCE}
+    accepted = [name for name, iv in improvement.items() if iv.low > 0]
+    result = GateResult(cfg, dict(cfg.candidates), list(inputs.keys), list(inputs.dropped), scorer.metrics,
+                        scorer.skipped, scores, improvement, accepted, evaluations, inputs.images,
+                        scorer.plain_t0[scorer.layers[0]], timings=timings)
+    result.accepted = sorted(accepted, key=result.ranking().index)
+    if cfg.greedy:
+        t0 = time.perf_counter()
+        result.greedy = _greedy(scorer, result, progress)
+        timings["greedy"] = time.perf_counter() - t0
+    if cfg.probe:
+        from gate.probe import run_probe
+
+        t0 = time.perf_counter()
+        result.probe = run_probe(pipe, result, progress=progress)
+        timings["probe"] = time.perf_counter() - t0
+    return result
+
+
+def _inputs(pipe, images, cfg: GateConfig, keys, prompts, fields) -> GateInputs:
+    from difffeat.layers import native_resolution
+    from gate.inputs import load_inputs
+
+    if isinstance(images, GateInputs):
+        return images
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise UserError(f"images tensor must be [B, 3, H, W] in [0, 1], got {tuple(images.shape)}")
+        n = len(images)
+        keys = [str(i) for i in range(n)] if keys is None else [str(k) for k in keys]
+        prompts = [cfg.prompt] * n if prompts is None else list(prompts)
+        fields = [{} for _ in range(n)] if fields is None else [dict(f) for f in fields]
+        if not len(keys) == len(prompts) == len(fields) == n:
+            raise UserError(f"got {n} images but {len(keys)} keys, {len(prompts)} prompts and {len(fields)} fields")
+        return GateInputs(images.float(), keys, prompts, fields)
+    inputs, _, _ = load_inputs(str(images), native_resolution(pipe), n=cfg.n, seed=cfg.seed, prompt=cfg.prompt,
+                               prompt_source=cfg.prompt_source, caption_column=cfg.caption_column)
+    return inputs
+
+
+# ----------------------------------------------------------------------------------------------- greedy
+def _merge(*spec_lists: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(s for specs in spec_lists for s in specs))
+
+
+def _greedy(scorer: _Scorer, result: GateResult, progress: bool) -> dict:
+    """Forward selection on the primary score over the accepted candidates.
+
+    Start from the best accepted candidate; at each step add the candidate whose techniques, merged into
+    the current combination, give the largest paired improvement over it, if that improvement is
+    significant (the same test as the decision); stop when none is. Combinations the stack refuses (two
+    guidance techniques) are recorded and skipped.
+    """
+    pool = list(result.accepted)
+    steps: list[dict] = []
+    if not pool:
+        return {"selected": [], "specs": [], "steps": steps, "note": "no candidate was accepted"}
+    members = [pool.pop(0)]
+    current = result.evaluations[members[0]]
+    steps.append({"members": list(members), "specs": current.specs, "kept": True,
+                  result.primary: result.scores[members[0]][result.primary].as_dict()})
+    while pool:
+        trials = []
+        for name in pool:
+            specs = _merge(current.specs, result.candidates[name])
+            try:
+                ev = scorer.evaluate(specs)
+            except UserError as e:
+                steps.append({"members": [*members, name], "specs": specs, "kept": False, "refused": str(e)})
+                continue
+            gain = scorer.improvement(ev, current)
+            trials.append((gain.value, name, ev, gain))
+            steps.append({"members": [*members, name], "specs": specs, "kept": False,
+                          result.primary: bootstrap(scorer.statistic(ev, result.primary), scorer.idx).as_dict(),
+                          "improvement": gain.as_dict()})
+        good = [t for t in trials if t[3].low > 0]
+        if not good:
+            break
+        _, name, ev, _ = max(good, key=lambda t: t[0])
+        steps[[i for i, s in enumerate(steps) if s["members"] == [*members, name]][-1]]["kept"] = True
+        members.append(name)
+        pool.remove(name)
+        current = ev
+    out = {"selected": members, "specs": current.specs, "steps": steps}
+    if len(members) > 1:  # the combination joins the table and the report
+        name = next(n for n in ("greedy", "greedy-combo", "greedy-forward") if n not in result.candidates)
+        result.candidates[name] = current.specs
+        result.evaluations[name] = current
+        result.scores[name] = scorer.intervals(current)
+        result.improvement[name] = scorer.improvement(current, result.evaluations[REFERENCE])
+        if result.improvement[name].low > 0:
+            result.accepted.append(name)
+        out["name"] = name
+    return out

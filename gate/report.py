@@ -1,0 +1,287 @@
+"""A GATE run's outputs: ranking table (CSV, JSON), per-image scores, bar chart, PCA pictures and an HTML report.
+
+The HTML report is one self-contained file (pictures embedded as base64 PNG) that a person reads top-down:
+the decision, the ranking with intervals, the chart, then per image the input beside every candidate's
+reconstruction, then PCA pictures of the features (the standard view of content shift). `config.json`
+holds the resolved config and library versions: `difffeat gate --config OUT/config.json` repeats the run.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difffeat.atomic import atomic_path, write_atomic, write_json_atomic
+from gate.candidates import REFERENCE
+from gate.score import HIGHER_IS_BETTER
+
+LABELS = {"psnr": "PSNR (dB) ↑", "ssim": "SSIM ↑", "edge_f1": "edge F1 ↑", "lpips": "LPIPS ↓",
+          "feature_score": "feature Score ↑"}
+MEANING = {
+    "psnr": "pixel fidelity of the reconstruction to the input: 10·log10(1/MSE)",
+    "ssim": "structural similarity (local means, variances, covariance; 11×11 Gaussian window)",
+    "edge_f1": "F1 of the reconstruction's canny edges against the input's, an edge matching within {tol} px",
+    "lpips": "learned perceptual distance (AlexNet), lower is closer",
+    "feature_score": "the paper's Eq. 2 on UNet features at t={t}: (diff_ref − diff)/diff_ref, diff the "
+                     "Laplacian contour difference to t = 0 features; 0 = as much shift as reference",
+}
+COLORS = {"reference": "#8a8a8a", "accepted": "#2e8b57", "other": "#4a78b5"}
+
+
+def _png(array: np.ndarray, scale: int = 1) -> bytes:
+    from PIL import Image
+
+    if scale > 1:
+        array = array.repeat(scale, axis=0).repeat(scale, axis=1)
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _uint8(image: torch.Tensor) -> np.ndarray:
+    """[3, H, W] in [0, 1] → [H, W, 3] uint8."""
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def _fmt(value: float, metric: str) -> str:
+    return f"{value:.2f}" if metric == "psnr" else f"{value:.3f}"
+
+
+def write_tables(result, out: Path) -> None:
+    """ranking.csv, ranking.json (the whole result) and per_image.csv."""
+    rows = result.table()
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(out / "ranking.csv", buf.getvalue())
+    write_json_atomic(out / "ranking.json", result.to_dict())
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["key", "candidate", *result.metrics])
+    for name in result.ranking():
+        per_image = result.evaluations[name].per_image
+        for i, key in enumerate(result.keys):
+            writer.writerow([key, name, *(f"{per_image[m][i]:.6g}" for m in result.metrics)])
+    write_atomic(out / "per_image.csv", buf.getvalue())
+
+
+def bar_chart(result, path: Path) -> Path:
+    """One panel per score: a bar per candidate (ranking order) with its bootstrap interval; the dashed line is
+    `reference`; green bars are accepted candidates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = result.ranking()
+    metrics = [result.primary] + [m for m in result.metrics if m != result.primary]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.2 + 1.0 * len(names) * len(metrics) * 0.55, 3.4),
+                             squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        ivs = [result.scores[n][m] for n in names]
+        values = np.array([iv.value for iv in ivs])
+        err = np.array([[iv.value - iv.low for iv in ivs], [iv.high - iv.value for iv in ivs]])
+        colors = [COLORS["reference"] if n == REFERENCE else COLORS["accepted"] if n in result.accepted
+                  else COLORS["other"] for n in names]
+        ax.bar(range(len(names)), values, yerr=err, color=colors, capsize=3, ecolor="#333333")
+        ax.axhline(result.scores[REFERENCE][m].value, color="#555555", linestyle="--", linewidth=1)
+        lo, hi = np.min([iv.low for iv in ivs]), np.max([iv.high for iv in ivs])
+        pad = (hi - lo) * 0.15 or 0.05
+        ax.set_ylim(lo - pad, hi + pad)  # differences are small against the scores' magnitude
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        ax.set_title(LABELS[m] + (" (primary)" if m == result.primary else ""), fontsize=9)
+        ax.tick_params(axis="y", labelsize=8)
+    fig.suptitle(f"GATE on {len(result.keys)} images: mean and {result.config.level:.0%} bootstrap interval",
+                 fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path, what="bar chart") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def pca_grid(result, n_images: int = 4) -> tuple[list[str], list[list[np.ndarray]]]:
+    """PCA pictures of the first layer's features: one shared PCA over the clean t = 0 features and every
+    candidate's features at t, for the first `n_images` images (colours mean the same across the grid)."""
+    from difffeat.viz import pca_rgb
+
+    k = min(n_images, len(result.keys))
+    rows = [("t = 0 (clean input)", result.reference_features[:k])]
+    rows += [(name, result.evaluations[name].features[:k]) for name in result.ranking()]
+    maps = [f.numpy() for _, batch in rows for f in batch]
+    rgb = pca_rgb(maps)
+    return [name for name, _ in rows], [rgb[i * k : (i + 1) * k] for i in range(len(rows))]
+
+
+def write_report(result, out: Path, report_images: int = 8, pca_images: int = 4) -> Path:
+    """Write every output of a run into `out`; returns the HTML report's path."""
+    from difffeat.store import library_versions
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "config.json", {"config": result.to_dict()["config"], "versions": library_versions()})
+    write_tables(result, out)
+    chart = bar_chart(result, out / "scores.png")
+    labels, pcas = pca_grid(result, pca_images)
+    scale = max(1, 96 // pcas[0][0].shape[0])
+    with atomic_path(out / "pca.png", what="PCA image") as tmp:
+        gap = np.full((pcas[0][0].shape[0] * scale, scale, 3), 255, np.uint8)
+        lines = [np.concatenate(sum(([m.repeat(scale, 0).repeat(scale, 1), gap] for m in row), [])[:-1], 1)
+                 for row in pcas]
+        rowgap = np.full((scale, lines[0].shape[1], 3), 255, np.uint8)
+        tmp.write_bytes(_png(np.concatenate(sum(([line, rowgap] for line in lines), [])[:-1], 0)))
+    page = _html(result, chart.read_bytes(), labels, pcas, report_images)
+    write_atomic(out / "report.html", page)
+    return out / "report.html"
+
+
+# ------------------------------------------------------------------------------------------------- HTML
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1180px;color:#222;
+ padding:0 16px;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:4px}h2{font-size:1.2em;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:3px}
+.sub{color:#666;font-size:.92em}.verdict{display:flex;gap:10px;flex-wrap:wrap;margin:12px 0}
+.pill{border-radius:14px;padding:3px 12px;font-size:.9em;border:1px solid #ccc}
+.pill.acc{background:#e5f4ea;border-color:#2e8b57;color:#1d5e39}.pill.rej{background:#f6f6f6;color:#555}
+.pill.worse{background:#fbeceb;border-color:#b03a2e;color:#8a2a20}
+table{border-collapse:collapse;font-size:.88em;margin:8px 0}th,td{padding:4px 9px;border-bottom:1px solid #e3e3e3;
+ text-align:right;white-space:nowrap}th{background:#f5f5f5}td.l,th.l{text-align:left}
+td{vertical-align:top}td.tech{white-space:normal;max-width:230px;overflow-wrap:anywhere}
+tr.acc td{background:#f1faf4}tr.ref td{background:#f7f7f7}.ci{color:#777;font-size:.85em}
+.grid{border-collapse:separate;border-spacing:6px 4px}.grid td{border:none;text-align:center;vertical-align:top;
+ font-size:.8em;color:#444;padding:0}.grid th{background:none;border:none;font-size:.82em;text-align:center}
+.grid img{width:112px;height:112px;image-rendering:pixelated;border:1px solid #ccc;display:block;margin:0 auto 2px}
+.up{color:#1d7a43}.down{color:#b03a2e}.note{color:#555;font-size:.88em}code{background:#f3f3f3;padding:0 3px}
+.scroll{overflow-x:auto}
+"""
+
+
+def _html(result, chart_png: bytes, pca_labels: list[str], pcas: list[list[np.ndarray]], report_images: int) -> str:
+    cfg, esc, primary = result.config, html.escape, result.primary
+    names = result.ranking()
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>GATE report</title><style>{CSS}</style>"
+             "</head><body>"]
+    parts.append("<h1>GATE: which techniques suppress content shift</h1>")
+    parts.append(f"<div class='sub'>model <code>{esc(cfg.model)}</code> · {len(result.keys)} images from "
+                 f"<code>{esc(str(cfg.images))}</code> · img2img strength {cfg.strength}, {cfg.steps} DDIM steps, "
+                 f"seed {cfg.seed} · features at t = {cfg.t} · primary score <b>{esc(LABELS[primary])}</b></div>")
+    # ---------------------------------------------------------------- verdict
+    parts.append("<div class='verdict'>")
+    for name in names:
+        if name == REFERENCE:
+            continue
+        imp = result.improvement[name]
+        cls, word = ("acc", "accepted") if name in result.accepted else \
+            ("worse", "worse than reference") if imp.high < 0 else ("rej", "not accepted")
+        parts.append(f"<span class='pill {cls}'><b>{esc(name)}</b> {word}: {imp.value:+.3g} "
+                     f"[{imp.low:+.3g}, {imp.high:+.3g}]</span>")
+    parts.append("</div>")
+    parts.append(f"<p class='note'>A candidate is accepted when the {cfg.level:.0%} paired bootstrap interval of its "
+                 f"mean improvement over <code>reference</code> (no technique) on {esc(LABELS[primary])} lies above 0 "
+                 f"({cfg.n_boot} resamples of the same images for both). Pills show that improvement and its "
+                 "interval.</p>")
+    # ---------------------------------------------------------------- ranking table
+    parts.append("<h2>Ranking</h2><div class='scroll'><table><tr><th>#</th><th class='l'>candidate</th>"
+                 "<th class='l'>techniques</th>")
+    parts += [f"<th>{esc(LABELS[m])}</th>" for m in result.metrics]
+    parts.append("<th>gain over reference<br>on primary</th><th>accepted</th></tr>")
+    for row in result.table():
+        name = row["candidate"]
+        cls = "ref" if name == REFERENCE else "acc" if row["accepted"] else ""
+        parts.append(f"<tr class='{cls}'><td>{row['rank']}</td><td class='l'><b>{esc(name)}</b></td>"
+                     f"<td class='l tech'><code>{esc(row['techniques'])}</code></td>")
+        for m in result.metrics:
+            iv = result.scores[name][m]
+            ci = f"[{_fmt(iv.low, m)}, {_fmt(iv.high, m)}]"
+            parts.append(f"<td>{_fmt(iv.value, m)}<br><span class='ci'>{ci}</span></td>")
+        if name == REFERENCE:
+            parts.append("<td>—</td><td>anchor</td></tr>")
+        else:
+            imp = result.improvement[name]
+            parts.append(f"<td>{imp.value:+.3g}<br><span class='ci'>[{imp.low:+.3g}, {imp.high:+.3g}]</span></td>"
+                         f"<td>{'✔' if row['accepted'] else '✘'}</td></tr>")
+    parts.append("</table></div>")
+    parts.append(f"<img alt='scores with intervals' src='{_data_uri(chart_png)}' style='max-width:100%'>")
+    parts.append("<p class='note'>Bars: mean over images with its bootstrap interval; green = accepted (on the primary "
+                 "score), grey = reference (also the dashed line), blue = not accepted.</p>")
+    parts.append("<ul class='note'>" + "".join(
+        f"<li><b>{esc(LABELS[m])}</b>: {esc(MEANING[m].format(tol=cfg.edge_tolerance, t=cfg.t))}</li>"
+        for m in result.metrics) + "".join(f"<li><b>{esc(m)}</b> skipped: {esc(why)}</li>"
+                                           for m, why in result.skipped_metrics.items()) + "</ul>")
+    # ---------------------------------------------------------------- per image
+    k = min(report_images, len(result.keys))
+    parts.append(f"<h2>Reconstructions</h2><p class='note'>The first {k} of {len(result.keys)} images: the input, then "
+                 f"each candidate's img2img reconstruction (best first). Under each: {esc(LABELS[primary])}; green "
+                 "when better than reference on that image, red when worse.</p><div class='scroll'><table class='grid'>"
+                 "<tr><th>input</th>" + "".join(f"<th>{esc(n)}</th>" for n in names) + "</tr>")
+    better = HIGHER_IS_BETTER[primary]
+    for i in range(k):
+        cells = [f"<td><img alt='input' src='{_data_uri(_png(_uint8(result.inputs[i])))}'>"
+                 f"{esc(result.keys[i][-18:])}</td>"]
+        ref_v = result.evaluations[REFERENCE].per_image[primary][i]
+        for n in names:
+            ev = result.evaluations[n]
+            v = ev.per_image[primary][i]
+            cls = "" if n == REFERENCE or v == ref_v else "up" if (v > ref_v) == better else "down"
+            cells.append(f"<td><img alt='{esc(n)}' src='{_data_uri(_png(_uint8(ev.recon[i])))}'>"
+                         f"<span class='{cls}'>{_fmt(v, primary)}</span></td>")
+        parts.append("<tr>" + "".join(cells) + "</tr>")
+    parts.append("</table></div>")
+    # ---------------------------------------------------------------- PCA
+    layer = next(iter(result.evaluations[REFERENCE].diffs))
+    parts.append(f"<h2>Features</h2><p class='note'>PCA of <code>{esc(layer)}</code> features (one PCA for the whole "
+                 f"grid, so colours compare): the clean input at t = 0 on top, then each candidate at t = {cfg.t}. "
+                 "Rows that look like the top row have less content shift.</p><div class='scroll'><table class='grid'>")
+    heads = "".join(f"<th>{esc(key[-18:])}</th>" for key in result.keys[: len(pcas[0])])
+    parts.append(f"<tr><th></th>{heads}</tr>")
+    for label, row in zip(pca_labels, pcas):
+        parts.append(f"<tr><th style='text-align:right;padding-right:8px'>{esc(label)}</th>" + "".join(
+            f"<td><img alt='pca' src='{_data_uri(_png(m))}'></td>" for m in row) + "</tr>")
+    parts.append("</table></div>")
+    # ---------------------------------------------------------------- greedy, probe, dropped
+    if result.greedy is not None:
+        g = result.greedy
+        parts.append("<h2>Greedy combination</h2>")
+        if g["selected"]:
+            parts.append(f"<p>Forward selection on {esc(LABELS[primary])} kept <b>{esc(' + '.join(g['selected']))}"
+                         f"</b>: <code>{esc(' + '.join(g['specs']))}</code>.</p>")
+        parts.append("<table><tr><th class='l'>combination</th><th>primary</th><th>gain over previous</th>"
+                     "<th>kept</th></tr>")
+        for s in g["steps"]:
+            pv, gain = s.get(primary), s.get("improvement")
+            gain_text = f"{gain['value']:+.3g} [{gain['low']:+.3g}, {gain['high']:+.3g}]" if gain else "—"
+            parts.append(f"<tr><td class='l'>{esc(' + '.join(s['members']))}</td>"
+                         f"<td>{_fmt(pv['value'], primary) if pv else esc(s.get('refused', ''))}</td>"
+                         f"<td>{gain_text}</td><td>{'✔' if s['kept'] else '✘'}</td></tr>")
+        parts.append("</table>")
+    if result.probe is not None:
+        p = result.probe
+        parts.append(f"<h2>Probe: does the ranking predict downstream quality?</h2><p class='note'>A ridge linear "
+                     f"probe on features at t = {cfg.t} ({esc(p['task'])}: {esc(p['metric'])}), fitted on "
+                     f"{p['train']} and scored on {p['test']} labelled images of <code>{esc(str(p['labels']))}</code>."
+                     "</p><table><tr><th class='l'>candidate</th><th>" + esc(p["metric"]) + "</th>" + "".join(
+                         f"<th>{esc(LABELS[m])}</th>" for m in result.metrics) + "</tr>")
+        for n in names:
+            parts.append(f"<tr><td class='l'>{esc(n)}</td><td>{p['quality'][n]:.3f}</td>" + "".join(
+                f"<td>{_fmt(result.scores[n][m].value, m)}</td>" for m in result.metrics) + "</tr>")
+        parts.append("<tr><td class='l'><b>Spearman ρ</b></td><td></td>" + "".join(
+            f"<td><b>{p['spearman'][m]:+.2f}</b></td>" for m in result.metrics) + "</tr></table>")
+        parts.append(f"<p class='note'>ρ over {len(p['quality'])} candidates: with so few, only |ρ| near 1 means much."
+                     "</p>")
+    if result.dropped:
+        items = "".join(f"<li><code>{esc(d['key'])}</code>: {esc(d['reason'])}</li>" for d in result.dropped)
+        parts.append(f"<h2>Dropped images ({len(result.dropped)})</h2><p class='note'>Left out of every candidate so "
+                     f"that all comparisons stay paired.</p><ul>{items}</ul>")
+    parts.append("<p class='note'>Resolved config and library versions: <code>config.json</code>; tables: "
+                 "<code>ranking.csv</code>, <code>ranking.json</code>, <code>per_image.csv</code>.</p></body></html>")
+    return "\n".join(parts)
