@@ -39,7 +39,7 @@ MANIFEST = "manifest.json"
 SHARDS = "shards"
 DTYPES = ("float32", "float16")
 # Copied from the config to the top level of `FeatureStore.manifest`, where the API contract promises them.
-MANIFEST_SHORTCUTS = ("model", "layers", "timesteps", "seed", "techniques", "resolution")
+MANIFEST_SHORTCUTS = ("model", "layers", "timesteps", "seed", "techniques", "variants", "resolution")
 VERSIONED = ("torch", "diffusers", "transformers", "safetensors", "numpy", "difffeat")
 
 _SHARD_RE = re.compile(r"shard-r(\d{3,})-(\d{6,})\.safetensors")
@@ -434,7 +434,7 @@ class FeatureStore:
 
     @property
     def manifest(self) -> dict:
-        """manifest.json, plus model, layers, timesteps, seed, techniques and resolution of its config."""
+        """manifest.json, plus model, layers, timesteps, seed, techniques, variants and resolution of its config."""
         manifest = dict(self._manifest)
         config = manifest.get("config")
         if isinstance(config, dict):
@@ -521,8 +521,8 @@ def summarize(store: FeatureStore, max_failures: int = 5) -> str:
     else:
         lines.append("  layers:     (none yet)")
     lines.append(f"  size:       {_human_bytes(store.size_on_disk())}")
-    for name in ("model", "timesteps", "seed", "techniques", "resolution"):
-        if name in manifest:
+    for name in ("model", "timesteps", "seed", "techniques", "variants", "resolution"):
+        if name in manifest and (name != "variants" or manifest[name]):
             lines.append(f"  {name + ':':<11} {json.dumps(manifest[name])}")
     if "created" in manifest:
         lines.append(f"  created:    {manifest['created']}")

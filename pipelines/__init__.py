@@ -6,7 +6,7 @@
 `difffeat.FeatureExtractor(pipe, layers, techniques=[...])` takes the same spec strings.
 """
 
-from pipelines.base import TECHNIQUES, KIND_ORDER, Technique, parse_technique, register_technique, technique_names
+from pipelines.base import KIND_ORDER, TECHNIQUES, Technique, parse_technique, register_technique, technique_names
 from pipelines.img2img import img2img
 from pipelines.stack import Conditioning, TechniqueStack
 

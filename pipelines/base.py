@@ -14,8 +14,9 @@ order the user lists them in; so a spec list names one composition.
 
 Spec strings are ``NAME[:VALUE][,FIELD=VALUE]…``: ``VALUE`` fills the technique's positional field.
 A comma followed by ``WORD=`` starts a new field; in a free-text field (a prompt template, a negative
-prompt) it stays text unless WORD is one of the technique's fields, so templates may hold commas. `Technique.spec` writes the canonical string (non-default fields in
-declaration order), and ``parse_technique(t.spec) == t``: specs round-trip through the store manifest.
+prompt) it stays text unless WORD is one of the technique's fields, so templates may hold commas.
+`Technique.spec` writes the canonical string (non-default fields in declaration order), and
+``parse_technique(t.spec) == t``: specs round-trip through the store manifest.
 """
 
 from __future__ import annotations

@@ -112,7 +112,8 @@ class ControlNet(Technique):
         if cache_key not in _LOADED:
             net = _load_controlnet(source)
             check_compatible(net, pipe.unet, vae_scale_factor(pipe), source)
-            net = net.to(pipe.unet.device) if net.dtype == pipe.unet.dtype else net.to(pipe.unet.device, pipe.unet.dtype)
+            device, dtype = pipe.unet.device, pipe.unet.dtype
+            net = net.to(device) if net.dtype == dtype else net.to(device, dtype)
             _LOADED[cache_key] = net.eval().requires_grad_(False)
         self.net = _LOADED[cache_key]
         if self.control != "canny" and not Path(self.control).is_dir():

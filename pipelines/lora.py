@@ -1,9 +1,10 @@
 """LoRA: low-rank weight deltas on the UNet (and text encoder), loaded with diffusers' LoRA loader (peft).
 
 `lora:PATH,scale=0.8`: PATH is a file or folder in diffusers format (what `difffeat lora train` writes), a
-kohya / A1111 file (diffusers converts its keys), or a peft `save_pretrained` adapter folder. Before loading, every LoRA matrix is checked
-against the module it targets, so a file made for another architecture is refused naming the keys that do
-not fit, instead of failing deep in peft or, worse, loading half of it.
+kohya / A1111 file (diffusers converts its keys), or a peft `save_pretrained` adapter folder. Before
+loading, every LoRA matrix is checked against the module it targets, so a file made for another
+architecture is refused naming the keys that do not fit, instead of failing deep in peft or, worse,
+loading half of it.
 
 Loading happens once per pipeline and file (a named adapter); `activate` switches adapters and scales,
 so variants with and without a LoRA share one pipeline and never reload.
