@@ -46,7 +46,7 @@ class Reconstructor:
 
     def reconstruct(self, specs: Sequence[str]) -> torch.Tensor:
         """img2img reconstructions [B, 3, H, W] in [0, 1] under the techniques `specs`."""
-        from pipelines.img2img import img2img
+        from pipelines.generate import img2img
 
         x = self.inputs
         return img2img(self.pipe, x.images, prompts=x.prompts, keys=x.keys, strength=self.strength, steps=self.steps,

@@ -6,9 +6,26 @@
 `difffeat.FeatureExtractor(pipe, layers, techniques=[...])` takes the same spec strings.
 """
 
-from pipelines.base import KIND_ORDER, TECHNIQUES, Technique, parse_technique, register_technique, technique_names
-from pipelines.img2img import img2img
-from pipelines.stack import Conditioning, TechniqueStack
+# Names load on first use: difffeat's CLI imports `pipelines.cli`, which must not pull in torch at start-up.
+_LAZY = {
+    "TECHNIQUES": "pipelines.base",
+    "KIND_ORDER": "pipelines.base",
+    "Technique": "pipelines.base",
+    "parse_technique": "pipelines.base",
+    "register_technique": "pipelines.base",
+    "technique_names": "pipelines.base",
+    "TechniqueStack": "pipelines.stack",
+    "Conditioning": "pipelines.stack",
+    "img2img": "pipelines.generate",
+}
 
-__all__ = ["TECHNIQUES", "KIND_ORDER", "Technique", "parse_technique", "register_technique", "technique_names",
-           "TechniqueStack", "Conditioning", "img2img"]
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pipelines' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

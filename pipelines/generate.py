@@ -1,4 +1,4 @@
-"""img2img under a technique stack: the reconstruction GATE compares against the input.
+"""img2img under a technique stack (`pipelines.img2img`): the reconstruction GATE compares against the input.
 
 diffusers' img2img semantics (StableDiffusionImg2ImgPipeline): with `steps` DDIM steps and strength s,
 the clean latent is noised at the step int(steps·s) from the end and denoised over the remaining steps;
