@@ -76,6 +76,7 @@ from downstream.train_seg import (
     _check_run_dir,
     _latest_checkpoint,
     _load_tensors,
+    _make_run_dir,
     _optimizer_state,
     _optimizer_tensors,
     _save_tensors,
@@ -399,19 +400,6 @@ def _base(optimizer):
     return getattr(optimizer, "base_optimizer", optimizer)
 
 
-def _make_run_dir(out: Path, continuing: bool) -> None:
-    if not continuing and (out / "config.json").is_file():
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-        for p in out.glob("eval-*"):
-            shutil.rmtree(p, ignore_errors=True)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{out}: cannot create the run folder ({e.strerror or e})") from None
-
-
 def _save_checkpoint(out: Path, epoch: int, model: nn.Module, optimizer, opt_key: str | None,
                      history: list[dict]) -> None:
     root = out / CHECKPOINTS
@@ -496,7 +484,7 @@ def train_cls(config: ClsTrainConfig, *, resume: bool = False, overwrite: bool =
     test = load_test_data(config, train)
     eta = config.tail_eta if config.tail_eta is not None else default_tail_eta(counts)
     tail = tail_classes(counts, eta)
-    _make_run_dir(out, continuing)
+    _make_run_dir(out, continuing, RUN_FILES)
     groups = head_middle_tail(train.names, counts.tolist())
     if not continuing:
         stores = [{"path": str(p), **{k: FeatureStore(p).manifest.get(k) for k in ("model", "layers", "timesteps",

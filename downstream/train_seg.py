@@ -245,10 +245,11 @@ def _check_run_dir(out: Path, config: SegTrainConfig, *, resume: bool, overwrite
     return False
 
 
-def _make_run_dir(out: Path, continuing: bool) -> None:
-    """Create the run folder, or empty it of an old run's files (only those) unless continuing it."""
+def _make_run_dir(out: Path, continuing: bool, run_files: tuple[str, ...] = RUN_FILES) -> None:
+    """Create the run folder, or empty it of an old run's files (only `run_files`, checkpoints and evaluations)
+    unless continuing it. Shared by the segmentation and classification trainers."""
     if not continuing and (out / "config.json").is_file():
-        for name in RUN_FILES:
+        for name in run_files:
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
         for p in out.glob("eval-*"):
