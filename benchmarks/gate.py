@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from difffeat import load_pipeline  # noqa: E402
 from difffeat.data.shapes_lt import synthesize  # noqa: E402
-from gate.rank import rank  # noqa: E402
+from gate.ranking import rank  # noqa: E402
 from gate.report import write_report  # noqa: E402
 
 

@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from difffeat.errors import UserError
+from difffeat.lazy import lazy_getattr
 from difffeat.zoo import load_pipeline
 
 # Heavy names (they import torch and diffusers) load on first use, so `difffeat data synth` starts fast.
@@ -12,13 +13,7 @@ _LAZY = {
     "FeatureStore": "difffeat.store",
 }
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'difffeat' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = ["FeatureExtractor", "FeatureStore", "UserError", "__version__", "list_layers", "load_pipeline"]

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from difffeat.errors import UserError
+from difffeat.runconfig import read_saved_config
 
 # Modules of the other layers that add sub-commands through `add_commands(subparsers)`: difffeat never
 # imports them otherwise (dependencies point from them to difffeat).
@@ -94,11 +95,7 @@ def _extract_config(args):
     from difffeat.runner import ExtractRunConfig
 
     if args.config:
-        try:
-            saved = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{args.config}: cannot read the run config ({e})") from None
-        saved = saved.get("config", saved)  # a manifest.json or a bare config
+        saved = read_saved_config(args.config)  # a manifest.json or a bare config
         known = {f.name for f in fields(ExtractRunConfig)}
         cfg = ExtractRunConfig(**{k: v for k, v in saved.items() if k in known and k != "out"},
                                out=args.out)
@@ -173,11 +170,7 @@ def _cmd_train_seg(args) -> None:
     from downstream.train_seg import SegTrainConfig, group_summary, train_seg
 
     if args.config:
-        try:
-            saved = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{args.config}: cannot read the run config ({e})") from None
-        cfg = SegTrainConfig.from_dict(saved.get("config", saved), out=args.out)
+        cfg = SegTrainConfig.from_dict(read_saved_config(args.config), out=args.out)
     else:
         if not args.features or not args.masks:
             raise UserError("give --features DIR and --masks DIR (or --config RUN/config.json)")

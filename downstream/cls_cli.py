@@ -13,19 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 
 def _cmd_train_cls(args) -> None:
     from difffeat.errors import UserError
+    from difffeat.runconfig import read_saved_config
     from downstream.train_cls import ClsTrainConfig, summary_line, train_cls
 
     if args.config:
-        try:
-            saved = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{args.config}: cannot read the run config ({e})") from None
-        cfg = ClsTrainConfig.from_dict(saved.get("config", saved), out=args.out)
+        cfg = ClsTrainConfig.from_dict(read_saved_config(args.config), out=args.out)
     else:
         if not args.features or not args.labels:
             raise UserError("give --features DIR and --labels CSV (or --config RUN/config.json)")

@@ -9,21 +9,17 @@
 """
 
 # Names load on first use: `difffeat`'s CLI imports `gate.cli`, which must not pull in torch at start-up.
+from difffeat.lazy import lazy_getattr
+
 _LAZY = {
-    "rank": "gate.rank",
-    "GateConfig": "gate.rank",
-    "GateResult": "gate.rank",
+    "rank": "gate.ranking",
+    "GateConfig": "gate.ranking",
+    "GateResult": "gate.ranking",
     "read_candidates": "gate.candidates",
     "write_report": "gate.report",
 }
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'gate' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = list(_LAZY)

@@ -11,22 +11,18 @@ load, GATE itself when the command runs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 
 def _config(args):
     from difffeat.errors import UserError
+    from difffeat.runconfig import read_saved_config
     from gate.candidates import read_candidates
-    from gate.rank import GateConfig
+    from gate.ranking import GateConfig
 
     if args.config:
-        try:
-            saved = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{args.config}: cannot read the run config ({e})") from None
-        cfg = GateConfig.from_dict(saved.get("config", saved))
+        cfg = GateConfig.from_dict(read_saved_config(args.config))
         if args.images:
             cfg.images = args.images
         if args.candidates:
@@ -45,7 +41,7 @@ def _config(args):
 
 def _cmd_gate(args) -> None:
     from difffeat.zoo import load_pipeline
-    from gate.rank import rank
+    from gate.ranking import rank
     from gate.report import write_report
     from pipelines.variants import write_variants_file
 

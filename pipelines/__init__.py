@@ -7,6 +7,8 @@
 """
 
 # Names load on first use: difffeat's CLI imports `pipelines.cli`, which must not pull in torch at start-up.
+from difffeat.lazy import lazy_getattr
+
 _LAZY = {
     "TECHNIQUES": "pipelines.base",
     "KIND_ORDER": "pipelines.base",
@@ -19,13 +21,7 @@ _LAZY = {
     "img2img": "pipelines.generate",
 }
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'pipelines' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = list(_LAZY)

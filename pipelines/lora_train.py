@@ -12,7 +12,6 @@ Batches depend only on (seed, step), and a run resumes from its last checkpoint 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,8 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from difffeat.atomic import atomic_path, write_json_atomic
+from difffeat.atomic import atomic_path
 from difffeat.errors import UserError
+from difffeat.runconfig import pin_run_config
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -76,10 +76,7 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> Path:
         raise UserError(f"unknown caption style {bad[0]!r}; use empty, tags, sentence")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg_path = out / "train_config.json"
-    if cfg_path.exists() and json.loads(cfg_path.read_text()) != asdict(cfg):
-        raise UserError(f"{out}: holds a LoRA run with another config (see {cfg_path}); use a new folder")
-    write_json_atomic(cfg_path, asdict(cfg))
+    pin_run_config(out, asdict(cfg), name="train_config.json", what="a LoRA run")
     pipe = load_pipeline(cfg.model)
     source = ImageSource(cfg.images)
     size = native_resolution(pipe)

@@ -12,7 +12,6 @@ same weights as an uninterrupted one. `export` writes a diffusers ControlNetMode
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 from difffeat.atomic import atomic_path
 from difffeat.errors import UserError
+from difffeat.runconfig import pin_run_config
 
 
 @dataclass
@@ -91,10 +91,7 @@ def train_controlnet(run: str | Path, out: str | Path | None = None, cfg: Contro
     cfg = cfg or ControlNetTrainConfig()
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
-    cfg_path = run / "config.json"
-    if cfg_path.exists() and json.loads(cfg_path.read_text()) != asdict(cfg):
-        raise UserError(f"{run}: holds a run with another config (see {cfg_path}); use a new folder")
-    cfg_path.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+    pin_run_config(run, asdict(cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     pipe = load_pipeline(cfg.model)

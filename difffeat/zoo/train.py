@@ -16,7 +16,6 @@ pipeline in diffusers format.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 
 from difffeat.atomic import atomic_path
 from difffeat.data.shapes_lt import iter_scenes
+from difffeat.runconfig import pin_run_config
 from difffeat.zoo import mini
 
 
@@ -194,12 +194,7 @@ def train_mini(run: str | Path, out: str | Path | None = None, cfg: MiniTrainCon
     cfg = cfg or MiniTrainConfig()
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
-    cfg_path = run / "config.json"
-    if cfg_path.exists() and json.loads(cfg_path.read_text()) != asdict(cfg):
-        from difffeat.errors import UserError
-
-        raise UserError(f"{run}: holds a run with another config (see {cfg_path}); use a new folder")
-    cfg_path.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+    pin_run_config(run, asdict(cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     vae, text_encoder, tokenizer, unet, scheduler = mini.build_models(cfg.seed)
