@@ -28,6 +28,7 @@ from PIL import Image, ImageOps
 
 from difffeat.errors import UserError
 from difffeat.store import FeatureStore
+from downstream.groups import head_middle_tail
 
 IGNORE_INDEX = 255
 MASK_SIZE_MODES = ("resize", "refuse")
@@ -70,18 +71,6 @@ class SegClasses:
     def from_dict(cls, d: dict) -> SegClasses:
         return cls(list(d["names"]), int(d.get("ignore_index", IGNORE_INDEX)), d.get("pixel_counts"),
                    dict(d.get("groups") or {}))
-
-
-def head_middle_tail(names: Sequence[str], pixel_counts: Sequence[int]) -> dict[str, list[str]]:
-    """Classes ranked by pixel count and cut into three near-equal groups (AUCSeg's convention).
-
-    The same rule as Shapes-LT's ``classes.json`` (head and tail get ⌈K/3⌉ classes each), restated here
-    because `downstream` does not import difffeat's data code.
-    """
-    order = sorted(range(len(names)), key=lambda i: -pixel_counts[i])
-    k = math.ceil(len(order) / 3)
-    return {"head": [names[i] for i in order[:k]], "middle": [names[i] for i in order[k: len(order) - k]],
-            "tail": [names[i] for i in order[len(order) - k:]]}
 
 
 def load_classes(spec: str | os.PathLike | Sequence[str]) -> SegClasses:

@@ -56,6 +56,7 @@ from downstream.dirmixe import (
     is_final_phase,
     test_time_aggregation,
 )
+from downstream.groups import head_middle_tail
 from downstream.losses import (
     CosineClassifier,
     LDAMLoss,
@@ -68,9 +69,8 @@ from downstream.losses import (
 from downstream.losses.prior import class_prior
 from downstream.neural_collapse import FixedFrameClassifier, neural_collapse_metrics
 from downstream.optim import SAM, SSESAM, GroupLosses, ImbSAM, tail_classes
+from downstream.plots import save_curves_png, save_figure
 from downstream.reconboost import ReconBoostConfig, ReconBoostModel, phase_loss, phase_optimizer, schedule
-from downstream.seg_data import head_middle_tail
-from downstream.seg_metrics import save_curves_png
 from downstream.test_agnostic import shifted_test_sets
 from downstream.train_seg import (
     _check_run_dir,
@@ -693,7 +693,7 @@ def save_accuracy_png(metrics: dict, path: str | os.PathLike, title: str = "") -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from downstream.seg_metrics import _save
+
 
     rows = metrics["distributions"]
     sade = [r for r in rows if not r["kind"].startswith("dirichlet")]
@@ -718,7 +718,7 @@ def save_accuracy_png(metrics: dict, path: str | os.PathLike, title: str = "") -
                                                       for r in dirichlet], rotation=45)
         axes[0, 1].set_title("Dirichlet test priors")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def load_run(run: str | os.PathLike) -> tuple[dict, ClsTrainConfig, ClsModel]:

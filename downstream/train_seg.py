@@ -38,8 +38,9 @@ from difffeat.store import library_versions
 from downstream.heads import HeadConfig, SegModel
 from downstream.losses.aucseg import DEFAULT_AUC_WEIGHT, DEFAULT_MARGIN, SegLoss, class_weights_from_counts
 from downstream.memory_bank import FeatureMemoryBank
+from downstream.plots import save_confusion_png, save_curves_png
 from downstream.seg_data import FeatureSpec, SegClasses, SegDataset, load_classes
-from downstream.seg_metrics import SegMetrics, save_confusion_png, save_curves_png
+from downstream.seg_metrics import SegMetrics
 
 CLASS_WEIGHTS = {"none": None, "inverse": 1.0, "sqrt-inverse": 0.5}
 RUN_FILES = ("config.json", "report.json", "model.safetensors", "history.json", "curves.png", "metrics.json",

@@ -9,7 +9,8 @@ from PIL import Image
 
 from difffeat.errors import UserError
 from difffeat.store import FeatureStoreWriter
-from downstream.seg_data import MaskFinder, SegClasses, SegDataset, head_middle_tail, load_classes
+from downstream.groups import head_middle_tail
+from downstream.seg_data import MaskFinder, SegClasses, SegDataset, load_classes
 
 K = 5
 

@@ -9,8 +9,9 @@ from PIL import Image
 from torchmetrics.functional.classification import multiclass_jaccard_index
 
 import downstream.seg_metrics as seg_metrics_module
+from downstream.plots import save_confusion_png, save_curves_png
 from downstream.seg_data import SegClasses
-from downstream.seg_metrics import SegMetrics, confusion_matrix, save_confusion_png, save_curves_png
+from downstream.seg_metrics import SegMetrics, confusion_matrix
 
 CLASSES = SegClasses(["a", "b", "c", "d"], groups={"head": ["a"], "middle": ["b"], "tail": ["c", "d"]})
 
