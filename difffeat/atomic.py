@@ -1,7 +1,9 @@
 """Atomic file writes: a file appears whole or not at all (temp file in the same folder, then rename).
 
 Every run output (store shards and manifests, reports, checkpoints, pictures) goes through here, so an
-interrupted run never leaves a half-written file that looks complete.
+interrupted run never leaves a half-written file that looks complete, and every file gets the permissions a
+plain ``open()`` would give it (0666 less the umask): some writers (safetensors) create their files 0600,
+which would make a store or a run readable only in part by the people who can read the rest of it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from difffeat.errors import UserError
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it, then put it back at once
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # read once, at import: setting the umask is not thread-safe
 
 
 @contextmanager
@@ -27,6 +38,8 @@ def atomic_path(path: str | os.PathLike, what: str | None = None) -> Iterator[Pa
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         yield tmp
+        if not tmp.is_dir():
+            os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)

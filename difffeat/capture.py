@@ -56,8 +56,11 @@ class Capture:
     """
 
     def __init__(self, unet, layers: list[str], latent_hw: tuple[int, int], inputs: bool = False,
-                 attention: list[str] = (), early_exit: bool = True):
+                 attention: list[str] = (), early_exit: bool = True, to_map=None):
         self.unet = unet
+        # How a hooked output becomes a map, `to_map(layer, output)`: by default the UNet rule below; a transformer
+        # passes `difffeat.dit.TokenMaps` (image tokens only, patch grid, DiTF options after a ":" in the name).
+        self.to_map = to_map or self.default_map
         self.layers = list(layers)
         self.attention = list(attention)
         self.latent_hw = latent_hw
@@ -88,11 +91,15 @@ class Capture:
         if self.early_exit and len(self.features) == len(self.wanted):
             raise StopForward
 
+    def default_map(self, name: str, output) -> torch.Tensor | None:
+        t = first_tensor(output)
+        return as_map(t, self.latent_hw) if t is not None else None
+
     def _output_hook(self, name):
         def hook(module, args, output):
-            t = first_tensor(output)
-            fmap = as_map(t, self.latent_hw) if t is not None else None
+            fmap = self.to_map(name, output)
             if fmap is None:
+                t = first_tensor(output)
                 raise RuntimeError(f"layer {name}: output of shape {getattr(t, 'shape', None)} is not a feature map")
             self._record(name, fmap)
 
@@ -117,7 +124,7 @@ class Capture:
     def __enter__(self):
         modules = dict(self.unet.named_modules())
         for name in self.layers:
-            module = modules[name]
+            module = modules[name.split(":")[0]]  # options after ":" (DiTF's) change the map, not the module
             if self.inputs:
                 self._handles.append(module.register_forward_pre_hook(self._input_hook(name), with_kwargs=True))
             else:

@@ -7,18 +7,19 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
 from pathlib import Path
 
+from difffeat.config_cli import add_config_arguments, flag_of
 from difffeat.errors import UserError
-from difffeat.runconfig import read_saved_config
+from difffeat.run import ConfigError
+from difffeat.runner import ExtractRunConfig
 
-# Modules of the other layers that add sub-commands through `add_commands(subparsers)`: difffeat never
-# imports them otherwise (dependencies point from them to difffeat).
-EXTENSION_COMMANDS: list[str] = ["pipelines.cli", "downstream.cls_cli", "gate.cli"]
+# Other packages add sub-commands by declaring `add_commands(subparsers)` in this entry-point group (pyproject.toml);
+# difffeat collects them without naming them, so dependencies point from those packages to difffeat only.
+COMMAND_GROUP = "difffeat.commands"
 
 
 def _cmd_data_synth(args) -> None:
@@ -73,7 +74,7 @@ def _cmd_sample(args) -> None:
     if not prompts:
         raise UserError("give at least one prompt, or --captions metadata.csv")
     out = sample_to_folder(prompts, args.out, model=args.model, steps=args.steps, guidance=args.guidance,
-                           seed=args.seed, progress=not args.quiet)
+                           seed=args.seed, progress=not args.quiet, overwrite=args.overwrite)
     print(f"wrote {len(prompts)} samples and grid.png to {out}")
 
 
@@ -90,38 +91,30 @@ def _cmd_layers(args) -> None:
 
 
 def _extract_config(args):
-    from dataclasses import fields
-
+    from difffeat.config_cli import config_from_args
     from difffeat.runner import ExtractRunConfig
 
-    if args.config:
-        saved = read_saved_config(args.config)  # a manifest.json or a bare config
-        known = {f.name for f in fields(ExtractRunConfig)}
-        cfg = ExtractRunConfig(**{k: v for k, v in saved.items() if k in known and k != "out"},
-                               out=args.out)
+    if args.config:  # a manifest.json or a bare config; only the image source and the output may change
+        cfg = ExtractRunConfig.from_run(args.config, out=args.out)
         if args.images:
             cfg.images = args.images
         return cfg
     if not args.images:
         raise UserError("give an image folder, glob or dataset (or --config FILE)")
-    return ExtractRunConfig(
-        images=args.images, out=args.out, model=args.model, layers=args.layer or ["dift"],
-        timesteps=args.t or [50], seed=args.seed, ensemble=args.ensemble, batch_size=args.batch_size,
-        noise=not args.clean, posterior=args.posterior, prompt=args.prompt, prompt_source=args.prompt_from,
-        captions_csv=args.captions_csv, caption_column=args.caption_column, label_template=args.label_template,
-        resolution=list(args.size) if args.size else None, resize=args.resize, dtype=args.dtype,
-        store_dtype="float16" if args.fp16_store else "float32", concat=args.concat,
-        concat_size=list(args.concat_size) if args.concat_size else None, capture=args.capture,
-        attention=args.attention or [], techniques=args.technique or [], variants=_variants(args),
-        shard_size=args.shard_size,
-    )
+    # Three flags do not map one-to-one on a field, so they are translated here: --clean switches noise off,
+    # --fp16-store names a storage dtype, and variants come from --variant NAME=SPEC… and a --variants file.
+    return config_from_args(ExtractRunConfig, args, noise=not args.clean,
+                            store_dtype="float16" if args.fp16_store else "float32", variants=_variants(args))
 
 
 def _variants(args) -> dict[str, list[str]]:
-    from pipelines.variants import parse_variant_args, read_variants_file
+    if not args.variants and not args.variant:
+        return {}
+    from difffeat.conditioning import technique_provider
 
-    variants = read_variants_file(args.variants) if args.variants else {}
-    for name, specs in parse_variant_args(args.variant or []).items():
+    provider = technique_provider()
+    variants = provider.read_variants(args.variants) if args.variants else {}
+    for name, specs in provider.parse_variants(args.variant or []).items():
         if name in variants:
             raise UserError(f"variant {name!r} is both in {args.variants} and given by --variant")
         variants[name] = specs
@@ -147,61 +140,7 @@ def _cmd_extract(args) -> None:
 def _cmd_inspect(args) -> None:
     from difffeat.store import FeatureStore, summarize
 
-    print(summarize(FeatureStore(args.store)))
-
-
-def _cmd_viz(args) -> None:
-    from difffeat.store import FeatureStore
-    from difffeat.viz import save_pca_image
-
-    store = FeatureStore(args.store)
-    layer = args.layer or store.layers[0]
-    if layer not in store.layers:
-        raise UserError(f"{args.store}: no layer {layer!r} (layers: {', '.join(store.layers)})")
-    keys = args.keys or store.keys()[: args.n]
-    missing = [k for k in keys if k not in store]
-    if missing:
-        raise UserError(f"{args.store}: no image {missing[0]!r}")
-    save_pca_image([store[k][layer].astype("float32") for k in keys], args.out, scale=args.scale)
-    print(f"wrote PCA image of {layer} for {len(keys)} images to {args.out}")
-
-
-def _cmd_train_seg(args) -> None:
-    from downstream.train_seg import SegTrainConfig, group_summary, train_seg
-
-    if args.config:
-        cfg = SegTrainConfig.from_dict(read_saved_config(args.config), out=args.out)
-    else:
-        if not args.features or not args.masks:
-            raise UserError("give --features DIR and --masks DIR (or --config RUN/config.json)")
-        cfg = SegTrainConfig(
-            features=args.features, masks=args.masks, out=args.out, classes=args.classes, split=args.split,
-            val_split=args.val_split, layers=args.layer, mask_size=args.mask_size, head=args.head,
-            variants=args.variants, ensemble=args.ensemble, hidden=args.hidden, loss=args.loss,
-            auc_weight=args.auc_weight, margin=args.margin, class_weights=args.class_weights,
-            memory_bank=args.memory_bank, bank_capacity=args.bank_capacity, bank_sample_ratio=args.bank_sample_ratio,
-            iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-            warmup_iterations=args.warmup, seed=args.seed, checkpoint_every=args.checkpoint_every,
-            eval_every=args.eval_every, mixed_precision=args.mixed_precision, num_workers=args.num_workers)
-    run = train_seg(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
-                    stop_after=args.stop_after)
-    metrics = run / "metrics.json"
-    if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch: one report, from rank 0
-        return
-    if metrics.is_file():
-        print(f"trained {run}; {cfg.val_split}: {group_summary(json.loads(metrics.read_text()))}")
-    else:
-        print(f"trained {run}")
-
-
-def _cmd_eval_seg(args) -> None:
-    from downstream.train_seg import eval_seg, group_summary
-
-    scores = eval_seg(args.run, args.features, args.masks, split=args.split, out=args.out,
-                      mask_size=args.mask_size, batch_size=args.batch_size, progress=not args.quiet)
-    if os.environ.get("RANK", "0") != "0":
-        return
-    print(f"{scores['images']} images: {group_summary(scores)}  (wrote {scores['out']}/metrics.json)")
+    print(summarize(FeatureStore(args.store), verify=args.verify))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_zoo_report)
+    from difffeat.zoo.train_dit import add_zoo_commands
+
+    add_zoo_commands(zoo)  # train-mini-dit, eval-mini-dit
 
     p = sub.add_parser("layers", help="hookable UNet modules with their output shapes, and the presets")
     p.add_argument("--model", default="mini")
@@ -248,55 +190,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_layers)
 
     p = sub.add_parser("extract", help="extract UNet features of an image folder into a feature store")
-    p.add_argument("images", nargs="?", help="image folder (recursive), glob, or imagefolder")
-    p.add_argument("--out", required=True, help="feature store folder")
+    add_config_arguments(p, ExtractRunConfig, positional=["images"], required=["out"])
     p.add_argument("--config", help="repeat a run: its manifest.json (or a config JSON)")
-    p.add_argument("--model", default="mini")
-    p.add_argument("--layer", action="append", help="module name or preset (dift, gdf-legacy, hyperfeatures); repeat")
-    p.add_argument("--t", type=int, action="append", help="timestep; repeat for several (default 50)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ensemble", type=int, default=1, help="noise draws averaged per image and timestep")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--technique", action="append", metavar="SPEC",
-                   help="generation technique for every variant, e.g. controlnet:canny,scale=1.0 lora:DIR "
-                        "prompt:fine denoise-from:60 cfg:7.5; repeat (`difffeat techniques` lists them)")
     p.add_argument("--variant", action="append", metavar="NAME=SPEC[+SPEC…]",
                    help="a named variant (its layers are stored as NAME/LAYER); repeat")
     p.add_argument("--variants", metavar="FILE", help="variants file (YAML/JSON), e.g. from `difffeat gate --emit`")
-    p.add_argument("--prompt", default="", help="prompt for every image (or the fallback of --prompt-from)")
-    p.add_argument("--prompt-from", default="fixed", choices=["fixed", "sidecar", "csv", "label"],
-                   help="sidecar: <image>.txt; csv: --caption-column of --captions-csv; label: --label-template")
-    p.add_argument("--captions-csv",
-                   help="CSV with file_name and caption/label columns (default: each image's own metadata row)")
-    p.add_argument("--caption-column", default="fine_caption")
-    p.add_argument("--label-template", default="a photo of a {label}")
     p.add_argument("--clean", action="store_true", help="no noise: the UNet sees the clean latent at t")
-    p.add_argument("--posterior", default="mean", choices=["mean", "sample"])
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="resize images to this (default: native)")
-    p.add_argument("--resize", default="center-crop", choices=["center-crop", "pad", "stretch"])
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--fp16-store", action="store_true", help="store features as float16")
-    p.add_argument("--concat", action="store_true", help="resize all layers to one size and concatenate")
-    p.add_argument("--concat-size", type=int, nargs=2, metavar=("H", "W"))
-    p.add_argument("--capture", default="output", choices=["output", "input"])
-    p.add_argument("--attention", action="append", help="attention module whose cross-attention maps to keep")
-    p.add_argument("--shard-size", type=int, default=256)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.set_defaults(func=_cmd_extract)
 
     p = sub.add_parser("inspect", help="summarise a feature store")
     p.add_argument("store")
+    p.add_argument("--verify", action="store_true", help="read every shard and check it against its checksum")
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("viz", help="PCA-to-RGB image of one layer of a feature store (PNG)")
-    p.add_argument("store")
-    p.add_argument("--layer")
-    p.add_argument("--keys", nargs="*")
-    p.add_argument("--n", type=int, default=8, help="first N images when --keys is not given")
-    p.add_argument("--scale", type=int, default=4)
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=_cmd_viz)
+    from difffeat.demo import add_demo_command
+    from difffeat.report import add_report_command
+    from difffeat.viz import add_viz_command
+
+    add_viz_command(sub)  # the comparison picture of a store
+    add_report_command(sub)  # one HTML page for GATE runs, stores and head runs
+    add_demo_command(sub)  # the whole chain on the built-in world
 
     p = sub.add_parser("sample", help="generate images from prompts (DDIM)")
     p.add_argument("prompts", nargs="*", help="prompts, one image each")
@@ -308,59 +224,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace the samples of an earlier run in --out")
     p.set_defaults(func=_cmd_sample)
 
-    p = sub.add_parser("train-seg", help="train a segmentation head on stored features (CE or AUCSeg)")
-    p.add_argument("--features", action="append", help="feature store; repeat for several variants")
-    p.add_argument("--masks", help="mask root: Shapes-LT / imagefolder root, or a folder of masks")
-    p.add_argument("--classes", help="classes.json, a names file or a,b,c (default: MASKS/classes.json)")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--config", help="repeat a run: its config.json")
-    p.add_argument("--split", help="train on keys under this folder (e.g. train)")
-    p.add_argument("--val-split", help="evaluate on keys under this folder (e.g. val)")
-    p.add_argument("--layer", action="append", help="use only these layers; repeat")
-    p.add_argument("--mask-size", default="resize", choices=["resize", "refuse"],
-                   help="a mask whose size differs from the features' source images: resize (nearest) or refuse")
-    p.add_argument("--head", default="conv", choices=["mlp", "conv"])
-    p.add_argument("--variants", default="concat", choices=["concat", "weighted"],
-                   help="several stores: concatenate, or a learned softmax-weighted sum")
-    p.add_argument("--ensemble", type=int, default=10, help="members of the pixel MLP ensemble")
-    p.add_argument("--hidden", type=int, default=128, help="width of the conv head")
-    p.add_argument("--loss", default="ce", choices=["ce", "aucseg"])
-    p.add_argument("--auc-weight", type=float, default=0.5, help="λ in CE + λ·AUC (0.5 = AUCSeg's w_auc 1)")
-    p.add_argument("--margin", type=float, default=1.0, help="margin of the square AUC surrogate")
-    p.add_argument("--class-weights", default="none", choices=["none", "inverse", "sqrt-inverse"])
-    p.add_argument("--memory-bank", action="store_true", help="feature-space T-Memory Bank on tail classes")
-    p.add_argument("--bank-capacity", type=int, default=5)
-    p.add_argument("--bank-sample-ratio", type=float, default=1.0)
-    p.add_argument("--iterations", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--warmup", type=int, default=0, help="linear warm-up iterations")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--eval-every", type=int, default=0, help="validate every N iterations (0: at the end)")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
-    p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
-    p.add_argument("--stop-after", type=int, help="stop after N iterations of this call (--resume goes on)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
-    p.set_defaults(func=_cmd_train_seg)
-
-    p = sub.add_parser("eval-seg", help="mIoU (overall, head, middle, tail) of a train-seg run on features and masks")
-    p.add_argument("--run", required=True, help="train-seg run folder")
-    p.add_argument("--features", action="append", required=True, help="feature store(s), as in training")
-    p.add_argument("--masks", required=True)
-    p.add_argument("--split", help="evaluate keys under this folder (e.g. test)")
-    p.add_argument("--out", help="where to write metrics.json and confusion.png (default RUN/eval-SPLIT)")
-    p.add_argument("--mask-size", choices=["resize", "refuse"], help="default: as in training")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.set_defaults(func=_cmd_eval_seg)
-
-    for module in EXTENSION_COMMANDS:  # the other layers' commands; each module imports only argparse at load
-        importlib.import_module(module).add_commands(sub)
+    add_package_commands(sub)
     return parser
+
+
+def add_package_commands(sub) -> None:
+    """The sub-commands of every installed package that declares them in `COMMAND_GROUP` (each such module
+    imports only the standard library at load, so the parser builds without torch)."""
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+        try:
+            add_commands = ep.load()
+        except ModuleNotFoundError as e:
+            # Install metadata older than the code (an editable install made before a module moved) names a
+            # module that is gone: say which and how to refresh it, and keep the other commands working.
+            if e.name is None or not (ep.module == e.name or ep.module.startswith(e.name + ".")):
+                raise
+            print(f"difffeat: warning: the {ep.name!r} commands are missing: no module {ep.module} "
+                  f"(reinstall difffeat: pip install -e .)", file=sys.stderr)
+            continue
+        add_commands(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -378,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
             pass
     try:
         args.func(args)
+    except ConfigError as e:  # the library names the config field; the command line shows its flag
+        print(f"difffeat: error: {flag_of(args, e.field)}: {e.reason}", file=sys.stderr)
+        return 2
     except UserError as e:
         print(f"difffeat: error: {e}", file=sys.stderr)
         return 2

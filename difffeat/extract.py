@@ -8,13 +8,16 @@ the deepest requested module; the VAE decoder never runs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from difffeat import dit
 from difffeat.capture import Capture
+from difffeat.conditioning import ConditioningStack, technique_stack
 from difffeat.errors import UserError
 from difffeat.layers import native_resolution, resolve_layers
 from difffeat.prompts import PromptEncoder
@@ -49,6 +52,8 @@ def encode_latents(pipe, x: torch.Tensor, keys: Sequence[str] | None = None, pos
             eps = torch.stack([seeded_normal(z.shape[1:], item_seed(seed, k, "posterior"))
                                for k in keys[s : s + batch_size]]).to(z)
             z = z + dist.std * eps
+        if vae.config.get("shift_factor") is not None:  # SD3 / FLUX latents are shifted before scaling
+            z = z - vae.config.shift_factor
         out.append(z * vae.config.scaling_factor)
     return torch.cat(out)
 
@@ -77,8 +82,9 @@ class FeatureExtractor:
         seed: base seed of the per-image noise (and of posterior samples).
         noise: False for clean mode: the UNet sees the VAE posterior mean × scaling factor at `t`.
         prompt: the prompt of every image unless `extract` is given per-image prompts.
-        techniques: generation techniques (`pipelines` spec strings such as `controlnet:canny` or
-            `pipelines.Technique` objects), composed in kind order; see `pipelines.TechniqueStack`.
+        techniques: generation techniques: spec strings such as `controlnet:canny` (or the technique objects of
+            the installed provider, `pipelines` by default), composed in hook order; or a ready
+            `difffeat.conditioning.ConditioningStack`.
         batch_size: UNet items per forward.
         posterior: "mean" (default, deterministic) or "sample" (seeded per image) of the VAE posterior.
         resolution: (height, width) images are resized to (center crop) when given as PIL images of
@@ -90,9 +96,10 @@ class FeatureExtractor:
     """
 
     def __init__(self, pipe, layers: Sequence[str], timesteps: Sequence[int] = (50,), ensemble: int = 1,
-                 seed: int = 0, noise: bool = True, prompt: str = "", techniques: Sequence = (), batch_size: int = 8,
-                 posterior: str = "mean", resolution: tuple[int, int] | None = None, capture_inputs: bool = False,
-                 attention: Sequence[str] = (), early_exit: bool = True, prompt_encoder=None):
+                 seed: int = 0, noise: bool = True, prompt: str = "", techniques: Sequence | ConditioningStack = (),
+                 batch_size: int = 8, posterior: str = "mean", resolution: tuple[int, int] | None = None,
+                 capture_inputs: bool = False, attention: Sequence[str] = (), early_exit: bool = True,
+                 prompt_encoder=None):
         if ensemble < 1 or batch_size < 1:
             raise UserError(f"ensemble and batch_size must be ≥ 1 (got {ensemble}, {batch_size})")
         if posterior not in ("mean", "sample"):
@@ -104,7 +111,9 @@ class FeatureExtractor:
         self.pipe = pipe
         self.resolution = tuple(resolution) if resolution else native_resolution(pipe)
         self.layers = resolve_layers(pipe, layers, *self.resolution)
-        modules = dict(pipe.unet.named_modules())
+        modules = dict(dit.denoiser(pipe).named_modules())
+        if attention and dit.is_transformer(pipe):
+            raise UserError("attention maps are taken from UNets only so far, not from transformer backbones")
         for name in attention:
             if not hasattr(modules.get(name), "get_attention_scores"):
                 raise UserError(f"{name!r} is not an attention module of this UNet")
@@ -114,14 +123,12 @@ class FeatureExtractor:
         self.seed, self.noise, self.prompt = seed, noise, prompt
         self.batch_size, self.posterior = batch_size, posterior
         self.capture_inputs, self.early_exit = capture_inputs, early_exit
-        # pipelines builds on difffeat, so it is imported here, not at module level.
-        from pipelines.stack import TechniqueStack
-
-        self.stack = TechniqueStack(pipe, techniques)
-        if self.stack.schedule is not None and not noise:
-            raise UserError(f"{self.stack.schedule.spec} needs noise; it cannot run in clean mode (noise=False)")
-        for t in self.timesteps if self.stack.schedule is not None else ():
-            self.stack.schedule.timesteps(t)  # fails now, not mid-run, when it starts below a feature timestep
+        # The installed technique provider binds the techniques (difffeat.conditioning); difffeat never
+        # imports a technique package itself.
+        self.stack = technique_stack(pipe, techniques)
+        self.stack.check(self.timesteps, noise)
+        if dit.is_transformer(pipe):
+            dit.check_techniques(self.stack.specs)
         self.prompt_encoder = prompt_encoder or PromptEncoder(pipe)
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -146,7 +153,6 @@ class FeatureExtractor:
         return encode_latents(self.pipe, x, keys, self.posterior, self.seed, self.batch_size)
 
     # ------------------------------------------------------------------------------------------ extract
-    # ------------------------------------------------------------------------------------------ extract
     @torch.no_grad()
     def extract(self, images, prompts: Sequence[str] | None = None, keys: Sequence[str] | None = None,
                 fields: Sequence[dict] | None = None, latents: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -166,18 +172,25 @@ class FeatureExtractor:
             raise UserError(f"got {n} images but {len(keys)} keys, {len(prompts)} prompts and {len(fields)} fields")
         stack = self.stack
         prompts = [stack.prompt(p, f, k) for p, f, k in zip(prompts, fields, keys)]
-        z0 = self.encode_latents(x, keys) if latents is None else latents.to(self.pipe.unet.device)
+        z0 = self.encode_latents(x, keys) if latents is None else latents.to(dit.denoiser(self.pipe).device)
         controls = stack.control_images(x, keys)
         latent_hw = tuple(z0.shape[-2:])
         items = [(i, t, d) for i in range(n) for t in self.timesteps for d in range(self.ensemble)]
         out: dict[str, torch.Tensor] = {}
-        with stack.active(), Capture(self.pipe.unet, self.layers, latent_hw, inputs=self.capture_inputs,
-                                     attention=self.attention, early_exit=self.early_exit) as cap:
+        model, maps = dit.denoiser(self.pipe), contextlib.nullcontext()
+        if dit.is_transformer(self.pipe):  # image tokens on the patch grid, DiTF options (difffeat.dit)
+            maps = dit.TokenMaps(model, self.layers, dit.token_index(self.pipe, *self.resolution), latent_hw)
+        with stack.active(), maps, Capture(model, self.layers, latent_hw, inputs=self.capture_inputs,
+                                           attention=self.attention, early_exit=self.early_exit,
+                                           to_map=maps if isinstance(maps, dit.TokenMaps) else None) as cap:
             for s in range(0, len(items), self.batch_size):
                 batch = items[s : s + self.batch_size]
                 idx = [i for i, _, _ in batch]
                 ts = torch.tensor([t for _, t, _ in batch])
-                cond = stack.conditioning(self.prompt_encoder, prompts, controls, idx, self.resolution)
+                if isinstance(maps, dit.TokenMaps):
+                    cond = dit.TransformerBatch.encode(self.pipe, self.prompt_encoder, [prompts[i] for i in idx])
+                else:
+                    cond = stack.conditioning(self.prompt_encoder, prompts, controls, idx, self.resolution)
                 zb = z0[idx]
                 if self.noise:
                     eps = torch.stack([seeded_normal(zb.shape[1:], item_seed(self.seed, keys[i], t, d))

@@ -14,8 +14,6 @@ import torch
 
 from difffeat.errors import UserError
 
-_CACHE: dict[tuple, list[tuple[str, tuple[int, int, int]]]] = {}
-
 
 def vae_scale_factor(pipe) -> int:
     """Image pixels per latent cell along a side (8 for SD, 4 for mini)."""
@@ -31,9 +29,10 @@ def native_resolution(pipe) -> tuple[int, int]:
 
 def latent_size(pipe, height: int | None = None, width: int | None = None) -> tuple[int, int]:
     """Latent (h, w) for an image of height×width (default: the model's native resolution)."""
+    from difffeat.dit import native_latent_size
+
     factor = vae_scale_factor(pipe)
-    native = pipe.unet.config.sample_size
-    native = native if isinstance(native, (tuple, list)) else (native, native)
+    native = native_latent_size(pipe)  # the UNet's or transformer's sample size
     h = native[0] if height is None else math.ceil(height / factor)
     w = native[1] if width is None else math.ceil(width / factor)
     return int(h), int(w)
@@ -88,12 +87,18 @@ def list_layers(pipe, height: int | None = None, width: int | None = None) -> li
     over the latent grid ([B, h·w, C], e.g. transformer blocks). Modules called several times per
     forward (shared activations) are left out: a hook on them would not name one place.
     """
-    unet = pipe.unet
+    from difffeat import dit
+
+    unet = dit.denoiser(pipe)
+    if dit.is_transformer(pipe):  # a transformer's blocks as maps of their image tokens (difffeat.dit)
+        return dit.list_layers(pipe, height, width)
     hw = latent_size(pipe, height, width)
-    key = (id(unet), type(unet).__name__, repr(sorted(unet.config.items())), hw)
-    if key not in _CACHE:
-        _CACHE[key] = _trace_shapes(unet, hw)
-    return list(_CACHE[key])
+    # The listing is kept on the UNet it describes (per latent size), so it is freed with the model; `vars`
+    # bypasses nn.Module's attribute hooks, and a module-level cache keyed by id() could outlive its UNet.
+    listings = vars(unet).setdefault("difffeat_layer_shapes", {})
+    if hw not in listings:
+        listings[hw] = _trace_shapes(unet, hw)
+    return list(listings[hw])
 
 
 def _trace_shapes(unet, hw: tuple[int, int]) -> list[tuple[str, tuple[int, int, int]]]:
@@ -158,6 +163,8 @@ def _gdf_legacy(names: list[str]) -> list[str]:
     own block count. Where the last up block has no transformer (SDXL), its last resnet stands in: the
     same full-resolution map one module earlier."""
     ups = _up_block_ids(names)
+    if not ups:  # not a UNet
+        return []
     chosen = [f"up_blocks.{i}.upsamplers.0" for i in ups if f"up_blocks.{i}.upsamplers.0" in names]
     last = [n for n in names if n.startswith(f"up_blocks.{ups[-1]}.attentions.") and n.count(".") == 3]
     last = last or [n for n in names if n.startswith(f"up_blocks.{ups[-1]}.resnets.") and n.count(".") == 3]
@@ -175,18 +182,33 @@ def resolve_layers(pipe, layers: Iterable[str], height: int | None = None, width
 
     Unknown names fail here, before any work, with the closest valid names as suggestions.
     """
+    from difffeat import dit
+
     valid = [name for name, _ in list_layers(pipe, height, width)]
+    model = type(dit.denoiser(pipe)).__name__
     wanted: list[str] = []
     for layer in layers:
         if layer in LAYER_PRESETS:
-            wanted += LAYER_PRESETS[layer](valid)
+            chosen = LAYER_PRESETS[layer](valid)
+            foreign = [n for n in chosen if n not in valid]
+            if foreign or not chosen:
+                raise UserError(f"layer preset {layer!r} does not fit this {model}"
+                                + (f" (it names {', '.join(foreign)})" if foreign else " (it selects nothing)")
+                                + f"; presets: {', '.join(LAYER_PRESETS)}")
+            wanted += chosen
         elif layer in valid:
             wanted.append(layer)
+        elif ":" in layer and layer.split(":")[0] in valid:  # a transformer block with DiTF options
+            dit.check_layer_options(layer, valid)
+            wanted.append(layer)
         else:
-            close = difflib.get_close_matches(layer, valid + list(LAYER_PRESETS), n=3, cutoff=0.6)
+            # The nearest names even when none is close: a name of another architecture (a UNet's on a
+            # transformer) then shows what this model's names look like.
+            close = difflib.get_close_matches(layer, valid + list(LAYER_PRESETS), n=3, cutoff=0.6) or \
+                difflib.get_close_matches(layer, valid, n=3, cutoff=0.0)
             hint = f"; did you mean {', '.join(close)}?" if close else "; `difffeat layers` lists them"
-            raise UserError(f"unknown layer {layer!r} for this UNet{hint}")
+            raise UserError(f"unknown layer {layer!r} for this {model}{hint}")
     if not wanted:
         raise UserError("no layers requested")
     rank = {name: i for i, name in enumerate(valid)}
-    return sorted(dict.fromkeys(wanted), key=rank.__getitem__)
+    return sorted(dict.fromkeys(wanted), key=lambda n: (rank[n.split(":")[0]], n))

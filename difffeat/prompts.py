@@ -52,6 +52,10 @@ def encode_prompts(pipe, prompts: Sequence[str]) -> tuple[list[torch.Tensor], di
     Returns a list, not a stacked tensor, because long prompts give longer sequences; stack them with
     `pad_to_same_length`.
     """
+    from difffeat import dit
+
+    if dit.is_transformer(pipe):  # SD3 / PixArt / FLUX: their own encoders and extra conditions
+        return dit.encode_prompts(pipe, list(prompts))
     device = pipe.unet.device
     prompts = list(prompts)
     if not _single_encoder(pipe):

@@ -237,8 +237,27 @@ def check_new_file(path: str | os.PathLike, overwrite: bool = False, what: str =
     if path.is_symlink() or path.is_dir():
         raise UserError(f"{path}: exists and is not a plain file; choose another {what} path")
     if path.exists() and not overwrite:
-        raise UserError(f"{path}: exists; pass --overwrite to replace it or choose another {what} path")
+        raise UserError(f"{path}: exists; replace it (overwrite, --overwrite) or choose another {what} path")
     return path
+
+
+def check_new_folder(path: str | os.PathLike, what: str = "output") -> Path:
+    """The rule for an export folder outside any run folder (a trained model's ``--out``): it must be new or
+    empty, since what is in it was not written by this run."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(f"{path}: exists and is not an empty folder; choose a new {what} folder")
+    return path
+
+
+def refuse_pickled_checkpoints(folder: str | os.PathLike, names: Iterable[str]) -> None:
+    """Stop with one clear line when `folder` holds a checkpoint an older difffeat pickled (``torch.save``):
+    such a file is never loaded, since unpickling a file someone handed over can run code."""
+    for name in names:
+        file = Path(folder) / name
+        if file.exists():
+            raise UserError(f"{file}: a pickled checkpoint of an older difffeat; it is not loaded (unpickling can "
+                            "run code): start a new run folder")
 
 
 def mkdir(folder: str | os.PathLike) -> Path:
@@ -265,9 +284,13 @@ class RunFolder:
 
     def __init__(self, path: str | os.PathLike, kind: str, config: Mapping[str, Any] | Config, *,
                  resume: bool = False, overwrite: bool = False, owned: Iterable[str] = (),
-                 marker: str = "config.json", ignore: Iterable[str] = ("out",), extra: Mapping[str, Any] | None = None):
+                 marker: str = "config.json", ignore: Iterable[str] = ("out",), extra: Mapping[str, Any] | None = None,
+                 format: str = RUN_FORMAT, resumable: bool = True):
         self.path = Path(path)
         self.kind = kind
+        # The marker's "format" entry (a feature store's manifest has its own); `resumable=False` for runs that
+        # can only be made again (samples, a GATE report): their own old outputs are replaced with overwrite only.
+        self.format, self.resumable = format, resumable
         self.config = as_json_data(config.to_dict() if isinstance(config, Config) else dict(config))
         self.ignore = tuple(ignore)
         self.config_hash = config_hash({k: v for k, v in self.config.items() if k not in self.ignore})
@@ -294,9 +317,14 @@ class RunFolder:
         if saved.get("config_hash") != self.config_hash:
             differ = differing_fields(old, self.config, self.ignore)
             raise UserError(f"{path}: holds a {self.kind} run of another config (differs in: "
-                            f"{', '.join(differ) or 'format'}); pass --overwrite to replace it or choose another folder")
+                            f"{', '.join(differ) or 'format'}); replace it (overwrite, --overwrite) or choose "
+                            "another folder")
+        if not self.resumable and self.started():
+            raise UserError(f"{path}: holds a {self.kind} run; replace it (overwrite, --overwrite) or choose another "
+                            "folder")
         if not resume and self.started():
-            raise UserError(f"{path}: holds a {self.kind} run; pass --resume to continue it or --overwrite to replace it")
+            raise UserError(f"{path}: holds a {self.kind} run; continue it (resume, --resume) or replace it "
+                            "(overwrite, --overwrite)")
         return True
 
     def saved(self) -> dict | None:
@@ -308,9 +336,25 @@ class RunFolder:
             saved = json.loads(file.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None
-        if not isinstance(saved, dict) or saved.get("format") != RUN_FORMAT or saved.get("kind") != self.kind:
+        if not isinstance(saved, dict) or saved.get("format") != self.format:
+            return None
+        # Markers of another format than runs' (a store's manifest) were written without a kind before it existed.
+        if saved.get("kind", None if self.format == RUN_FORMAT else self.kind) != self.kind:
             return None
         return saved
+
+    def check_saved(self, **entries: Any) -> None:
+        """For a continued run: what the marker recorded when the run began (entries of `extra`, such as the
+        inputs it was made on) must equal `entries`, or the run is refused, naming the entry and both values.
+        An entry the marker lacks (a run older than that record) is not compared."""
+        if not self.continuing:
+            return
+        saved = self.saved() or {}
+        for name, value in entries.items():
+            if name in saved and canonical_json(saved[name]) != canonical_json(value):
+                raise UserError(f"{self.path}: holds a {self.kind} run made with other {name} (run: "
+                                f"{canonical_json(saved[name])}; now: {canonical_json(value)}); replace it "
+                                "(overwrite, --overwrite) or choose another folder")
 
     def started(self) -> bool:
         """Whether the run has written anything beyond its marker (a fresh marker alone is a run another
@@ -329,7 +373,7 @@ class RunFolder:
         return self
 
     def marker_content(self) -> dict:
-        return {"format": RUN_FORMAT, "kind": self.kind, "config": self.config, "config_hash": self.config_hash,
+        return {"format": self.format, "kind": self.kind, "config": self.config, "config_hash": self.config_hash,
                 **self.extra, "versions": library_versions(), "created": utc_now()}
 
     def remove_owned(self) -> None:
@@ -393,7 +437,8 @@ def _pid_alive(name: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------- tensors on disk
-def save_tensors(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, Any] | None = None) -> None:
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, Any],
+                 metadata: Mapping[str, Any] | None = None) -> None:
     """torch tensors to a safetensors file, atomically; `metadata` values are stored as JSON."""
     from safetensors.torch import save_file
 
@@ -422,7 +467,8 @@ def load_torch(path: str | os.PathLike):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path}: not a plain-tensor checkpoint, refusing to load it ({str(e).splitlines()[0]})") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: not a plain-tensor checkpoint, refusing to load it ({reason})") from None
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -519,19 +565,26 @@ class Checkpoints:
         shutil.rmtree(tmp, ignore_errors=True)
         mkdir(tmp)
         plain = {"step": int(step)}
-        for key, value in state.items():
-            if _is_optimizer_state(value):
-                tensors, meta = _optimizer_to_tensors(value)
-                save_tensors(tmp / f"{key}.safetensors", tensors, {"kind": "optimizer", "optimizer": meta})
-            elif isinstance(value, tuple) and len(value) == 2 and _is_tensor_dict(value[0]):
-                save_tensors(tmp / f"{key}.safetensors", value[0], {"meta": value[1]})
-            elif _is_tensor_dict(value):
-                save_tensors(tmp / f"{key}.safetensors", value)
-            else:
-                plain[key] = value
-        write_json_atomic(tmp / "state.json", plain, default=_json_default)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        try:
+            for key, value in state.items():
+                if _is_optimizer_state(value):
+                    tensors, meta = _optimizer_to_tensors(value)
+                    save_tensors(tmp / f"{key}.safetensors", tensors, {"kind": "optimizer", "optimizer": meta})
+                elif isinstance(value, tuple) and len(value) == 2 and _is_tensor_dict(value[0]):
+                    save_tensors(tmp / f"{key}.safetensors", value[0], {"meta": value[1]})
+                elif _is_tensor_dict(value):
+                    save_tensors(tmp / f"{key}.safetensors", value)
+                else:
+                    plain[key] = value
+            write_json_atomic(tmp / "state.json", plain, default=_json_default)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"{self.root}: cannot write checkpoint {name} ({e.strerror or e})") from None
+        except BaseException:  # a failed write (disk full, interrupt) leaves no half-written checkpoint folder
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         write_json_atomic(self.root / "latest.json", {"step": int(step), "dir": name})
         kept = sorted((p for p in self.root.iterdir() if _STEP_DIR.fullmatch(p.name)), key=lambda p: p.name)
         for old in kept[: max(len(kept) - self.keep, 0)]:

@@ -11,49 +11,71 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from difffeat.atomic import write_json_atomic
 from difffeat.errors import UserError
+from difffeat.run import Config, ConfigError, option
 
 PROMPT_SOURCES = ("fixed", "sidecar", "csv", "label")
 
 
 @dataclass
-class ExtractRunConfig:
-    """Everything that defines an extraction run; stored in the manifest, and a run can be repeated from it."""
+class ExtractRunConfig(Config):
+    """Everything that defines an extraction run; stored in the manifest, and a run can be repeated from it.
 
-    images: str
-    out: str
-    model: str = "mini"
-    layers: list[str] = field(default_factory=lambda: ["dift"])
-    timesteps: list[int] = field(default_factory=lambda: [50])
-    seed: int = 0
-    ensemble: int = 1
-    batch_size: int = 8
-    noise: bool = True
-    posterior: str = "mean"
-    prompt: str = ""
-    prompt_source: str = "fixed"  # fixed | sidecar (<image>.txt) | csv (caption_column) | label (label_template)
-    captions_csv: str | None = None  # default: metadata.csv beside the images
-    caption_column: str = "fine_caption"
-    label_template: str = "a photo of a {label}"
-    resolution: list[int] | None = None  # [height, width]; default the model's native size
-    resize: str = "center-crop"
-    dtype: str = "fp32"
-    store_dtype: str = "float32"
-    concat: bool = False
-    concat_size: list[int] | None = None
-    capture: str = "output"
-    attention: list[str] = field(default_factory=list)
-    techniques: list[str] = field(default_factory=list)  # applied to every variant
-    variants: dict[str, list[str]] = field(default_factory=dict)  # name → technique specs; empty: one plain run
-    shard_size: int = 256
+    The `difffeat extract` flags are made from these fields (`difffeat.config_cli`); `noise`, `store_dtype` and
+    `variants` are set by flags of another shape (``--clean``, ``--fp16-store``, ``--variant`` / ``--variants``).
+    """
+
+    images: str = option(help="image folder (recursive), glob, or imagefolder")
+    out: str = option(help="feature store folder")
+    model: str = option("mini")
+    layers: list[str] = option(default_factory=lambda: ["dift"], flag="--layer", metavar="LAYER",
+                               help="module name or preset (dift, gdf-legacy, hyperfeatures); repeat")
+    timesteps: list[int] = option(default_factory=lambda: [50], flag="--t", metavar="T", min=0,
+                                  help="timestep; repeat for several (default 50)")
+    seed: int = option(0)
+    ensemble: int = option(1, min=1, help="noise draws averaged per image and timestep")
+    batch_size: int = option(8, min=1)
+    noise: bool = option(True, cli=False, help="False (clean mode): the UNet sees the clean latent at t")
+    posterior: str = option("mean", choices=("mean", "sample"))
+    prompt: str = option("", help="prompt for every image (or the fallback of --prompt-from)")
+    prompt_source: str = option("fixed", choices=PROMPT_SOURCES, flag="--prompt-from",
+                                help="sidecar: <image>.txt; csv: --caption-column of --captions-csv; "
+                                     "label: --label-template")
+    captions_csv: str | None = option(None, help="CSV with file_name and caption/label columns "
+                                                 "(default: each image's own metadata row)")
+    caption_column: str = option("fine_caption")
+    label_template: str = option("a photo of a {label}")
+    resolution: list[int] | None = option(None, flag="--size", nargs=2, metavar=("H", "W"), min=1,
+                                          help="resize images to this (default: native)")
+    resize: str = option("center-crop", choices=("center-crop", "pad", "stretch"))
+    dtype: str = option("fp32", choices=("fp32", "fp16", "bf16"))
+    store_dtype: str = option("float32", choices=("float32", "float16"), cli=False)
+    concat: bool = option(False, help="resize all layers to one size and concatenate")
+    concat_size: list[int] | None = option(None, nargs=2, metavar=("H", "W"), min=1)
+    capture: str = option("output", choices=("output", "input"))
+    attention: list[str] = option(default_factory=list,
+                                  help="attention module whose cross-attention maps to keep")
+    techniques: list[str] = option(default_factory=list, flag="--technique", metavar="SPEC",
+                                   help="generation technique for every variant, e.g. controlnet:canny,scale=1.0 "
+                                        "lora:DIR prompt:fine denoise-from:60 cfg:7.5; repeat "
+                                        "(`difffeat techniques` lists them)")
+    # name → technique specs; empty: one plain run
+    variants: dict[str, list[str]] = option(default_factory=dict, cli=False)
+    shard_size: int = option(256, min=1)
+
+    def check(self) -> None:
+        for name in ("resolution", "concat_size"):
+            value = getattr(self, name)
+            if value is not None and len(value) != 2:
+                raise ConfigError(name, f"must be [height, width], got {value!r}")
 
     def store_config(self) -> dict:
         """The part of the config that defines the features (not where they come from or go)."""
-        cfg = asdict(self)
+        cfg = self.to_dict()
         for k in ("out", "batch_size", "shard_size"):
             cfg.pop(k)  # batch size and sharding never change a feature
         return cfg
@@ -69,8 +91,7 @@ class PromptSource:
     def __init__(self, cfg: ExtractRunConfig, source):
         from difffeat.data.images import read_caption_table
 
-        if cfg.prompt_source not in PROMPT_SOURCES:
-            raise UserError(f"unknown prompt source {cfg.prompt_source!r}; use one of {', '.join(PROMPT_SOURCES)}")
+        cfg.validate()  # an unknown prompt source fails here, naming the field
         self.cfg, self.source = cfg, source
         self.column = cfg.caption_column if cfg.prompt_source == "csv" else "label"
         self.table = read_caption_table(cfg.captions_csv, self.column) if cfg.captions_csv else None
@@ -106,22 +127,23 @@ class PromptSource:
             where = self.cfg.captions_csv
         else:
             value = (self.source.row(item) or {}).get(self.column)
-            where = "its metadata (pass --captions-csv)"
+            where = "its metadata (or give a captions_csv)"
         if value is None:
             raise UserError(f"{item.key}: no {self.column!r} in {where}")
         return str(value) if kind == "csv" else label_prompt(self.cfg.label_template, str(value))
 
 
 def parse_spec(spec: str) -> str:
-    """A technique spec in its canonical form (checks it, too)."""
-    from pipelines import parse_technique
+    """A technique spec in its canonical form (checks it, too), by the installed technique provider."""
+    from difffeat.conditioning import technique_provider
 
-    return parse_technique(spec).spec
+    return technique_provider().canonical_spec(spec)
 
 
 def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool = False, progress: bool = True,
                    pipe=None) -> dict:
     """Extract features for every image of `cfg.images` into the store `cfg.out`; returns the run report."""
+    cfg.validate()  # before torch and the model load
     import torch
     from accelerate import PartialState
     from tqdm.auto import tqdm
@@ -138,9 +160,7 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != world:  # never let several processes write as if each were alone
         raise UserError(f"launched as {launched} processes but accelerate sees {world}; check the launcher's flags")
-    if cfg.capture not in ("output", "input"):
-        raise UserError(f"capture must be 'output' or 'input', got {cfg.capture!r}")
-    source = ImageSource(cfg.images)
+    source = ImageSource(cfg.images, exclude=[cfg.out])  # a store inside its input folder is not an input
     items = source.items
     prompts = PromptSource(cfg, source)
     if pipe is None:
@@ -167,6 +187,8 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
     if rank == 0:
         writer = FeatureStoreWriter(cfg.out, store_cfg, shard_size=cfg.shard_size, dtype=cfg.store_dtype,
                                     rank=rank, overwrite=overwrite, resume=resume)
+        if writer.continuing:  # inputs changed or deleted since they were extracted: drop them (noted)
+            writer.discard(writer.stale_keys(source.stamps()))
     state.wait_for_everyone()
     if rank != 0:
         writer = FeatureStoreWriter(cfg.out, store_cfg, shard_size=cfg.shard_size, dtype=cfg.store_dtype,
@@ -209,7 +231,7 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
                         part = {"concat": concat_features(part, tuple(cfg.concat_size) if cfg.concat_size else None)}
                     feats.update({f"{name}/{layer}" if name else layer: f for layer, f in part.items()})
                 for row, item in enumerate(batch):
-                    writer.add(item.key, {name: f[row] for name, f in feats.items()})
+                    writer.add(item.key, {name: f[row] for name, f in feats.items()}, stamp=source.stamp(item))
                 extracted += len(batch)
             bar.update(len(chunk))
     bar.close()
@@ -222,6 +244,7 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
         "already_done": len(items[rank::world]) - len(mine),
         "extracted": extracted,
         "failed": failures,
+        "notes": writer.notes,
         "seconds": round(seconds, 3),
         "images_per_second": round(extracted / seconds, 3) if seconds > 0 and extracted else None,
     }
@@ -240,6 +263,7 @@ def _write_report(out: Path, report: dict, rank: int, world: int, state) -> None
             "extracted": sum(p["extracted"] for p in parts),
             "already_done": sum(p["already_done"] for p in parts),
             "failed": [f for p in parts for f in p["failed"]],
+            "notes": [n for p in parts for n in p.get("notes", [])],
             "processes": parts,
         }
         write_json_atomic(out / "report.json", merged)

@@ -7,40 +7,48 @@ A store is a folder holding the run's features, per image a dict layer → array
     DIR/failures-r{rank:03d}.jsonl                 one {"key", "reason"} line per skipped input
 
 In a shard the tensor ``f"{i}/{layer}"`` is layer `layer` of its i-th image; the shard's safetensors
-metadata holds ``"keys"`` (JSON list of image keys, in order) and ``"layers"`` (JSON list of layer names
-in the order the caller gave them, which safetensors itself does not keep). A shard is written to a
-temporary name and renamed, so it exists whole or not at all: a reader or a resumed run learns what is
-done from shard headers alone, without reading tensor data. Each process (rank) writes its own shards
-and failures file, so several processes can fill one store with no locking.
+metadata holds ``"keys"`` (JSON list of image keys, in order), ``"layers"`` (JSON list of layer names in
+the order the caller gave them, which safetensors itself does not keep), ``"stamps"`` (per image the
+[size, mtime_ns] of its input file when it was read, or null) and ``"sha256"`` (the shard's checksum, see
+`shard_digest`). A shard is written to a temporary name and renamed, so it exists whole or not at all: a
+reader or a resumed run learns what is done from shard headers alone, without reading tensor data. Each
+process (rank) writes its own shards and failures file, so several processes can fill one store; each
+holds the lock ``.lock-r{rank:03d}``, so two runs cannot fill one store at once.
+
+The folder itself is a run folder of the spine (`difffeat.run.RunFolder`): ownership, resume / overwrite
+and "config differs" follow its rules; the manifest is its marker, in the store's own format.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
-import importlib.metadata
 import json
 import os
-import platform
 import re
-import shutil
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from difffeat.atomic import atomic_path, write_json_atomic
+from difffeat.atomic import atomic_path
 from difffeat.errors import UserError
+from difffeat.lock import FolderLock
+from difffeat.run import RunFolder, canonical_json, config_hash, library_versions, mkdir
+
+__all__ = ["FeatureStore", "FeatureStoreWriter", "check_shard", "config_hash", "library_versions", "shard_digest",
+           "store_exists", "summarize"]  # config_hash and library_versions: from difffeat.run, kept importable here
 
 FORMAT = "difffeat-store/1"
+KIND = "feature store"
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 DTYPES = ("float32", "float16")
 # Copied from the config to the top level of `FeatureStore.manifest`, where the API contract promises them.
 MANIFEST_SHORTCUTS = ("model", "layers", "timesteps", "seed", "techniques", "variants", "resolution")
-VERSIONED = ("torch", "diffusers", "transformers", "safetensors", "numpy", "difffeat")
+# What a store consists of besides its manifest (the runner's reports included): all that overwrite removes.
+OWNED = (SHARDS, "failures-r*.jsonl", "report.json", "report-r*.json")
 
 _SHARD_RE = re.compile(r"shard-r(\d{3,})-(\d{6,})\.safetensors")
 _FAILURES_RE = re.compile(r"failures-r(\d{3,})\.jsonl")
@@ -54,22 +62,6 @@ def failures_name(rank: int) -> str:
     return f"failures-r{rank:03d}.jsonl"
 
 
-def config_hash(config: Mapping[str, Any]) -> str:
-    """sha256 of the canonical JSON of `config`: equal configs hash equally whatever their key order."""
-    return hashlib.sha256(_canonical(config).encode()).hexdigest()
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of Python and of the libraries that shape the features ("not installed" when absent)."""
-    versions = {"python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
 def store_exists(path: str | os.PathLike) -> bool:
     """Whether `path` holds a difffeat feature store (a folder with a difffeat manifest.json)."""
     try:
@@ -80,12 +72,9 @@ def store_exists(path: str | os.PathLike) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
 def _read_manifest(path: Path) -> dict:
-    """The parsed manifest of the store at `path`; UserError when `path` is not a store."""
+    """The parsed manifest of the store at `path`; UserError when `path` is not a store, or when the manifest's
+    config no longer matches its hash (an edited or damaged manifest describes features it did not make)."""
     file = path / MANIFEST
     if not file.is_file():
         raise UserError(f"{path}: not a difffeat feature store (no {MANIFEST})")
@@ -95,6 +84,10 @@ def _read_manifest(path: Path) -> dict:
         raise UserError(f"{file}: unreadable ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{path}: not a difffeat feature store ({MANIFEST} is not a {FORMAT} manifest)")
+    config = manifest.get("config")
+    if not isinstance(config, dict) or manifest.get("config_hash") != config_hash(config):
+        raise UserError(f"{file}: its config does not match its config_hash (the manifest was edited or damaged); "
+                        "the store's features cannot be trusted to match it")
     return manifest
 
 
@@ -110,8 +103,8 @@ def _list_shards(shards: Path) -> list[tuple[int, int, Path]]:
     return sorted(found, key=lambda s: s[2].name)
 
 
-def _shard_header(file: Path) -> tuple[list[str], list[str], list[str]]:
-    """(image keys, layer order, tensor names) from a shard's header, reading no tensor data."""
+def _shard_header(file: Path) -> tuple[list[str], list[str], list[str], list]:
+    """(image keys, layer order, tensor names, input stamps) from a shard's header, reading no tensor data."""
     from safetensors import safe_open
 
     try:
@@ -120,9 +113,51 @@ def _shard_header(file: Path) -> tuple[list[str], list[str], list[str]]:
             names = list(f.keys())
         keys = json.loads(meta["keys"])
         layers = json.loads(meta.get("layers", "[]"))
+        stamps = json.loads(meta["stamps"]) if "stamps" in meta else [None] * len(keys)
     except Exception as e:  # a damaged file: say which one, whatever safetensors raised
-        raise UserError(f"{file}: unreadable feature shard ({e})") from None
-    return keys, layers, names
+        raise UserError(f"{file}: unreadable feature shard ({_one_line(e)})") from None
+    return keys, layers, names, stamps
+
+
+def shard_digest(names: Iterable[str], get: Callable[[str], np.ndarray], metadata: Mapping[str, str]) -> str:
+    """A shard's checksum: sha256 over its metadata (without the checksum itself) and, in name order, each
+    tensor's name, dtype, shape and bytes. It does not depend on how safetensors lays the file out, so a
+    reader recomputes it from what it reads; a changed byte anywhere it reads changes it."""
+    h = hashlib.sha256(canonical_json({k: v for k, v in metadata.items() if k != "sha256"}).encode())
+    for name in sorted(names):  # one tensor in memory at a time
+        array = np.ascontiguousarray(get(name))
+        h.update(canonical_json([name, array.dtype.str, list(array.shape)]).encode())
+        h.update(memoryview(array).cast("B"))
+    return h.hexdigest()
+
+
+def check_shard(file: str | os.PathLike) -> str | None:
+    """Why a shard cannot be trusted (unreadable, or its content no longer matches its checksum); None when
+    it matches, or when it was written before shards carried checksums."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="np") as f:
+            meta = f.metadata() or {}
+            if "sha256" not in meta:
+                return None
+            digest = shard_digest(f.keys(), f.get_tensor, meta)
+    except Exception as e:  # a damaged file, whatever safetensors raised
+        return f"unreadable ({_one_line(e)})"
+    if digest != meta["sha256"]:
+        return "checksum mismatch: its content changed after it was written"
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:200] or type(e).__name__
+
+
+def _io_reason(e: BaseException) -> str:
+    """The system's words from a safetensors I/O error (``IoError(Os { …, message: "No space left" })``)."""
+    m = re.search(r'message: "([^"]+)"', str(e))
+    return m[1] if m else _one_line(e)
 
 
 def _to_numpy(value: Any, dtype: str) -> np.ndarray:
@@ -144,7 +179,15 @@ def _human_bytes(n: int) -> str:
     return ""  # unreachable: the loop returns at TiB
 
 
-# ---------------------------------------------------------------------------------------------- writer
+class _StoreFolder(RunFolder):
+    """The store as a run folder: a store has started once it holds a shard or a failure record (a manifest
+    alone is the store another process of this run just created, which this one may join)."""
+
+    def started(self) -> bool:
+        return bool(_list_shards(self.path / SHARDS)) or any(_FAILURES_RE.fullmatch(p.name)
+                                                              for p in self.path.iterdir())
+
+
 class FeatureStoreWriter:
     """Writes features of many images to a store, one shard per `shard_size` images; see the module doc.
 
@@ -155,9 +198,14 @@ class FeatureStoreWriter:
     (with `resume=True`), because a process that finds a store another one just started, with shards in
     it, refuses to join it without `resume`.
 
+    A resumed store is checked first (by rank 0, which opens it first): a shard that no longer matches its
+    checksum is set aside (renamed ``….damaged``) and its images count as not done; `stale_keys` and
+    `discard` drop images whose input changed or went away. What was set aside or dropped is in `notes`.
+
     Use it as a context manager or call `close()`: buffered images are written only by `flush()`,
     `close()` or the end of a ``with`` block (also when the block raises, since every buffered image is
     complete). A writer dropped without closing writes nothing more, so a crashed run just redoes them.
+    A shard that cannot be written (disk full) ends the writer: nothing more is written, not even at close.
     """
 
     def __init__(self, path: str | os.PathLike, config: Mapping[str, Any], *, shard_size: int = 256,
@@ -168,16 +216,34 @@ class FeatureStoreWriter:
             raise ValueError(f"shard_size must be ≥ 1, got {shard_size}")
         if rank < 0:
             raise ValueError(f"rank must be ≥ 0, got {rank}")
-        self.path = Path(path)
-        self.config = json.loads(_canonical(dict(config)))  # as it will read back (tuples become lists)
-        self.config_hash = config_hash(self.config)
+        if (Path(path) / MANIFEST).is_file() and not overwrite:
+            _read_manifest(Path(path))  # a store to continue: its manifest must still match its own hash
+        self.folder = _StoreFolder(path, KIND, config, resume=resume, overwrite=overwrite, owned=OWNED,
+                                   marker=MANIFEST, ignore=(), format=FORMAT)
+        self.path = self.folder.path
+        self.config = self.folder.config  # as it reads back (tuples become lists)
+        self.config_hash = self.folder.config_hash
+        self.continuing = self.folder.continuing
         self.shard_size = shard_size
         self.dtype = dtype
         self.rank = rank
-        self._buffer: list[tuple[str, dict[str, np.ndarray]]] = []
-        self._header_cache: dict[Path, list[str]] = {}
+        self.notes: list[dict] = []  # shards set aside, images dropped: for the run's report
+        self._buffer: list[tuple[str, dict[str, np.ndarray], list[int] | None]] = []
+        self._header_cache: dict[Path, tuple[list[str], list]] = {}
         self._closed = False
-        self._open(overwrite=overwrite, resume=resume)
+        self._broken = False
+        # Taken before anything changes, so that a second run (even with overwrite) touches nothing.
+        mkdir(self.path)
+        self._lock = FolderLock(self.path / f".lock-r{rank:03d}", f"the feature store {self.path}").acquire()
+        try:
+            self.folder.create()
+            self._remove_own_temp_files()
+            mkdir(self.shards_dir)
+            if self.continuing and rank == 0:
+                self._set_aside_damaged_shards()
+        except BaseException:
+            self._lock.release()
+            raise
         self._next_index = 1 + max((i for r, i, _ in _list_shards(self.shards_dir) if r == rank), default=-1)
 
     @property
@@ -188,61 +254,6 @@ class FeatureStoreWriter:
     def failures_file(self) -> Path:
         return self.path / failures_name(self.rank)
 
-    def _open(self, *, overwrite: bool, resume: bool) -> None:
-        path = self.path
-        if path.exists() and not path.is_dir():
-            raise UserError(f"{path}: exists and is not a folder")
-        if path.is_dir() and any(path.iterdir()):
-            if not (path / MANIFEST).exists():
-                raise UserError(f"{path}: folder is not empty and is not a difffeat feature store; "
-                                "choose a new or empty folder")
-            old = _read_manifest(path)  # refuses a foreign manifest.json, even with overwrite
-            if overwrite:
-                self._remove_store_files()
-            elif old.get("config_hash") == self.config_hash:
-                started = _list_shards(self.shards_dir) or any(_FAILURES_RE.fullmatch(p.name)
-                                                                 for p in path.iterdir())
-                # A store with nothing in it yet is the one this run (another rank of it) just created.
-                if started and not resume:
-                    raise UserError(f"{path}: a store of this run exists; pass --resume to continue it "
-                                    "or --overwrite to replace it")
-                self._remove_own_temp_files()
-                self._mkdir(self.shards_dir)
-                return
-            else:
-                old_cfg = old.get("config", {}) if isinstance(old.get("config"), dict) else {}
-                differ = sorted(k for k in set(old_cfg) | set(self.config)
-                                if _canonical(old_cfg.get(k)) != _canonical(self.config.get(k)))
-                raise UserError(f"{path}: holds a store of a different run (config differs in: "
-                                f"{', '.join(differ) or 'format'}); pass --overwrite to replace it or "
-                                "choose another folder")
-        self._mkdir(self.shards_dir)
-        manifest = {
-            "format": FORMAT,
-            "config": self.config,
-            "config_hash": self.config_hash,
-            "versions": library_versions(),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        write_json_atomic(path / MANIFEST, manifest)
-
-    def _mkdir(self, folder: Path) -> None:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"{folder}: cannot create folder ({e.strerror or e})") from None
-
-    def _remove_store_files(self) -> None:
-        """Delete what a store consists of (shards, manifest, failures files) and nothing else."""
-        try:
-            if self.shards_dir.exists():
-                shutil.rmtree(self.shards_dir)
-            for p in self.path.iterdir():
-                if p.name == MANIFEST or _FAILURES_RE.fullmatch(p.name):
-                    p.unlink()
-        except OSError as e:
-            raise UserError(f"{self.path}: cannot remove the old store ({e.strerror or e})") from None
-
     def _remove_own_temp_files(self) -> None:
         # Only this rank's: another rank may be writing its own temporary file right now.
         prefix = f".shard-r{self.rank:03d}-"
@@ -251,17 +262,85 @@ class FeatureStoreWriter:
                 if p.name.startswith(prefix) and ".tmp" in p.name:
                     p.unlink(missing_ok=True)
 
+    def _set_aside_damaged_shards(self) -> None:
+        """Check every shard against its checksum before a resumed run trusts it; move the damaged ones aside."""
+        for _, _, file in _list_shards(self.shards_dir):
+            reason = check_shard(file)
+            if reason is None:
+                continue
+            aside = file.with_name(file.name + ".damaged")
+            try:
+                os.replace(file, aside)
+            except OSError as e:
+                raise UserError(f"{file}: {reason}, and it cannot be set aside ({e.strerror or e})") from None
+            self.notes.append({"shard": f"{SHARDS}/{file.name}",
+                               "reason": f"{reason}; set aside as {aside.name}, its images are extracted again"})
+
+    def _header(self, file: Path) -> tuple[list[str], list]:
+        if file not in self._header_cache:  # a shard never changes once written (`discard` forgets it)
+            keys, _, _, stamps = _shard_header(file)
+            self._header_cache[file] = (keys, stamps)
+        return self._header_cache[file]
+
     def done_keys(self) -> set[str]:
         """Keys of the images in complete shards of all ranks: what a resumed run may skip."""
         done: set[str] = set()
         for _, _, file in _list_shards(self.shards_dir):
-            if file not in self._header_cache:  # a shard never changes once written
-                self._header_cache[file] = _shard_header(file)[0]
-            done.update(self._header_cache[file])
+            done.update(self._header(file)[0])
         return done
 
-    def add(self, key: str, features: Mapping[str, Any]) -> None:
-        """Buffer the features of image `key` (layer → [C, h, w] array or tensor); write a full shard."""
+    def stale_keys(self, current: Mapping[str, Any]) -> dict[str, str]:
+        """Done images whose input went away or changed since it was read: key → why.
+
+        `current` maps every input key to its file's ``(size, mtime_ns)`` now (None when unknown, as for a
+        data set row); a key missing from it was deleted. Images stored without a stamp are judged only by
+        whether they are still there.
+        """
+        stale = {}
+        for _, _, file in _list_shards(self.shards_dir):
+            keys, stamps = self._header(file)
+            for key, stamp in zip(keys, stamps):
+                if key not in current:
+                    stale[key] = "its input is gone"
+                elif stamp is not None and current[key] is not None and list(current[key]) != list(stamp):
+                    stale[key] = "its input changed since it was extracted"
+        return stale
+
+    def discard(self, keys: Mapping[str, str] | Iterable[str]) -> None:
+        """Remove images from the store: each shard holding one is written again without it (and removed when
+        nothing is left). `keys` may map each key to why; every dropped key is noted. Call it before other
+        processes join the store."""
+        reasons = dict(keys) if isinstance(keys, Mapping) else dict.fromkeys(keys, "discarded")
+        if not reasons:
+            return
+        for _, _, file in _list_shards(self.shards_dir):
+            if any(k in reasons for k in self._header(file)[0]):
+                self._rewrite_without(file, reasons)
+                self._header_cache.pop(file, None)
+        self.notes += [{"key": k, "reason": f"{why}; its features were dropped"} for k, why in reasons.items()]
+
+    def _rewrite_without(self, file: Path, drop: Mapping[str, str]) -> None:
+        from safetensors import safe_open
+
+        keys, _, names, stamps = _shard_header(file)
+        keep = [i for i, k in enumerate(keys) if k not in drop]
+        if not keep:
+            file.unlink()
+            return
+        buffer = []
+        with safe_open(str(file), framework="np") as f:
+            order = json.loads((f.metadata() or {}).get("layers", "[]"))
+            for i in keep:
+                layers = sorted((n.partition("/")[2] for n in names if n.partition("/")[0] == str(i)),
+                                key=lambda layer: order.index(layer) if layer in order else len(order))
+                buffer.append((keys[i], {layer: f.get_tensor(f"{i}/{layer}") for layer in layers}, stamps[i]))
+        self._write_shard(file, buffer)
+
+    def add(self, key: str, features: Mapping[str, Any], stamp: tuple[int, int] | None = None) -> None:
+        """Buffer the features of image `key` (layer → [C, h, w] array or tensor); write a full shard.
+
+        `stamp` is the input file's ``(size, mtime_ns)`` when it was read: a resumed run compares it with the
+        file's now (`stale_keys`)."""
         if self._closed:
             raise ValueError("add() on a closed FeatureStoreWriter")
         if not features:
@@ -272,7 +351,7 @@ class FeatureStoreWriter:
             if array.ndim != 3:
                 raise ValueError(f"{key}: layer {layer!r} has shape {array.shape}, expected [C, h, w]")
             arrays[str(layer)] = array
-        self._buffer.append((str(key), arrays))
+        self._buffer.append((str(key), arrays, None if stamp is None else [int(v) for v in stamp]))
         if len(self._buffer) >= self.shard_size:
             self.flush()
 
@@ -288,30 +367,46 @@ class FeatureStoreWriter:
 
     def flush(self) -> None:
         """Write the buffered images as one shard (smaller than `shard_size` if fewer are buffered)."""
-        if not self._buffer:
+        if not self._buffer or self._broken:
             return
+        final = self.shards_dir / shard_name(self.rank, self._next_index)
+        try:
+            self._write_shard(final, self._buffer)
+        except UserError:
+            self._broken = True  # the disk is full or gone: nothing more is tried, not even at close
+            raise
+        self._header_cache[final] = ([k for k, _, _ in self._buffer], [s for _, _, s in self._buffer])
+        self._buffer.clear()
+        self._next_index += 1
+
+    def _write_shard(self, final: Path, images: list[tuple[str, dict[str, np.ndarray], list[int] | None]]) -> None:
+        from safetensors import SafetensorError
         from safetensors.numpy import save_file
 
         tensors: dict[str, np.ndarray] = {}
         layers: dict[str, None] = {}  # ordered union of layer names, as the caller gave them
-        for i, (_, arrays) in enumerate(self._buffer):
+        for i, (_, arrays, _) in enumerate(images):
             for layer, array in arrays.items():
                 tensors[f"{i}/{layer}"] = array
                 layers[layer] = None
-        metadata = {"keys": json.dumps([k for k, _ in self._buffer]), "layers": json.dumps(list(layers))}
-        name = shard_name(self.rank, self._next_index)
-        final = self.shards_dir / name
-        with atomic_path(final, what=f"feature shard {name}") as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
-        self._header_cache[final] = [k for k, _ in self._buffer]
-        self._buffer.clear()
-        self._next_index += 1
+        metadata = {"keys": json.dumps([k for k, _, _ in images]), "layers": json.dumps(list(layers)),
+                    "stamps": json.dumps([s for _, _, s in images])}
+        metadata["sha256"] = shard_digest(tensors, tensors.__getitem__, metadata)
+        try:
+            with atomic_path(final, what=f"feature shard {final.name}") as tmp:
+                save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as e:  # safetensors' own I/O errors (a full disk) are not OSErrors
+            raise UserError(f"{final.parent}: cannot write feature shard {final.name} ({_io_reason(e)})") from None
 
     def close(self) -> None:
-        """Write what is buffered; the writer takes no more images."""
-        if not self._closed:
+        """Write what is buffered; the writer takes no more images and lets go of its lock."""
+        if self._closed:
+            return
+        try:
             self.flush()
+        finally:
             self._closed = True
+            self._lock.release()
 
     def __enter__(self) -> FeatureStoreWriter:
         return self
@@ -324,7 +419,6 @@ class FeatureStoreWriter:
             # original error (a resumed run redoes whatever was not written).
             with contextlib.suppress(UserError):
                 self.close()
-            self._closed = True
         return False
 
 
@@ -342,7 +436,7 @@ class FeatureStore:
         self._manifest = _read_manifest(self.path)
         self._index: dict[str, tuple[Path, int, list[str]]] = {}  # key → (shard, position, layers)
         for _, _, file in _list_shards(self.path / SHARDS):
-            keys, order, names = _shard_header(file)
+            keys, order, names, _ = _shard_header(file)
             per_image: dict[int, list[str]] = {}
             for name in names:
                 i, _, layer = name.partition("/")
@@ -475,6 +569,16 @@ class FeatureStore:
             out[n] = array
         return out
 
+    def verify(self) -> list[dict]:
+        """Every shard read in full and checked against its checksum: one {"shard", "reason"} per damaged one
+        (shards of an older difffeat carry no checksum and count as sound)."""
+        damaged = []
+        for _, _, file in _list_shards(self.path / SHARDS):
+            reason = check_shard(file)
+            if reason is not None:
+                damaged.append({"shard": file.relative_to(self.path).as_posix(), "reason": reason})
+        return damaged
+
     def size_on_disk(self) -> int:
         """Bytes of every file in the store folder."""
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
@@ -492,7 +596,7 @@ class FeatureStore:
         for layer in self.layers:
             features[layer] = datasets.Array3D(shape=shapes[layer], dtype=dtypes[layer])
         stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for _, _, p in _list_shards(self.path / SHARDS)]
-        signature = hashlib.sha256(_canonical(stamp).encode()).hexdigest()
+        signature = hashlib.sha256(canonical_json(stamp).encode()).hexdigest()
         return datasets.Dataset.from_generator(
             _hf_rows, features=features, cache_dir=cache_dir,
             gen_kwargs={"path": str(self.path.resolve()), "layers": tuple(self.layers), "signature": signature},
@@ -508,8 +612,14 @@ def _hf_rows(path: str, layers: tuple[str, ...], signature: str) -> Iterator[dic
         yield {"key": key, **{layer: features[layer] for layer in layers}}
 
 
-def summarize(store: FeatureStore, max_failures: int = 5) -> str:
-    """A few lines describing a store, for `difffeat inspect DIR`."""
+def summarize(store: FeatureStore, max_failures: int = 5, verify: bool = False) -> str:
+    """A few lines describing a store, for `difffeat inspect DIR`; with `verify` every shard is checked
+    against its checksum first (`FeatureStore.verify`), and a damaged one is a UserError naming it."""
+    if verify:
+        damaged = store.verify()
+        if damaged:
+            more = f" (and {len(damaged) - 1} more damaged shard(s))" if len(damaged) > 1 else ""
+            raise UserError(f"{store.path / damaged[0]['shard']}: {damaged[0]['reason']}{more}")
     manifest = store.manifest
     lines = [f"feature store {store.path}", f"  images:     {len(store)}"]
     shapes, dtypes = store.shapes, store.dtypes
@@ -532,4 +642,6 @@ def summarize(store: FeatureStore, max_failures: int = 5) -> str:
         lines.append(f"    {record['key']}: {record.get('reason', '')}")
     if len(failures) > max_failures:
         lines.append(f"    … and {len(failures) - max_failures} more")
+    if verify:
+        lines.append(f"  verified:   {len(_list_shards(store.path / SHARDS))} shard(s) match their checksums")
     return "\n".join(lines)

@@ -17,6 +17,8 @@ _LAZY = {
     "GateResult": "gate.ranking",
     "read_candidates": "gate.candidates",
     "write_report": "gate.report",
+    "sweep": "gate.sweeping",
+    "SweepConfig": "gate.sweeping",
 }
 
 __getattr__ = lazy_getattr(__name__, _LAZY)

@@ -1,7 +1,7 @@
 """`difffeat gate`: rank candidate techniques by how well they suppress content shift, and write the report.
 
-Registered in difffeat's CLI through `EXTENSION_COMMANDS`; this module imports only the standard library at
-load, GATE itself when the command runs.
+Collected by difffeat's CLI through the entry point ``difffeat.commands: gate``; this module imports only the
+standard library at load, GATE itself when the command runs.
 
     difffeat gate IMAGES --candidates FILE.yaml [--strength 0.7] [--steps 25] [--n 16] [--seed 0] [--t 50]
         [--primary psnr] --out DIR [--emit FILE] [--greedy] [--probe LABELS]
@@ -17,7 +17,7 @@ from pathlib import Path
 
 def _config(args):
     from difffeat.errors import UserError
-    from difffeat.runconfig import read_saved_config
+    from difffeat.run import read_saved_config
     from gate.candidates import read_candidates
     from gate.ranking import GateConfig
 
@@ -40,17 +40,21 @@ def _config(args):
 
 
 def _cmd_gate(args) -> None:
+    from difffeat.run import check_new_file
     from difffeat.zoo import load_pipeline
     from gate.ranking import rank
-    from gate.report import write_report
+    from gate.report import report_folder, write_report
     from pipelines.variants import write_variants_file
 
     cfg = _config(args)
-    cfg.check()  # before the model loads
+    cfg.validate()  # before the model loads
+    folder = report_folder(args.out, cfg, overwrite=args.overwrite)  # refused now, not after the work
+    if args.emit:
+        check_new_file(args.emit, args.overwrite, "--emit")
     pipe = load_pipeline(cfg.model)
     result = rank(pipe, cfg.images, cfg.candidates, cfg, progress=not args.quiet)
     out = Path(args.out)
-    page = write_report(result, out, report_images=args.report_images)
+    page = write_report(result, folder, report_images=args.report_images)
     primary = result.primary
     print(f"GATE on {len(result.keys)} images ({len(result.dropped)} dropped), primary {primary}:")
     for row in result.table():
@@ -110,4 +114,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--probe-n", type=int, default=32, help="labelled images drawn for the probe (half fit, half score)")
     p.add_argument("--probe-task", default="auto", choices=["auto", "seg", "cls"])
     p.add_argument("--report-images", type=int, default=8, help="images shown in the HTML report")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out and the --emit file")
     p.set_defaults(func=_cmd_gate)
+
+    from gate.sweeping import add_sweep_command  # the `sweep` command lives with its code
+
+    add_sweep_command(subparsers)

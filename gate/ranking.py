@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
 from difffeat.errors import UserError
+from difffeat.run import Config, ConfigError, option
 from gate.candidates import REFERENCE, check_candidates
 from gate.inputs import GateInputs, drop_unusable, require_enough
 from gate.reconstruct import Reconstructor
@@ -28,51 +29,47 @@ FEATURE_REFERENCES = ("technique", "plain")
 
 
 @dataclass
-class GateConfig:
-    """Everything that defines a GATE run; written next to its outputs (`config.json`), and a run repeats from it."""
+class GateConfig(Config):
+    """Everything that defines a GATE run; written next to its outputs (`config.json`), and a run repeats from it.
 
-    images: str | None = None  # folder, glob, imagefolder or hf:NAME[:SPLIT] (None: tensors given to `rank`)
-    candidates: dict[str, list[str]] = field(default_factory=dict)  # name → technique specs (reference added)
-    model: str = "mini"
-    n: int | None = 16  # images drawn (seeded) from `images`; None: all
-    seed: int = 0  # image draw, img2img noise, feature noise and bootstrap
-    strength: float = 0.7  # img2img repainting strength (diffusers semantics)
-    steps: int = 25  # DDIM steps of img2img; int(steps · strength) of them run
-    t: int = 50  # feature-extraction timestep (the feature Score's features)
-    layers: list[str] = field(default_factory=lambda: ["dift"])
-    primary: str = "psnr"  # the score the decision and the ranking use
-    prompt: str = ""  # base prompt of every image (prompt techniques rewrite it)
-    prompt_source: str = "fixed"  # fixed | sidecar | csv | label, as `difffeat extract --prompt-from`
-    caption_column: str = "fine_caption"
-    edge_tolerance: int = 1  # pixels an edge may move and still match (edge F1)
-    feature_reference: str = "technique"  # t = 0 reference features: with the candidate's techniques, or plain
-    n_boot: int = 2000
-    level: float = 0.95
-    greedy: bool = False  # forward selection over combinations of accepted candidates
-    probe: str | None = None  # labelled image set for the linear probe
-    probe_n: int = 32
-    probe_task: str = "auto"  # auto | seg | cls
-    batch_size: int = 8
-    reuse: bool = True  # share VAE encodes and text embeddings across candidates (False: the benchmark baseline)
+    Fields validate themselves (`validate`, raising `ConfigError` naming the field); the `difffeat gate` flags
+    are made from them."""
 
-    @classmethod
-    def from_dict(cls, d: dict, **override) -> GateConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{**{k: v for k, v in d.items() if k in known}, **override})
+    images: str | None = option(None, help="image folder, glob, imagefolder or hf:NAME[:SPLIT] (None: tensors "
+                                           "given to `rank`)")
+    candidates: dict[str, list[str]] = option(default_factory=dict, cli=False,
+                                              help="name → technique specs (reference added)")
+    model: str = option("mini")
+    n: int | None = option(16, min=1, help="images drawn (seeded) from `images`; None: all")
+    seed: int = option(0, help="image draw, img2img noise, feature noise and bootstrap")
+    strength: float = option(0.7, above=0, max=1, help="img2img repainting strength (diffusers semantics)")
+    steps: int = option(25, min=1, help="DDIM steps of img2img; int(steps · strength) of them run")
+    t: int = option(50, min=0, help="feature-extraction timestep (the feature Score's features)")
+    layers: list[str] = option(default_factory=lambda: ["dift"], flag="--layer",
+                               help="feature layer or preset; repeat")
+    primary: str = option("psnr", choices=tuple(HIGHER_IS_BETTER), help="the score the decision and the ranking use")
+    prompt: str = option("", help="base prompt of every image (prompt techniques rewrite it)")
+    prompt_source: str = option("fixed", choices=("fixed", "sidecar", "csv", "label"), flag="--prompt-from",
+                                help="base prompts as in `difffeat extract --prompt-from`")
+    caption_column: str = option("fine_caption", help="metadata column of an image's caption")
+    edge_tolerance: int = option(1, min=0, help="pixels an edge may move and still match (edge F1)")
+    feature_reference: str = option("technique", choices=FEATURE_REFERENCES,
+                                    help="t = 0 reference features: with the candidate's techniques, or plain")
+    n_boot: int = option(2000, min=100, flag="--boot", help="bootstrap resamples")
+    level: float = option(0.95, above=0, help="confidence level of the intervals (below 1)")
+    greedy: bool = option(False, help="forward selection over combinations of accepted candidates")
+    probe: str | None = option(None, help="labelled image set for the linear probe")
+    probe_n: int = option(32, min=2, help="labelled images drawn for the probe (half fit, half score)")
+    probe_task: str = option("auto", choices=("auto", "seg", "cls"))
+    batch_size: int = option(8, min=1)
+    reuse: bool = option(True, cli=False,
+                         help="share VAE encodes and text embeddings across candidates (False: the benchmark baseline)")
 
     def check(self) -> None:
-        if not 0 < self.strength <= 1:
-            raise UserError(f"--strength must be in (0, 1], got {self.strength}")
-        if self.steps < 1 or int(self.steps * self.strength) < 1:
-            raise UserError(f"--steps {self.steps} at strength {self.strength} runs no denoising step")
-        if self.primary not in HIGHER_IS_BETTER:
-            raise UserError(f"--primary {self.primary!r}: use one of {', '.join(HIGHER_IS_BETTER)}")
-        if self.feature_reference not in FEATURE_REFERENCES:
-            raise UserError(f"feature_reference {self.feature_reference!r}: use one of {', '.join(FEATURE_REFERENCES)}")
-        if self.probe_task not in ("auto", "seg", "cls"):
-            raise UserError(f"--probe-task {self.probe_task!r}: use auto, seg or cls")
-        if not 0 < self.level < 1 or self.n_boot < 100:
-            raise UserError(f"level must be in (0, 1) and n_boot ≥ 100 (got {self.level}, {self.n_boot})")
+        if int(self.steps * self.strength) < 1:
+            raise ConfigError("steps", f"{self.steps} steps at strength {self.strength} run no denoising step")
+        if not self.level < 1:
+            raise ConfigError("level", f"must be < 1, got {self.level}")
 
 
 @dataclass
@@ -183,7 +180,7 @@ class _Scorer:
         if self.cfg.feature_reference == "plain":
             return self.plain_t0
         # A schedule technique (denoise-from) means nothing without noise: the t = 0 pass leaves it out.
-        key = tuple(s for s in specs if parse_technique(s).kind != "schedule")
+        key = tuple(s for s in specs if not parse_technique(s).implements("schedule"))
         if key not in self._t0:
             self._t0[key] = self.recon.features(list(key), 0, noise=False)
         return self._t0[key]
@@ -239,9 +236,8 @@ def rank(pipe, images, candidates: dict[str, list[str]], config: GateConfig | No
 
     cfg = GateConfig.from_dict(asdict(config) if config else {}, **overrides)
     cfg.candidates = check_candidates(candidates or cfg.candidates)
-    cfg.check()
     if cfg.primary == "lpips" and lpips_weights()[0] is None:
-        raise UserError(f"--primary lpips: LPIPS cannot run here ({lpips_weights()[1]}); choose another score")
+        raise ConfigError("primary", f"LPIPS cannot run here ({lpips_weights()[1]}); choose another score")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     inputs = _inputs(pipe, images, cfg, keys, prompts, fields)

@@ -4,6 +4,10 @@ The HTML report is one self-contained file (pictures embedded as base64 PNG) tha
 the decision, the ranking with intervals, the chart, then per image the input beside every candidate's
 reconstruction, then PCA pictures of the features (the standard view of content shift). `config.json`
 holds the resolved config and library versions: `difffeat gate --config OUT/config.json` repeats the run.
+
+The output folder is a run folder of the spine (`difffeat.run.RunFolder`, kind "gate"), checked before any
+work (`report_folder`): difffeat never writes into a folder it did not make, and an earlier report is
+replaced only with ``overwrite`` — its own files only, never anything else in the folder.
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ import base64
 import csv
 import html
 import io
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from difffeat.atomic import atomic_path, write_atomic, write_json_atomic
+from difffeat.atomic import atomic_path, write_atomic
+from difffeat.run import RunFolder
 from gate.candidates import REFERENCE
 from gate.score import HIGHER_IS_BETTER
 
@@ -32,6 +38,15 @@ MEANING = {
                      "Laplacian contour difference to t = 0 features; 0 = as much shift as reference",
 }
 COLORS = {"reference": "#8a8a8a", "accepted": "#2e8b57", "other": "#4a78b5"}
+KIND = "gate"
+OWNED = ("ranking.csv", "ranking.json", "per_image.csv", "scores.png", "pca.png", "report.html")
+
+
+def report_folder(out: str | os.PathLike, config, overwrite: bool = False) -> RunFolder:
+    """The run folder a GATE report goes to, checked now (call it before ranking, so that a folder that
+    cannot take the report costs no work): refused when difffeat did not make it, or when it holds an
+    earlier report and `overwrite` is not set. `config` is the run's `GateConfig`."""
+    return RunFolder(out, KIND, config, overwrite=overwrite, owned=OWNED, resumable=False)
 
 
 def _png(array: np.ndarray, scale: int = 1) -> bytes:
@@ -57,15 +72,15 @@ def _fmt(value: float, metric: str) -> str:
     return f"{value:.2f}" if metric == "psnr" else f"{value:.3f}"
 
 
-def write_tables(result, out: Path) -> None:
+def write_tables(result, folder: RunFolder) -> None:
     """ranking.csv, ranking.json (the whole result) and per_image.csv."""
     rows = result.table()
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    write_atomic(out / "ranking.csv", buf.getvalue())
-    write_json_atomic(out / "ranking.json", result.to_dict())
+    write_atomic(folder.file("ranking.csv"), buf.getvalue())
+    folder.write_json("ranking.json", result.to_dict())
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["key", "candidate", *result.metrics])
@@ -73,7 +88,7 @@ def write_tables(result, out: Path) -> None:
         per_image = result.evaluations[name].per_image
         for i, key in enumerate(result.keys):
             writer.writerow([key, name, *(f"{per_image[m][i]:.6g}" for m in result.metrics)])
-    write_atomic(out / "per_image.csv", buf.getvalue())
+    write_atomic(folder.file("per_image.csv"), buf.getvalue())
 
 
 def bar_chart(result, path: Path) -> Path:
@@ -124,25 +139,25 @@ def pca_grid(result, n_images: int = 4) -> tuple[list[str], list[list[np.ndarray
     return [name for name, _ in rows], [rgb[i * k : (i + 1) * k] for i in range(len(rows))]
 
 
-def write_report(result, out: Path, report_images: int = 8, pca_images: int = 4) -> Path:
-    """Write every output of a run into `out`; returns the HTML report's path."""
-    from difffeat.store import library_versions
-
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "config.json", {"config": result.to_dict()["config"], "versions": library_versions()})
-    write_tables(result, out)
-    chart = bar_chart(result, out / "scores.png")
+def write_report(result, out: str | os.PathLike | RunFolder, report_images: int = 8, pca_images: int = 4,
+                 overwrite: bool = False) -> Path:
+    """Write every output of a run into `out` (a folder, or the `report_folder` checked before the run);
+    returns the HTML report's path. `config.json` (the run folder's marker) holds the config and versions."""
+    folder = out if isinstance(out, RunFolder) else report_folder(out, result.config, overwrite=overwrite)
+    folder.create()
+    write_tables(result, folder)
+    chart = bar_chart(result, folder.file("scores.png"))
     labels, pcas = pca_grid(result, pca_images)
     scale = max(1, 96 // pcas[0][0].shape[0])
-    with atomic_path(out / "pca.png", what="PCA image") as tmp:
+    with atomic_path(folder.file("pca.png"), what="PCA image") as tmp:
         gap = np.full((pcas[0][0].shape[0] * scale, scale, 3), 255, np.uint8)
         lines = [np.concatenate(sum(([m.repeat(scale, 0).repeat(scale, 1), gap] for m in row), [])[:-1], 1)
                  for row in pcas]
         rowgap = np.full((scale, lines[0].shape[1], 3), 255, np.uint8)
         tmp.write_bytes(_png(np.concatenate(sum(([line, rowgap] for line in lines), [])[:-1], 0)))
     page = _html(result, chart.read_bytes(), labels, pcas, report_images)
-    write_atomic(out / "report.html", page)
-    return out / "report.html"
+    write_atomic(folder.file("report.html"), page)
+    return folder.file("report.html")
 
 
 # ------------------------------------------------------------------------------------------------- HTML

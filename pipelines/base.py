@@ -1,16 +1,21 @@
 """The technique interface, its registry, and spec strings (`controlnet:canny,scale=1.0`).
 
-A technique is a dataclass config plus the hooks of its *kind*; the kind says where it acts on
-extraction and generation:
+A technique is a dataclass config plus the hooks it overrides. `Technique` declares every hook as a no-op;
+`TechniqueStack` calls, for each hook, the techniques that override it (`Technique.implements`):
 
-- ``weights``  (LoRA): changes UNet / text-encoder weights while active;
-- ``prompt``   (prompt templates): rewrites each image's prompt before encoding;
-- ``guidance`` (CFG): runs an unconditional branch and combines it with the conditional one;
-- ``residual`` (ControlNet): adds residuals to the UNet's skip connections;
-- ``schedule`` (denoise-from): changes where noising starts and which steps run before extraction.
+- ``weights``        (LoRA): the adapter `bind` loaded into the pipeline, active while the stack runs;
+- ``prepare_prompt`` (prompt templates): rewrites each image's prompt before encoding;
+- ``guidance``       (CFG): combines an unconditional branch (`negative_prompt`) with the conditional one;
+- ``residuals``      (ControlNet): residuals for the UNet's skip connections, from `control_images`;
+- ``schedule``       (denoise-from): the timesteps to noise at and denoise through before the feature pass.
 
-Techniques compose in that kind order (`KIND_ORDER`), and in the order given within a kind, whatever
-order the user lists them in; so a spec list names one composition.
+Techniques compose in that hook order (`HOOKS`; a technique's place is the first hook it overrides), and in
+the order given among techniques of one place, whatever order the user lists them in; so a spec list names
+one composition.
+
+A technique is one module in `pipelines/techniques/` with a `@register_technique` class; the folder's
+modules are found with `pkgutil`, and other installed packages add theirs through the entry-point group
+``pipelines.techniques`` (each entry names a module that registers its techniques on import).
 
 Spec strings are ``NAME[:VALUE][,FIELD=VALUE]…``: ``VALUE`` fills the technique's positional field.
 A comma followed by ``WORD=`` starts a new field; in a free-text field (a prompt template, a negative
@@ -22,40 +27,103 @@ prompt) it stays text unless WORD is one of the technique's fields, so templates
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
+import pkgutil
 import re
 import typing
-from collections.abc import Iterable
-from typing import ClassVar
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
 
 from difffeat.errors import UserError
 
-KIND_ORDER = ("weights", "prompt", "guidance", "residual", "schedule")
+# The hooks that place a technique in a composition, in composition order.
+HOOKS = ("weights", "prepare_prompt", "guidance", "residuals", "schedule")
+PLUGIN_GROUP = "pipelines.techniques"
 
 TECHNIQUES: dict[str, type[Technique]] = {}
 
 
 def register_technique(cls):
     """Class decorator: registers a `Technique` dataclass under its `name`."""
-    if cls.kind not in KIND_ORDER:
-        raise ValueError(f"{cls.__name__}: kind {cls.kind!r} is not one of {KIND_ORDER}")
+    if not cls.hooks():
+        raise ValueError(f"{cls.__name__}: overrides none of the technique hooks {HOOKS}")
     TECHNIQUES[cls.name] = cls
     return cls
 
 
-class Technique:
-    """Base of all techniques (subclasses are dataclasses; see the module docstring for the kinds).
+class MissingInput(UserError):
+    """An image lacks what a technique needs (a caption, a control map); its run skips the image."""
 
-    `bind(pipe)` is called once before use, with the pipeline the technique will act on: load models,
-    check that they fit the pipeline, and raise `UserError` when they do not.
+
+class Technique:
+    """Base of all techniques (subclasses are dataclasses). Every hook is a no-op here; a technique overrides
+    those it implements, and the stack calls only those (see the module docstring).
+
+    `bind(pipe)` is called once per stack, with the pipeline the technique will act on: load what it needs,
+    check that it fits the pipeline (raise `UserError` when it does not), and return what it loaded (or None);
+    the stack keeps that and hands it back to `residuals` as `loaded`, so the config object itself never holds
+    runtime modules.
     """
 
     name: ClassVar[str]
-    kind: ClassVar[str]
     positional: ClassVar[str | None] = None  # the field `NAME:VALUE` fills
     free_text: ClassVar[tuple[str, ...]] = ()  # fields whose values may hold ", x=y" as plain text
 
-    def bind(self, pipe) -> None:
-        """Load and check what the technique needs for `pipe` (default: nothing)."""
+    def bind(self, pipe) -> Any:
+        """Load and check what the technique needs for `pipe`; returns it (default: nothing)."""
+        return None
+
+    # -------------------------------------------------------------------------------------------- hooks
+    def weights(self) -> tuple[str, float] | None:
+        """(adapter name, scale) of the weights `bind` loaded into the pipeline, active while the stack runs."""
+        return None
+
+    def prepare_prompt(self, prompt: str, fields: Mapping[str, str | None], key: str = "") -> str:
+        """The image's prompt after this technique (`prompt` is the prompt so far); raise `MissingInput` when
+        the image lacks a field the technique needs."""
+        return prompt
+
+    def guidance(self, uncond, cond):
+        """Unconditional and conditional branches (UNet outputs or captured features) combined into one."""
+        return cond
+
+    def negative_prompt(self) -> str:
+        """The prompt of the unconditional branch `guidance` combines."""
+        return ""
+
+    def residuals(self, loaded, z, t, embeds, control, added_cond_kwargs=None):
+        """(down residuals, mid residual) for latents z at timesteps t; `loaded` is what `bind` returned and
+        `control` the rows of `control_images`."""
+        return None
+
+    def control_images(self, images, keys: list[str]):
+        """The control inputs `residuals` takes, for images [B, 3, H, W] in [0, 1]."""
+        return None
+
+    def schedule(self, t: int) -> list[int]:
+        """Timesteps from where noising starts down to the feature timestep `t` (both included)."""
+        return [t]
+
+    def missing(self, key: str) -> str | None:
+        """Why image `key` cannot be processed under this technique (e.g. no control map), or None."""
+        return None
+
+    # ------------------------------------------------------------------------------------------- queries
+    @classmethod
+    def implements(cls, hook: str) -> bool:
+        """Whether this technique overrides `hook`."""
+        return getattr(cls, hook) is not getattr(Technique, hook)
+
+    @classmethod
+    def hooks(cls) -> list[str]:
+        """The composition hooks this technique overrides, in composition order."""
+        return [h for h in HOOKS if cls.implements(h)]
+
+    @classmethod
+    def place(cls) -> int:
+        """Its place in a composition: the first hook it overrides."""
+        return HOOKS.index(cls.hooks()[0])
 
     @property
     def spec(self) -> str:
@@ -109,7 +177,7 @@ def _convert(cls, field: dataclasses.Field, raw: str, spec: str):
 
 
 def technique_names() -> list[str]:
-    _load_builtins()
+    load_techniques()
     return sorted(TECHNIQUES)
 
 
@@ -125,7 +193,7 @@ def parse_technique(spec: str | Technique) -> Technique:
     the valid ones listed."""
     if isinstance(spec, Technique):
         return spec
-    _load_builtins()
+    load_techniques()
     text = str(spec).strip()
     name, _, rest = text.partition(":")
     if ":" not in text and "," in name:  # NAME,field=… without a positional value
@@ -166,12 +234,21 @@ def parse_technique(spec: str | Technique) -> Technique:
 
 
 def ordered(techniques: Iterable[str | Technique]) -> list[Technique]:
-    """Parsed techniques in composition order (by kind, then as given)."""
+    """Parsed techniques in composition order (by place, then as given)."""
     parsed = [parse_technique(t) for t in techniques]
-    return sorted(parsed, key=lambda t: KIND_ORDER.index(t.kind))  # sorted() is stable
+    return sorted(parsed, key=lambda t: t.place())  # sorted() is stable
 
 
-def _load_builtins() -> None:
-    # The built-in techniques register themselves on import; importing here keeps `pipelines.base`
-    # free of their heavier dependencies until a spec is parsed.
-    from pipelines import cfg, controlnet, denoise_from, lora, prompt  # noqa: F401
+@functools.cache
+def load_techniques() -> None:
+    """Import every technique module once: those in `pipelines/techniques/` and those other packages name in the
+    entry-point group `PLUGIN_GROUP`; each registers its techniques on import. Imported on first need, so
+    `pipelines.base` does not pull in their heavier dependencies before a spec is parsed."""
+    from importlib.metadata import entry_points
+
+    from pipelines import techniques
+
+    for module in pkgutil.iter_modules(techniques.__path__, techniques.__name__ + "."):
+        importlib.import_module(module.name)
+    for ep in entry_points(group=PLUGIN_GROUP):
+        ep.load()

@@ -1,6 +1,7 @@
 """Sub-commands of the techniques layer: `difffeat techniques`, `difffeat lora train`, `difffeat controlnet train`.
 
-Registered by difffeat's CLI through `add_commands`; heavy imports happen inside the commands.
+Collected by difffeat's CLI through the entry point ``difffeat.commands: pipelines`` (`add_commands`); heavy imports
+happen inside the commands.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ def _cmd_techniques(args) -> None:
     for name in technique_names():
         cls = TECHNIQUES[name]
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        print(f"{describe(cls):55s} [{cls.kind}] {doc}")
+        print(f"{describe(cls):55s} [{', '.join(cls.hooks())}] {doc}")
 
 
 def _cmd_lora_train(args) -> None:
@@ -21,7 +22,7 @@ def _cmd_lora_train(args) -> None:
     cfg = LoraTrainConfig(images=args.images, out=args.out, model=args.model, rank=args.rank, alpha=args.alpha,
                           unet_lr=args.unet_lr, text_lr=args.text_lr, epochs=args.epochs, repeats=args.repeats,
                           batch_size=args.batch_size, max_images=args.max_images, seed=args.seed, steps=args.steps)
-    out = train_lora(cfg, progress=not args.quiet)
+    out = train_lora(cfg, progress=not args.quiet, overwrite=args.overwrite)
     print(f"LoRA written to {out} (use it as --technique lora:{out})")
 
 
@@ -53,6 +54,7 @@ def add_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-images", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a LoRA run of another config in --out")
     p.set_defaults(func=_cmd_lora_train)
 
     cn = sub.add_parser("controlnet", help="ControlNets").add_subparsers(dest="controlnet_command", required=True)

@@ -8,42 +8,56 @@ one, the sentence its sidecar `.txt` or `fine_caption` column; styles an image l
 The adapters go on the UNet's attention projections (to_q/k/v/out) and the text encoder's (q/k/v/out_proj)
 and are written in diffusers' LoRA format (`pytorch_lora_weights.safetensors`), which `lora:DIR` loads.
 Batches depend only on (seed, step), and a run resumes from its last checkpoint with the same result.
+
+The output folder is a run folder of the spine (`difffeat.run.RunFolder`, kind "lora"): `config.json`,
+`losses.csv`, the weights, and while training the checkpoints (`difffeat.run.Checkpoints`: safetensors and
+JSON, never a pickle). A folder difffeat did not write (someone's LoRA) is never written into; a LoRA run of
+another config is replaced only with ``overwrite``; the same config resumes, or is done.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from difffeat.atomic import atomic_path
+from difffeat.atomic import FILE_MODE
 from difffeat.errors import UserError
-from difffeat.runconfig import pin_run_config
+from difffeat.run import CHECKPOINTS, Config, RunFolder, option, refuse_pickled_checkpoints
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+CAPTION_STYLES = ("empty", "tags", "sentence")
+KIND = "lora"
+WEIGHTS = "pytorch_lora_weights.safetensors"
+LEGACY_CHECKPOINTS = ("checkpoint.pt",)  # the pickle of older versions: refused, never loaded
 
 
 @dataclass
-class LoraTrainConfig:
-    images: str
-    out: str
-    model: str = "mini"
-    rank: int = 64
-    alpha: float = 32.0
-    unet_lr: float = 1e-4
-    text_lr: float = 5e-5  # 0 trains the UNet only
-    epochs: int = 100
-    repeats: int = 10
-    batch_size: int = 8
-    max_images: int = 30
-    seed: int = 0
-    checkpoint_every: int = 200
-    steps: int = 0  # 0: epochs × repeats × samples / batch size
-    captions: list[str] = field(default_factory=lambda: ["empty", "tags", "sentence"])
+class LoraTrainConfig(Config):
+    """The LoRA recipe; written to the output folder's `config.json`."""
+
+    images: str = option(help="image folder (captions: metadata.csv columns and/or sidecar .txt files)")
+    out: str = option(help="folder for pytorch_lora_weights.safetensors")
+    model: str = option("mini")
+    rank: int = option(64, min=1)
+    alpha: float = option(32.0, above=0)
+    unet_lr: float = option(1e-4, above=0)
+    text_lr: float = option(5e-5, min=0, help="0 trains the UNet only")
+    epochs: int = option(100, min=1)
+    repeats: int = option(10, min=1, help="passes over each (image, caption) per epoch")
+    batch_size: int = option(8, min=1)
+    max_images: int = option(30, min=1)
+    seed: int = option(0, min=0)
+    checkpoint_every: int = option(200, min=1)
+    steps: int = option(0, min=0, help="optimizer steps (0: epochs × repeats × samples / batch size)")
+    captions: list[str] = option(default_factory=lambda: list(CAPTION_STYLES), choices=CAPTION_STYLES,
+                                 help="caption styles each image is seen with")
 
 
 def _captions(source, item, styles: list[str]) -> list[str]:
@@ -61,8 +75,10 @@ def _peft_config(rank: int, alpha: float, targets: list[str]):
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
 
 
-def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> Path:
-    """Fit the LoRA, write `cfg.out/pytorch_lora_weights.safetensors` (+ config and losses); returns the folder."""
+def train_lora(cfg: LoraTrainConfig, progress: bool = True, overwrite: bool = False) -> Path:
+    """Fit the LoRA, write `cfg.out/pytorch_lora_weights.safetensors` (+ config and losses); returns the folder.
+
+    A finished run of the same config is not trained again; `overwrite` replaces a LoRA run of another config."""
     from peft.utils import get_peft_model_state_dict
     from tqdm.auto import tqdm
 
@@ -71,12 +87,14 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> Path:
     from difffeat.data.sources import ImageSource
     from difffeat.layers import native_resolution
 
-    bad = [s for s in cfg.captions if s not in ("empty", "tags", "sentence")]
-    if bad:
-        raise UserError(f"unknown caption style {bad[0]!r}; use empty, tags, sentence")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    pin_run_config(out, asdict(cfg), name="train_config.json", what="a LoRA run")
+    cfg.validate()
+    refuse_pickled_checkpoints(cfg.out, LEGACY_CHECKPOINTS)
+    folder = RunFolder(cfg.out, KIND, cfg, resume=True, overwrite=overwrite, owned=(WEIGHTS, "losses.csv"))
+    out = folder.path
+    checkpoints = folder.checkpoints
+    if folder.continuing and (out / WEIGHTS).is_file() and checkpoints.latest() is None:
+        return out  # this run is finished
+    folder.create()
     pipe = load_pipeline(cfg.model)
     source = ImageSource(cfg.images)
     size = native_resolution(pipe)
@@ -110,14 +128,13 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> Path:
     opt = torch.optim.AdamW(groups, weight_decay=1e-2)
     params = [p for g in groups for p in g["params"]]
     steps = cfg.steps or max(1, cfg.epochs * cfg.repeats * len(samples) // cfg.batch_size)
-    ckpt = out / "checkpoint.pt"
     start = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
-        for p, saved in zip(params, state["params"]):
-            p.data.copy_(saved)
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
+    if (ck := checkpoints.latest()) is not None:
+        saved = ck.load("params")
+        for i, p in enumerate(params):
+            p.data.copy_(saved[str(i)])
+        opt.load_state_dict(ck.load("optimizer"))
+        start = ck.step
     tok = pipe.tokenizer
     alphas = pipe.scheduler.alphas_cumprod
     scale = pipe.vae.config.scaling_factor
@@ -141,6 +158,8 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> Path:
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         loss = F.mse_loss(unet(zt, t, text_encoder(ids)[0]).sample, noise)
+        if not torch.isfinite(loss):
+            raise UserError(f"the LoRA training loss became {loss.item()} at step {step}; lower the learning rate")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -148,12 +167,13 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> Path:
             f.write(f"{step},{loss.item():.6f},{time.time() - t0:.1f}\n")
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
-            with atomic_path(ckpt) as tmp:
-                torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict(), "step": step + 1}, tmp)
+            checkpoints.save(step + 1, params={str(i): p.detach() for i, p in enumerate(params)},
+                             optimizer=opt.state_dict())
     unet.eval()
     text_encoder.eval()
     text_layers = get_peft_model_state_dict(text_encoder) if cfg.text_lr > 0 else None
     type(pipe).save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(unet),
                                  text_encoder_lora_layers=text_layers, safe_serialization=True)
-    ckpt.unlink(missing_ok=True)
+    os.chmod(out / WEIGHTS, FILE_MODE)  # safetensors makes it 0600; the rest of the run follows the umask
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the weights are written: the run is done
     return out

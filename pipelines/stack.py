@@ -1,10 +1,12 @@
-"""`TechniqueStack`: techniques bound to one pipeline and composed in kind order; the one place that turns
-them into UNet calls, for extraction (`features`) and for generation (`eps`) alike.
+"""`TechniqueStack`: techniques bound to one pipeline and composed in hook order; the one place that turns
+them into UNet calls, for extraction (`features`) and for generation (`eps`) alike. It implements the core's
+`difffeat.conditioning.ConditioningStack`.
 
 Per batch, `conditioning(...)` gives a `Conditioning`: the prompt embeddings (after the prompt techniques,
-with the LoRA weights active), the unconditional branch for CFG, and the control images. Its UNet call
-runs every ControlNet on the same latents and adds their residuals, then combines CFG's two branches;
-`prepare_latents` runs denoise-from's steps with that same call before the feature pass.
+with the LoRA weights active), the unconditional branch for guidance, and the control images. Its UNet call
+runs every residual technique (ControlNet) on the same latents and adds their residuals, then combines the
+guidance branches; `prepare_latents` runs a schedule technique's denoising steps with that same call before
+the feature pass.
 """
 
 from __future__ import annotations
@@ -15,60 +17,72 @@ from dataclasses import dataclass
 
 import torch
 
+from difffeat.conditioning import BatchConditioning, ConditioningStack
 from difffeat.errors import UserError
-from pipelines.base import Technique, ordered
+from pipelines.base import MissingInput, Technique, ordered
+
+# Hooks of which a stack takes at most one technique: two guidances or two schedules have no one meaning.
+SINGLE = ("guidance", "schedule")
 
 
-class TechniqueStack:
+class TechniqueStack(ConditioningStack):
     """Techniques (`Technique`s or spec strings) bound to `pipe`, in composition order."""
 
     def __init__(self, pipe, techniques: Sequence[str | Technique] = ()):
         self.pipe = pipe
         self.techniques: list[Technique] = ordered(techniques)
-        for kind in ("guidance", "schedule"):
-            same = [t.spec for t in self.techniques if t.kind == kind]
+        for hook in SINGLE:
+            same = [t.spec for t in self.using(hook)]
             if len(same) > 1:
-                raise UserError(f"at most one {kind} technique at a time, got {', '.join(same)}")
-        for t in self.techniques:
-            t.bind(pipe)
+                raise UserError(f"at most one {hook} technique at a time, got {', '.join(same)}")
+        # What each technique loaded for this pipeline (a ControlNet module), by position in `techniques`.
+        self.loaded: list = [t.bind(pipe) for t in self.techniques]
 
-    def of_kind(self, kind: str) -> list[Technique]:
-        return [t for t in self.techniques if t.kind == kind]
+    def using(self, hook: str) -> list[Technique]:
+        """The stack's techniques that implement `hook`, in composition order."""
+        return [t for t in self.techniques if t.implements(hook)]
 
     @property
     def specs(self) -> list[str]:
         return [t.spec for t in self.techniques]
 
     @property
-    def guidance(self):
-        return next(iter(self.of_kind("guidance")), None)
+    def guidance(self) -> Technique | None:
+        return next(iter(self.using("guidance")), None)
 
     @property
-    def schedule(self):
-        return next(iter(self.of_kind("schedule")), None)
+    def schedule(self) -> Technique | None:
+        return next(iter(self.using("schedule")), None)
 
     @property
-    def controlnets(self):
-        return self.of_kind("residual")
+    def residuals(self) -> list[tuple[Technique, object]]:
+        """(technique, what it loaded) of every residual technique."""
+        return [(t, m) for t, m in zip(self.techniques, self.loaded) if t.implements("residuals")]
+
+    def check(self, timesteps: Sequence[int], noise: bool) -> None:
+        if self.schedule is None:
+            return
+        if not noise:
+            raise UserError(f"{self.schedule.spec} needs noise; it cannot run in clean mode (noise=False)")
+        for t in timesteps:
+            self.schedule.schedule(t)  # fails now, not mid-run, when it starts below a feature timestep
 
     # ------------------------------------------------------------------------------------------ prompts
     def prompt(self, base: str, fields: Mapping[str, str | None] | None = None, key: str = "") -> str:
         """The image's prompt after every prompt technique, in order."""
         text = base
-        for t in self.of_kind("prompt"):
-            text = t.rewrite(text, fields or {}, key)
+        for t in self.using("prepare_prompt"):
+            text = t.prepare_prompt(text, fields or {}, key)
         return text
 
     def missing(self, key: str, fields: Mapping[str, str | None] | None = None) -> str | None:
         """Why image `key` cannot be processed under this stack (a missing control map or prompt field), or None."""
-        from pipelines.prompt import MissingPromptField
-
-        for t in self.controlnets:
+        for t in self.using("missing"):
             if (why := t.missing(key)) is not None:
                 return why
         try:
             self.prompt("", fields, key)
-        except MissingPromptField as e:
+        except MissingInput as e:
             return str(e).split(": ", 1)[-1]
         return None
 
@@ -76,23 +90,21 @@ class TechniqueStack:
     @property
     def weights_key(self) -> tuple[str, ...]:
         """Identifies the active weights (LoRA specs): text embeddings are cached per weights key."""
-        return tuple(t.spec for t in self.of_kind("weights"))
+        return tuple(t.spec for t in self.using("weights"))
 
     @contextmanager
     def active(self):
-        """The stack's LoRA adapters active (and every other adapter off) for the duration."""
-        from pipelines.lora import activate
-
-        activate(self.pipe, self.of_kind("weights"))
+        """The stack's adapters active (and every other adapter off) for the duration."""
+        activate_adapters(self.pipe, [t.weights() for t in self.using("weights")])
         try:
             yield self
         finally:
-            activate(self.pipe, [])
+            activate_adapters(self.pipe, [])
 
     # ------------------------------------------------------------------------------------------ batches
     def control_images(self, images: torch.Tensor, keys: list[str]) -> list[torch.Tensor]:
-        """Per ControlNet, the control images [B, 3, H, W] of images [B, 3, H, W] in [0, 1]."""
-        return [c.control_images(images, keys) for c in self.controlnets]
+        """Per residual technique, the control images [B, 3, H, W] of images [B, 3, H, W] in [0, 1]."""
+        return [t.control_images(images, keys) for t, _ in self.residuals]
 
     def conditioning(self, encoder, prompts: Sequence[str], controls: Sequence[torch.Tensor], rows: Sequence[int],
                      resolution: tuple[int, int]) -> Conditioning:
@@ -105,7 +117,7 @@ class TechniqueStack:
         embeds, added = encoder(texts, self.weights_key)
         uncond = uncond_added = None
         if self.guidance is not None:
-            uncond, uncond_added = encoder([self.guidance.negative] * len(rows), self.weights_key,
+            uncond, uncond_added = encoder([self.guidance.negative_prompt()] * len(rows), self.weights_key,
                                            length=embeds.shape[1])
             if uncond.shape[1] > embeds.shape[1]:  # a negative prompt longer than every prompt
                 embeds, _ = encoder(texts, self.weights_key, length=uncond.shape[1])
@@ -120,12 +132,30 @@ class TechniqueStack:
     def condition(self, embeds: torch.Tensor, added: dict | None = None, uncond: torch.Tensor | None = None,
                   uncond_added: dict | None = None, controls: Sequence[torch.Tensor] = ()) -> Conditioning:
         if self.guidance is not None and uncond is None:
-            raise ValueError("CFG needs the unconditional embeddings")
+            raise ValueError("guidance needs the unconditional embeddings")
         return Conditioning(self, embeds, added, uncond, uncond_added, list(controls))
 
 
+def activate_adapters(pipe, adapters: list[tuple[str, float]]) -> None:
+    """Make exactly `adapters` ((name, scale) pairs) active on `pipe` (none: every loaded adapter off)."""
+    if not hasattr(pipe, "get_list_adapters") or not any(pipe.get_list_adapters().values()):
+        return
+    if not adapters:
+        pipe.disable_lora()
+        return
+    pipe.enable_lora()
+    pipe.set_adapters([name for name, _ in adapters], [scale for _, scale in adapters])
+
+
+def ddim_step(z: torch.Tensor, eps: torch.Tensor, alphas_cumprod: torch.Tensor, t: int, t_next: int) -> torch.Tensor:
+    """One deterministic DDIM step (η = 0) from timestep t to t_next < t."""
+    a, a_next = alphas_cumprod[t].to(z), alphas_cumprod[t_next].to(z)
+    x0 = (z - (1 - a).sqrt() * eps) / a.sqrt()
+    return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+
+
 @dataclass
-class Conditioning:
+class Conditioning(BatchConditioning):
     """One batch's conditioning under a stack; rows of every tensor line up with the batch's latents."""
 
     stack: TechniqueStack
@@ -143,7 +173,7 @@ class Conditioning:
                             [c[rows] for c in self.controls])
 
     def _branches(self, z, t):
-        """(latents, timesteps, kwargs) of the UNet call; with CFG the batch is [uncond; cond]."""
+        """(latents, timesteps, kwargs) of the UNet call; with guidance the batch is [uncond; cond]."""
         unet = self.stack.pipe.unet
         t = torch.as_tensor(t, device=unet.device)
         t = t.expand(len(z)) if t.ndim == 0 else t
@@ -158,8 +188,8 @@ class Conditioning:
         if added is not None:
             kwargs["added_cond_kwargs"] = added
         down = mid = None
-        for net, control in zip(self.stack.controlnets, controls):
-            d, m = net.residuals(z, t, embeds, control, added)
+        for (technique, loaded), control in zip(self.stack.residuals, controls):
+            d, m = technique.residuals(loaded, z, t, embeds, control, added)
             down = d if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
         if down is not None:
@@ -171,7 +201,7 @@ class Conditioning:
         if self.stack.guidance is None:
             return out
         uncond, cond = out.chunk(2)
-        return self.stack.guidance.combine(uncond, cond)
+        return self.stack.guidance.guidance(uncond, cond)
 
     @torch.no_grad()
     def eps(self, z: torch.Tensor, t) -> torch.Tensor:
@@ -181,21 +211,20 @@ class Conditioning:
 
     @torch.no_grad()
     def features(self, capture, z: torch.Tensor, t) -> dict[str, torch.Tensor]:
-        """The captured activations (difffeat.capture.Capture) of one UNet call, CFG-combined."""
+        """The captured activations (difffeat.capture.Capture) of one UNet call, guidance-combined."""
         z, t, kwargs = self._branches(z, t)
         return {name: self._combine(fmap) for name, fmap in capture.run(z, t, **kwargs).items()}
 
     @torch.no_grad()
     def prepare_latents(self, z0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
-        """The latents the feature pass sees at timestep t: z0 noised at t, or, under denoise-from, noised
-        at its start and denoised down to t (DDIM, η = 0) with every technique applied."""
-        from pipelines.denoise_from import ddim_step
-
+        """The latents the feature pass sees at timestep t: z0 noised at t, or, under a schedule technique
+        (denoise-from), noised at its start and denoised down to t (DDIM, η = 0) with every technique applied."""
         alphas = self.stack.pipe.scheduler.alphas_cumprod
         schedule = self.stack.schedule
-        steps = schedule.timesteps(t) if schedule is not None else [t]
+        steps = schedule.schedule(t) if schedule is not None else [t]
         a = alphas[steps[0]].to(z0)
         z = a.sqrt() * z0 + (1 - a).sqrt() * noise
         for s, s_next in zip(steps[:-1], steps[1:]):
             z = ddim_step(z, self.eps(z, s), alphas, s, s_next)
         return z
+

@@ -6,40 +6,58 @@ images. Loss: ε-prediction MSE of the frozen UNet with the ControlNet residuals
 the 1000 training steps. Half of the captions are dropped to the empty prompt so the ControlNet learns
 to read the control image rather than lean on the text (the ControlNet paper drops 50%).
 
-Resumable from `RUN/controlnet.pt`; batches depend only on (seed, step), so a resumed run ends with the
-same weights as an uninterrupted one. `export` writes a diffusers ControlNetModel folder.
+RUN is a run folder of the spine (`difffeat.run.RunFolder`, kind "controlnet"): `config.json`, `losses.csv`
+and checkpoints (`difffeat.run.Checkpoints`: safetensors and JSON, never a pickle). Training it again resumes
+from the last checkpoint; batches depend only on (seed, step), so a resumed run ends with the same weights as
+an uninterrupted one. `export` writes a diffusers ControlNetModel folder.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from difffeat.atomic import atomic_path
 from difffeat.errors import UserError
-from difffeat.runconfig import pin_run_config
+from difffeat.run import (
+    Config,
+    ConfigError,
+    RunFolder,
+    check_new_folder,
+    is_inside,
+    option,
+    refuse_pickled_checkpoints,
+)
+
+KIND = "controlnet"
+LEGACY_CHECKPOINTS = ("controlnet.pt",)  # the pickle of older versions: refused, never loaded
 
 
 @dataclass
-class ControlNetTrainConfig:
-    model: str = "mini"
-    seed: int = 0
-    n_train: int = 4000
-    steps: int = 2500
-    lr: float = 3e-4
-    warmup: int = 100
-    batch_size: int = 32
-    p_empty: float = 0.5
-    low: int = 100
-    high: int = 200
-    checkpoint_every: int = 100
-    threads: int = 0
+class ControlNetTrainConfig(Config):
+    """The canny ControlNet's recipe; written to the run's `config.json`, and a run resumes only under the same one."""
+
+    model: str = option("mini")
+    seed: int = option(0, min=0)
+    n_train: int = option(4000, min=1, help="Shapes-LT train scenes")
+    steps: int = option(2500, min=0)
+    lr: float = option(3e-4, above=0)
+    warmup: int = option(100, min=0)
+    batch_size: int = option(32, min=1)
+    p_empty: float = option(0.5, min=0, max=1, help="share of captions dropped to the empty prompt")
+    low: int = option(100, min=0, help="canny low threshold")
+    high: int = option(200, min=0, help="canny high threshold")
+    checkpoint_every: int = option(100, min=1)
+    threads: int = option(0, min=0, help="torch threads (0: torch's default); does not change the weights")
+
+    def check(self) -> None:
+        if self.low > self.high:
+            raise ConfigError("low", f"the canny low threshold {self.low} is above the high one {self.high}")
 
 
 def conditioning_channels_for(vae_scale_factor: int, widths=(16, 32, 96, 256)) -> tuple[int, ...]:
@@ -88,10 +106,12 @@ def train_controlnet(run: str | Path, out: str | Path | None = None, cfg: Contro
     from difffeat import load_pipeline
     from difffeat.layers import vae_scale_factor
 
-    cfg = cfg or ControlNetTrainConfig()
-    run = Path(run)
-    run.mkdir(parents=True, exist_ok=True)
-    pin_run_config(run, asdict(cfg))
+    cfg = (cfg or ControlNetTrainConfig()).validate()
+    refuse_pickled_checkpoints(run, LEGACY_CHECKPOINTS)
+    if out is not None and not is_inside(out, run):
+        check_new_folder(out, "export")
+    folder = RunFolder(run, KIND, cfg, resume=True, owned=("losses.csv", "controlnet"), ignore=("threads",)).create()
+    run = folder.path
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     pipe = load_pipeline(cfg.model)
@@ -106,13 +126,11 @@ def train_controlnet(run: str | Path, out: str | Path | None = None, cfg: Contro
     print(f"{len(mean)} training scenes; ControlNet {sum(p.numel() for p in controlnet.parameters()):,} params",
           flush=True)
     opt = torch.optim.AdamW(controlnet.parameters(), lr=cfg.lr, weight_decay=1e-2)
-    ckpt = run / "controlnet.pt"
     start = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        controlnet.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
+    if (ck := folder.checkpoints.latest()) is not None:
+        controlnet.load_state_dict(ck.load("model"))
+        opt.load_state_dict(ck.load("optimizer"))
+        start = ck.step
     alphas = pipe.scheduler.alphas_cumprod
     controlnet.train()
     gen = torch.Generator()
@@ -136,6 +154,9 @@ def train_controlnet(run: str | Path, out: str | Path | None = None, cfg: Contro
         down, mid = controlnet(zt, t, cond, controlnet_cond=control[idx], return_dict=False)
         pred = unet(zt, t, cond, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
         loss = F.mse_loss(pred, noise)
+        if not torch.isfinite(loss):
+            raise UserError(f"the ControlNet training loss became {loss.item()} at step {step}; "
+                            "lower the learning rate")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
@@ -145,8 +166,7 @@ def train_controlnet(run: str | Path, out: str | Path | None = None, cfg: Contro
                 f.write(f"{step},{loss.item():.6f},{lr:.3e},{time.time() - t0:.1f}\n")
             print(f"controlnet step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
         if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
-            with atomic_path(ckpt) as tmp:
-                torch.save({"model": controlnet.state_dict(), "opt": opt.state_dict(), "step": step + 1}, tmp)
+            folder.checkpoints.save(step + 1, model=controlnet.state_dict(), optimizer=opt.state_dict())
     out = Path(out) if out else run / "controlnet"
     controlnet.eval()
     controlnet.save_pretrained(out, safe_serialization=True)

@@ -50,10 +50,10 @@ def parse_variant_args(args: list[str]) -> dict[str, list[str]]:
     for arg in args:
         name, eq, rest = arg.partition("=")
         if not eq:
-            raise UserError(f"--variant {arg!r}: use NAME=SPEC[+SPEC…] (NAME= for no technique)")
+            raise UserError(f"variant {arg!r}: use NAME=SPEC[+SPEC…] (NAME= for no technique)")
         if name.strip() in variants:
-            raise UserError(f"--variant {arg!r}: variant {name.strip()!r} given twice")
-        variants[name.strip()] = _checked(name.strip(), split_specs(rest), "--variant")
+            raise UserError(f"variant {arg!r}: variant {name.strip()!r} given twice")
+        variants[name.strip()] = _checked(name.strip(), split_specs(rest), f"variant {arg!r}")
     return variants
 
 

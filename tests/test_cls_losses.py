@@ -205,7 +205,8 @@ def test_drauc_budgets_alpha_ascent_and_dual_update():
     assert eps_pos == 1.0 and 0.1 * eps_pos + 0.9 * eps_neg == pytest.approx(0.5)  # the fixed ε₋
     with pytest.raises(UserError):
         distribution_aware_budgets(0.5, 0.6, 2.0)
-    loss_fn = DRAUCLoss(margin=1.0, epsilon=0.3, lambda_lr=0.5, lambda_period=2, lambda_init=0.2).double()
+    loss_fn = DRAUCLoss(margin=1.0, epsilon=0.3, lambda_lr=0.5, lambda_period=2, lambda_init=0.2,
+                        alpha_step="autograd").double()
     z = torch.tensor([2.0, -1.0, 0.5, 0.0], dtype=torch.float64)
     y = torch.tensor([1, 0, 0, 1])
     with torch.no_grad():
@@ -227,6 +228,86 @@ def test_drauc_budgets_alpha_ascent_and_dual_update():
     for _ in range(8):
         loss_fn.update_dual(torch.tensor([0.0]), torch.zeros(1, dtype=torch.long))
     assert loss_fn.lambdas.item() == 0.0  # projected, never negative
+
+
+def released_drauc_step(h, y, a, b, alpha, lr, margin=1.0, k=1.0, clip=1.0, epoch_decay=2e-3, weight_decay=1e-5,
+                        refs=(0.0, 0.0)):
+    """EldercatSAM/DRAUC, written from `losses.py: DRAUCLoss.forward` (with the code's k) and `optimizers/DRAUC.py:
+    DRAUCOptim.step` (no momentum) for the scores h held fixed: a and b take the clipped PESG step first, then
+    α ← clamp(α + lr·(2(m + b − a) − 2α), 0, 999) with the new a, b, and only if α received a gradient."""
+    a, b, alpha = (torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (a, b, alpha))
+    pos, neg = (y == 1).double(), (y == 0).double()
+    mean = lambda t: t.sum() / (torch.count_nonzero(t) + 1e-6)
+    loss = (mean((h - a) ** 2 * pos) + mean((h - b) ** 2 * neg)
+            + 2 * alpha * (margin + mean(h * neg) - mean(h * pos)) - k * alpha ** 2)
+    loss.backward()
+    with torch.no_grad():
+        for p, ref in zip((a, b), refs):
+            d_p = torch.clamp(p.grad, -clip, clip) + epoch_decay * (p - ref) + weight_decay * p
+            p.sub_(lr * d_p)
+        if alpha.grad is not None:
+            alpha.copy_(torch.clamp(alpha + lr * (2 * (margin + b - a) - 2 * alpha), 0, 999))
+    return a.item(), b.item(), alpha.item()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_drauc_released_alpha_step_equals_the_code(seed):
+    """Default `alpha_step="released"`: after the same step on a and b, α moves by lr·(2(m + b − a) − 2α) with
+    the updated a, b; float64 agreement with the code's update written out (k = 1)."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.rand(12, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    y = torch.tensor([1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0])
+    a0, b0, alpha0 = (float(v) for v in torch.rand(3, generator=g, dtype=torch.float64))
+    lr = 0.3
+    want = released_drauc_step(h, y, a0, b0, alpha0, lr)
+    loss_fn = DRAUCLoss(margin=1.0).double()
+    assert loss_fn.alpha_step == "released"
+    with torch.no_grad():
+        loss_fn.a.fill_(a0)
+        loss_fn.b.fill_(b0)
+        loss_fn.alpha.fill_(alpha0)
+    logits = torch.logit(h)
+    loss_fn(logits, y).backward()
+    with torch.no_grad():  # the same PESG step on a and b (refs 0, no momentum), then the α step
+        for p in loss_fn.minimized_parameters():
+            p.sub_(lr * (torch.clamp(p.grad, -1.0, 1.0) + 2e-3 * p + 1e-5 * p))
+    loss_fn.ascend_alpha(lr)
+    got = (loss_fn.a.item(), loss_fn.b.item(), loss_fn.alpha.item())
+    # a, b: the exact class counts here against the code's count_nonzero + 1e-6 (a ~1e-7 relative difference)
+    assert got[:2] == pytest.approx(want[:2], rel=1e-6)
+    by_hand = min(max(alpha0 + lr * (2 * (1.0 + got[1] - got[0]) - 2 * alpha0), 0.0), 999.0)
+    assert got[2] == pytest.approx(by_hand, rel=1e-14, abs=1e-15)
+    assert got[2] == pytest.approx(want[2], rel=1e-6)
+    assert loss_fn.alpha.grad is None
+
+
+def test_drauc_alpha_steps_by_hand_and_their_common_fixed_point():
+    z = torch.tensor([2.0, -1.0, 0.5, 0.0], dtype=torch.float64)
+    y = torch.tensor([1, 0, 0, 1])
+    h = torch.sigmoid(z)
+    released = DRAUCLoss(margin=0.8, alpha_penalty=2.0).double()
+    with torch.no_grad():
+        released.a.fill_(0.6)
+        released.b.fill_(0.3)
+        released.alpha.fill_(0.25)
+    released.ascend_alpha(0.1)  # no backward reached α yet: nothing moves, as in the code
+    assert released.alpha.item() == 0.25
+    released(z, y).backward()
+    released.ascend_alpha(0.1)  # 0.25 + 0.1·(2(0.8 + 0.3 − 0.6) − 2·2·0.25)
+    assert released.alpha.item() == pytest.approx(0.25 + 0.1 * (2 * 0.5 - 1.0), abs=1e-15)
+    # at a = mean₊h, b = mean₋h both steps are the same: one fixed point α* = (m + mean₋h − mean₊h)/k
+    star = (0.8 + h[y == 0].mean() - h[y == 1].mean()).item() / 2.0
+    for rule in ("released", "autograd"):
+        fn = DRAUCLoss(margin=0.8, alpha_penalty=2.0, alpha_step=rule).double()
+        with torch.no_grad():
+            fn.a.fill_(h[y == 1].mean().item())
+            fn.b.fill_(h[y == 0].mean().item())
+            fn.alpha.fill_(star)
+        fn(z, y).backward()
+        fn.ascend_alpha(0.5)
+        assert fn.alpha.item() == pytest.approx(star, rel=1e-12)
+    with pytest.raises(UserError, match="alpha_step"):
+        DRAUCLoss(alpha_step="closed-form")
 
 
 def test_drauc_perturb_respects_budgets_improves_the_robust_objective_and_leaves_the_head_alone():

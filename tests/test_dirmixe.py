@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import downstream.dirmixe as dirmixe_module
-from downstream.dirmixe import (
+import downstream.cls.dirmixe as dirmixe_module
+from downstream.cls.dirmixe import (
     AggregationConfig,
     DirMixEHead,
     DirMixELoss,

@@ -128,7 +128,7 @@ def test_acceptance_on_held_out_shapes(mini_pipe, tmp_path_factory):
     does worse. 16 held-out test scenes (a seed the mini model never saw), strength 0.7, 10 DDIM steps."""
     from difffeat.data.shapes_lt import synthesize
     from gate.ranking import rank
-    from pipelines.controlnet import mini_canny_dir
+    from pipelines.techniques.controlnet import mini_canny_dir
 
     if not (mini_canny_dir() / "config.json").exists():
         pytest.skip("the mini canny ControlNet weights are not shipped yet")
@@ -153,3 +153,42 @@ def test_gate_rank_stays_the_function_after_its_module_is_imported():
     from pipelines.generate import img2img  # noqa: F401
 
     assert callable(pipelines.img2img) and pipelines.img2img.__name__ == "img2img"
+
+
+def test_report_folder_is_a_gate_run_folder(tmp_path):
+    """Issue #13 item 2: an earlier report is replaced only with overwrite, and only its own files."""
+    from gate.ranking import GateConfig
+    from gate.report import report_folder
+
+    cfg = GateConfig(images="imgs", candidates={"reference": [], "fine": ["prompt:fine"]})
+    out = tmp_path / "report"
+    folder = report_folder(out, cfg).create()
+    folder.write_json("ranking.json", {"ranking": []})
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"report: holds a gate run; replace it \(overwrite, --overwrite\)"):
+        report_folder(out, cfg)
+    with pytest.raises(UserError, match=r"another config \(differs in: seed\)"):
+        report_folder(out, GateConfig(**{**cfg.to_dict(), "seed": 1}))
+    report_folder(out, cfg, overwrite=True).create()
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.txt"]
+    assert json.loads((out / "config.json").read_text())["config"]["candidates"]["fine"] == ["prompt:fine"]
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("strength", 0.0, "must be > 0"),
+    ("strength", 1.5, "must be ≤ 1"),
+    ("steps", 1, "run no denoising step"),
+    ("primary", "psnrr", "must be one of"),
+    ("n_boot", 10, "must be ≥ 100"),
+    ("level", 1.0, "must be < 1"),
+    ("feature_reference", "none", "must be one of"),
+    ("probe_task", "det", "must be one of"),
+    ("strength", float("nan"), "finite"),
+])
+def test_gate_config_names_the_field(field, value, words):
+    from difffeat.run import ConfigError
+    from gate.ranking import GateConfig
+
+    with pytest.raises(ConfigError) as e:
+        GateConfig.from_dict({field: value})
+    assert e.value.field == field and words in str(e.value)

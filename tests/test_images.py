@@ -89,6 +89,45 @@ def test_discover_glob_keys_relative_to_glob_root(image_tree):
     assert [i.key for i in discover_images(f"{image_tree}/*.png")] == ["a.png", "broken.png"]
 
 
+def test_discover_leaves_out_difffeat_outputs_and_excluded_folders(image_tree):
+    """Issue #13 item 8: a store (or any run folder) inside the input folder is not an input, nor is `exclude`."""
+    import json
+
+    from difffeat.data.sources import ImageSource
+    from difffeat.store import FeatureStoreWriter
+
+    FeatureStoreWriter(image_tree / "feats", {"model": "mini"}).close()
+    (image_tree / "feats" / "pca.png").write_bytes(b"x")  # `viz … --out feats/pca.png`
+    (image_tree / "gate").mkdir()
+    (image_tree / "gate" / "config.json").write_text(json.dumps({"format": "difffeat-run/1", "kind": "gate"}))
+    (image_tree / "gate" / "scores.png").write_bytes(b"x")
+    (image_tree / "other").mkdir()  # a config.json that is not difffeat's: an ordinary folder
+    (image_tree / "other" / "config.json").write_text('{"format": "theirs"}')
+    (image_tree / "other" / "f.png").write_bytes(b"x")
+    plain = ["B.JPG", "a.png", "broken.png", "c.TiFf", "other/f.png", "sub/d.webp", "sub/deeper/e.bmp", "z.jpeg"]
+    assert [i.key for i in discover_images(image_tree)] == plain
+    assert [i.key for i in discover_images(f"{image_tree}/**/*.png", recursive=True)] == \
+        ["a.png", "broken.png", "other/f.png"]
+    assert [i.key for i in discover_images(image_tree, exclude=[image_tree / "sub"])] == \
+        [k for k in plain if not k.startswith("sub/")]
+    assert [i.key for i in ImageSource(str(image_tree), exclude=[image_tree / "other"]).items] == \
+        [k for k in plain if not k.startswith("other/")]
+    # The folder the user names is read even when it is a run folder (extracting a sample folder's images).
+    assert [i.key for i in discover_images(image_tree / "gate")] == ["scores.png"]
+
+
+def test_source_stamps_are_size_and_mtime(image_tree):
+    import os
+
+    from difffeat.data.sources import ImageSource
+
+    source = ImageSource(str(image_tree))
+    st = os.stat(image_tree / "a.png")
+    assert source.stamps()["a.png"] == (st.st_size, st.st_mtime_ns)
+    (image_tree / "a.png").write_bytes(b"changed")
+    assert source.stamp(source.items[1]) == (7, os.stat(image_tree / "a.png").st_mtime_ns)
+
+
 def test_discover_single_file(image_tree):
     assert discover_images(image_tree / "sub" / "d.webp") == [ImageItem("d.webp", image_tree / "sub" / "d.webp")]
     with pytest.raises(UserError, match="notes.txt: not an image file"):

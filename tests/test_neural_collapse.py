@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-import downstream.neural_collapse as nc_module
+import downstream.cls.neural_collapse as nc_module
 from difffeat.errors import UserError
-from downstream.neural_collapse import (
+from downstream.cls.neural_collapse import (
     FixedFrameClassifier,
     align_frame,
     coherence,

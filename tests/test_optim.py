@@ -6,7 +6,18 @@ import torch.nn.functional as F
 
 import downstream.optim.head_tail as head_tail_module
 import downstream.optim.sam as sam_module
-from downstream.optim import SAM, SSESAM, GroupLosses, ImbSAM, split_losses, tail_classes
+from difffeat.errors import UserError
+from downstream.optim import (
+    IMBSAM_ETA,
+    RELEASED_TAIL_WEIGHT,
+    SAM,
+    SSESAM,
+    GroupLosses,
+    ImbSAM,
+    split_losses,
+    tail_classes,
+    tail_eta,
+)
 
 TAIL = [2, 3]
 
@@ -114,7 +125,7 @@ def test_imbsam_perturbs_only_the_tail_loss():
     params, x, y = make_problem(2)
     start = [p.detach().clone() for p in params]
     gh, gt = group_grads(params, x, y)
-    opt = ImbSAM(params, torch.optim.SGD, tail_classes=TAIL, rho=0.1, lr=0.2)
+    opt = ImbSAM(params, torch.optim.SGD, tail_classes=TAIL, rho=0.1, tail_weight=1.0, lr=0.2)
     # by hand: the perturbation is ρ along the tail gradient alone
     parts = opt.group_losses((per_sample(params, x, y), y))
     parts.head.backward(retain_graph=True)
@@ -135,8 +146,96 @@ def test_imbsam_perturbs_only_the_tail_loss():
         assert torch.allclose(p.detach(), e, rtol=1e-10, atol=1e-12)
     # step(closure) does the same
     params2, _, _ = make_problem(2)
-    ImbSAM(params2, torch.optim.SGD, tail_classes=TAIL, rho=0.1, lr=0.2).step(lambda: (per_sample(params2, x, y), y))
+    ImbSAM(params2, torch.optim.SGD, tail_classes=TAIL, rho=0.1, tail_weight=1.0, lr=0.2).step(
+        lambda: (per_sample(params2, x, y), y))
     assert all(torch.allclose(p, q, atol=1e-12) for p, q in zip(params, params2))
+
+
+def released_imbsam_steps(params, x, y, tail, rho, steps, **sgd):
+    """cool-xuan/Imbalanced_SAM, written from `utils/trainval.py` (optim_mode "imbsam") and `imbsam.py`: head
+    loss Σ_H ℓ/B; tail loss Σ_T ℓ/B·2; ε = ρ·g_T/(‖g_T‖ + 1e-16); the tail samples alone forwarded again at
+    w + ε; w − ε, then p.grad = ∇L_T(w + ε) + g_H and one step of the base SGD."""
+    leaves = [p.detach().clone().requires_grad_() for p in params]
+    base = torch.optim.SGD(leaves, **sgd)
+    tail_mask = torch.isin(y, torch.tensor(tail))
+    for _ in range(steps):
+        loss = per_sample(leaves, x, y)
+        head_loss = loss[~tail_mask].sum() / y.size(0)
+        grad_normal = torch.autograd.grad(head_loss, leaves, retain_graph=True)
+        tail_loss = loss[tail_mask].sum() / y.size(0) * 2
+        g_tail = torch.autograd.grad(tail_loss, leaves)
+        grad_norm = torch.norm(torch.stack([torch.norm(g, p=2) for g in g_tail]), p=2) + 1.e-16
+        eps = [g * (rho / grad_norm) for g in g_tail]
+        with torch.no_grad():
+            for p, e in zip(leaves, eps):
+                p.add_(e)
+        tail_loss = per_sample(leaves, x[tail_mask], y[tail_mask]).sum() / y.size(0) * 2
+        g_perturbed = torch.autograd.grad(tail_loss, leaves)
+        with torch.no_grad():
+            for p, e, g, h in zip(leaves, eps, g_perturbed, grad_normal):
+                p.sub_(e)
+                p.grad = g + h
+        base.step()
+    return leaves
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_imbsam_default_is_the_released_update(seed):
+    """The released ×2 on the tail loss (default `tail_weight`), three steps with momentum and weight decay, in
+    float64: agreement to rounding (the ε of the norm differs, 1e-12 here against the code's 1e-16)."""
+    assert RELEASED_TAIL_WEIGHT == 2.0
+    params, x, y = make_problem(seed)
+    sgd = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}
+    want = released_imbsam_steps(params, x, y, TAIL, rho=0.05, steps=3, **sgd)
+    opt = ImbSAM(params, torch.optim.SGD, tail_classes=TAIL, rho=0.05, **sgd)
+    for _ in range(3):
+        opt.step(lambda: (per_sample(params, x, y), y))
+    for p, q in zip(params, want):
+        assert torch.allclose(p.detach(), q.detach(), rtol=0, atol=1e-12)
+    # the ×1 of the former default is another update (the tail part of the gradient halves)
+    params1, _, _ = make_problem(seed)
+    opt1 = ImbSAM(params1, torch.optim.SGD, tail_classes=TAIL, rho=0.05, tail_weight=1.0, **sgd)
+    opt1.step(lambda: (per_sample(params1, x, y), y))
+    assert not torch.allclose(params1[0], want[0])
+
+
+def test_imbsam_tail_weight_by_hand_and_for_group_losses():
+    """w ← w − lr·(w_T·∇L_T(w + ε) + ∇L_H(w)), ε = ρ·∇L_T/‖∇L_T‖ (the weight leaves ε alone); a closure that
+    returns GroupLosses gets the same weight."""
+    params, x, y = make_problem(6)
+    start = [p.detach().clone() for p in params]
+    gh, gt = group_grads(params, x, y)
+    _, gt2 = group_grads(params, x, y, shifted(start, unit(gt), 0.1))
+    expected = [s - 0.2 * (3.0 * t + h) for s, t, h in zip(start, gt2, gh)]
+    loss = ImbSAM(params, torch.optim.SGD, tail_classes=TAIL, rho=0.1, tail_weight=3.0, lr=0.2).step(
+        lambda: (per_sample(params, x, y), y))
+    for p, e in zip(params, expected):
+        assert torch.allclose(p.detach(), e, rtol=1e-10, atol=1e-12)
+    parts = split_losses(per_sample(start, x, y), y, torch.tensor(TAIL))
+    assert loss.item() == pytest.approx((parts.head + 3.0 * parts.tail).item(), rel=1e-12)  # the objective at w
+
+    def grouped():
+        parts = split_losses(per_sample(params2, x, y), y, torch.tensor(TAIL))
+        return GroupLosses(parts.head, parts.tail, parts.n_head, parts.n_tail)
+
+    params2, _, _ = make_problem(6)
+    ImbSAM(params2, torch.optim.SGD, tail_classes=TAIL, rho=0.1, tail_weight=3.0, lr=0.2).step(grouped)
+    assert all(torch.allclose(p, q, rtol=0, atol=1e-14) for p, q in zip(params, params2))
+    with pytest.raises(ValueError, match="tail_weight"):
+        ImbSAM(params, torch.optim.SGD, tail_classes=TAIL, tail_weight=-1.0, lr=0.1)
+
+
+def test_tail_rules_released_and_relative():
+    """ImbSAM's rule n_c < 20 (30 tail classes on CIFAR-100-LT at ratio 100) and the former 0.2·n_max (65)."""
+    counts = [int(500 * 0.01 ** (c / 99)) for c in range(100)]  # CIFAR-100-LT, as the released generators
+    assert sum(counts) == 10847 and IMBSAM_ETA == 20
+    assert tail_eta(counts) == 20 and len(tail_classes(counts)) == 30
+    assert tail_classes(counts) == tail_classes(counts, tail_eta(counts, "imbsam")) == list(range(70, 100))
+    assert tail_eta(counts, "relative") == pytest.approx(100.0)
+    assert len(tail_classes(counts, tail_eta(counts, "relative"))) == 65
+    assert tail_eta([10, 4], "relative", fraction=0.5) == 5.0
+    with pytest.raises(UserError, match="imbsam, relative"):
+        tail_eta(counts, "bottom-third")
 
 
 def test_imbsam_without_tail_samples_is_a_plain_step():

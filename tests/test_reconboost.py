@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from downstream.reconboost import (
+from downstream.cls.model import WeightedSources
+from downstream.cls.reconboost import (
     ReconBoostConfig,
     ReconBoostModel,
     phase_loss,
@@ -13,7 +14,6 @@ from downstream.reconboost import (
     reconcilement_loss,
     schedule,
 )
-from downstream.train_cls import WeightedSources
 
 
 def _kl(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

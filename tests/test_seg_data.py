@@ -10,7 +10,9 @@ from PIL import Image
 from difffeat.errors import UserError
 from difffeat.store import FeatureStoreWriter
 from downstream.groups import head_middle_tail
-from downstream.seg_data import MaskFinder, SegClasses, SegDataset, load_classes
+from downstream.seg.classes import SegClasses, load_classes
+from downstream.seg.data import SegDataset
+from downstream.seg.masks import MaskFinder
 
 K = 5
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from downstream.heads import HeadConfig, PixelMLPEnsemble, SegModel, VariantSum
-from downstream.seg_data import FeatureSpec
+from downstream.seg.data import FeatureSpec
+from downstream.seg.model import HeadConfig, PixelMLPEnsemble, SegModel, VariantSum
 
 
 def test_pixel_mlp_is_ddpm_segmentations_classifier_applied_per_pixel():

@@ -3,6 +3,7 @@ against the AUCSeg code's per-class loop (the benchmark's reference)."""
 
 import doctest
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from downstream.losses import (
     class_weights_from_counts,
     pixel_auc_loss,
     pixel_auc_loss_pairwise,
+    seg_cross_entropy,
 )
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "auc_loss.py"
@@ -92,6 +94,50 @@ def test_seg_loss_kinds_and_parts():
     assert torch.allclose(total, parts["ce"] + 2.0 * parts["auc"])
     with pytest.raises(ValueError, match="unknown loss"):
         SegLoss("focal")
+
+
+def test_ce_average_all_is_mmseg_by_hand():
+    """mmseg's CE (avg_non_ignore=False, AUCSeg's configs): Σ over valid pixels of w_y·ℓ, divided by every pixel.
+
+    Four pixels, two classes, one ignored; logits (2, 0), (0, 1), (1, 1), ignored:
+    ℓ = log(1 + e^(−2)), log(1 + e^(−1)), log 2. With w = (1, 3):
+    "all"   = (1·ℓ₀ + 3·ℓ₁ + 3·ℓ₂) / 4,  "valid" (torch) = (1·ℓ₀ + 3·ℓ₁ + 3·ℓ₂) / (1 + 3 + 3).
+    """
+    logits = torch.tensor([[[[2.0, 0.0, 1.0, 5.0]], [[0.0, 1.0, 1.0, -5.0]]]], dtype=torch.float64)
+    labels = torch.tensor([[[0, 1, 1, 255]]])
+    l0, l1, l2 = math.log(1 + math.exp(-2)), math.log(1 + math.exp(-1)), math.log(2)
+    assert seg_cross_entropy(logits, labels, average="all").item() == pytest.approx((l0 + l1 + l2) / 4, rel=1e-15)
+    assert seg_cross_entropy(logits, labels).item() == pytest.approx((l0 + l1 + l2) / 3, rel=1e-15)
+    w = torch.tensor([1.0, 3.0], dtype=torch.float64)
+    weighted = (l0 + 3 * l1 + 3 * l2)
+    assert seg_cross_entropy(logits, labels, w, average="all").item() == pytest.approx(weighted / 4, rel=1e-15)
+    assert seg_cross_entropy(logits, labels, w, average="valid").item() == pytest.approx(weighted / 7, rel=1e-15)
+    # AUCSeg = CE_all + λ·AUC; with "valid" the same λ weighs the AUC n_valid/n_all times as much relative to CE
+    auc = pixel_auc_loss(logits, labels).item()
+    got = aucseg_loss(logits, labels, auc_weight=0.5, ce_average="all").item()
+    assert got == pytest.approx((l0 + l1 + l2) / 4 + 0.5 * auc, rel=1e-14)
+    total, parts = SegLoss("aucseg", auc_weight=0.5, ce_average="all")(logits, labels)
+    assert total.item() == pytest.approx(got, rel=1e-15) and parts["ce"].item() == pytest.approx((l0 + l1 + l2) / 4)
+    valid = aucseg_loss(logits, labels, auc_weight=0.5 * 4 / 3, ce_average="valid").item()  # λ·n_all/n_valid
+    assert valid == pytest.approx(got * 4 / 3, rel=1e-14)  # the same objective, scaled by n_all/n_valid
+    everything_ignored = torch.full((1, 1, 4), 255)
+    assert seg_cross_entropy(logits, everything_ignored, average="all").item() == 0.0
+    with pytest.raises(ValueError, match="ce_average"):
+        SegLoss("aucseg", ce_average="mean")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ce_average_all_equals_mmseg_formula_with_gradients(seed):
+    logits, labels = inputs(seed)
+    w = torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0], dtype=torch.float64)
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    got = seg_cross_entropy(a, labels, w, average="all")
+    # mmseg cross_entropy: F.cross_entropy(reduction="none", weight) then weight_reduce_loss → .mean()
+    want = F.cross_entropy(b, labels, weight=w, reduction="none", ignore_index=255).mean()
+    assert torch.allclose(got, want, rtol=1e-14)
+    got.backward()
+    want.backward()
+    assert torch.allclose(a.grad, b.grad, rtol=1e-12, atol=1e-16)
 
 
 def test_class_weights_from_counts():

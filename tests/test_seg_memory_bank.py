@@ -4,7 +4,7 @@ what it stored; the feature-space form pastes whole cells with their labels and 
 import pytest
 import torch
 
-from downstream.memory_bank import FeatureMemoryBank, ImageMemoryBank
+from downstream.seg.memory_bank import FeatureMemoryBank, ImageMemoryBank
 
 
 def sample(seed, objects=(), size=16, channels=3):

@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 from torchmetrics.functional.classification import multiclass_jaccard_index
 
-import downstream.seg_metrics as seg_metrics_module
+import downstream.seg.metrics as seg_metrics_module
 from downstream.plots import save_confusion_png, save_curves_png
-from downstream.seg_data import SegClasses
-from downstream.seg_metrics import SegMetrics, confusion_matrix
+from downstream.seg.classes import SegClasses
+from downstream.seg.metrics import SegMetrics, confusion_matrix
 
 CLASSES = SegClasses(["a", "b", "c", "d"], groups={"head": ["a"], "middle": ["b"], "tail": ["c", "d"]})
 
@@ -63,7 +63,7 @@ def test_docstring_examples():
 
 
 def test_summary_groups_runs_by_config_without_seed(tmp_path):
-    from downstream.seg_summary import format_rows, summarize_runs
+    from downstream.seg.summary import format_rows, summarize_runs
 
     runs = []
     for loss, seed, miou in [("ce", 0, 0.2), ("ce", 1, 0.4), ("aucseg", 0, 0.5)]:

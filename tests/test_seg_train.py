@@ -8,9 +8,13 @@ import torch
 from PIL import Image
 
 from difffeat.cli import main
+from difffeat.errors import UserError
 from difffeat.store import FeatureStore
-from downstream.pixel_store import write_pixel_store
-from downstream.train_seg import SegTrainConfig, batch_indices, eval_seg, poly_factor, train_seg
+from downstream.engine import batch_indices, poly_factor
+from downstream.seg.config import SegTrainConfig
+from downstream.seg.evaluate import eval_seg
+from downstream.seg.pixel_store import write_pixel_store
+from downstream.seg.train import train_seg
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +65,7 @@ def test_eval_scores_equal_a_direct_count(world):
                          split="train", iterations=3, batch_size=4, hidden=16, cache_bytes=0)  # read on demand
     run = train_seg(cfg, progress=False)
     scores = eval_seg(run, [str(root / "feat")], str(data), split="val", progress=False)
-    from downstream.train_seg import load_run
+    from downstream.seg.evaluate import load_run
 
     _, model, classes = load_run(run)
     store = FeatureStore(root / "feat")
@@ -86,8 +90,8 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(world):
     part = SegTrainConfig(out=str(root / "part"), **kw)
     train_seg(part, progress=False, stop_after=3)
     assert not (root / "part" / "model.safetensors").exists()
-    assert json.loads((root / "part" / "checkpoints" / "latest.json").read_text())["iteration"] == 3
-    with pytest.raises(Exception, match="pass --resume"):
+    assert json.loads((root / "part" / "checkpoints" / "latest.json").read_text())["step"] == 3
+    with pytest.raises(UserError, match="holds a train-seg run; .*--resume"):
         train_seg(part, progress=False)
     train_seg(part, progress=False, resume=True)
     from safetensors.torch import load_file

@@ -129,14 +129,68 @@ def test_loads_as_hf_imagefolder(shapes_dir):
     assert len(ds["train"]) == 48
 
 
-def test_refuses_non_empty_folder_unless_overwrite(tmp_path):
+def test_never_writes_into_a_folder_it_did_not_make(tmp_path):
+    """Issue #13 item 1: a non-empty folder without the Shapes-LT marker is refused, even with overwrite."""
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "keep.txt").write_text("mine")
-    with pytest.raises(UserError, match="not empty"):
-        slt.synthesize(tmp_path / "x", n=5)
-    assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
-    slt.synthesize(tmp_path / "x", n=5, overwrite=True)
-    assert (tmp_path / "x" / "classes.json").exists() and not (tmp_path / "x" / "keep.txt").exists()
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="not empty and is not a difffeat shapes-lt run"):
+            slt.synthesize(tmp_path / "x", n=5, overwrite=overwrite)
+        assert [p.name for p in (tmp_path / "x").iterdir()] == ["keep.txt"]
+        assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+
+
+def test_overwrite_replaces_only_its_own_files(tmp_path):
+    out = slt.synthesize(tmp_path / "d", n=5, seed=1)
+    classes = json.loads((out / "classes.json").read_text())
+    assert classes["format"] == "difffeat-run/1" and classes["kind"] == "shapes-lt"
+    (out / "main.py").write_text("print('mine')\n")
+    (out / "notes").mkdir()
+    with pytest.raises(UserError, match="already.*--overwrite"):  # the same set again
+        slt.synthesize(out, n=5, seed=1)
+    with pytest.raises(UserError, match=r"another config \(differs in: n, splits\).*--overwrite"):
+        slt.synthesize(out, n=6, seed=1)
+    old_test = sorted(p.name for p in (out / "test" / "images").iterdir())
+    slt.synthesize(out, n=10, seed=2, overwrite=True)
+    assert (out / "main.py").read_text() == "print('mine')\n" and (out / "notes").is_dir()
+    assert json.loads((out / "classes.json").read_text())["config"]["seed"] == 2
+    assert len(list((out / "train" / "images").glob("*.png"))) == 8
+    assert sorted(p.name for p in (out / "test" / "images").iterdir()) == old_test  # 1 test image either way
+    assert sorted(p.name for p in out.iterdir()) == ["classes.json", "main.py", "notes", "test", "train", "val"]
+
+
+def test_a_set_cut_short_is_made_again_and_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    out = tmp_path / "d"
+    calls = {"n": 0}
+    real_save = Image.Image.save
+
+    def save(self, fp, *args, **kwargs):  # the disk fills up at the 7th picture
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise OSError(28, "No space left on device")
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    with pytest.raises(UserError, match=r"d: cannot write the Shapes-LT set \(No space left on device\)"):
+        slt.synthesize(out, n=5)
+    assert sorted(p.name for p in out.iterdir()) == ["classes.json"]  # the marker alone: no temporary folder
+    monkeypatch.undo()
+    slt.synthesize(out, n=5)  # recognised as its own set, cut short: made again without --overwrite
+    assert len(list((out / "train" / "images").glob("*.png"))) == 3
+
+
+def test_synth_onto_a_symbolic_link_to_a_folder(tmp_path):
+    """Issue #13 item 11: the data lands in the linked folder, the link stays, and no temporary folder is left."""
+    target = tmp_path / "real"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target, target_is_directory=True)
+    slt.synthesize(link, n=5)
+    assert link.is_symlink() and (target / "classes.json").is_file() and (target / "train" / "images").is_dir()
+    slt.synthesize(link, n=5, seed=4, overwrite=True)
+    assert link.is_symlink() and json.loads((target / "classes.json").read_text())["config"]["seed"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    assert not [p for p in target.iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -152,10 +206,15 @@ def test_cli_bad_input_is_one_line(tmp_path, args, message):
 
 
 def test_cli_synth_into_non_empty_folder(tmp_path):
-    (tmp_path / "f").write_text("x")
+    """The issue's reproduction: `difffeat data synth . --overwrite` in a project folder deletes nothing."""
+    (tmp_path / "main.py").write_text("x")
     cmd = [sys.executable, "-m", "difffeat", "--quiet", "data", "synth", str(tmp_path), "--n", "6"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 2 and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True)
+    for extra in ([], ["--overwrite"]):
+        proc = subprocess.run(cmd + extra, capture_output=True, text=True)
+        assert proc.returncode == 2 and "not a difffeat shapes-lt run" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert [p.name for p in tmp_path.iterdir()] == ["main.py"] and (tmp_path / "main.py").read_text() == "x"
+    out = tmp_path / "data"
+    proc = subprocess.run(cmd[:-3] + [str(out), "--n", "6"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert len(list((tmp_path / "train" / "images").glob("*.png"))) == 4
+    assert len(list((out / "train" / "images").glob("*.png"))) == 4

@@ -292,3 +292,171 @@ def test_pca_rgb_list_shares_one_fit(tmp_path):
     assert picture.shape == (10, 12 + 2 + 8, 3)
     assert np.array_equal(picture[:10, :12], both[0].repeat(2, 0).repeat(2, 1))
     assert np.array_equal(picture[:6, 14:], both[1].repeat(2, 0).repeat(2, 1))
+
+
+# ------------------------------------------------------------------------------------ integrity (#13)
+def flip_bytes(file, offset_from_end: int = 200, n: int = 64) -> None:
+    """Overwrite `n` bytes inside a shard's tensor data (the issue's "64 bytes overwritten")."""
+    data = bytearray(file.read_bytes())
+    start = len(data) - offset_from_end
+    data[start:start + n] = bytes(255 - b for b in data[start:start + n])
+    file.write_bytes(bytes(data))
+
+
+def test_shards_carry_a_checksum_that_verify_checks(tmp_path):
+    path = tmp_path / "feats"
+    write(path, shard_size=4)
+    store = FeatureStore(path)
+    assert store.verify() == []
+    assert "verified:   3 shard(s)" in summarize(store, verify=True)
+    shard = path / "shards" / "shard-r000-000001.safetensors"
+    flip_bytes(shard)
+    damaged = FeatureStore(path).verify()
+    assert damaged == [{"shard": "shards/shard-r000-000001.safetensors",
+                        "reason": "checksum mismatch: its content changed after it was written"}]
+    with pytest.raises(UserError, match=r"shard-r000-000001.safetensors: checksum mismatch"):
+        summarize(FeatureStore(path), verify=True)
+
+
+def test_resume_sets_a_damaged_shard_aside_and_extracts_its_images_again(tmp_path):
+    path = tmp_path / "feats"
+    write(path, KEYS[:8], shard_size=4)
+    flip_bytes(path / "shards" / "shard-r000-000000.safetensors")
+    with FeatureStoreWriter(path, CONFIG, shard_size=4, resume=True) as w:
+        assert w.done_keys() == set(KEYS[4:8])
+        assert w.notes[0]["shard"] == "shards/shard-r000-000000.safetensors"
+        assert "checksum mismatch" in w.notes[0]["reason"] and "extracted again" in w.notes[0]["reason"]
+        for k in KEYS:
+            if k not in w.done_keys():
+                w.add(k, features(k))
+    assert (path / "shards" / "shard-r000-000000.safetensors.damaged").is_file()
+    write(tmp_path / "one-go", shard_size=3)
+    assert_same_content(FeatureStore(path), FeatureStore(tmp_path / "one-go"))
+    assert FeatureStore(path).verify() == []
+
+
+def test_manifest_config_is_checked_against_its_hash(tmp_path):
+    path = tmp_path / "feats"
+    write(path, KEYS[:2])
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["config"]["seed"] = 7  # edited by hand: the features were not made with seed 7
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    for open_it in (FeatureStore, lambda p: FeatureStoreWriter(p, {**CONFIG, "seed": 7}, resume=True)):
+        with pytest.raises(UserError, match=r"manifest.json: its config does not match its config_hash"):
+            open_it(path)
+
+
+def test_a_store_of_an_older_difffeat_stays_readable_and_resumable(tmp_path):
+    """Manifests without "kind", shards without checksum or input stamps: what earlier versions wrote."""
+    from safetensors.numpy import load_file, save_file
+
+    path = tmp_path / "feats"
+    write(path, KEYS[:4], shard_size=2)
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["kind"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    for shard in (path / "shards").iterdir():
+        tensors = load_file(shard)
+        save_file(tensors, str(shard), metadata={"keys": json.dumps(KEYS[:2] if "000000" in shard.name else
+                                                                     KEYS[2:4]), "layers": '["up.0", "mid"]'})
+    store = FeatureStore(path)
+    assert store.keys() == KEYS[:4] and store.verify() == []
+    with FeatureStoreWriter(path, CONFIG, shard_size=2, resume=True) as w:
+        assert w.done_keys() == set(KEYS[:4]) and w.stale_keys({k: (1, 2) for k in KEYS}) == {}
+        for k in KEYS[4:]:
+            w.add(k, features(k))
+    write(tmp_path / "one-go")
+    assert_same_content(FeatureStore(path), FeatureStore(tmp_path / "one-go"))
+
+
+def test_changed_and_deleted_inputs_are_dropped_on_resume(tmp_path):
+    path = tmp_path / "feats"
+    stamps = {k: (100 + i, 10**18 + i) for i, k in enumerate(KEYS)}
+    with FeatureStoreWriter(path, CONFIG, shard_size=3) as w:
+        for k in KEYS[:7]:
+            w.add(k, features(k), stamp=stamps[k])
+    now = {**stamps, KEYS[1]: (100 + 1, 10**18 + 99)}  # KEYS[1] rewritten since
+    del now[KEYS[4]]  # KEYS[4] deleted
+    with FeatureStoreWriter(path, CONFIG, shard_size=3, resume=True) as w:
+        stale = w.stale_keys(now)
+        assert stale == {KEYS[1]: "its input changed since it was extracted", KEYS[4]: "its input is gone"}
+        w.discard(stale)
+        assert w.done_keys() == set(KEYS[:7]) - {KEYS[1], KEYS[4]}
+        assert {n["key"] for n in w.notes} == {KEYS[1], KEYS[4]}
+        assert all(n["reason"].endswith("its features were dropped") for n in w.notes)
+        for k in KEYS:
+            if k not in w.done_keys() and k in now:
+                w.add(k, features(k), stamp=now[k])
+    store = FeatureStore(path)
+    assert store.keys() == [k for k in KEYS if k != KEYS[4]] and store.verify() == []
+    for k in store.keys():
+        assert np.array_equal(store[k]["mid"], features(k)["mid"])
+        assert list(store[k]) == ["up.0", "mid"]
+
+
+# ------------------------------------------------------------------------------- locks, modes (#13 14)
+def test_a_second_writer_is_refused_while_the_first_writes(tmp_path):
+    path = tmp_path / "feats"
+    first = FeatureStoreWriter(path, CONFIG, shard_size=2)
+    first.add(KEYS[0], features(KEYS[0]))
+    first.add(KEYS[1], features(KEYS[1]))
+    before = {p: p.read_bytes() for p in path.rglob("*") if p.is_file() and not p.name.startswith(".lock")}
+    for kwargs in ({"resume": True}, {"overwrite": True}):
+        with pytest.raises(UserError, match=rf"\.lock-r000: the feature store .* is being written by process "
+                                            rf"{os.getpid()}"):
+            FeatureStoreWriter(path, CONFIG, shard_size=2, **kwargs)
+    assert {p: p.read_bytes() for p in path.rglob("*") if p.is_file() and not p.name.startswith(".lock")} == before
+    first.close()
+    assert not (path / ".lock-r000").exists()
+    with FeatureStoreWriter(path, CONFIG, shard_size=2, resume=True) as w:
+        assert w.done_keys() == set(KEYS[:2])
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "feats"
+    write(path, KEYS[:2])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (path / ".lock-r000").write_text(dead.stdout)  # a run killed with -9 leaves its lock file behind
+    with FeatureStoreWriter(path, CONFIG, resume=True) as w:
+        assert (path / ".lock-r000").read_text().strip() == str(os.getpid())
+        w.add(KEYS[2], features(KEYS[2]))
+    assert FeatureStore(path).keys() == KEYS[:3] and not (path / ".lock-r000").exists()
+
+
+def test_shards_are_as_readable_as_the_manifest(tmp_path):
+    """safetensors creates its files 0600: a store written by one user must be readable as a whole by the
+    people who can read its manifest (both follow the umask, as a plain open() does)."""
+    path = tmp_path / "feats"
+    write(path, KEYS[:2])
+    umask = os.umask(0o022)
+    os.umask(umask)
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    shard = next((path / "shards").iterdir())
+    assert mode(shard) == mode(path / "manifest.json") == 0o666 & ~umask
+
+
+def test_disk_full_inside_safetensors_is_one_line_and_not_retried(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    path = tmp_path / "feats"
+    calls = []
+
+    def full(tensors, filename, metadata=None):
+        calls.append(filename)
+        with open(filename, "wb") as f:
+            f.write(b"half")  # what was written before the disk filled up
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                              'message: "No space left on device" })')
+
+    with pytest.raises(UserError) as e:
+        with FeatureStoreWriter(path, CONFIG, shard_size=2) as w:
+            monkeypatch.setattr("safetensors.numpy.save_file", full)
+            for k in KEYS[:3]:
+                w.add(k, features(k))
+    assert str(e.value) == f"{path / 'shards'}: cannot write feature shard shard-r000-000000.safetensors " \
+                           "(No space left on device)"
+    assert len(calls) == 1  # no second try at close
+    assert list((path / "shards").iterdir()) == [] and not (path / ".lock-r000").exists()

@@ -76,7 +76,7 @@ def test_bad_specs_list_the_valid_ones():
         parse_technique("lora")
 
 
-def test_techniques_compose_in_kind_order():
+def test_techniques_compose_in_hook_order():
     specs = ["denoise-from:60", "controlnet:canny", "prompt:caption", "cfg:2", "prompt:fine", "lora:x"]
     assert [t.spec for t in ordered(specs)] == [
         "lora:x", "prompt:caption", "prompt:fine", "cfg:2.0", "controlnet:canny", "denoise-from:60"]
@@ -85,7 +85,8 @@ def test_techniques_compose_in_kind_order():
 def test_prompt_techniques_chain_like_applying_one_after_another(mini_pipe):
     fields = {"caption": "a red circle", "label": "circle"}
     stack = TechniqueStack(mini_pipe, ["prompt:caption", "prompt:fine"])
-    one_by_one = parse_technique("prompt:fine").rewrite(parse_technique("prompt:caption").rewrite("x", fields), fields)
+    one_by_one = parse_technique("prompt:fine").prepare_prompt(
+        parse_technique("prompt:caption").prepare_prompt("x", fields), fields)
     assert stack.prompt("x", fields) == one_by_one == "a red circle, high quality, best quality, highly realistic, " \
                                                       "masterpiece"
     assert TechniqueStack(mini_pipe, ["prompt:fine"]).prompt("") == \
@@ -148,8 +149,8 @@ def test_controlnets_add_their_scaled_residuals(mini_pipe, images, controlnet_di
     t = torch.full((3,), 300)
     control = canny_tensor(x)
     down = mid = None
-    for tech in ex.stack.controlnets:  # the bound nets, run one after another by hand
-        d, m = tech.net(zt, t, emb, controlnet_cond=control, conditioning_scale=tech.scale, return_dict=False)
+    for tech, net in ex.stack.residuals:  # the bound nets, run one after another by hand
+        d, m = net(zt, t, emb, controlnet_cond=control, conditioning_scale=tech.scale, return_dict=False)
         down = d if down is None else [a + b for a, b in zip(down, d)]
         mid = m if mid is None else mid + m
     want = hooked(mini_pipe, "up_blocks.1", zt, t, emb, down_block_additional_residuals=down,

@@ -14,9 +14,8 @@ from safetensors.torch import load_file
 
 from difffeat.cli import main
 from difffeat.store import FeatureStore, FeatureStoreWriter
-from downstream.cls_data import pool
-from downstream.test_agnostic import shifted_test_sets
-from downstream.train_cls import ClsTrainConfig, Objective, load_run, lr_factor, train_cls
+from downstream.cls import ClsTrainConfig, Objective, load_run, pool, shifted_test_sets, train_cls
+from downstream.engine import cosine_factor
 
 NAMES = ["cat", "dog", "emu", "fox"]
 TRAIN_COUNTS = [40, 16, 6, 3]
@@ -55,7 +54,7 @@ def world(tmp_path_factory):
 
 
 def _pooled(store_path, keys):
-    """Global average pooling, written out directly (not through cls_data)."""
+    """Global average pooling, written out directly (not through downstream.cls.data)."""
     store = FeatureStore(store_path)
     return np.stack([np.concatenate([store[k][lay].astype(np.float64).mean((1, 2)) for lay in store.layers])
                      for k in keys]).astype(np.float32)
@@ -244,5 +243,150 @@ def test_pooling_and_group_losses():
     assert float(parts.head + parts.tail) == pytest.approx(float(F.cross_entropy(z, y)), rel=1e-6)
     ce = F.cross_entropy(z, y, reduction="none")
     assert float(parts.tail) == pytest.approx(float(ce[y == 2].sum() / 6), rel=1e-6)
-    assert lr_factor(0, 100, 10) == pytest.approx(0.1) and lr_factor(10, 100, 10) == 1.0
-    assert lr_factor(55, 100, 10) == pytest.approx(0.5) and lr_factor(100, 100, 10) == pytest.approx(0.0)
+    assert cosine_factor(0, 100, 10) == pytest.approx(0.1) and cosine_factor(10, 100, 10) == 1.0
+    assert cosine_factor(55, 100, 10) == pytest.approx(0.5) and cosine_factor(100, 100, 10) == pytest.approx(0.0)
+
+
+# ---- issue #13 item 7: labels that cannot make a classifier are refused, naming the file and line -------------
+def _train_argv(root, labels, out):
+    return ["--quiet", "train-cls", "--features", str(root / "s1"), "--labels", labels, "--split", "train/",
+            "--epochs", "1", "--dirichlet-draws", "0", "--out", str(out)]
+
+
+def test_a_typo_in_an_integer_label_does_not_make_thousands_of_classes(world, tmp_path, capsys):
+    root, _, rows = world
+    ids = {name: str(i) for i, name in enumerate(NAMES)}
+    train = [(k, ids[v]) for k, v in rows if k.startswith("train/")]
+    typo = train[5][0]
+    labels = _write_labels(tmp_path / "ids.csv", [(k, "5000" if k == typo else v) for k, v in train])
+    assert main(_train_argv(root, labels, tmp_path / "run")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "ids.csv: line 7" in err and "'5000'" in err and "5001 classes" in err, err
+    assert not (tmp_path / "run").exists()
+    # the same ids without the typo train (integer labels are class names "0".."3")
+    labels = _write_labels(tmp_path / "ok.csv", train)
+    assert main(_train_argv(root, labels, tmp_path / "ok")) == 0
+    assert json.loads((tmp_path / "ok" / "config.json").read_text())["classes"]["names"] == ["0", "1", "2", "3"]
+
+
+def test_fifty_million_is_refused_without_building_the_classes():
+    from difffeat.errors import UserError
+    from downstream.cls.labels import Labels, infer_class_names
+
+    labels = Labels("big.csv", {"a": "0", "b": "1", "c": "50000000"}, {"a": 2, "b": 3, "c": 4})
+    with pytest.raises(UserError, match=r"big.csv: line 4: label '50000000' would make 50000001 classes"):
+        infer_class_names(labels, ["a", "b", "c"])
+    assert infer_class_names(labels, ["a", "b"]) == ["0", "1"]
+
+
+def test_a_single_class_is_refused(world, tmp_path, capsys):
+    root, _, rows = world
+    labels = _write_labels(tmp_path / "one.csv", [(k, "cat") for k, _ in rows if k.startswith("train/")])
+    assert main(_train_argv(root, labels, tmp_path / "run")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "one.csv" in err and "a classifier needs at least 2 classes" in err, err
+    # also when the class list names more classes than the labels use
+    assert main([*_train_argv(root, labels, tmp_path / "run"), "--classes", "cat,dog"]) == 2
+    assert "a classifier needs at least 2 classes" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_integer_labels_mixed_with_names_are_refused(world, tmp_path, capsys):
+    root, _, rows = world
+    train = [(k, v) for k, v in rows if k.startswith("train/")]
+    labels = _write_labels(tmp_path / "mixed.csv", [(k, "3" if i == 7 else v) for i, (k, v) in enumerate(train)])
+    assert main(_train_argv(root, labels, tmp_path / "run")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "mixed.csv" in err, err
+    assert "(line 9: '3')" in err and "(line 2: 'cat')" in err, err  # an example of each, with its line
+
+
+# ---- the package: registries, flags, several processes ---------------------------------------------------------
+def test_methods_optimizers_and_heads_are_registries_matching_the_config_choices():
+    from downstream.cls import config
+    from downstream.cls.model import HEADS
+    from downstream.cls.objective import METHODS, OPTIMIZERS
+
+    assert tuple(METHODS) == config.METHODS and tuple(OPTIMIZERS) == config.OPTIMIZERS
+    assert tuple(HEADS) == config.HEADS
+
+
+def test_flags_keep_their_names_and_defaults():
+    from difffeat.cli import build_parser
+    from difffeat.config_cli import config_from_args
+    from downstream.cls.config import ClsTrainConfig, DirMixEConfig, EvalClsConfig
+
+    parser = build_parser()
+    cfg = config_from_args(ClsTrainConfig, parser.parse_args(["train-cls", "--features", "a", "--labels", "b",
+                                                               "--out", "c"]))
+    today = dict(sources="store", pool_grid=1, fusion="concat", method="ce", optim="none", head=None, hidden=256,
+                 frame_dim=None, assignment="identity", scale=30.0, epochs=100, batch_size=128, lr=0.05,
+                 weight_decay=5e-4, warmup_epochs=5, tau=1.0, rho=0.05, rho_tail=0.1, sse_gamma=0.7, tail_eta=None,
+                 dm_tau=1.3, lambda_var=5.0, trials=60, concentration=1e4, tta_epochs=5, tta_steps=79, rb_stages=16,
+                 rb_weight2=1.0, dirichlet_draws=3, drop_unseen=False, seed=0, checkpoint_every=10, device="auto")
+    assert {k: getattr(cfg, k) for k in today} == today
+    assert cfg.dm_tau == DirMixEConfig.tau  # one source
+    given = {"--features": ("features", ["f1", "f2"]), "--labels": ("labels", "l.csv"), "--out": ("out", "o"),
+             "--config": None, "--split": ("split", "train/"), "--test-split": ("test_split", "test/"),
+             "--test-labels": ("test_labels", "t.csv"), "--classes": ("classes", "a,b"), "--layer": ("layers", ["x"]),
+             "--sources": ("sources", "layer"), "--pool-grid": ("pool_grid", 2), "--fusion": ("fusion", "weighted"),
+             "--method": ("method", "la"), "--optim": ("optim", "sam"), "--head": ("head", "cosine"),
+             "--hidden": ("hidden", 8), "--frame-dim": ("frame_dim", 3), "--assignment": ("assignment", "random"),
+             "--scale": ("scale", 2.0), "--epochs": ("epochs", 3), "--batch-size": ("batch_size", 4),
+             "--lr": ("lr", 0.5), "--weight-decay": ("weight_decay", 0.0), "--warmup-epochs": ("warmup_epochs", 0),
+             "--tau": ("tau", 2.0), "--rho": ("rho", 0.2), "--rho-tail": ("rho_tail", 0.3),
+             "--sse-gamma": ("sse_gamma", 0.5), "--tail-eta": ("tail_eta", 4.0), "--dm-tau": ("dm_tau", 1.1),
+             "--lambda-var": ("lambda_var", 1.0), "--trials": ("trials", 5), "--concentration": ("concentration", 9.0),
+             "--tta-epochs": ("tta_epochs", 2), "--tta-steps": ("tta_steps", 3), "--rb-stages": ("rb_stages", 2),
+             "--rb-weight2": ("rb_weight2", 0.5), "--dirichlet-draws": ("dirichlet_draws", 1),
+             "--seed": ("seed", 4), "--checkpoint-every": ("checkpoint_every", 2), "--device": ("device", "cpu")}
+    argv = ["train-cls", "--drop-unseen", "--resume", "--overwrite", "--stop-after", "2"]
+    for flag, item in given.items():
+        if item is not None:
+            values = item[1] if isinstance(item[1], list) else [item[1]]
+            for v in values:
+                argv += [flag, str(v)]
+    args = parser.parse_args(argv)
+    cfg = config_from_args(ClsTrainConfig, args)
+    assert all(getattr(cfg, field) == value for field, value in (v for v in given.values() if v is not None))
+    assert cfg.drop_unseen and args.resume and args.overwrite and args.stop_after == 2 and args.config is None
+    args = parser.parse_args(["eval-cls", "--run", "r", "--features", "f", "--labels", "l", "--split", "test/",
+                              "--out", "o", "--no-tta", "--dirichlet-draws", "2", "--seed", "1", "--drop-unseen"])
+    ev = config_from_args(EvalClsConfig, args)
+    assert (ev.run, ev.features, ev.labels, ev.split, ev.out, ev.tta, ev.dirichlet_draws, ev.seed, ev.drop_unseen) \
+        == ("r", ["f"], "l", "test/", "o", False, 2, 1, True)
+
+
+def test_a_bad_value_names_its_flag(world, tmp_path, capsys):
+    root, labels, _ = world
+    assert main(_train_argv(root, labels, tmp_path / "run") + ["--lr", "nan"]) == 2
+    assert "--lr: must be a finite number" in capsys.readouterr().err
+    assert main(_train_argv(root, labels, tmp_path / "run") + ["--sse-gamma", "2"]) == 2
+    assert "--sse-gamma: must be ≤ 1" in capsys.readouterr().err
+
+
+def test_two_processes_train_as_one_process_with_their_batches_together(world, tmp_path):
+    """torchrun, 2 CPU processes with batch 8 each: the gradients averaged, the run equals one process with
+    batch 16 (the same samples per step) up to float rounding, and one metrics.json is written."""
+    import os
+    import subprocess
+    import sys
+
+    root, labels, _ = world
+    common = ["--quiet", "train-cls", "--features", str(root / "s1"), "--labels", labels, "--split", "train/",
+              "--test-split", "test/", "--method", "la", "--optim", "imbsam", "--epochs", "3", "--hidden", "16",
+              "--dirichlet-draws", "0", "--checkpoint-every", "2"]
+    assert main([*common, "--batch-size", "16", "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    proc = subprocess.run([*launcher, "-m", "difffeat", *common, "--batch-size", "8", "--out", str(tmp_path / "two")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("trained ") == 1  # only the main process reports
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    one, two = (json.loads((tmp_path / r / "history.json").read_text()) for r in ("one", "two"))
+    assert [h["loss"] for h in one] == pytest.approx([h["loss"] for h in two], rel=1e-5)
+    assert [h["iteration"] for h in two] == [4, 8, 12]
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["full_test"] == json.loads((tmp_path / "one" / "metrics.json").read_text())["full_test"]

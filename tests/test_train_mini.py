@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 from difffeat import load_pipeline
 from difffeat.errors import UserError
+from difffeat.run import Checkpoints
 from difffeat.zoo.train import MiniTrainConfig, train_mini
 
 TINY = MiniTrainConfig(n_train=48, vae_steps=3, unet_steps=4, batch_size=4, checkpoint_every=2, warmup=2)
@@ -33,13 +34,34 @@ def test_recipe_is_reproducible_resumable_and_loadable(tmp_path):
 
 def test_interrupted_unet_stage_resumes_to_the_same_weights(tmp_path):
     full = train_mini(tmp_path / "full", cfg=TINY)
-    # An interruption after the step-2 checkpoint: stop the recipe there, then run it again.
-    half = MiniTrainConfig(**{**TINY.__dict__, "unet_steps": 2})
+    # An interruption after two UNet steps (3 VAE steps + 2 UNet steps), then the same run again.
     part = tmp_path / "part"
-    train_mini(part, cfg=half)
-    (part / "config.json").unlink()  # the same run, now asked for its full length
-    ck = torch.load(part / "unet.pt", weights_only=False)
-    assert ck["step"] == 2
+    assert train_mini(part, cfg=TINY, stop_after=3 + 2) is None
+    assert Checkpoints(part / "checkpoints" / "unet").latest().step == 2
     resumed = train_mini(part, cfg=TINY)
     wf, wr = _unet_weights(full), _unet_weights(resumed)
-    assert all(torch.allclose(wf[k], wr[k], atol=1e-6) for k in wf)
+    assert all(torch.equal(wf[k], wr[k]) for k in wf)
+
+
+def test_a_crafted_checkpoint_runs_no_code(tmp_path):
+    """Issue #13 item 3: neither an old-style pickle nor a pickle put where a checkpoint belongs is unpickled."""
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "unet.pt").write_bytes(pickle.dumps({"step": Payload()}))
+    with pytest.raises(UserError, match=r"unet.pt: a pickled checkpoint of an older difffeat; it is not loaded"):
+        train_mini(old, cfg=TINY)
+    run = tmp_path / "run"
+    train_mini(run, cfg=TINY, stop_after=2)
+    step = Checkpoints(run / "checkpoints" / "vae").latest().path
+    (step / "model.safetensors").write_bytes(pickle.dumps({"model": Payload()}))
+    with pytest.raises(UserError, match=r"model.safetensors: unreadable"):
+        train_mini(run, cfg=TINY)
+    assert not marker.exists()

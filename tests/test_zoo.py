@@ -1,3 +1,4 @@
+import os
 import shutil
 import subprocess
 import sys
@@ -121,11 +122,36 @@ def test_sample_cli_writes_images_grid_and_config(tmp_path):
     rc = main(["--quiet", "sample", "a red circle", "--captions", str(data / "test" / "metadata.csv"), "--n", "1",
                "--out", str(out), "--model", "mini-random", "--steps", "2"])
     assert rc == 0
-    cfg = json.loads((out / "sample_config.json").read_text())
+    saved = json.loads((out / "config.json").read_text())
+    cfg = saved["config"]
     assert cfg["prompts"][0] == "a red circle" and len(cfg["prompts"]) == 2 and cfg["steps"] == 2
+    assert saved["kind"] == "sample" and "torch" in saved["versions"]
     assert Image.open(out / "0001.png").size == (64, 64) and (out / "grid.png").exists()
     assert main(["sample", "--captions", str(data / "test" / "metadata.csv"), "--column", "nope",
                  "--out", str(out)]) == 2
+
+
+def test_sample_never_replaces_what_it_did_not_write(tmp_path, capsys):
+    """Issue #13 item 2: a folder of the user's photos is refused even with --overwrite; an earlier sample run
+    is replaced only with --overwrite, and then only its own pictures."""
+    from difffeat.cli import main
+
+    photos = tmp_path / "myphotos"
+    photos.mkdir()
+    (photos / "0000.png").write_bytes(b"my photo")
+    for extra in ([], ["--overwrite"]):
+        assert main(["--quiet", "sample", "a red circle", "--out", str(photos), "--model", "mini-random",
+                     "--steps", "1", *extra]) == 2
+        assert "not a difffeat sample run" in capsys.readouterr().err
+        assert (photos / "0000.png").read_bytes() == b"my photo" and sorted(os.listdir(photos)) == ["0000.png"]
+    out = tmp_path / "s"
+    args = ["--quiet", "sample", "a red circle", "--out", str(out), "--model", "mini-random", "--steps", "1"]
+    assert main(args) == 0
+    first = (out / "0000.png").read_bytes()
+    (out / "notes.txt").write_text("mine")
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    assert (out / "0000.png").read_bytes() == first and (out / "notes.txt").read_text() == "mine"
 
 
 def test_public_api_contract_names():

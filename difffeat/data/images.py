@@ -7,7 +7,9 @@ naming the file and the reason, so that batch jobs can skip it, record it and go
 
 Sources are a folder, a glob pattern, a single file, or a `datasets.Dataset`. Each image has a *key*,
 its identity in feature stores: the POSIX path relative to the input folder, or for a data set its file
-name or its split and index.
+name or its split and index. A listing never descends into what difffeat wrote (a feature store, a run
+folder: `is_difffeat_output`) nor into the folders it is told to `exclude` (the run's own output), so a
+store kept inside its own input folder never takes its own pictures for inputs.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from __future__ import annotations
 import csv
 import glob
 import io
+import json
 import os
 import posixpath
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -66,24 +69,68 @@ def has_image_suffix(name: str | os.PathLike) -> bool:
     return os.path.splitext(os.fspath(name))[1].lower() in IMAGE_SUFFIXES
 
 
-def discover_images(source: str | os.PathLike, recursive: bool = True) -> list[ImageItem]:
+def is_difffeat_output(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds what difffeat wrote: a feature store (a difffeat ``manifest.json``) or a run
+    (a ``config.json`` run marker). Its pictures are results (a PCA picture, samples), not inputs."""
+    from difffeat.run import RUN_FORMAT
+    from difffeat.store import FORMAT as STORE_FORMAT
+
+    for name, fmt in (("manifest.json", STORE_FORMAT), ("config.json", RUN_FORMAT)):
+        file = Path(folder) / name
+        if file.is_file():
+            try:
+                data = json.loads(file.read_text())
+            except (OSError, UnicodeDecodeError, ValueError):
+                continue
+            if isinstance(data, dict) and data.get("format") == fmt:
+                return True
+    return False
+
+
+class _Skip:
+    """The folders a listing leaves out: those given, and every difffeat output below the root."""
+
+    def __init__(self, exclude: Iterable[str | os.PathLike]):
+        self.exclude = {os.path.realpath(os.path.expanduser(os.fspath(e))) for e in exclude}
+        self.seen: dict[str, bool] = {}
+
+    def __call__(self, folder: str) -> bool:
+        real = os.path.realpath(folder)
+        if real not in self.seen:
+            self.seen[real] = real in self.exclude or is_difffeat_output(real)
+        return self.seen[real]
+
+    def inside(self, file: str, root: str) -> bool:
+        """Whether `file` lies in a left-out folder below `root` (the root itself is what the user named)."""
+        folder, top = os.path.dirname(os.path.abspath(file)), os.path.abspath(root)
+        while folder.startswith(top) and folder != top:
+            if self(folder):
+                return True
+            folder = os.path.dirname(folder)
+        return os.path.realpath(top) in self.exclude
+
+
+def discover_images(source: str | os.PathLike, recursive: bool = True,
+                    exclude: Iterable[str | os.PathLike] = ()) -> list[ImageItem]:
     """The images under a folder, matching a glob pattern, or a single image file, sorted by key.
 
-    Folders are walked (recursively unless told not to) skipping hidden files and folders; keys are
+    Folders are walked (recursively unless told not to) skipping hidden files and folders, the folders in
+    `exclude` and every folder below the root that holds a difffeat output (`is_difffeat_output`); keys are
     POSIX paths relative to the folder, or to a pattern's longest folder without wildcards. Files are
     chosen by suffix alone: a corrupt one is listed here and reported when it is loaded.
     """
     text = os.path.expanduser(os.fspath(source))
     path = Path(text)
+    skip = _Skip(exclude)
     if path.is_file():
         if not has_image_suffix(path):
             raise UserError(f"{source}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
         return [ImageItem(key=path.name, path=path)]
     if path.is_dir():
-        items = [ImageItem(key=rel, path=path / rel) for rel in _walk(path, recursive)]
+        items = [ImageItem(key=rel, path=path / rel) for rel in _walk(path, recursive, skip)]
         where = "in this folder" + (" or its sub-folders" if recursive else "")
     elif glob.has_magic(text):
-        items = _glob(text, recursive)
+        items = _glob(text, recursive, skip)
         where = "match this pattern"
     else:
         raise UserError(f"{source}: no such folder")
@@ -92,8 +139,10 @@ def discover_images(source: str | os.PathLike, recursive: bool = True) -> list[I
     return sorted(items, key=lambda item: item.key)
 
 
-def _walk(root: Path, recursive: bool) -> Iterator[str]:
+def _walk(root: Path, recursive: bool, skip: _Skip) -> Iterator[str]:
     seen: set[str] = set()
+    if skip.exclude and os.path.realpath(root) in skip.exclude:
+        return
     # Symlinked folders are followed (data sets are often assembled from links); `seen` stops cycles.
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -101,14 +150,15 @@ def _walk(root: Path, recursive: bool) -> Iterator[str]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive else []
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not skip(os.path.join(folder, d))] \
+            if recursive else []
         rel = Path(folder).relative_to(root)
         for name in files:
             if not name.startswith(".") and has_image_suffix(name):
                 yield (rel / name).as_posix()
 
 
-def _glob(pattern: str, recursive: bool) -> list[ImageItem]:
+def _glob(pattern: str, recursive: bool, skip: _Skip) -> list[ImageItem]:
     parts = Path(pattern).parts
     fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
     root = Path(*parts[:fixed]) if fixed else Path(".")
@@ -117,8 +167,17 @@ def _glob(pattern: str, recursive: bool) -> list[ImageItem]:
     return [
         ImageItem(key=Path(os.path.relpath(m, root)).as_posix(), path=Path(m))
         for m in matches
-        if has_image_suffix(m) and os.path.isfile(m)
+        if has_image_suffix(m) and os.path.isfile(m) and not skip.inside(m, str(root))
     ]
+
+
+def file_stamp(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(size, mtime_ns) of a file: what a resumed run compares to see that an input changed; None if absent."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 # --------------------------------------------------------------------------------------------- loading

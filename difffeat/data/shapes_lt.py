@@ -14,7 +14,6 @@ how many others are made or in which order, and the splits are fixed.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import shutil
@@ -25,7 +24,10 @@ import numpy as np
 from PIL import Image
 
 from difffeat.errors import UserError
+from difffeat.run import RUN_FORMAT, RunFolder
 
+KIND = "shapes-lt"
+CLASSES = "classes.json"  # the class table, and the marker that says difffeat made the folder
 SIZE = 64
 IGNORE_INDEX = 255
 SPLITS = ("train", "val", "test")
@@ -137,8 +139,8 @@ class Scene:
 
 def label_profile(imbalance: float) -> np.ndarray:
     """Exponential long-tail profile over thing classes: p_i ∝ R^(-i/(C-1)), so p_0 / p_{C-1} = R."""
-    if imbalance < 1:
-        raise UserError(f"--imbalance must be ≥ 1, got {imbalance}")
+    if not imbalance >= 1:  # NaN too
+        raise UserError(f"--imbalance must be a number ≥ 1, got {imbalance}")
     i = np.arange(len(THING_CLASSES))
     p = float(imbalance) ** (-i / (len(THING_CLASSES) - 1))
     return p / p.sum()
@@ -296,23 +298,44 @@ def synthesize(out: str | os.PathLike, n: int = 1000, seed: int = 0, imbalance: 
                overwrite: bool = False, progress: bool = False) -> Path:
     """Write a Shapes-LT data set of `n` images to `out` (format in DESIGN.md) and return its path.
 
-    The folder appears complete or not at all: everything is written to a temporary sibling first.
+    `out` is a run folder of the spine (kind "shapes-lt") whose marker is `classes.json`: difffeat writes only
+    into a new or empty folder or into a Shapes-LT folder it made, and `overwrite` replaces only that set's
+    own files (its splits and classes.json), never anything else in the folder. The scenes are written to a
+    temporary folder inside `out` first and moved into place; `classes.json` is written last, so a set
+    without its class table is one whose writing was cut short (it is made again on the next call).
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: folder is not empty (pass --overwrite to replace it)")
     sizes = split_sizes(n)
     profile = label_profile(imbalance)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pixel_counts = np.zeros(len(CLASS_NAMES), np.int64)
-    label_counts = np.zeros(len(CLASS_NAMES), np.int64)
+    config = {"n": int(n), "seed": int(seed), "imbalance": float(imbalance), "splits": sizes, "size": SIZE}
+    folder = RunFolder(out, KIND, config, resume=True, overwrite=overwrite, owned=SPLITS, marker=CLASSES)
+    if folder.continuing and "names" in (folder.saved() or {}):
+        raise UserError(f"{out}: holds this Shapes-LT set already; replace it (--overwrite) or choose another folder")
+    folder.create()  # the marker first: a set cut short is still recognised as difffeat's own
+    tmp = out / f".shapes-lt.tmp-{os.getpid()}"
+    try:
+        classes = _write_scenes(tmp, sizes, seed, profile, progress)
+        for split in SPLITS:  # what is there is this set's own: an earlier call cut short
+            if (out / split).is_dir() and not (out / split).is_symlink():
+                shutil.rmtree(out / split)
+            os.replace(tmp / split, out / split)
+    except OSError as e:  # a full disk: one line, and no temporary folder left behind
+        raise UserError(f"{out}: cannot write the Shapes-LT set ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    # Deterministic (no time stamp, no versions): the same seed gives byte-identical folders.
+    folder.write_json(CLASSES, {"format": RUN_FORMAT, "kind": KIND, "config": config,
+                                "config_hash": folder.config_hash, **classes})
+    return out
+
+
+def _write_scenes(tmp: Path, sizes: dict[str, int], seed: int, profile: np.ndarray, progress: bool) -> dict:
+    """The scenes of every split into `tmp`; returns the class table (names, counts, groups)."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=n, desc="synth", unit="img", disable=not progress)
+    pixel_counts = np.zeros(len(CLASS_NAMES), np.int64)
+    label_counts = np.zeros(len(CLASS_NAMES), np.int64)
+    bar = tqdm(total=sum(sizes.values()), desc="synth", unit="img", disable=not progress)
     # PNGs are stored uncompressed (compress_level=0): 12 KB per scene, and 4× faster to write than level 1.
     for split in SPLITS:
         (tmp / split / "images").mkdir(parents=True)
@@ -336,7 +359,7 @@ def synthesize(out: str | os.PathLike, n: int = 1000, seed: int = 0, imbalance: 
             writer.writerows(rows)
     bar.close()
     names = list(CLASS_NAMES)
-    classes = {
+    return {
         "names": names,
         "stuff": list(STUFF_CLASSES),
         "things": list(THING_CLASSES),
@@ -344,10 +367,4 @@ def synthesize(out: str | os.PathLike, n: int = 1000, seed: int = 0, imbalance: 
         "train_pixel_counts": pixel_counts.tolist(),
         "train_image_label_counts": label_counts.tolist(),
         "groups": head_middle_tail(names, pixel_counts.tolist()),
-        "config": {"n": n, "seed": seed, "imbalance": imbalance, "splits": sizes, "size": SIZE},
     }
-    (tmp / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out

@@ -5,39 +5,52 @@
   `datasets`' imagefolder use): exactly the images its rows name, so mask files beside them are not
   taken for images, and each image keeps its metadata row (captions, labels);
 - `hf:NAME[:SPLIT]`: a `datasets` dataset by name or local path (offline: only what is cached).
+
+Folders that difffeat wrote (a feature store, a run folder) and the folders in `exclude` (the run's own
+output) are never searched for images or tables.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from PIL import Image
 
-from difffeat.data.images import BadImageError, ImageItem, discover_hf, discover_images, load_hf_image, load_image
+from difffeat.data.images import (
+    BadImageError,
+    ImageItem,
+    discover_hf,
+    discover_images,
+    file_stamp,
+    is_difffeat_output,
+    load_hf_image,
+    load_image,
+)
 from difffeat.errors import UserError
 
 
 class ImageSource:
     """A list of `ImageItem`s, a way to load each, and each one's metadata row where it has one."""
 
-    def __init__(self, spec: str):
+    def __init__(self, spec: str, exclude: Iterable[str | os.PathLike] = ()):
         self.spec = spec
         self.rows: dict[str, dict] = {}
         self.dataset = None
+        self.exclude = {os.path.realpath(os.fspath(e)) for e in exclude}
         if spec.startswith("hf:"):
             self.items = self._open_hf(spec[3:])
         elif Path(spec).is_dir() and (tables := self._metadata_files(Path(spec))):
             self.items = self._open_imagefolder(Path(spec), tables)
         else:
-            self.items = discover_images(spec)
+            self.items = discover_images(spec, exclude=self.exclude)
 
-    @staticmethod
-    def _metadata_files(root: Path) -> list[Path]:
+    def _metadata_files(self, root: Path) -> list[Path]:
         found = []
         for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not self._left_out(Path(dirpath, d)))
             if "metadata.csv" in filenames:
                 found.append(Path(dirpath) / "metadata.csv")
         return found
@@ -87,3 +100,14 @@ class ImageSource:
 
     def row(self, item: ImageItem) -> dict | None:
         return self.rows.get(item.key)
+
+    def stamp(self, item: ImageItem) -> tuple[int, int] | None:
+        """The item's file (size, mtime_ns) now; None for a data set row (rows carry no such stamp)."""
+        return None if self.dataset is not None or item.path is None else file_stamp(item.path)
+
+    def stamps(self) -> dict[str, tuple[int, int] | None]:
+        """`stamp` of every item, by key: what a resumed run checks its done images against."""
+        return {item.key: self.stamp(item) for item in self.items}
+
+    def _left_out(self, folder: Path) -> bool:
+        return os.path.realpath(folder) in self.exclude or is_difffeat_output(folder)

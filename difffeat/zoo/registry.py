@@ -49,11 +49,32 @@ def _mini_random():
     return random_mini_pipeline()
 
 
+@register_model("mini-dit")
+def _mini_dit():
+    from difffeat.zoo.mmdit import weights_dir
+
+    path = weights_dir()
+    if not (path / "model_index.json").exists():
+        raise UserError(f"{path}: the built-in mini-dit model's weights are missing from this install "
+                        "(reinstall difffeat, or rebuild them with `difffeat zoo train-mini-dit`)")
+    return _from_folder(path)
+
+
+@register_model("mini-dit-random")
+def _mini_dit_random():
+    from difffeat.zoo.mmdit import random_mini_dit_pipeline
+
+    return random_mini_dit_pipeline()
+
+
 def _register_presets() -> None:
+    from difffeat.zoo import dit_presets
     from difffeat.zoo.presets import PRESETS, build_preset_pipeline
 
     for name in PRESETS:
         register_model(name)(lambda name=name: build_preset_pipeline(name))
+    for name in dit_presets.TRANSFORMERS:  # shapes only: built on the meta device
+        register_model(name)(lambda name=name: dit_presets.build_preset_pipeline(name))
 
 
 _register_presets()
@@ -96,7 +117,12 @@ def _from_folder(path: Path):
 
     index = check_pipeline_folder(path)
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
-    return DiffusionPipeline.from_pretrained(path, local_files_only=True, **kwargs)
+    # Components the folder declares absent ([null, null], e.g. SD3 without T5) must be passed as None to load.
+    kwargs.update({k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None})
+    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, **kwargs)
+    if "_difffeat_max_sequence_length" in index:  # the T5 token count the model was trained with (mini-dit: 0)
+        vars(pipe)["difffeat_max_sequence_length"] = int(index["_difffeat_max_sequence_length"])
+    return pipe
 
 
 def _from_single_file(path: Path, config: str | None):
@@ -189,9 +215,13 @@ def load_pipeline(model: str | os.PathLike = "mini", device: str = "cpu", dtype=
     else:
         raise UserError(f"{name}: no such model folder or file, and not a built-in name "
                         f"({', '.join(MODELS)}) or a Hub id (owner/name)")
+    from difffeat.dit import denoiser
+
+    if denoiser(pipe).device.type == "meta":  # a shape-only preset (transformers at their real size): no values to move
+        return pipe
     pipe = pipe.to(device)
     if str(device).startswith("cuda"):
         _use_xformers_if_installed(pipe)
-    if dtype is not None and pipe.unet.dtype != dtype:
+    if dtype is not None and denoiser(pipe).dtype != dtype:
         pipe = pipe.to(dtype=dtype)
     return pipe

@@ -1,10 +1,18 @@
-"""Pictures of a mini training run for docs/: the loss curve and a sample grid from fine captions."""
+"""Pictures of a mini training run for docs/: the loss curve and a sample grid from fine captions.
+
+These are named documentation files (``mini_loss.png``, ``mini_samples.png``, ``mini_samples.txt``,
+``mini_quality.json``) that `difffeat zoo report` exists to make again; each is written atomically, and
+nothing else in the folder is touched.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 from pathlib import Path
+
+from difffeat.atomic import atomic_path, write_atomic
+from difffeat.run import mkdir
 
 
 def plot_losses(losses_csv: str | Path, out_png: str | Path) -> None:
@@ -14,7 +22,8 @@ def plot_losses(losses_csv: str | Path, out_png: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = list(csv.DictReader(open(losses_csv)))
+    with open(losses_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
     stages = list(dict.fromkeys(r["stage"] for r in rows))
     fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.2), squeeze=False)
     for ax, stage in zip(axes[0], stages):
@@ -24,7 +33,8 @@ def plot_losses(losses_csv: str | Path, out_png: str | Path) -> None:
         ax.set(title=f"{stage} training loss", xlabel="step", ylabel="loss", yscale="log")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    with atomic_path(out_png, what="loss curve") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -44,7 +54,8 @@ def sample_grid(pipe, out_png: str | Path, n: int = 16, seed: int = 0, scale: in
         tiles += [Image.fromarray(s.image) for s in scenes[start : start + cols]]
         tiles += samples[start : start + cols]
     g = grid(tiles, cols=cols)
-    g.resize((g.width * scale, g.height * scale), Image.NEAREST).save(out_png)
+    with atomic_path(out_png, what="sample grid") as tmp:
+        g.resize((g.width * scale, g.height * scale), Image.NEAREST).save(tmp, format="PNG")
     return captions
 
 
@@ -53,11 +64,10 @@ def write_mini_report(run: str | Path, model: str, out_dir: str | Path, seed: in
     from difffeat.zoo import load_pipeline
     from difffeat.zoo.quality import evaluate_quality
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = mkdir(out_dir)
     plot_losses(Path(run) / "losses.csv", out_dir / "mini_loss.png")
     captions = sample_grid(load_pipeline(model), out_dir / "mini_samples.png", seed=seed)
-    (out_dir / "mini_samples.txt").write_text("\n".join(captions) + "\n")
+    write_atomic(out_dir / "mini_samples.txt", "\n".join(captions) + "\n")
     report = evaluate_quality(model, seed=seed)
-    (out_dir / "mini_quality.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_atomic(out_dir / "mini_quality.json", json.dumps(report, indent=1) + "\n")
     return report

@@ -1,14 +1,22 @@
-"""Text-to-image sampling with DDIM: how a user sees what a model has learned (`difffeat sample`)."""
+"""Text-to-image sampling with DDIM: how a user sees what a model has learned (`difffeat sample`).
+
+A sample folder is a run folder of the spine (kind "sample"): its `config.json` repeats the run, a folder
+difffeat did not write is never written into, and an earlier run's samples are replaced only with
+``overwrite`` (and only they: other files in the folder stay).
+"""
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from pathlib import Path
 
+from difffeat.atomic import atomic_path
 from difffeat.errors import UserError
+from difffeat.run import RunFolder
+
+SAMPLE_FILES = ("[0-9][0-9][0-9][0-9]*.png", "grid.png")  # a sample run's own pictures
 
 
 def read_captions(path: str | os.PathLike, column: str = "fine_caption", n: int | None = None) -> list[str]:
@@ -61,19 +69,19 @@ def grid(images, cols: int = 8, pad: int = 2):
 
 
 def sample_to_folder(prompts: list[str], out: str | os.PathLike, model: str = "mini", steps: int = 50,
-                     guidance: float = 4.0, seed: int = 0, progress: bool = True) -> Path:
-    """Write one PNG per prompt, `grid.png`, and `sample_config.json` (the run, repeatable) to `out`."""
-    from difffeat import __version__
+                     guidance: float = 4.0, seed: int = 0, progress: bool = True, overwrite: bool = False) -> Path:
+    """Write one PNG per prompt (``0000.png``, …), `grid.png`, and `config.json` (the run: model, prompts,
+    steps, guidance, seed and library versions) to the sample run folder `out`."""
     from difffeat.zoo import load_pipeline
 
+    config = {"model": str(model), "prompts": list(prompts), "steps": steps, "guidance": guidance, "seed": seed,
+              "scheduler": "DDIMScheduler"}
+    # Checked before the model loads: a folder that cannot be written to costs nothing.
+    folder = RunFolder(out, "sample", config, overwrite=overwrite, owned=SAMPLE_FILES, resumable=False)
     pipe = load_pipeline(model)
     images = sample(pipe, prompts, steps=steps, guidance=guidance, seed=seed, progress=progress)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, im in enumerate(images):
-        im.save(out / f"{i:04d}.png")
-    grid(images).save(out / "grid.png")
-    config = {"model": str(model), "prompts": prompts, "steps": steps, "guidance": guidance, "seed": seed,
-              "scheduler": "DDIMScheduler", "difffeat": __version__}
-    (out / "sample_config.json").write_text(json.dumps(config, indent=1) + "\n")
-    return out
+    folder.create()
+    for name, image in [*((f"{i:04d}.png", im) for i, im in enumerate(images)), ("grid.png", grid(images))]:
+        with atomic_path(folder.file(name), what="sample image") as tmp:
+            image.save(tmp, format="PNG")
+    return folder.path

@@ -9,8 +9,10 @@ Three stages, each resumable from the checkpoint in the run folder:
    10% coarse, 10% empty (so the unconditional branch of CFG works), AdamW with warm-up and cosine decay,
    EMA weights exported.
 
-The run folder keeps `config.json`, a loss log `losses.csv` and checkpoints; `export` writes the
-pipeline in diffusers format.
+The run folder is a run folder of the spine (`difffeat.run.RunFolder`, kind "mini"): `config.json` (the
+config, its hash, library versions), a loss log `losses.csv`, and checkpoints per stage under
+`checkpoints/vae` and `checkpoints/unet` (`difffeat.run.Checkpoints`: safetensors and JSON, never a pickle).
+Training the same run folder again resumes it. The pipeline is exported in diffusers format.
 """
 
 from __future__ import annotations
@@ -18,36 +20,58 @@ from __future__ import annotations
 import csv
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from difffeat.atomic import atomic_path
 from difffeat.data.shapes_lt import iter_scenes
-from difffeat.runconfig import pin_run_config
+from difffeat.errors import UserError
+from difffeat.run import (
+    Checkpoints,
+    Config,
+    ConfigError,
+    RunFolder,
+    check_new_folder,
+    is_inside,
+    option,
+    refuse_pickled_checkpoints,
+)
 from difffeat.zoo import mini
+
+KIND = "mini"
+LEGACY_CHECKPOINTS = ("vae.pt", "unet.pt")  # pickles of older versions: refused, never loaded
 
 
 @dataclass
-class MiniTrainConfig:
-    seed: int = 0
-    n_train: int = 8000  # Shapes-LT train scenes (made in memory from the seed)
-    imbalance: float = 100.0
-    vae_steps: int = 900
-    vae_lr: float = 1e-3
-    vae_kl_weight: float = 1e-6
-    unet_steps: int = 4500
-    unet_lr: float = 5e-4
-    warmup: int = 200
-    batch_size: int = 32
-    ema_decay: float = 0.999
-    p_empty: float = 0.1
-    p_coarse: float = 0.1
-    checkpoint_every: int = 250
-    threads: int = 0  # torch threads; 0 keeps torch's default
+class MiniTrainConfig(Config):
+    """The mini model's recipe; written to the run's `config.json`, and a run resumes only under the same one."""
+
+    seed: int = option(0, min=0)
+    n_train: int = option(8000, min=1, help="Shapes-LT train scenes (made in memory from the seed)")
+    imbalance: float = option(100.0, min=1)
+    vae_steps: int = option(900, min=0)
+    vae_lr: float = option(1e-3, above=0)
+    vae_kl_weight: float = option(1e-6, min=0)
+    unet_steps: int = option(4500, min=0)
+    unet_lr: float = option(5e-4, above=0)
+    warmup: int = option(200, min=0)
+    batch_size: int = option(32, min=1)
+    ema_decay: float = option(0.999, min=0, max=1)
+    p_empty: float = option(0.1, min=0, max=1)
+    p_coarse: float = option(0.1, min=0, max=1)
+    checkpoint_every: int = option(250, min=1)
+    threads: int = option(0, min=0, help="torch threads (0: torch's default); does not change the weights")
+
+    def check(self) -> None:
+        if self.p_empty + self.p_coarse > 1:
+            raise ConfigError("p_coarse", f"p_empty + p_coarse must be ≤ 1, got {self.p_empty + self.p_coarse}")
+
+
+class _Stop(Exception):
+    """`stop_after` reached: the run ends as an interrupted one would, after a checkpoint."""
 
 
 def _cosine_lr(step: int, total: int, warmup: int) -> float:
@@ -67,13 +91,23 @@ def _log(run: Path, stage: str, step: int, loss: float, lr: float, secs: float) 
         w.writerow([stage, step, f"{loss:.6f}", f"{lr:.3e}", f"{secs:.1f}"])
 
 
-def _save(obj: dict, path: Path) -> None:
-    with atomic_path(path) as tmp:  # an interrupted save never leaves a broken checkpoint
-        torch.save(obj, tmp)
+class _Budget:
+    """Optimizer steps this call may still take (`stop_after`; None: no limit)."""
+
+    def __init__(self, steps: int | None):
+        self.left = steps
+
+    def spend(self) -> bool:
+        """Count one step; True when it was the last one allowed."""
+        if self.left is None:
+            return False
+        self.left -= 1
+        return self.left <= 0
 
 
-def _load(path: Path):
-    return torch.load(path, weights_only=False) if path.exists() else None
+def _check_finite(loss: torch.Tensor, stage: str, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise UserError(f"the {stage} training loss became {loss.item()} at step {step}; lower the learning rate")
 
 
 def _training_data(cfg: MiniTrainConfig):
@@ -86,14 +120,16 @@ def _training_data(cfg: MiniTrainConfig):
     return x, fine, coarse
 
 
-def train_vae(cfg: MiniTrainConfig, run: Path, vae, x: torch.Tensor, log_every: int = 25) -> None:
-    ckpt_path = run / "vae.pt"
+def train_vae(cfg: MiniTrainConfig, run: Path, vae, x: torch.Tensor, log_every: int = 25,
+              budget: _Budget | None = None) -> None:
+    checkpoints = Checkpoints(run / "checkpoints" / "vae")
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     start = 0
-    if (ck := _load(ckpt_path)) is not None:
-        vae.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        start = ck["step"]
+    if (ck := checkpoints.latest()) is not None:
+        vae.load_state_dict(ck.load("model"))
+        opt.load_state_dict(ck.load("optimizer"))
+        start = ck.step
+    budget = budget or _Budget(None)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + 1)
     vae.train()
     t0 = time.time()
@@ -108,14 +144,18 @@ def train_vae(cfg: MiniTrainConfig, run: Path, vae, x: torch.Tensor, log_every: 
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
         rec = vae.decode(z).sample
         loss = F.l1_loss(rec, batch) + F.mse_loss(rec, batch) + cfg.vae_kl_weight * post.kl().mean()
+        _check_finite(loss, "VAE", step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % log_every == 0 or step == cfg.vae_steps - 1:
             _log(run, "vae", step, loss.item(), lr, time.time() - t0)
             print(f"vae step {step} loss {loss.item():.4f}", flush=True)
-        if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.vae_steps - 1:
-            _save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt_path)
+        last = budget.spend()
+        if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.vae_steps - 1 or last:
+            checkpoints.save(step + 1, model=vae.state_dict(), optimizer=opt.state_dict())
+        if last:
+            raise _Stop
     vae.eval()
 
 
@@ -129,22 +169,32 @@ def encode_latents(vae, x: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor
     return torch.cat(means), torch.cat(stds)
 
 
+def _ema_state(ema) -> tuple[dict[str, torch.Tensor], dict]:
+    """An `EMAModel` state as (tensors, JSON values): its shadow weights by position, the rest as numbers."""
+    state = ema.state_dict()
+    shadow = state.pop("shadow_params")
+    state.pop("collected_params", None)  # only set between store() and restore(), never at a checkpoint
+    return {str(i): t for i, t in enumerate(shadow)}, state
+
+
 def train_unet(cfg: MiniTrainConfig, run: Path, unet, text_encoder, tokenizer, scheduler,
                mean: torch.Tensor, std: torch.Tensor, scale: float, fine: list[str], coarse: list[str],
-               log_every: int = 25) -> None:
+               log_every: int = 25, budget: _Budget | None = None) -> None:
     from diffusers.training_utils import EMAModel
 
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
     ema = EMAModel(params, decay=cfg.ema_decay)
-    ckpt_path = run / "unet.pt"
+    checkpoints = Checkpoints(run / "checkpoints" / "unet")
     start = 0
-    if (ck := _load(ckpt_path)) is not None:
-        unet.load_state_dict(ck["unet"])
-        text_encoder.load_state_dict(ck["text_encoder"])
-        opt.load_state_dict(ck["opt"])
-        ema.load_state_dict(ck["ema"])
-        start = ck["step"]
+    if (ck := checkpoints.latest()) is not None:
+        unet.load_state_dict(ck.load("unet"))
+        text_encoder.load_state_dict(ck.load("text_encoder"))
+        opt.load_state_dict(ck.load("optimizer"))
+        shadow, state = ck.load("ema")
+        ema.load_state_dict({**state, "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+        start = ck.step
+    budget = budget or _Budget(None)
     ids = {
         "fine": tokenizer(fine, padding="max_length", max_length=mini.MAX_TOKENS, truncation=True,
                           return_tensors="pt").input_ids,
@@ -173,6 +223,7 @@ def train_unet(cfg: MiniTrainConfig, run: Path, unet, text_encoder, tokenizer, s
             g["lr"] = lr
         cond = text_encoder(tokens).last_hidden_state
         loss = F.mse_loss(unet(zt, t, cond).sample, noise)
+        _check_finite(loss, "UNet", step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -181,32 +232,49 @@ def train_unet(cfg: MiniTrainConfig, run: Path, unet, text_encoder, tokenizer, s
         if step % log_every == 0 or step == cfg.unet_steps - 1:
             _log(run, "unet", step, loss.item(), lr, time.time() - t0)
             print(f"unet step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
-        if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.unet_steps - 1:
-            _save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "opt": opt.state_dict(),
-                   "ema": ema.state_dict(), "step": step + 1}, ckpt_path)
+        last = budget.spend()
+        if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.unet_steps - 1 or last:
+            checkpoints.save(step + 1, unet=unet.state_dict(), text_encoder=text_encoder.state_dict(),
+                             optimizer=opt.state_dict(), ema=_ema_state(ema))
+        if last:
+            raise _Stop
     ema.copy_to(params)  # export the EMA weights
     unet.eval()
     text_encoder.eval()
 
 
-def train_mini(run: str | Path, out: str | Path | None = None, cfg: MiniTrainConfig | None = None) -> Path:
-    """Train the mini pipeline into `run` (resumable) and export it to `out` (default `run/pipeline`)."""
-    cfg = cfg or MiniTrainConfig()
-    run = Path(run)
-    run.mkdir(parents=True, exist_ok=True)
-    pin_run_config(run, asdict(cfg))
+def train_mini(run: str | Path, out: str | Path | None = None, cfg: MiniTrainConfig | None = None,
+               stop_after: int | None = None) -> Path | None:
+    """Train the mini pipeline into `run` (resumable) and export it to `out` (default `run/pipeline`).
+
+    `stop_after` ends this call after that many optimizer steps (both stages counted), with a checkpoint, as
+    an interruption would; training the run again goes on from there. Returns the export folder (None when
+    stopped)."""
+    cfg = (cfg or MiniTrainConfig()).validate()
+    refuse_pickled_checkpoints(run, LEGACY_CHECKPOINTS)
+    if out is not None and not is_inside(out, run):
+        check_new_folder(out, "export")
+    folder = RunFolder(run, KIND, cfg, resume=True, owned=("losses.csv", "pipeline"), ignore=("threads",)).create()
+    run = folder.path
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     vae, text_encoder, tokenizer, unet, scheduler = mini.build_models(cfg.seed)
     x, fine, coarse = _training_data(cfg)
     print(f"{len(x)} training scenes", flush=True)
-    train_vae(cfg, run, vae, x)
+    budget = _Budget(stop_after)
+    try:
+        train_vae(cfg, run, vae, x, budget=budget)
+    except _Stop:
+        return None
     mean, std = encode_latents(vae, x)
     gen = torch.Generator().manual_seed(cfg.seed)
     scale = float(1.0 / (mean + std * torch.randn(mean.shape, generator=gen)).std())
     vae.register_to_config(scaling_factor=scale)
     print(f"latent scaling factor {scale:.4f}", flush=True)
-    train_unet(cfg, run, unet, text_encoder, tokenizer, scheduler, mean, std, scale, fine, coarse)
+    try:
+        train_unet(cfg, run, unet, text_encoder, tokenizer, scheduler, mean, std, scale, fine, coarse, budget=budget)
+    except _Stop:
+        return None
     out = Path(out) if out else run / "pipeline"
     pipe = mini.assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
     pipe.save_pretrained(out, safe_serialization=True)

@@ -26,7 +26,7 @@ for D in shapes shapes-balanced; do
     --t 50 --t 300
 done
 $PY - <<'EOF'
-from downstream.cls_data import write_labels_csv
+from downstream.cls.labels import write_labels_csv
 write_labels_csv("shapes", "shapes-labels.csv")  # keys train/images/…, val/…, test/…
 write_labels_csv("shapes-balanced", "shapes-balanced-labels.csv")
 EOF

@@ -13,7 +13,7 @@ export OMP_NUM_THREADS=1
 [ -d shapes ] || difffeat --quiet data synth shapes --n 1000 --seed 0
 [ -d feat-mini ] || difffeat --quiet extract shapes --out feat-mini --model mini --layer dift --t 50
 [ -d feat-random ] || difffeat --quiet extract shapes --out feat-random --model mini-random --layer dift --t 50
-[ -d feat-pixels ] || python -m downstream.pixel_store shapes --out feat-pixels --patch 4
+[ -d feat-pixels ] || python -m downstream.seg.pixel_store shapes --out feat-pixels --patch 4
 [ -d feat-mini-128 ] || difffeat --quiet extract shapes --out feat-mini-128 --model mini --layer dift --t 50 \
   --size 128 128 --resize stretch
 C="--masks shapes --split train --val-split val --head conv --iterations 2000 --batch-size 8"
@@ -41,4 +41,4 @@ for S in 0 1 2; do
   while [ "$(jobs -rp | wc -l)" -ge $jobs_max ]; do sleep 1; done
 done
 wait
-python -m downstream.seg_summary seg/* --metrics eval-test/metrics.json --markdown
+python -m downstream.seg.summary seg/* --metrics eval-test/metrics.json --markdown

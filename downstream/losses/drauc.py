@@ -5,7 +5,8 @@ perturbations of each input within a transport budget, through one Lagrange mult
 per label group (DRAUC-Da, the distribution-aware variant). Here the inputs are feature vectors, the input of
 a head, not images.
 
-Deliberate departures from the released code (EldercatSAM/DRAUC), each a bug or inconsistency there:
+Departures from the released code (EldercatSAM/DRAUC): 1–5 deliberate, each a bug or inconsistency there;
+6 an option whose default is the released form:
 
 1. DRAUC-Da negative budget: the code computes ε₋ = ε·[ε(1 − p·k)/(1 − p)], an extra factor ε. Here
    ε₋ = ε(1 − p·k)/(1 − p), so that the average budget p·ε₊ + (1 − p)·ε₋ equals ε.
@@ -16,6 +17,13 @@ Deliberate departures from the released code (EldercatSAM/DRAUC), each a bug or 
 4. The inner maximisation keeps, per sample, the perturbation with the largest robust objective
    F_i − λ·c_i, not the largest BCE.
 5. Only the L2 geometry is offered (the code's L∞ initialisation per class is a no-op).
+6. The α step (`alpha_step`). The default is the released closed form (`optimizers/DRAUC.py`), taken after
+   the step on (w, a, b): α ← clamp(α + lr·(2(m + b − a) − 2kα), 0, α_max), with the code's k = 1; it
+   ignores the batch and uses a, b, the running estimates of mean₊h and mean₋h. The code writes 2α,
+   ignoring its loss's k; here 2kα, so that both steps share one fixed point for any k (identical at the
+   code's k = 1). `alpha_step="autograd"` (difffeat's former step, an option) ascends along the batch
+   gradient ∂F/∂α = 2(m + mean₋h − mean₊h) − 2kα instead: the same fixed point (at a = mean₊h,
+   b = mean₋h), a noisier path.
 
 Distances are measured in units of the batch's median feature norm when `relative=True` (the default), so
 ε and the step size do not depend on the feature scale; without it they are absolute.
@@ -27,6 +35,8 @@ import torch
 from torch import nn
 
 from difffeat.errors import UserError
+
+ALPHA_STEPS = ("released", "autograd")
 
 
 def drauc_instance_loss(logits: torch.Tensor, labels: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -94,7 +104,7 @@ class DRAUCLoss(nn.Module):
         loss = loss_fn(head(x_adv), y)                  # F at the worst-case features
         loss.backward()
         optimizer.step()                                # over head parameters + loss_fn.minimized_parameters()
-        loss_fn.ascend_alpha(lr)                        # projected gradient ascent on α
+        loss_fn.ascend_alpha(lr)                        # projected ascent on α (departure 6)
 
     The inner problem, per sample i in label group g(i), is max_δ F_i(x_i + δ) − λ_g·c(δ) with
     c(δ) = ‖δ‖² (÷ median‖x‖² when `relative`), solved by `steps` normalised gradient-ascent steps of length
@@ -106,15 +116,19 @@ class DRAUCLoss(nn.Module):
     binary (ε₋, ε₊) from `distribution_aware_budgets(ε, pos_ratio, budget_ratio)`; one-vs-rest one group per
     class with `budgets` (default ε for every class; a reconstruction, the paper treats the binary case).
     Defaults: m = 1, k = 1, λ₀ = 1, η_λ = 0.02, period 10, 10 steps as in the code; ε = 0.01 and step 0.02
-    (relative units) are our choice for features and need tuning.
+    (relative units) are our choice for features and need tuning. `alpha_step`: "released" (default) or
+    "autograd", see departure 6 of the module.
     """
 
     def __init__(self, num_classes: int | None = None, margin: float = 1.0, alpha_penalty: float = 1.0,
                  epsilon: float = 0.01, step_size: float = 0.02, steps: int = 10, lambda_init: float = 1.0,
                  lambda_lr: float = 0.02, lambda_period: int = 10, distribution_aware: bool = False,
                  pos_ratio: float | None = None, budget_ratio: float = 2.0, budgets=None, relative: bool = True,
-                 alpha_max: float = 999.0):
+                 alpha_max: float = 999.0, alpha_step: str = "released"):
         super().__init__()
+        if alpha_step not in ALPHA_STEPS:
+            raise UserError(f"DRAUC: alpha_step must be one of {', '.join(ALPHA_STEPS)}, got {alpha_step!r}")
+        self.alpha_step = alpha_step
         k = 1 if num_classes is None else num_classes
         self.binary = num_classes is None
         self.a, self.b = nn.Parameter(torch.zeros(k)), nn.Parameter(torch.zeros(k))
@@ -155,10 +169,20 @@ class DRAUCLoss(nn.Module):
 
     @torch.no_grad()
     def ascend_alpha(self, lr: float) -> None:
-        """α ← clamp(α + lr·∂F/∂α, 0, alpha_max), from the gradient of the last backward; then clears it."""
-        if self.alpha.grad is not None:
-            self.alpha.add_(lr * self.alpha.grad).clamp_(0.0, self.alpha_max)
-            self.alpha.grad = None
+        """α ← clamp(α + lr·d, 0, alpha_max), then clears α's gradient; call it after the optimizer's step.
+
+        d = 2(m + b − a) − 2kα with the current a, b ("released", as `optimizers/DRAUC.py`), or
+        d = ∂F/∂α from the last backward ("autograd"). As in the code, nothing happens unless that backward
+        reached α (a batch without positives and negatives leaves α alone).
+        """
+        if self.alpha.grad is None:
+            return
+        if self.alpha_step == "released":
+            step = 2 * (self.margin + self.b - self.a) - 2 * self.alpha_penalty * self.alpha
+        else:
+            step = self.alpha.grad
+        self.alpha.add_(lr * step).clamp_(0.0, self.alpha_max)
+        self.alpha.grad = None
 
     def groups(self, labels: torch.Tensor) -> torch.Tensor:
         """The label group of each sample: its own λ and budget (a single group unless distribution-aware)."""

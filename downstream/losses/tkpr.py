@@ -1,11 +1,22 @@
 """Top-K pairwise ranking (TKPR) for multi-label ranking (Wang et al., arXiv 2407.06709; longtail_suite.md §4).
 
-RECONSTRUCTED: no code was found and only the abstract could be read. What the abstract states: TKPR is a
-measure with pointwise, pairwise and listwise views, compatible with P@K, R@K, AP@K and NDCG@K, a tight upper
-bound of the ranking loss, with Fisher-consistent convex surrogates and O(C·K) cost per sample. The formulas
-below are a reconstruction consistent with those facts, not the paper's; check them against its §3–4 before
-claiming faithfulness. In particular the paper's consistent surrogate may be the pointwise form, not the
-pairwise one (pairwise convex surrogates are in general not consistent for the ranking loss).
+RECONSTRUCTED FROM THE ABSTRACT. TKPR has no released code (none was found on GitHub or in the paper's
+pages) and only the abstract could be read, so nothing here is checked against the authors' definitions.
+The abstract states: TKPR is a measure with pointwise, pairwise and listwise views, compatible with P@K,
+R@K, AP@K and NDCG@K, a tight upper bound of the ranking loss, with Fisher-consistent convex surrogates and
+O(C·K) cost per sample.
+
+The definition chosen here, consistent with those facts: with P the positive labels, N the negatives and
+s^N_[j] the j-th largest negative score, each positive is charged for the negatives that outrank it,
+counted up to K,
+
+    TKPR-loss_K(s, y) = 1/(K_eff·|P|) · Σ_{i∈P} Σ_{j≤K_eff} 1[s^N_[j] ≥ s_i],   K_eff = min(K, |N|),
+
+(ties count as errors; TKPR = 1 − loss). It equals the ranking loss at K ≥ |N| and is ≥ it for every K. Its
+training surrogates replace the indicator by a convex non-increasing φ of the margin, in a pairwise form
+(default) or a pointwise one (`tkpr_surrogate_loss`). Check both against the paper's §3–4 before claiming
+faithfulness: in particular its consistent surrogate may be the pointwise form, not the pairwise one
+(pairwise convex surrogates are in general not consistent for the ranking loss).
 """
 
 from __future__ import annotations

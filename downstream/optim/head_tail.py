@@ -18,7 +18,18 @@ class GroupLosses(NamedTuple):
     n_tail: int | None = None
 
 
-def tail_classes(class_counts, eta: float = 20) -> list[int]:
+IMBSAM_ETA = 20.0
+"""ImbSAM's tail threshold (cool-xuan/Imbalanced_SAM `scripts/train.py`, `--eta 20`): 30 tail classes of
+CIFAR-100-LT at imbalance 100."""
+
+RELATIVE_TAIL_FRACTION = 0.2
+"""The former difffeat rule η = 0.2·n_max: the SSE-SAM README's η = 100 on CIFAR-100-LT (n_max = 500), as a
+ratio so that it carries over to data sets of other sizes (65 tail classes on CIFAR-100-LT)."""
+
+TAIL_RULES = ("imbsam", "relative")
+
+
+def tail_classes(class_counts, eta: float = IMBSAM_ETA) -> list[int]:
     """T = {c : n_c < η}, from training (or labelled-pixel) counts. ImbSAM uses η = 20, the SSE-SAM README 100.
 
     >>> tail_classes([500, 100, 19, 3], eta=20)
@@ -26,6 +37,30 @@ def tail_classes(class_counts, eta: float = 20) -> list[int]:
     """
     counts = torch.as_tensor(class_counts).flatten()
     return [int(c) for c in torch.nonzero(counts < eta).flatten()]
+
+
+def tail_eta(class_counts, rule: str = "imbsam", fraction: float = RELATIVE_TAIL_FRACTION) -> float:
+    """The tail threshold η of a rule: "imbsam" η = 20 (released; absolute, whatever the data set's size),
+    "relative" η = `fraction`·n_max (difffeat's former default; η = 100 on CIFAR-100-LT, as SSE-SAM's README).
+
+    >>> tail_eta([500, 99, 19, 3]), tail_eta([500, 99, 19, 3], "relative")
+    (20.0, 100.0)
+    >>> tail_classes([500, 99, 19, 3], tail_eta([500, 99, 19, 3], "relative"))
+    [1, 2, 3]
+    """
+    if rule == "imbsam":
+        return IMBSAM_ETA
+    if rule == "relative":
+        return fraction * float(torch.as_tensor(class_counts, dtype=torch.float64).max())
+    raise UserError(f"tail rule must be one of {', '.join(TAIL_RULES)}, got {rule!r}")
+
+
+def tail_tensor(tail_classes) -> torch.Tensor:
+    """Tail classes as a 1-D int64 tensor of class ids, from ids or a boolean mask over the classes."""
+    tail = torch.as_tensor(tail_classes)
+    if tail.dtype == torch.bool:
+        tail = torch.nonzero(tail).flatten()
+    return tail.long().flatten()
 
 
 def split_losses(losses: torch.Tensor, targets: torch.Tensor, tail: torch.Tensor, normalization: str = "batch",

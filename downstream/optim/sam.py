@@ -64,6 +64,19 @@ class SharpnessAware(torch.optim.Optimizer):
                 if e_w is not None:
                     p.sub_(e_w)
 
+    @torch.no_grad()
+    def _add_stored(self, key: str) -> None:
+        """p.grad += state[p][key] (and forget it), creating p.grad where only the stored gradient exists."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                stored = self.state[p].pop(key, None)
+                if stored is None:
+                    continue
+                if p.grad is None:
+                    p.grad = stored
+                else:
+                    p.grad.add_(stored)
+
     def _evaluate(self, closure: Callable):
         self.zero_grad(set_to_none=True)
         with torch.enable_grad():

@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import torch
 
-from downstream.optim.head_tail import GroupLosses
-from downstream.optim.imbsam import _add_stored, _tail_tensor, group_losses
+from downstream.optim.head_tail import GroupLosses, tail_tensor
+from downstream.optim.imbsam import group_losses
 from downstream.optim.sam import SharpnessAware, backward
 
 
@@ -45,7 +45,7 @@ class SSESAM(SharpnessAware):
         defaults = {"rho_head": rho_head, "rho_tail": rho_tail, "adaptive": adaptive, "epochs_done": 0,
                     "switch_epoch": switch}
         super().__init__(params, base_optimizer, defaults, **kwargs)
-        self.tail = _tail_tensor(tail_classes)
+        self.tail = tail_tensor(tail_classes)
         self.normalization, self.ignore_index = normalization, ignore_index
 
     @property
@@ -102,7 +102,7 @@ class SSESAM(SharpnessAware):
     def base_step(self) -> None:
         """Base step with the gradient sum; clears it and `.grad`."""
         self.zero_grad(set_to_none=True)
-        _add_stored(self, "g_sum")
+        self._add_stored("g_sum")
         self.base_optimizer.step()
         self.zero_grad(set_to_none=True)
 
@@ -116,10 +116,10 @@ class SSESAM(SharpnessAware):
             self._stash(f"g_{name}_w")
         for name, rho in (("head", self.rho_head), ("tail", self.param_groups[0]["rho_tail"])):
             if rho == 0 or getattr(parts, f"n_{name}") == 0:
-                _add_stored(self, f"g_{name}_w")
+                self._add_stored(f"g_{name}_w")
                 self.accumulate()
                 continue
-            _add_stored(self, f"g_{name}_w")
+            self._add_stored(f"g_{name}_w")
             self.first_step(name)
             backward(getattr(self.group_losses(self._evaluate(closure)), name))
             self.second_step()

@@ -1,0 +1,111 @@
+"""Cost of a training iteration of a segmentation head with the paper's amalgamation against the plain concat
+head, at V = 3 feature variants (issue #12: amalgamate ≤ 1.5× concat per iteration).
+
+Each contender is `downstream.seg.model.SegModel` (conv head, hidden 128, feature normalisation) trained by
+AdamW on random features and labels: forward, the loss at the mask resolution (CE, plus Eq. 5's penalty for
+amalgamate), backward, step. The contenders run in turns (round robin) so that load from other jobs on the
+machine falls on all of them alike; the median time per iteration is reported, with its ratio to concat.
+
+Shape sets: `mini` = the gdf-legacy layers of the mini model at 128² (what docs/experiments/content_shift.sh
+extracts: 128×16², 64×32², 32×32²), batch 8; `sd15` = the gdf-legacy layers of SD-1.5 at 256² (1280×8²,
+1280×16², 640×32², 320×32²), batch 4.
+
+Run: `OMP_NUM_THREADS=1 python benchmarks/amalgamate.py [--shapes mini sd15] [--iterations 10] [--rounds 5]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from downstream.seg.data import FeatureSpec  # noqa: E402
+from downstream.seg.model import HeadConfig, SegModel  # noqa: E402
+
+SHAPES = {"mini": ([(128, 16, 16), (64, 32, 32), (32, 32, 32)], 8, (128, 128)),
+          "sd15": ([(1280, 8, 8), (1280, 16, 16), (640, 32, 32), (320, 32, 32)], 4, (256, 256))}
+VARIANTS = ("plain", "canny", "lora")
+CONTENDERS = {
+    "concat": {},
+    "weighted": {"variants": "weighted"},
+    "amalgamate pixel n=1": {"variants": "amalgamate", "assigners": 1},
+    "amalgamate pixel n=2": {"variants": "amalgamate", "assigners": 2},
+    "amalgamate pixel n=3": {"variants": "amalgamate", "assigners": 3},
+    "amalgamate global n=1": {"variants": "amalgamate", "assigners": 1, "assigner": "global"},
+}
+TARGET = "amalgamate pixel n=1"  # the default amalgamation
+
+
+class Contender:
+    def __init__(self, specs, options: dict, batch: int, mask_size, classes: int = 12):
+        torch.manual_seed(0)
+        self.model = SegModel(specs, classes, HeadConfig(**options)).train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(1)
+        self.feats = [torch.randn(batch, *s.shape, generator=g) for s in specs]
+        self.mask = torch.randint(0, classes, (batch, *mask_size), generator=g)
+
+    def step(self) -> None:
+        outputs = self.model(self.feats)
+        loss = sum(F.cross_entropy(F.interpolate(z, size=self.mask.shape[-2:], mode="bilinear", align_corners=False),
+                                   self.mask) for z in outputs)
+        penalty = self.model.penalty()
+        if penalty is not None:
+            loss = loss + penalty
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def time(self, iterations: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(iterations):
+            self.step()
+        return (time.perf_counter() - t0) / iterations
+
+
+def run(name: str, iterations: int, rounds: int) -> dict[str, float]:
+    layers, batch, mask_size = SHAPES[name]
+    specs = [FeatureSpec(0, f"{v}/layer{i}", s) for v in VARIANTS for i, s in enumerate(layers)]
+    contenders = {k: Contender(specs, o, batch, mask_size) for k, o in CONTENDERS.items()}
+    for c in contenders.values():  # warm-up
+        c.time(2)
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    for _ in range(rounds):
+        for k, c in contenders.items():
+            times[k].append(c.time(iterations))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--iterations", type=int, default=10, help="iterations per timed turn")
+    parser.add_argument("--rounds", type=int, default=5, help="turns per contender (the median is reported)")
+    args = parser.parse_args()
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    torch.set_num_threads(threads)
+    print(f"## amalgamate.py ({time.strftime('%Y-%m-%d')})\n")
+    print(f"`OMP_NUM_THREADS={threads} python benchmarks/amalgamate.py --iterations {args.iterations} --rounds "
+          f"{args.rounds}`; {platform.machine()}, {threads} torch thread(s), load average at start "
+          f"{os.getloadavg()[0]:.1f}; V = {len(VARIANTS)} variants, conv head (hidden 128), AdamW step included.\n")
+    print("| shapes | contender | ms / iteration | ÷ concat |\n|---|---|---|---|")
+    verdicts = []
+    for name in args.shapes:
+        result = run(name, args.iterations, args.rounds)
+        for k, t in result.items():
+            print(f"| {name} | {k} | {1000 * t:.1f} | {t / result['concat']:.2f}× |")
+        verdicts.append(f"{name}: {result[TARGET] / result['concat']:.2f}×")
+    print(f"\nload average at end {os.getloadavg()[0]:.1f}. Target ({TARGET} ÷ concat ≤ 1.5): " + ", ".join(verdicts))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""The mini-dit model's training recipe (`difffeat zoo train-mini-dit RUN`): reproduces the shipped weights from a seed.
+
+The VAE and the CLIP text encoder are mini's, frozen (`difffeat.zoo.mmdit`); only the SD3 transformer learns:
+
+1. **Latents**: the Shapes-LT train set encoded once by mini's VAE (posterior mean and std, kept in the run
+   folder as ``latents.safetensors``), so steps never run the VAE; each step samples from the posterior.
+2. **Transformer**: rectified flow as SD3 trains it: ``z_σ = (1 − σ)·z0 + σ·ε`` with σ drawn logit-normal
+   (``σ = sigmoid(m + s·n)``, n ~ N(0, 1): mid noise levels most often), timestep ``1000·σ``, loss
+   ``‖v̂ − (ε − z0)‖²`` (mean over elements). Captions 80 % fine, 10 % coarse, 10 % empty (for classifier-free
+   guidance and unconditional extraction), embedded exactly as the pipeline embeds them when it generates.
+   AdamW with warm-up and cosine decay, gradient clipping, EMA weights exported.
+
+Batches depend only on (seed, step); checkpoints (`difffeat.run.Checkpoints`: safetensors and JSON, never a
+pickle) are written every `checkpoint_every` steps, so an interrupted run resumes to the same weights. The run
+folder (`difffeat.run.RunFolder`, kind "mini-dit") holds `config.json`, the loss log `losses.csv` (steps done, mean
+loss since the previous row, learning rate, seconds) and the export `pipeline/` (diffusers format, safetensors).
+
+This module imports torch only when training runs, so the command line builds its parser without it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from difffeat.atomic import write_atomic
+from difffeat.errors import UserError
+from difffeat.run import Config, ConfigError, RunFolder, check_new_folder, is_inside, option
+
+KIND = "mini-dit"
+LOSSES = "losses.csv"
+LATENTS = "latents.safetensors"
+
+
+@dataclass
+class MiniDitTrainConfig(Config):
+    """The mini-dit recipe; written to the run's `config.json`, and a run resumes only under the same one."""
+
+    seed: int = option(0, min=0)
+    n_train: int = option(4000, min=1, help="Shapes-LT train scenes (made in memory from the seed)")
+    imbalance: float = option(100.0, min=1)
+    steps: int = option(800, min=1, help="optimizer steps")
+    lr: float = option(7e-4, above=0)
+    warmup: int = option(50, min=0)
+    batch_size: int = option(16, min=1)
+    weight_decay: float = option(0.01, min=0)
+    ema_decay: float = option(0.995, min=0, max=1)
+    p_empty: float = option(0.1, min=0, max=1)
+    p_coarse: float = option(0.1, min=0, max=1)
+    logit_mean: float = option(0.0, help="mean of the logit-normal noise-level distribution")
+    logit_std: float = option(1.0, above=0, help="spread of the logit-normal noise-level distribution")
+    checkpoint_every: int = option(50, min=1)
+    log_every: int = option(10, min=1, help="steps per row of losses.csv (the row holds their mean loss)")
+    threads: int = option(0, min=0, help="torch threads (0: torch's default); does not change the weights")
+
+    def check(self) -> None:
+        if self.p_empty + self.p_coarse > 1:
+            raise ConfigError("p_coarse", f"p_empty + p_coarse must be ≤ 1, got {self.p_empty + self.p_coarse}")
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to 1 over `warmup` steps, then cosine decay to 0.1 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def read_losses(path: str | Path) -> list[dict]:
+    """The rows of a run's `losses.csv` as dicts of numbers."""
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+class LossLog:
+    """`losses.csv` of a run: rows appended as training goes; on resume, rows past the checkpoint are dropped
+    (they are computed again, identically)."""
+
+    FIELDS = ("step", "loss", "lr", "seconds")
+
+    def __init__(self, path: Path, start: int):
+        self.path = path
+        rows = [r for r in read_losses(path) if r["step"] <= start] if path.exists() else []
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(self.FIELDS)
+        for r in rows:
+            w.writerow(self._cells(r))
+        write_atomic(path, buf.getvalue())
+
+    @staticmethod
+    def _cells(r: dict) -> list[str]:
+        return [str(int(r["step"])), f"{r['loss']:.6f}", f"{r['lr']:.3e}", f"{r['seconds']:.1f}"]
+
+    def add(self, step: int, loss: float, lr: float, seconds: float) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow(self._cells(dict(step=step, loss=loss, lr=lr, seconds=seconds)))
+
+
+def _ema_state(ema) -> tuple[dict, dict]:
+    """An `EMAModel` state as (tensors, JSON values): shadow weights by position, the rest as numbers."""
+    state = ema.state_dict()
+    shadow = state.pop("shadow_params")
+    state.pop("collected_params", None)  # only set between store() and restore(), never at a checkpoint
+    return {str(i): t for i, t in enumerate(shadow)}, state
+
+
+def _training_data(cfg: MiniDitTrainConfig):
+    import numpy as np
+    import torch
+
+    from difffeat.data.shapes_lt import iter_scenes
+
+    images, fine, coarse = [], [], []
+    for scene in iter_scenes("train", cfg.n_train, seed=cfg.seed, imbalance=cfg.imbalance):
+        images.append(scene.image)
+        fine.append(scene.fine_caption)
+        coarse.append(scene.coarse_caption)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, fine, coarse
+
+
+def _latents(folder: RunFolder, vae, x):
+    """(posterior mean, std) of the train images under the frozen VAE; encoded once, then read from the run."""
+    from difffeat.run import load_tensors
+    from difffeat.zoo.train import encode_latents
+
+    path = folder.file(LATENTS)
+    if path.exists():
+        tensors, _ = load_tensors(path)
+        if tensors["mean"].shape[0] == len(x):
+            return tensors["mean"], tensors["std"]
+    mean, std = encode_latents(vae, x)
+    folder.save_tensors(LATENTS, {"mean": mean, "std": std})
+    return mean, std
+
+
+class _Stop(Exception):
+    """`stop_after` reached: the call ends as an interruption would, after a checkpoint."""
+
+
+def train_mini_dit(run: str | Path, out: str | Path | None = None, cfg: MiniDitTrainConfig | None = None,
+                   stop_after: int | None = None) -> Path | None:
+    """Train the mini-dit transformer into `run` (resumable) and export the pipeline to `out` (default
+    `run/pipeline`). `stop_after` ends this call after that many steps, with a checkpoint, as an interruption
+    would; training the run again goes on from there. Returns the export folder (None when stopped)."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers.training_utils import EMAModel
+
+    from difffeat.zoo import mmdit
+
+    cfg = (cfg or MiniDitTrainConfig()).validate()
+    if out is not None and not is_inside(out, run):
+        check_new_folder(out, "export")
+    folder = RunFolder(run, KIND, cfg, resume=True, owned=(LOSSES, LATENTS, "pipeline"), ignore=("threads",))
+    folder.create()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    vae, text_encoder, tokenizer = mmdit.mini_parts()
+    transformer = mmdit.build_transformer(cfg.seed)
+    pipe = mmdit.assemble_pipeline(vae, text_encoder, tokenizer, transformer, mmdit.build_scheduler())
+    x, fine, coarse = _training_data(cfg)
+    mean, std = _latents(folder, vae, x)
+    del x
+    scale, shift = vae.config.scaling_factor, vae.config.shift_factor
+    print(f"{len(mean)} training scenes, latents {tuple(mean.shape[1:])}", flush=True)
+
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = EMAModel(params, decay=cfg.ema_decay)
+    checkpoints = folder.checkpoints
+    start = 0
+    if (ck := checkpoints.latest()) is not None:
+        transformer.load_state_dict(ck.load("transformer"))
+        opt.load_state_dict(ck.load("optimizer"))
+        shadow, state = ck.load("ema")
+        ema.load_state_dict({**state, "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+        start = ck.step
+        print(f"resuming at step {start}", flush=True)
+    log = LossLog(folder.file(LOSSES), start)
+    transformer.train()
+    gen = torch.Generator()
+    t0, window = time.time(), []
+    left = stop_after
+    for step in range(start, cfg.steps):
+        gen.manual_seed(cfg.seed * 1_000_003 + step)  # batches depend only on (seed, step): resumable
+        idx = torch.randint(len(mean), (cfg.batch_size,), generator=gen)
+        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen) - shift) * scale
+        u = torch.rand(cfg.batch_size, generator=gen).tolist()
+        captions = ["" if v < cfg.p_empty else coarse[i] if v < cfg.p_empty + cfg.p_coarse else fine[i]
+                    for v, i in zip(u, idx.tolist())]
+        noise = torch.randn(z0.shape, generator=gen)
+        sigma = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(cfg.batch_size, generator=gen))
+        s = sigma.view(-1, 1, 1, 1)
+        zt = (1 - s) * z0 + s * noise
+        embeds, pooled = mmdit.encode_text(pipe, captions)
+        lr = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        pred = transformer(hidden_states=zt, timestep=sigma * 1000, encoder_hidden_states=embeds,
+                           pooled_projections=pooled).sample
+        loss = F.mse_loss(pred, noise - z0)
+        if not torch.isfinite(loss):
+            raise UserError(f"the mini-dit training loss became {loss.item()} at step {step}; lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.step(params)
+        window.append(loss.item())
+        if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:
+            log.add(step + 1, sum(window) / len(window), lr, time.time() - t0)
+            print(f"step {step + 1}/{cfg.steps} loss {sum(window) / len(window):.4f} ({time.time() - t0:.0f}s)",
+                  flush=True)
+            window = []
+        left = None if left is None else left - 1
+        if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1 or left == 0:
+            checkpoints.save(step + 1, transformer=transformer.state_dict(), optimizer=opt.state_dict(),
+                             ema=_ema_state(ema))
+        if left == 0 and step < cfg.steps - 1:
+            return None
+    ema.copy_to(params)  # export the EMA weights
+    transformer.eval()
+    out = Path(out) if out else folder.path / "pipeline"
+    mmdit.save_pipeline(pipe, out)
+    print(f"exported mini-dit pipeline to {out}", flush=True)
+    return out
+
+
+def add_zoo_commands(zoo) -> None:
+    """`zoo train-mini-dit` and `zoo eval-mini-dit` on the `difffeat zoo` sub-command parser."""
+    from difffeat.config_cli import add_config_arguments
+
+    p = zoo.add_parser("train-mini-dit", help="train the built-in mini-dit (SD3-architecture) model")
+    p.add_argument("run", help="run folder: config, loss log, checkpoints (resumes if present)")
+    p.add_argument("--out", help="where to export the pipeline (default RUN/pipeline)")
+    add_config_arguments(p, MiniDitTrainConfig)
+    p.set_defaults(func=_cmd_train)
+    p = zoo.add_parser("eval-mini-dit", help="the mini-dit model's conditioning check on held-out Shapes-LT scenes")
+    p.add_argument("--model", default="mini-dit")
+    p.add_argument("--n", type=int, default=64, help="held-out scenes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the report here (a new file)")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_train(args) -> None:
+    from difffeat.config_cli import config_from_args
+
+    train_mini_dit(args.run, args.out, config_from_args(MiniDitTrainConfig, args))
+
+
+def _cmd_eval(args) -> None:
+    import json
+
+    from difffeat.atomic import write_json_atomic
+    from difffeat.run import check_new_file
+    from difffeat.zoo.dit_quality import evaluate_dit_quality
+
+    if args.n < 2:
+        raise UserError(f"--n: at least 2 held-out scenes are needed (another image's caption), got {args.n}")
+    if args.json:
+        check_new_file(args.json, what="report")
+    report = evaluate_dit_quality(args.model, n=args.n, seed=args.seed)
+    if args.json:
+        write_json_atomic(args.json, report)
+    print(json.dumps(report, indent=1))

@@ -1,0 +1,81 @@
+"""`difffeat train-cls` and `difffeat eval-cls`: classification heads on pooled stored features.
+
+Collected by difffeat's CLI through `EXTENSION_COMMANDS`; the flags are generated from `ClsTrainConfig` and
+`EvalClsConfig` (this module imports only those torch-free configs at start-up, the training code when a
+command runs).
+
+    difffeat train-cls --features DIR [--features DIR …] --labels CSV [--split train/ --test-split test/ |
+        --test-labels CSV] --method ce|la|vs|ldam|tla-adrw|dirmixe [--optim sam|imbsam|ssesam]
+        [--head linear|cosine|etf|grassmannian] [--fusion concat|weighted|reconboost] --out RUN
+    difffeat eval-cls --run RUN --features DIR … --labels CSV [--split test/] [--out DIR] [--no-tta]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+
+from difffeat.config_cli import add_config_arguments, config_from_args, flag_of
+from difffeat.errors import UserError
+from difffeat.run import ConfigError
+from downstream.cls.config import ClsTrainConfig, EvalClsConfig
+
+
+@contextlib.contextmanager
+def _flags(args: argparse.Namespace):
+    """Config errors name a field; on the command line they name its flag."""
+    try:
+        yield
+    except ConfigError as e:
+        raise UserError(f"{flag_of(args, e.field)}: {e.reason}") from None
+
+
+def _cmd_train_cls(args: argparse.Namespace) -> None:
+    from difffeat.run import read_json, read_saved_config
+    from downstream.cls.evaluation import summary_line
+    from downstream.cls.train import train_cls
+
+    if args.stop_after is not None and args.stop_after < 1:
+        raise UserError(f"--stop-after must be ≥ 1, got {args.stop_after}")
+    with _flags(args):
+        if args.config:
+            cfg = ClsTrainConfig.from_dict(read_saved_config(args.config), out=args.out)
+        else:
+            cfg = config_from_args(ClsTrainConfig, args)
+        run = train_cls(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                        stop_after=args.stop_after)
+    if os.environ.get("RANK", "0") != "0":  # one of several processes: the main one reports
+        return
+    metrics = run / "metrics.json"
+    if metrics.is_file():
+        print(f"trained {run}; {summary_line(read_json(metrics, 'metrics'))}")
+    else:
+        print(f"trained {run}")
+
+
+def _cmd_eval_cls(args: argparse.Namespace) -> None:
+    from downstream.cls.evaluation import eval_cls, summary_line
+
+    with _flags(args):
+        cfg = config_from_args(EvalClsConfig, args)
+        scores = eval_cls(cfg.run, cfg.features, cfg.labels, split=cfg.split, out=cfg.out, tta=cfg.tta,
+                          dirichlet_draws=cfg.dirichlet_draws, seed=cfg.seed, drop_unseen=cfg.drop_unseen,
+                          overwrite=args.overwrite)
+    print(f"{scores['images']} images: {summary_line(scores)}  (wrote {scores['out']}/metrics.json)")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add `train-cls` and `eval-cls` to difffeat's sub-command parsers."""
+    p = sub.add_parser("train-cls", help="train a classification head on pooled stored features (long-tail losses)")
+    add_config_arguments(p, ClsTrainConfig, required=("out",))
+    p.add_argument("--config", help="repeat a run: its config.json")
+    p.add_argument("--stop-after", type=int, help="stop after N epochs of this call (--resume goes on)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.set_defaults(func=_cmd_train_cls)
+
+    p = sub.add_parser("eval-cls", help="label-shift accuracy of a train-cls run (+ NC diagnostics)")
+    add_config_arguments(p, EvalClsConfig, required=("run", "features", "labels"))
+    p.add_argument("--overwrite", action="store_true", help="replace another evaluation in --out")
+    p.set_defaults(func=_cmd_eval_cls)

@@ -1,0 +1,223 @@
+"""What defines a classification run: `ClsTrainConfig` (train-cls), `EvalClsConfig` (eval-cls), and the
+hyper-parameters of DirMixE, its test-time aggregation and ReconBoost.
+
+Plain data, importable without torch (the CLI builds its flags from these fields at start-up). Every
+default is written once, here: the CLI flags come from the fields (`difffeat.config_cli`), and DirMixE's /
+ReconBoost's defaults are the fields of their own configs, which the train config's fields point to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from difffeat.run import Config, ConfigError, option
+
+METHODS = ("ce", "la", "vs", "ldam", "tla-adrw", "dirmixe")
+OPTIMIZERS = ("none", "sam", "imbsam", "ssesam")
+HEADS = ("linear", "cosine", "etf", "grassmannian")
+FUSIONS = ("concat", "weighted", "reconboost")
+SOURCE_MODES = ("store", "layer")
+NORMALISED_HEAD_METHODS = ("ldam", "dirmixe")  # default head: cosine for these, linear otherwise
+
+
+# ------------------------------------------------------------------------------ sub-algorithm configs
+@dataclass
+class DirMixEConfig(Config):
+    """DirMixE's training hyper-parameters (defaults: the CIFAR-100-LT configuration of the code)."""
+
+    tau: float = option(1.3, help="power τ of the prior shift (`power`)")
+    lambda_var: float = option(5.0, min=0, help="λ of the semi-variance (CIFAR-10 15, ImageNet-LT and iNat 1)")
+    trials: int = option(60, min=1, help="T draws per iteration")
+    concentration: float = option(1e4, above=0, help="α0 (1e5 in the iNat config)")
+    switch_fraction: float = option(0.8, min=0, max=1,
+                                    help="the variance term is on after epoch int(0.8·(E + 1)) (1-based)")
+    scale: float = option(30.0, above=0, help="cosine classifier scale s")
+
+
+@dataclass
+class AggregationConfig(Config):
+    """SADE's test-time self-supervised aggregation (B.5); the augmentations are ours (feature space)."""
+
+    lr: float = option(0.1, above=0)
+    momentum: float = option(0.9, min=0)
+    weight_decay: float = option(5e-4, min=0)
+    batch_size: int = option(128, min=1)
+    epochs: int = option(5, min=0, help="passes at most")
+    steps_per_pass: int = option(79, min=0, help="batches per pass at least (cycling a small set): SADE's CIFAR "
+                                                 "pass, 10k / 128")
+    min_weight: float = option(0.05, min=0, help="stop after a pass once some ω_k falls below this")
+    dropout: float = option(0.3, min=0, max=1, help="each standardised feature is zeroed (set to the training "
+                                                    "mean) with this probability")
+    noise: float = option(0.3, min=0, help="then Gaussian noise of this std is added (in units of the training "
+                                           "std)")
+
+
+@dataclass
+class ReconBoostConfig(Config):
+    """ReconBoost's schedule and weights (defaults: the CREMA-D setting of the code, rectification shorter)."""
+
+    stages: int = option(16, min=1, help="modality-update + rectification rounds (sources visited in turn)")
+    stage_epochs: int = option(4, min=1, help="epochs of each modality update (`epochs_per_stage`)")
+    correct_epochs: int = option(2, min=1, help="epochs of each global rectification (`correct_epoch`)")
+    weight1: float = option(5.0, help="λ₁")
+    weight2: float = option(1.0, help="λ₂, the reconcilement weight")
+    lr: float = option(0.01, above=0, help="modality-update SGD (`m_lr`)")
+    correct_lr: float = option(0.01, above=0, help="rectification SGD (`e_lr`)")
+    momentum: float = option(0.9, min=0, help="SGD momentum of both phases")
+    weight_decay: float = option(5e-4, min=0, help="SGD weight decay of both phases")
+    head_hidden: int = option(128, min=1, help="width of the shared head's hidden layer")
+
+    @property
+    def epochs(self) -> int:
+        return self.stages * (self.stage_epochs + self.correct_epochs)
+
+
+# ---------------------------------------------------------------------------------------- train-cls
+@dataclass
+class ClsTrainConfig(Config):
+    """Everything that defines a train-cls run; written to RUN/config.json, from which a run can be repeated.
+
+    `resolve()` fills the values that depend on others (the head; the epochs of a ReconBoost run).
+    """
+
+    features: list[str] = option(help="feature store; repeat for several sources")
+    labels: str = option(help="CSV with key,label columns (label: class name or integer id)")
+    out: str = option(help="run folder")
+    test_labels: str | None = option(None, help="a separate key,label CSV of test keys (then --labels lists the "
+                                                "training keys exactly)")
+    split: str | None = option(None, help="train on the store keys under this prefix (e.g. train/); each needs "
+                                          "a label")
+    test_split: str | None = option(None, help="evaluate at the end on the keys under this prefix (e.g. test/)")
+    classes: str | list[str] | None = option(None, help="class names: names file, JSON list / classes.json, or "
+                                                        "a,b,c (default: from the labels)")
+    layers: list[str] | None = option(None, flag="--layer", help="use only these layers (e.g. up_blocks.1@50); "
+                                                                 "repeat")
+    sources: str = option("store", choices=SOURCE_MODES, help="one source per store, or per layer of each store "
+                                                              "(layers / timesteps as modalities)")
+    pool_grid: int = option(1, min=1, help="average-pool onto G×G cells (1: global)")
+    fusion: str = option("concat", choices=FUSIONS, help="several sources: concatenate, learned softmax-weighted "
+                                                         "sum, or ReconBoost")
+    method: str = option("ce", choices=METHODS, help="the training loss")
+    optim: str = option("none", choices=OPTIMIZERS, help="sharpness-aware wrapper of SGD (imbsam / ssesam use "
+                                                         "the head / tail split)")
+    head: str | None = option(None, choices=HEADS, help="default: cosine for ldam and dirmixe, else linear")
+    hidden: int = option(256, min=0, help="trunk width (0: no trunk)")
+    frame_dim: int | None = option(None, min=1, help="dimension of an etf / grassmannian frame (default: the "
+                                                     "trunk output)")
+    assignment: str = option("identity", choices=("identity", "random"), help="label → frame vertex assignment")
+    scale: float = option(30.0, above=0, help="logit scale of cosine and frame heads (LDAM applies its own)")
+    epochs: int = option(100, min=1)
+    batch_size: int = option(128, min=1)
+    lr: float = option(0.05, above=0)
+    momentum: float = option(0.9, min=0, help="SGD momentum (Nesterov when > 0)")
+    weight_decay: float = option(5e-4, min=0)
+    warmup_epochs: int = option(5, min=0)
+    tau: float = option(1.0, help="LA: τ of z + τ·log π")
+    vs_gamma: float = option(0.05, help="VS and TLA stage 1: γ")
+    vs_tau: float = option(1.0, help="VS and TLA stage 1: τ")
+    tla_tau: float = option(0.75, help="TLA + ADRW stage 2: τ")
+    adrw_nu: float = option(0.25, help="TLA + ADRW: ν")
+    ldam_margin: float = option(0.5, min=0, help="LDAM: largest margin")
+    ldam_scale: float = option(30.0, above=0, help="LDAM: logit scale")
+    drw: bool = option(True, help="LDAM-DRW: class-balanced weights from 0.8·epochs on")
+    rho: float = option(0.05, min=0, help="SAM / ImbSAM radius; SSE-SAM head radius")
+    rho_tail: float = option(0.1, min=0, help="SSE-SAM tail radius")
+    imbsam_tail_weight: float = option(1.0, min=0, help="ImbSAM: weight of the tail loss (1: the loss is the "
+                                                        "batch mean; the released code uses 2)")
+    sse_gamma: float = option(0.7, min=0, max=1, help="SSE-SAM: head radius 0 after γ·epochs")
+    tail_eta: float | None = option(None, help="tail classes: fewer training samples than this (default 0.2 × "
+                                               "the largest class)")
+    dm_tau: float = option(DirMixEConfig.tau, help="DirMixE: power τ of the prior shift")
+    lambda_var: float = option(DirMixEConfig.lambda_var, min=0, help="DirMixE: weight of the semi-variance")
+    trials: int = option(DirMixEConfig.trials, min=1, help="DirMixE: Dirichlet draws per iteration")
+    concentration: float = option(DirMixEConfig.concentration, above=0, help="DirMixE: α0")
+    tta_lr: float = option(AggregationConfig.lr, above=0, help="DirMixE test-time aggregation: SGD learning rate")
+    tta_epochs: int = option(AggregationConfig.epochs, min=0, help="DirMixE test-time aggregation: passes at most")
+    tta_steps: int = option(AggregationConfig.steps_per_pass, min=0,
+                            help="DirMixE test-time aggregation: batches per pass at least")
+    tta_batch_size: int = option(AggregationConfig.batch_size, min=1, help="DirMixE test-time aggregation: batch")
+    tta_dropout: float = option(AggregationConfig.dropout, min=0, max=1,
+                                help="DirMixE test-time aggregation: feature dropout of a view")
+    tta_noise: float = option(AggregationConfig.noise, min=0, help="DirMixE test-time aggregation: noise of a view")
+    rb_stages: int = option(ReconBoostConfig.stages, min=1,
+                            help="ReconBoost: stages (update + rectify epochs each)")
+    rb_stage_epochs: int = option(ReconBoostConfig.stage_epochs, min=1, help="ReconBoost: epochs of an update")
+    rb_correct_epochs: int = option(ReconBoostConfig.correct_epochs, min=1,
+                                    help="ReconBoost: epochs of a rectification")
+    rb_weight1: float = option(ReconBoostConfig.weight1, help="ReconBoost: λ₁ of the cross-entropy")
+    rb_weight2: float = option(ReconBoostConfig.weight2, help="ReconBoost: λ₂ of the KL reconcilement term")
+    rb_lr: float | None = option(None, above=0, help="ReconBoost's SGD learning rate (default: --lr; the code's "
+                                                     "is 0.01)")
+    dirichlet_draws: int = option(3, min=0, help="Dirichlet test sets per component")
+    eval_seed: int = option(0, min=0, help="seed of the resampled test sets and of test-time aggregation")
+    drop_unseen: bool = option(False, help="evaluate without test samples of untrained classes")
+    seed: int = option(0, min=0)
+    checkpoint_every: int = option(10, min=1, help="epochs")
+    device: str = option("auto", choices=("auto", "cpu", "cuda"))
+    extra: dict = option(default_factory=dict, cli=False, help="free-form notes kept with the run")
+
+    def check(self) -> None:
+        if not self.features:
+            raise ConfigError("features", "give at least one feature store")
+        if not self.labels:
+            raise ConfigError("labels", "give a key,label CSV")
+        head = self.default_head()
+        if self.method == "ldam" and head == "linear":
+            raise ConfigError("head", "method ldam needs a normalised head: cosine, etf or grassmannian")
+        if self.method == "dirmixe" and head != "cosine":
+            raise ConfigError("head", "method dirmixe has its own heads (three cosine experts); leave the head unset")
+        if self.fusion == "reconboost" and (self.method not in ("ce", "la") or self.optim != "none"
+                                            or head != "linear"):
+            raise ConfigError("fusion", "reconboost trains with method ce or la, plain SGD (optim none) and its "
+                                        "own head")
+
+    def default_head(self) -> str:
+        """The head in force: the given one, else cosine for the methods that need a normalised head."""
+        if self.head is not None:
+            return self.head
+        return "cosine" if self.method in NORMALISED_HEAD_METHODS else "linear"
+
+    def resolve(self) -> ClsTrainConfig:
+        """A checked copy with the values that depend on others filled: the head, and the epochs of a
+        ReconBoost run (its stages fix them)."""
+        self.validate()
+        resolved = dataclasses.replace(self, head=self.default_head())
+        if resolved.fusion == "reconboost":
+            resolved.epochs = resolved.reconboost_config().epochs
+        return resolved.validate()
+
+    def dirmixe_config(self) -> DirMixEConfig:
+        return DirMixEConfig(tau=self.dm_tau, lambda_var=self.lambda_var, trials=self.trials,
+                             concentration=self.concentration, scale=self.scale)
+
+    def aggregation_config(self) -> AggregationConfig:
+        return AggregationConfig(lr=self.tta_lr, epochs=self.tta_epochs, steps_per_pass=self.tta_steps,
+                                 batch_size=self.tta_batch_size, dropout=self.tta_dropout, noise=self.tta_noise)
+
+    def reconboost_config(self) -> ReconBoostConfig:
+        return ReconBoostConfig(stages=self.rb_stages, stage_epochs=self.rb_stage_epochs,
+                                correct_epochs=self.rb_correct_epochs, weight1=self.rb_weight1,
+                                weight2=self.rb_weight2, lr=self.rb_lr or self.lr, correct_lr=self.rb_lr or self.lr,
+                                momentum=self.momentum, weight_decay=self.weight_decay)
+
+
+# ----------------------------------------------------------------------------------------- eval-cls
+@dataclass
+class EvalClsConfig(Config):
+    """An evaluation of a trained run on (other) features and labels; written to its output folder."""
+
+    run: str = option(help="train-cls run folder")
+    features: list[str] = option(help="feature store(s), as in training")
+    labels: str = option(help="key,label CSV of the test images")
+    split: str | None = option(None, help="the store keys under this prefix (default: the CSV's keys)")
+    out: str | None = option(None, help="where to write metrics.json and accuracy.png (default RUN/eval-SPLIT)")
+    tta: bool = option(True, help="DirMixE: test-time aggregation (--no-tta skips it)")
+    dirichlet_draws: int | None = option(None, min=0, help="Dirichlet test sets per component (default: as "
+                                                           "trained)")
+    seed: int | None = option(None, min=0, help="seed of the resampled test sets (default: as trained)")
+    drop_unseen: bool = option(False, help="evaluate without test samples of untrained classes")
+
+    def check(self) -> None:
+        if not self.features:
+            raise ConfigError("features", "give at least one feature store")

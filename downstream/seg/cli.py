@@ -1,0 +1,76 @@
+"""`difffeat train-seg` and `difffeat eval-seg`: segmentation heads on stored features.
+
+Collected by difffeat's CLI through the `difffeat.commands` entry point. The flags are generated from
+`SegTrainConfig` and `SegEvalConfig` (one default per option; a `ConfigError` naming a field is shown with its
+flag by the CLI); at load this module imports only argparse and light difffeat modules, the training code
+when a command runs.
+
+    difffeat train-seg --features DIR [--features DIR2]… --masks DIR --loss ce|aucseg [--memory-bank]
+        --head mlp|conv --out RUN [--resume | --overwrite] [--stop-after N] [--config RUN/config.json]
+    difffeat eval-seg --run RUN --features DIR --masks DIR [--split test] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from difffeat.config_cli import add_config_arguments, config_from_args
+from difffeat.run import read_json
+from downstream.seg.config import SegEvalConfig, SegTrainConfig
+
+
+def _main_process() -> bool:
+    """Under torchrun / accelerate launch, one report, from rank 0."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def cmd_train_seg(args: argparse.Namespace) -> None:
+    from downstream.seg.evaluate import group_summary
+    from downstream.seg.train import train_seg
+
+    if args.config:  # repeat a run: its config, written to --out
+        cfg = SegTrainConfig.from_run(args.config, out=args.out)
+    else:
+        cfg = config_from_args(SegTrainConfig, args)
+    run = train_seg(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                    stop_after=args.stop_after)
+    if not _main_process():
+        return
+    metrics = run / "metrics.json"
+    if metrics.is_file():
+        print(f"trained {run}; {cfg.val_split}: {group_summary(read_json(metrics, 'scores file'))}")
+    else:
+        print(f"trained {run}")
+
+
+def cmd_eval_seg(args: argparse.Namespace) -> None:
+    from downstream.seg.evaluate import eval_seg, group_summary
+
+    cfg = config_from_args(SegEvalConfig, args)
+    scores = eval_seg(**cfg.to_dict(), progress=not args.quiet)
+    if _main_process():
+        print(f"{scores['images']} images: {group_summary(scores)}  (wrote {scores['out']}/metrics.json)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add `train-seg` and `eval-seg` to difffeat's sub-command parsers."""
+    p = sub.add_parser("train-seg", help="train a segmentation head on stored features (CE or AUCSeg)")
+    add_config_arguments(p, SegTrainConfig, required=("out",))
+    p.add_argument("--config", help="repeat a run: its config.json (the other options are then ignored)")
+    p.add_argument("--stop-after", type=_positive_int,
+                   help="stop after N iterations of this call (--resume goes on)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.set_defaults(func=cmd_train_seg)
+
+    p = sub.add_parser("eval-seg", help="mIoU (overall, head, middle, tail) of a train-seg run on features and masks")
+    add_config_arguments(p, SegEvalConfig, required=("run", "features", "masks"))
+    p.set_defaults(func=cmd_eval_seg)

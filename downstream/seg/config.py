@@ -1,0 +1,148 @@
+"""What defines a segmentation run: `SegTrainConfig` (train-seg), `HeadConfig` (the model part of it) and
+`SegEvalConfig` (eval-seg).
+
+Each field's default, help, choices and bounds are written once, here, with `difffeat.run.option`; the
+configs validate themselves (`ConfigError` names the field) and the CLI flags are generated from them
+(`downstream.seg.cli`). This module imports no torch: the CLI reads it at start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from difffeat.run import Config, ConfigError, option
+from downstream.seg.objective import CLASS_WEIGHTS, LOSSES
+
+HEADS = ("mlp", "conv")
+VARIANT_MODES = ("concat", "weighted", "amalgamate")
+ASSIGNER_FORMS = ("pixel", "global")  # downstream.seg.amalgamate.ASSIGNER_FORMS (a test keeps the two equal)
+# Maps concatenated after amalgamation, not amalgamated: the attention feature (cross-attention maps are
+# stored as LAYER:probs), as the content-shift paper does.
+CONCAT_AFTER = ("*:probs",)
+MASK_SIZE_MODES = ("resize", "refuse")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+def same_option(config_cls: type[Config], name: str, **change: Any) -> Any:
+    """A field declared like `config_cls`'s field `name` (same default, help, bounds), with `change`s: so
+    that a default shared by two configs is written once."""
+    f = next(f for f in dataclasses.fields(config_cls) if f.name == name)
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return option(**{**f.metadata, "default_factory": f.default_factory, **change})
+    return option(f.default, **{**f.metadata, **change})
+
+
+@dataclass
+class HeadConfig(Config):
+    """Which head and how the feature maps reach it."""
+
+    kind: str = option("conv", choices=HEADS, flag="--head", help="pixel MLP ensemble or multi-scale conv head")
+    variants: str = option("concat", choices=VARIANT_MODES,
+                           help="several feature variants (stores, or NAME/LAYER variants of one store): "
+                                "concatenate, a learned softmax-weighted sum, or the content-shift paper's "
+                                "amalgamation (input-conditioned weight assigners)")
+    assigners: int = option(1, min=1, help="amalgamate: weight assigners n (the paper uses 1–3); the "
+                                           "amalgamated feature is their n weighted sums, concatenated")
+    assigner: str = option("pixel", choices=ASSIGNER_FORMS,
+                           help="amalgamate: per-pixel MLP assigner (weights per pixel) or CNN + global pooling "
+                                "(one weight vector per image)")
+    gamma_sparsity: float = option(0.01, min=0, help="amalgamate: γ1 of the paper's Eq. 5 (rewards weight on "
+                                                     "few variants)")
+    gamma_diversity: float = option(0.01, min=0, help="amalgamate: γ2 of the paper's Eq. 5 (rewards assigners "
+                                                      "that differ)")
+    concat_after: list[str] = option(default_factory=lambda: list(CONCAT_AFTER), metavar="PATTERN",
+                                     help="weighted / amalgamate: layers (pattern on the name without its "
+                                          "variant prefix) concatenated after the amalgamation instead of "
+                                          "amalgamated; repeat (default: the attention feature, *:probs)")
+    ensemble: int = option(10, min=1, help="members of the pixel MLP ensemble (ddpm-segmentation uses 10)")
+    hidden: int = option(128, min=1, help="width of the conv head (each layer's projection and the fuse conv)")
+    dropout: float = option(0.1, min=0, max=1, help="conv head: dropout before the classifier")
+    normalize: bool = option(True, help="standardise each input channel by train-set statistics")
+
+
+@dataclass
+class SegTrainConfig(Config):
+    """Everything that defines a training run; written to RUN/config.json, from which a run can be repeated."""
+
+    features: list[str] = option(help="feature store; repeat for several variants", metavar="DIR")
+    masks: str = option(help="mask root: Shapes-LT / imagefolder root, or a folder of masks", metavar="DIR")
+    out: str = option(help="run folder", metavar="RUN")
+    classes: str | list[str] | None = option(None, help="classes.json, a names file or a,b,c "
+                                                        "(default: MASKS/classes.json)")
+    split: str | None = option(None, help="train on keys under this folder (e.g. train)")
+    val_split: str | None = option(None, help="evaluate on keys under this folder (e.g. val) every "
+                                              "--eval-every iterations and at the end")
+    layers: list[str] | None = option(None, flag="--layer", metavar="NAME", help="use only these layers; repeat")
+    mask_size: str = option("resize", choices=MASK_SIZE_MODES,
+                            help="a mask whose size differs from the features' source images: resize "
+                                 "(nearest) or refuse")
+    head: str = same_option(HeadConfig, "kind")
+    variants: str = same_option(HeadConfig, "variants")
+    assigners: int = same_option(HeadConfig, "assigners")
+    assigner: str = same_option(HeadConfig, "assigner")
+    gamma_sparsity: float = same_option(HeadConfig, "gamma_sparsity")
+    gamma_diversity: float = same_option(HeadConfig, "gamma_diversity")
+    concat_after: list[str] = same_option(HeadConfig, "concat_after")
+    ensemble: int = same_option(HeadConfig, "ensemble")
+    hidden: int = same_option(HeadConfig, "hidden")
+    dropout: float = same_option(HeadConfig, "dropout")
+    normalize: bool = same_option(HeadConfig, "normalize")
+    loss: str = option("ce", choices=tuple(LOSSES), help="training loss (AUCSeg = CE + λ·pixel AUC)")
+    # 0.5 ≙ AUCSeg's w_auc = 1 (downstream.losses.aucseg.DEFAULT_AUC_WEIGHT; a test keeps the two equal)
+    auc_weight: float = option(0.5, min=0, help="λ in CE + λ·AUC (0.5 = AUCSeg's w_auc 1)")
+    margin: float = option(1.0, help="margin of the square AUC surrogate")
+    class_weights: str = option("none", choices=tuple(CLASS_WEIGHTS),
+                                help="CE class weights from the training pixel counts")
+    memory_bank: bool = option(False, help="feature-space T-Memory Bank on tail classes")
+    bank_capacity: int = option(5, min=1, help="memory bank: objects kept per tail class")
+    bank_sample_ratio: float = option(1.0, min=0, max=1,
+                                      help="memory bank: share of the absent tail classes pasted per sample")
+    bank_min_cell_fraction: float = option(0.5, above=0, max=1,
+                                           help="memory bank: a feature cell is pasted where the object "
+                                                "covers this share of it")
+    iterations: int = option(2000, min=1)
+    batch_size: int = option(8, min=1)
+    lr: float = option(1e-3, above=0, help="AdamW learning rate (poly schedule)")
+    weight_decay: float = option(0.01, min=0)
+    poly_power: float = option(1.0, min=0, help="power of the poly learning-rate schedule")
+    warmup_iterations: int = option(0, min=0, flag="--warmup", help="linear warm-up iterations")
+    seed: int = option(0)
+    log_every: int = option(10, min=1, help="log the mean loss every N iterations")
+    checkpoint_every: int = option(500, min=1)
+    eval_every: int = option(0, min=0, help="validate every N iterations (0: at the end)")
+    eval_batch_size: int = option(16, min=1)
+    mixed_precision: str = option("no", choices=MIXED_PRECISION, help="accelerate's mixed precision")
+    cache_bytes: int = option(1 << 30, min=0, help="hold features and masks in RAM up to this many bytes")
+    num_workers: int = option(0, min=0, help="data-loader worker processes")
+    extra: dict = option(default_factory=dict, cli=False, help="free-form notes kept with the run")
+
+    def check(self) -> None:
+        if not self.features:
+            raise ConfigError("features", "give at least one feature store")
+        if not self.masks:
+            raise ConfigError("masks", "give the mask root (a Shapes-LT / imagefolder root or a folder of masks)")
+
+    def head_config(self) -> HeadConfig:
+        return HeadConfig(kind=self.head, variants=self.variants, assigners=self.assigners, assigner=self.assigner,
+                          gamma_sparsity=self.gamma_sparsity, gamma_diversity=self.gamma_diversity,
+                          concat_after=list(self.concat_after), ensemble=self.ensemble, hidden=self.hidden,
+                          dropout=self.dropout, normalize=self.normalize)
+
+
+@dataclass
+class SegEvalConfig(Config):
+    """An evaluation of a trained run on features and masks (eval-seg); written next to its scores."""
+
+    run: str = option(help="train-seg run folder", metavar="RUN")
+    features: list[str] = option(help="feature store(s), as in training", metavar="DIR")
+    masks: str = option(help="mask root, as in training", metavar="DIR")
+    split: str | None = option(None, help="evaluate keys under this folder (e.g. test)")
+    out: str | None = option(None, help="where to write metrics.json and confusion.png (default RUN/eval-SPLIT)")
+    mask_size: str | None = option(None, choices=MASK_SIZE_MODES, help="default: as in training")
+    batch_size: int = same_option(SegTrainConfig, "eval_batch_size", flag=None)
+
+    def check(self) -> None:
+        if not self.features:
+            raise ConfigError("features", "give at least one feature store")

@@ -1,0 +1,132 @@
+"""Scores of a segmentation model: `evaluate` (a model on a dataset, over every process of a launch),
+`eval_seg` (a trained run on features and masks, `difffeat eval-seg`), `load_run` and `group_summary`.
+
+An evaluation writes ``metrics.json`` (scores, confusion matrix, what was evaluated) and ``confusion.png``
+into its own folder, ``RUN/eval-<split>`` by default, with its config; running it again replaces them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from difffeat.errors import UserError
+from difffeat.run import CHECKPOINTS, Checkpoints, RunFolder, load_tensors, read_json
+from downstream.engine import make_accelerator
+from downstream.plots import save_confusion_png
+from downstream.seg.classes import SegClasses
+from downstream.seg.config import SegEvalConfig, SegTrainConfig
+from downstream.seg.data import FeatureSpec, SegDataset, collate
+from downstream.seg.metrics import SegMetrics
+from downstream.seg.model import SegModel
+
+EVAL_FILES = ("metrics.json", "confusion.png")
+
+
+@torch.no_grad()
+def evaluate(model: SegModel, dataset: SegDataset, accelerator=None, batch_size: int = 16,
+             progress: bool = False) -> tuple[dict, torch.Tensor]:
+    """Scores of `model` on `dataset` (see `downstream.seg.metrics`) and the confusion matrix, over all processes."""
+    from tqdm.auto import tqdm
+
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1
+    mine = list(range(rank, len(dataset), world))  # each image once: no padding to equal shards
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size,
+                                         collate_fn=collate)
+    metrics = SegMetrics(dataset.classes, device=device)
+    was_training = model.training
+    model.eval()
+    for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress or rank != 0, leave=False):
+        feats = [f.to(device) for f in batch["features"]]
+        metrics.update(model.predict(feats, dataset.mask_size), batch["mask"].to(device))
+    model.train(was_training)
+    if world > 1:
+        metrics.matrix = accelerator.reduce(metrics.matrix, reduction="sum")
+    return metrics.compute(), metrics.matrix.cpu()
+
+
+def write_scores(folder: RunFolder, scores: dict, matrix: torch.Tensor, classes: SegClasses, info: dict) -> None:
+    """metrics.json (scores, confusion matrix, `info`) and confusion.png into `folder`."""
+    folder.write_json("metrics.json", {**scores, "confusion_matrix": matrix.tolist(), **info})
+    save_confusion_png(matrix, classes.names, folder.file("confusion.png"))
+
+
+def load_run(run: str | os.PathLike) -> tuple[dict, SegModel, SegClasses]:
+    """(saved config.json, the trained model on the CPU in eval mode, classes) of a train-seg run folder;
+    the final weights, or the latest checkpoint's while the run is unfinished."""
+    run = Path(run)
+    file = run / "config.json"
+    if not file.is_file():
+        raise UserError(f"{run}: not a train-seg run (no config.json)")
+    saved = read_json(file, "run config")
+    if not isinstance(saved, dict) or saved.get("kind", "train-seg") != "train-seg":
+        raise UserError(f"{run}: not a train-seg run")
+    try:
+        cfg = SegTrainConfig.from_dict(saved["config"])
+        classes = SegClasses.from_dict(saved["classes"])
+        specs = [FeatureSpec.from_dict(s) for s in saved["specs"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{file}: unreadable run config ({e!r})") from None
+    model = SegModel(specs, classes.num_classes, cfg.head_config())
+    if (run / "model.safetensors").is_file():
+        weights, _ = load_tensors(run / "model.safetensors")
+    else:
+        checkpoint = Checkpoints(run / CHECKPOINTS).latest()
+        if checkpoint is None:
+            raise UserError(f"{run}: no trained weights yet (no model.safetensors or checkpoint)")
+        weights = checkpoint.load("model")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise UserError(f"{run}: weights do not fit the run's model ({str(e).splitlines()[0]})") from None
+    return saved, model.eval(), classes
+
+
+def eval_seg(run: str | os.PathLike, features: list[str], masks: str, *, accelerator=None, progress: bool = True,
+             **options) -> dict:
+    """Scores of a trained run on features and masks (mIoU overall / head / middle / tail, per-class IoU,
+    pixel accuracy); writes metrics.json and confusion.png to `out` (default RUN/eval-<split or all>).
+    `options` are `SegEvalConfig`'s: split, out, mask_size, batch_size."""
+    given = {k: v for k, v in options.items() if v is not None}  # None: the config's default
+    config = SegEvalConfig.from_dict({"run": str(run), "features": [str(f) for f in features], "masks": str(masks),
+                                      **given})
+    saved, model, classes = load_run(config.run)
+    trained = saved["config"]
+    out = Path(config.out) if config.out else Path(run) / f"eval-{(config.split or 'all').strip('/').replace('/', '-')}"
+    # An evaluation replaces its own earlier scores, and nothing it did not write.
+    folder = RunFolder(out, "eval-seg", config, overwrite=True, owned=EVAL_FILES)
+    dataset = SegDataset(config.features, config.masks, classes, split=config.split, layers=trained.get("layers"),
+                         mask_size=config.mask_size or trained.get("mask_size", "resize"))
+    want = [FeatureSpec.from_dict(s) for s in saved["specs"]]
+    if dataset.specs != want:
+        got = [(s.variant, s.layer, s.shape) for s in dataset.specs]
+        raise UserError(f"{', '.join(config.features)}: features differ from the run's (run: "
+                        f"{[(s.variant, s.layer, s.shape) for s in want]}, given: {got})")
+    accelerator = accelerator or make_accelerator()
+    model = model.to(accelerator.device)
+    scores, matrix = evaluate(model, dataset, accelerator, config.batch_size, progress)
+    report = dataset.report  # a listed mask file that is missing counts as a missing mask here (details: report)
+    skipped = {"missing_masks": len(report["missing_masks"]) + len(report["missing_mask_files"]),
+               "missing_features": len(report["missing_features"])}
+    info = {"run": str(run), "split": config.split, "features": config.features, "masks": config.masks,
+            "images": len(dataset), "skipped": skipped}
+    if accelerator.is_main_process:
+        folder.create()
+        write_scores(folder, scores, matrix, classes, info)
+    accelerator.wait_for_everyone()
+    return {**scores, "out": str(out), **info}
+
+
+def group_summary(scores: dict) -> str:
+    """One line: overall / head / middle / tail mIoU and pixel accuracy."""
+    def pct(v):
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+    return (f"mIoU {pct(scores.get('miou'))}  head {pct(scores.get('miou_head'))}  middle "
+            f"{pct(scores.get('miou_middle'))}  tail {pct(scores.get('miou_tail'))}  pixel acc "
+            f"{pct(scores.get('pixel_accuracy'))}")
