@@ -16,6 +16,7 @@ from difffeat.config_cli import add_config_arguments, flag_of
 from difffeat.errors import UserError
 from difffeat.run import ConfigError
 from difffeat.runner import ExtractRunConfig
+from difffeat.zoo.recipe_config import MiniTrainConfig
 
 # Other packages add sub-commands by declaring `add_commands(subparsers)` in this entry-point group (pyproject.toml);
 # difffeat collects them without naming them, so dependencies point from those packages to difffeat only.
@@ -39,11 +40,10 @@ def _cmd_zoo_list(args) -> None:
 
 
 def _cmd_zoo_train_mini(args) -> None:
-    from difffeat.zoo.train import MiniTrainConfig, train_mini
+    from difffeat.config_cli import config_from_args
+    from difffeat.zoo.train import train_mini
 
-    cfg = MiniTrainConfig(seed=args.seed, n_train=args.n_train, vae_steps=args.vae_steps,
-                          unet_steps=args.unet_steps, threads=args.threads)
-    train_mini(args.run, args.out, cfg)
+    train_mini(args.run, args.out, config_from_args(MiniTrainConfig, args))
 
 
 def _cmd_zoo_eval_mini(args) -> None:
@@ -87,7 +87,10 @@ def _cmd_layers(args) -> None:
     for name, shape in list_layers(pipe, *size):
         print(f"{name}\t{'×'.join(map(str, shape))}")
     for preset in LAYER_PRESETS:
-        print(f"# preset {preset}: {' '.join(resolve_layers(pipe, [preset], *size))}")
+        try:
+            print(f"# preset {preset}: {' '.join(resolve_layers(pipe, [preset], *size))}")
+        except UserError:  # a preset of another architecture (UNet presets on a transformer, and back)
+            continue
 
 
 def _extract_config(args):
@@ -95,16 +98,38 @@ def _extract_config(args):
     from difffeat.runner import ExtractRunConfig
 
     if args.config:  # a manifest.json or a bare config; only the image source and the output may change
-        cfg = ExtractRunConfig.from_run(args.config, out=args.out)
+        try:
+            cfg = ExtractRunConfig.from_run(args.config, out=args.out)
+        except ConfigError as e:  # the value came from the file, not from a flag: name the file and the field
+            raise UserError(f"{args.config}: {e.field}: {e.reason}") from None
         if args.images:
             cfg.images = args.images
-        return cfg
+        return _checked_techniques(cfg)
     if not args.images:
         raise UserError("give an image folder, glob or dataset (or --config FILE)")
     # Three flags do not map one-to-one on a field, so they are translated here: --clean switches noise off,
     # --fp16-store names a storage dtype, and variants come from --variant NAME=SPEC… and a --variants file.
-    return config_from_args(ExtractRunConfig, args, noise=not args.clean,
-                            store_dtype="float16" if args.fp16_store else "float32", variants=_variants(args))
+    return _checked_techniques(config_from_args(ExtractRunConfig, args, noise=not args.clean,
+                                                store_dtype="float16" if args.fp16_store else "float32",
+                                                variants=_variants(args)))
+
+
+def _checked_techniques(cfg):
+    """`cfg` once its technique specs parse (before the model loads), each technique given once."""
+    if not cfg.techniques:
+        return cfg
+    from difffeat.conditioning import technique_provider
+
+    provider, seen = technique_provider(), set()
+    for spec in cfg.techniques:
+        try:
+            canonical = provider.canonical_spec(spec)
+        except UserError as e:
+            raise ConfigError("techniques", str(e)) from None
+        if canonical in seen:
+            raise ConfigError("techniques", f"{canonical} is given twice; give each technique once")
+        seen.add(canonical)
+    return cfg
 
 
 def _variants(args) -> dict[str, list[str]]:
@@ -122,6 +147,7 @@ def _variants(args) -> dict[str, list[str]]:
 
 
 def _cmd_extract(args) -> None:
+    from difffeat.progress import human_bytes
     from difffeat.runner import run_extraction
 
     report = run_extraction(_extract_config(args), overwrite=args.overwrite, resume=args.resume,
@@ -130,7 +156,8 @@ def _cmd_extract(args) -> None:
         failed = report["failed"]
         speed = report["images_per_second"]
         print(f"extracted {report['extracted']} images to {args.out}"
-              + (f" ({speed:.1f} img/s per process)" if speed else "")
+              + (f" ({speed:.1f} img/s per process, batch {report['batch_size']}" if speed else "")
+              + (f", peak memory {human_bytes(report['peak_memory_bytes'])})" if speed else "")
               + (f"; {report['already_done']} already done" if report["already_done"] else "")
               + (f"; skipped {len(failed)} (see {args.out}/report.json)" if failed else ""))
         for f in failed[:10]:
@@ -162,11 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = zoo.add_parser("train-mini", help="train the built-in mini model (the shipped weights' recipe)")
     p.add_argument("run", help="run folder: config, loss log, checkpoints (resumes if present)")
     p.add_argument("--out", help="where to export the pipeline (default RUN/pipeline)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=8000)
-    p.add_argument("--vae-steps", type=int, default=900)
-    p.add_argument("--unet-steps", type=int, default=4500)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_config_arguments(p, MiniTrainConfig)
     p.set_defaults(func=_cmd_zoo_train_mini)
     p = zoo.add_parser("eval-mini", help="the mini model's quality numbers on held-out Shapes-LT scenes")
     p.add_argument("--model", default="mini")
@@ -187,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("layers", help="hookable UNet modules with their output shapes, and the presets")
     p.add_argument("--model", default="mini")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="image size (default: native)")
-    p.set_defaults(func=_cmd_layers)
+    p.set_defaults(func=_cmd_layers, _config_flags={"resolution": "--size"})  # the library names it `resolution`
 
     p = sub.add_parser("extract", help="extract UNet features of an image folder into a feature store")
     add_config_arguments(p, ExtractRunConfig, positional=["images"], required=["out"])
@@ -213,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_viz_command(sub)  # the comparison picture of a store
     add_report_command(sub)  # one HTML page for GATE runs, stores and head runs
     add_demo_command(sub)  # the whole chain on the built-in world
+    from difffeat.bench import add_bench_command
+    from difffeat.store_merge import add_store_commands
+
+    add_bench_command(sub)  # throughput, memory and time split against baselines
+    add_store_commands(sub)  # store merge, store parquet
 
     p = sub.add_parser("sample", help="generate images from prompts (DDIM)")
     p.add_argument("prompts", nargs="*", help="prompts, one image each")
@@ -274,7 +302,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("difffeat: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `difffeat inspect … | head`: the reader has all it wants
+        _quiet_stdout()
+        return 0
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_stdout()
     return 0
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's final flush at exit does not fail on the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 if __name__ == "__main__":

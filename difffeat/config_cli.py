@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Iterable
@@ -74,7 +75,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type[Confi
         if kind is bool and not is_list:
             kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
             kwargs["default"] = bool(default)
-            parser.add_argument(*names, **kwargs)
+            _note_given(parser.add_argument(*names, **kwargs))
             continue
         if meta.get("choices"):
             kwargs["choices"] = list(meta["choices"])
@@ -90,8 +91,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type[Confi
             kwargs["default"] = default
         if f.name in required:
             kwargs["required"] = True
-        parser.add_argument(*names, **kwargs)
+        _note_given(parser.add_argument(*names, **kwargs))
     parser.set_defaults(_config_flags={**(parser.get_default("_config_flags") or {}), **flags})
+
+
+def _note_given(action: argparse.Action) -> None:
+    """Let the option note in the namespace that it was given (`given_fields`); it parses as before."""
+    action.__class__ = _noting(type(action))
 
 
 def config_from_args(config_cls: type[Config], args: argparse.Namespace, **override) -> Config:
@@ -106,6 +112,36 @@ def config_from_args(config_cls: type[Config], args: argparse.Namespace, **overr
             continue
         values[f.name] = value
     return config_cls.from_dict({**values, **override})
+
+
+GIVEN = "_config_given"  # the namespace entry where the options of config fields note that they were given
+
+
+@functools.cache
+def _noting(action_cls: type[argparse.Action]) -> type[argparse.Action]:
+    """`action_cls` that also notes its field in the namespace's `GIVEN` set when the command line gives it."""
+
+    class Noting(action_cls):  # type: ignore[valid-type, misc]
+        def __call__(self, parser, namespace, values, option_string=None):
+            super().__call__(parser, namespace, values, option_string)
+            given = getattr(namespace, GIVEN, None)
+            if given is None:
+                given = set()
+                setattr(namespace, GIVEN, given)
+            given.add(self.dest)
+
+    Noting.__name__ = Noting.__qualname__ = f"Noting{action_cls.__name__}"
+    return Noting
+
+
+def given_fields(args: argparse.Namespace, config_cls: type[Config] | None = None) -> set[str]:
+    """The config fields whose options the command line gave (even with their default value), for presets that
+    fill only what the user left unset (a data-set profile). Options made by `add_config_arguments` note this
+    while parsing; positional fields count as given."""
+    given = set(getattr(args, GIVEN, None) or ())
+    if config_cls is not None:
+        given &= {f.name for f in dataclasses.fields(config_cls)}
+    return given
 
 
 def flag_of(args: argparse.Namespace | None, field: str) -> str:

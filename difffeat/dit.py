@@ -24,7 +24,6 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Callable
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -427,11 +426,6 @@ class TokenMaps:
             h.remove()
         self._handles = []
         return False
-
-    @contextmanager
-    def active(self):
-        with self:
-            yield self
 
 
 # ------------------------------------------------------------------------------------------- extraction

@@ -20,6 +20,7 @@ from difffeat.capture import Capture
 from difffeat.conditioning import ConditioningStack, technique_stack
 from difffeat.errors import UserError
 from difffeat.layers import native_resolution, resolve_layers
+from difffeat.measure import NullTimer
 from difffeat.prompts import PromptEncoder
 
 
@@ -44,8 +45,9 @@ def encode_latents(pipe, x: torch.Tensor, keys: Sequence[str] | None = None, pos
     vae = pipe.vae
     keys = [str(i) for i in range(len(x))] if keys is None else list(keys)
     out = []
+    pinned = x.device.type == "cpu" and x.is_pinned()  # page-locked: the copy to a GPU runs asynchronously
     for s in range(0, len(x), batch_size):
-        xb = (x[s : s + batch_size] * 2 - 1).to(vae.device, vae.dtype)
+        xb = (x[s : s + batch_size].to(vae.device, non_blocking=pinned) * 2 - 1).to(vae.dtype)
         dist = vae.encode(xb).latent_dist
         z = dist.mean
         if posterior == "sample":
@@ -130,6 +132,10 @@ class FeatureExtractor:
         if dit.is_transformer(pipe):
             dit.check_techniques(self.stack.specs)
         self.prompt_encoder = prompt_encoder or PromptEncoder(pipe)
+        # Set by the extract runner's fast paths: time per phase (`difffeat.measure`), and UNet batches padded to
+        # `batch_size` so that a compiled UNet sees one shape (padding rows are dropped; rows never mix).
+        self.timer = NullTimer()
+        self.pad_batches = False
 
     # ------------------------------------------------------------------------------------------ helpers
     @property
@@ -183,28 +189,38 @@ class FeatureExtractor:
         with stack.active(), maps, Capture(model, self.layers, latent_hw, inputs=self.capture_inputs,
                                            attention=self.attention, early_exit=self.early_exit,
                                            to_map=maps if isinstance(maps, dit.TokenMaps) else None) as cap:
+            timer = self.timer
             for s in range(0, len(items), self.batch_size):
                 batch = items[s : s + self.batch_size]
-                idx = [i for i, _, _ in batch]
-                ts = torch.tensor([t for _, t, _ in batch])
-                if isinstance(maps, dit.TokenMaps):
-                    cond = dit.TransformerBatch.encode(self.pipe, self.prompt_encoder, [prompts[i] for i in idx])
-                else:
-                    cond = stack.conditioning(self.prompt_encoder, prompts, controls, idx, self.resolution)
-                zb = z0[idx]
-                if self.noise:
-                    eps = torch.stack([seeded_normal(zb.shape[1:], item_seed(self.seed, keys[i], t, d))
-                                       for i, t, d in batch]).to(zb)
-                    with cap.paused():  # denoise-from's steps are not the feature pass
-                        for t in ts.unique().tolist():
-                            rows = (ts == t).nonzero().flatten().tolist()
-                            zb[rows] = cond.subset(rows).prepare_latents(zb[rows], eps[rows], t)
-                feats = cond.features(cap, zb, ts)
-                for name, fmap in feats.items():
-                    fmap = fmap.float().cpu()
-                    for row, (i, t, _) in enumerate(batch):
-                        key = name if len(self.timesteps) == 1 else f"{name}@{t}"
-                        if key not in out:
-                            out[key] = torch.zeros(n, *fmap.shape[1:])
-                        out[key][i] += fmap[row] / self.ensemble
+                run = batch + batch[-1:] * (self.batch_size - len(batch)) if self.pad_batches else batch
+                idx = [i for i, _, _ in run]
+                ts = torch.tensor([t for _, t, _ in run])
+                with timer.phase("text"):
+                    if isinstance(maps, dit.TokenMaps):
+                        cond = dit.TransformerBatch.encode(self.pipe, self.prompt_encoder, [prompts[i] for i in idx])
+                    else:
+                        cond = stack.conditioning(self.prompt_encoder, prompts, controls, idx, self.resolution)
+                with timer.phase("unet"):
+                    zb = z0[idx]
+                    if self.noise:
+                        eps = torch.stack([seeded_normal(zb.shape[1:], item_seed(self.seed, keys[i], t, d))
+                                           for i, t, d in run]).to(zb)
+                        with cap.paused():  # denoise-from's steps are not the feature pass
+                            for t in ts.unique().tolist():
+                                rows = (ts == t).nonzero().flatten().tolist()
+                                zb[rows] = cond.subset(rows).prepare_latents(zb[rows], eps[rows], t)
+                    feats = cond.features(cap, zb, ts)
+                with timer.phase("copy"):
+                    self._collect(feats, batch, n, out)
         return {k: out[k] for k in self.output_names}
+
+    def _collect(self, feats: dict[str, torch.Tensor], batch: list[tuple[int, int, int]], n: int,
+                 out: dict[str, torch.Tensor]) -> None:
+        """Add one UNet batch's maps (rows in `batch` order; padding rows beyond it) to the per-image means."""
+        for name, fmap in feats.items():
+            fmap = fmap[: len(batch)].float().cpu()
+            for row, (i, t, _) in enumerate(batch):
+                key = name if len(self.timesteps) == 1 else f"{name}@{t}"
+                if key not in out:
+                    out[key] = torch.zeros(n, *fmap.shape[1:])
+                out[key][i] += fmap[row] / self.ensemble

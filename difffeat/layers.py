@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from difffeat.errors import UserError
+from difffeat.run import ConfigError
 
 
 def vae_scale_factor(pipe) -> int:
@@ -33,6 +34,11 @@ def latent_size(pipe, height: int | None = None, width: int | None = None) -> tu
 
     factor = vae_scale_factor(pipe)
     native = native_latent_size(pipe)  # the UNet's or transformer's sample size
+    for side in (height, width):  # the VAE maps factor×factor pixels to one latent cell: other sizes are cropped
+        if side is not None and (side < 1 or side % factor):
+            raise ConfigError("resolution", f"image height and width must be positive multiples of {factor} (the "
+                                            f"VAE's factor) for this model, e.g. {native[0] * factor} "
+                                            f"{native[1] * factor} (native); got {height} {width}")
     h = native[0] if height is None else math.ceil(height / factor)
     w = native[1] if width is None else math.ceil(width / factor)
     return int(h), int(w)

@@ -26,10 +26,10 @@ def pid_alive(pid: int) -> bool:
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
-    except (PermissionError, OverflowError):
-        return pid < 2**31  # it exists but belongs to someone else
+    except PermissionError:  # it runs, as another user
+        return True
     return True
 
 

@@ -8,14 +8,17 @@ run continues with `resume=True` and never redoes an image in a finished shard.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from difffeat.atomic import write_json_atomic
 from difffeat.errors import UserError
+from difffeat.fastpath import ATTENTION_BACKENDS
 from difffeat.run import Config, ConfigError, option
 
 PROMPT_SOURCES = ("fixed", "sidecar", "csv", "label")
@@ -38,7 +41,9 @@ class ExtractRunConfig(Config):
                                   help="timestep; repeat for several (default 50)")
     seed: int = option(0)
     ensemble: int = option(1, min=1, help="noise draws averaged per image and timestep")
-    batch_size: int = option(8, min=1)
+    batch_size: str | int = option(8, min=1, metavar="B|auto",
+                                   help="images per batch, or auto: the largest batch that fits and still pays, "
+                                        "found by probing (cached per model, size and device)")
     noise: bool = option(True, cli=False, help="False (clean mode): the UNet sees the clean latent at t")
     posterior: str = option("mean", choices=("mean", "sample"))
     prompt: str = option("", help="prompt for every image (or the fallback of --prompt-from)")
@@ -66,18 +71,60 @@ class ExtractRunConfig(Config):
     # name → technique specs; empty: one plain run
     variants: dict[str, list[str]] = option(default_factory=dict, cli=False)
     shard_size: int = option(256, min=1)
+    # Independent jobs (other machines, a cluster's job array) each take every num_shards-th image, from
+    # shard_index; `difffeat store merge` joins their stores.
+    shard_index: int = option(0, min=0, help="this job's part of the images: every --num-shards-th, from this one")
+    num_shards: int = option(1, min=1, help="independent jobs sharing the images (merge their stores with "
+                                            "`difffeat store merge`)")
+    # Fast paths (difffeat.loading, difffeat.write_behind, difffeat.fastpath, difffeat.autobatch): how the
+    # features are computed, never which (up to float rounding); none of them is part of the store's config.
+    workers: int | None = option(None, min=0, help="image-decoding worker processes (default: up to 4 on CUDA, "
+                                                   "none on the CPU, where they take cores from the model)")
+    background_write: bool = option(True, help="write the store on a background thread, so compute never waits "
+                                               "on the disk")
+    compile: bool = option(False, help="torch.compile the UNet (once per batch shape; minutes of warm-up, "
+                                       "worth it for long runs)")
+    compile_backend: str = option("inductor", help="torch.compile backend (aot_eager / eager check the compiled "
+                                                   "path without a compiler)")
+    compile_mode: str = option("default", choices=("default", "reduce-overhead", "max-autotune",
+                                                   "max-autotune-no-cudagraphs"),
+                               help="torch.compile mode (reduce-overhead: CUDA graphs)")
+    channels_last: bool = option(False, help="channels-last memory layout for the UNet (faster convolutions on "
+                                             "recent GPUs in fp16/bf16)")
+    attention_backend: str = option("auto", choices=ATTENTION_BACKENDS,
+                                    help="auto: xformers on CUDA when installed, else torch SDPA")
+    max_memory: float | None = option(None, above=0, help="GiB of memory batches may take (default: 90%% of what "
+                                                          "the device has free); --batch-size auto and the fit "
+                                                          "check use it")
+
+    # Fields that never change a feature: not in the store's config, so a run may change them on --resume.
+    RUN_ONLY: ClassVar[tuple[str, ...]] = (
+        "out", "batch_size", "shard_size", "workers", "background_write", "compile", "compile_backend",
+        "compile_mode", "channels_last", "attention_backend", "max_memory")
+    SHARDING: ClassVar[tuple[str, ...]] = ("shard_index", "num_shards")
+
+    def __post_init__(self):
+        if isinstance(self.batch_size, str) and self.batch_size.strip().isdigit():  # "16" from the command line
+            self.batch_size = int(self.batch_size)
 
     def check(self) -> None:
         for name in ("resolution", "concat_size"):
             value = getattr(self, name)
             if value is not None and len(value) != 2:
                 raise ConfigError(name, f"must be [height, width], got {value!r}")
+        if isinstance(self.batch_size, bool) or not (self.batch_size == "auto" or isinstance(self.batch_size, int)):
+            raise ConfigError("batch_size", f"must be a whole number ≥ 1 or auto, got {self.batch_size!r}")
+        if self.shard_index >= self.num_shards:
+            raise ConfigError("shard_index", f"must be below num_shards ({self.num_shards}), got {self.shard_index}")
 
     def store_config(self) -> dict:
-        """The part of the config that defines the features (not where they come from or go)."""
+        """The part of the config that defines the features (not where they come from or go, nor how fast)."""
         cfg = self.to_dict()
-        for k in ("out", "batch_size", "shard_size"):
-            cfg.pop(k)  # batch size and sharding never change a feature
+        for k in self.RUN_ONLY:
+            cfg.pop(k)
+        if self.num_shards == 1:  # an unsharded store's config is what it always was
+            for k in self.SHARDING:
+                cfg.pop(k)
         return cfg
 
 
@@ -141,17 +188,25 @@ def parse_spec(spec: str) -> str:
 
 
 def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool = False, progress: bool = True,
-                   pipe=None) -> dict:
-    """Extract features for every image of `cfg.images` into the store `cfg.out`; returns the run report."""
+                   pipe=None, timer=None) -> dict:
+    """Extract features for every image of `cfg.images` into the store `cfg.out`; returns the run report.
+
+    `timer` (a `difffeat.measure.PhaseTimer`) receives the seconds of each phase (`difffeat bench`).
+    """
     cfg.validate()  # before torch and the model load
     import torch
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from difffeat.data.images import BadImageError, resize_image, to_tensor
+    from difffeat import dit
     from difffeat.data.sources import ImageSource
-    from difffeat.extract import FeatureExtractor, concat_features
+    from difffeat.extract import FeatureExtractor
+    from difffeat.fastpath import Compiled, channels_last, use_attention, warn_line
+    from difffeat.loading import BatchLoader, default_workers
+    from difffeat.measure import NullTimer, is_cuda, peak_device_memory
+    from difffeat.progress import peak_memory_bytes
     from difffeat.store import FeatureStoreWriter
+    from difffeat.write_behind import WriteBehind
     from difffeat.zoo import load_pipeline
 
     # Without CUDA, accelerate starts the gloo (CPU) group only when asked for CPU explicitly.
@@ -163,15 +218,17 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
     source = ImageSource(cfg.images, exclude=[cfg.out])  # a store inside its input folder is not an input
     items = source.items
     prompts = PromptSource(cfg, source)
+    device = state.device
     if pipe is None:
-        pipe = load_pipeline(cfg.model, device=str(state.device), dtype=cfg.dtype)
+        pipe = load_pipeline(cfg.model, device=str(device), dtype=cfg.dtype)
     from difffeat.prompts import PromptEncoder
 
     encoder = PromptEncoder(pipe)  # variants share text embeddings (per LoRA weights)
+    first_batch = cfg.batch_size if isinstance(cfg.batch_size, int) else 1  # "auto" is settled below
     extractors = {
         name: FeatureExtractor(
             pipe, cfg.layers, timesteps=cfg.timesteps, ensemble=cfg.ensemble, seed=cfg.seed, noise=cfg.noise,
-            techniques=[*cfg.techniques, *specs], batch_size=cfg.batch_size, posterior=cfg.posterior,
+            techniques=[*cfg.techniques, *specs], batch_size=first_batch, posterior=cfg.posterior,
             resolution=tuple(cfg.resolution) if cfg.resolution else None, capture_inputs=cfg.capture == "input",
             attention=cfg.attention, prompt_encoder=encoder)
         for name, specs in (cfg.variants or {"": []}).items()
@@ -194,62 +251,166 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
         writer = FeatureStoreWriter(cfg.out, store_cfg, shard_size=cfg.shard_size, dtype=cfg.store_dtype,
                                     rank=rank, resume=True)
     done = writer.done_keys()
-    mine = [it for it in items[rank::world] if it.key not in done]
+    ours = items[cfg.shard_index :: cfg.num_shards][rank::world]  # this job's share, then this process's
+    mine = [it for it in ours if it.key not in done]
+    timer = timer or NullTimer()
+    warn = warn_line if rank == 0 else _silent
+    if is_cuda(device):
+        torch.cuda.reset_peak_memory_stats(device)
     failures: list[dict] = []
-    t0 = time.perf_counter()
     extracted = 0
-    bar = tqdm(total=len(mine), desc=f"extract[{rank}]" if world > 1 else "extract", unit="img",
-               disable=not progress or rank != 0)
-    with writer:
-        for s in range(0, len(mine), cfg.batch_size):
-            chunk = mine[s : s + cfg.batch_size]
-            batch, images, texts, fields = [], [], [], []
-            for item in chunk:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(writer)  # whatever fails below, the writer keeps what is complete and lets go
+        speed = {"attention": use_attention(pipe, cfg.attention_backend, device, warn), "channels_last": cfg.channels_last}
+        stack.enter_context(channels_last(dit.denoiser(pipe), cfg.channels_last))
+        t_probe = time.perf_counter()
+        batch_size, sizing = _batch_size(cfg, extractor, device, store_cfg) if mine else (first_batch, None)
+        speed["batch_size_seconds"] = round(time.perf_counter() - t_probe, 3)
+        for ext in extractors.values():
+            ext.batch_size, ext.timer, ext.pad_batches = batch_size, timer, cfg.compile
+        compiled = None
+        if cfg.compile and mine:
+            compiled = stack.enter_context(Compiled(dit.denoiser(pipe), cfg.compile_backend,
+                                                    None if cfg.compile_mode == "default" else cfg.compile_mode, warn))
+        workers = default_workers(device) if cfg.workers is None else cfg.workers
+        chunks = [mine[s : s + batch_size] for s in range(0, len(mine), batch_size)]
+        # Workers fork here, before the writer's thread and the progress bar's start.
+        batches = iter(BatchLoader(source, prompts, chunks, extractor.resolution, cfg.resize, workers=workers,
+                                   pin_memory=is_cuda(device) and workers > 0))
+        out = stack.enter_context(WriteBehind(writer, threaded=cfg.background_write, timer=timer))
+        bar = stack.enter_context(tqdm(total=len(mine), desc=f"extract[{rank}]" if world > 1 else "extract",
+                                       unit="img", disable=not progress or rank != 0))
+        t0 = time.perf_counter()
+        while True:
+            with timer.phase("decode"):  # what the loop waits for decoding (all of it without workers)
+                batch = next(batches, None)
+            if batch is None:
+                break
+            if batch.error is not None:
+                raise UserError(batch.error)
+            timer.add("decode_busy", batch.decode_seconds)
+            bad = [(item, reason) for item, reason in batch.failed]
+            rows = []
+            for j, item in enumerate(batch.items):  # what a technique needs (a caption) and the image lacks
+                why = next((w for e in extractors.values() if (w := e.stack.missing(item.key, batch.fields[j]))), None)
+                if why is None:
+                    rows.append(j)
+                else:
+                    bad.append((item, why))
+            for item, reason in bad:
+                failures.append({"key": item.key, "reason": reason})
+                out.fail(item.key, reason)
+            if rows:
+                x = batch.pixels if len(rows) == len(batch.items) else batch.pixels[rows]
+                keys = [batch.items[j].key for j in rows]
                 try:
-                    image = resize_image(source.load(item), extractor.resolution, cfg.resize)
-                    text, item_fields = prompts(item), prompts.fields(item)
-                    why = next((w for e in extractors.values() if (w := e.stack.missing(item.key, item_fields))),
-                               None)
-                    if why is not None:
-                        raise BadImageError(item.key, why)
-                except BadImageError as e:
-                    failures.append({"key": item.key, "reason": e.reason})
-                    writer.fail(item.key, e.reason)
-                    continue
-                images.append(image)
-                texts.append(text)
-                fields.append(item_fields)
-                batch.append(item)
-            if batch:
-                keys = [it.key for it in batch]
-                x = to_tensor(images)
-                latents = extractor.encode_latents(x, keys)  # one VAE pass for every variant
-                feats = {}
-                for name, ext in extractors.items():
-                    part = ext.extract(x, prompts=texts, keys=keys, fields=fields, latents=latents)
-                    if cfg.concat:
-                        part = {"concat": concat_features(part, tuple(cfg.concat_size) if cfg.concat_size else None)}
-                    feats.update({f"{name}/{layer}" if name else layer: f for layer, f in part.items()})
-                for row, item in enumerate(batch):
-                    writer.add(item.key, {name: f[row] for name, f in feats.items()}, stamp=source.stamp(item))
-                extracted += len(batch)
-            bar.update(len(chunk))
-    bar.close()
-    seconds = time.perf_counter() - t0
+                    feats = _features(extractors, x, keys, [batch.texts[j] for j in rows],
+                                      [batch.fields[j] for j in rows], cfg, timer)
+                except Exception as e:
+                    from difffeat.autobatch import is_out_of_memory
+
+                    if not is_out_of_memory(e):
+                        raise
+                    raise _ran_out(batch_size, device, sizing, cfg.max_memory) from None
+                out.add(keys, feats, [batch.stamps[j] for j in rows])
+                extracted += len(rows)
+            bar.update(batch.size)
+    seconds = time.perf_counter() - t0 if mine else 0.0
+    if compiled is not None:
+        speed["compile"] = {"backend": cfg.compile_backend, "mode": cfg.compile_mode, "failed": compiled.failed}
+    speed.update(workers=workers if mine else 0, background_write=cfg.background_write)
     report = {
         "rank": rank,
         "world_size": world,
+        "shard": [cfg.shard_index, cfg.num_shards],
         "images_found": len(items),
-        "images_of_this_process": len(items[rank::world]),
-        "already_done": len(items[rank::world]) - len(mine),
+        "images_of_this_process": len(ours),
+        "already_done": len(ours) - len(mine),
         "extracted": extracted,
         "failed": failures,
         "notes": writer.notes,
         "seconds": round(seconds, 3),
         "images_per_second": round(extracted / seconds, 3) if seconds > 0 and extracted else None,
+        "batch_size": batch_size,
+        "batch_sizing": sizing,
+        "speed": speed,
+        "peak_memory_bytes": peak_memory_bytes(),  # resident memory of this process and its decoding workers
+        "peak_device_memory_bytes": peak_device_memory(device),
     }
+    if not isinstance(timer, NullTimer):
+        report["seconds_by_phase"] = timer.as_dict()
     _write_report(Path(cfg.out), report, rank, world, state)
     return report
+
+
+def _silent(message: str) -> None:  # warnings of processes other than the first: one copy is enough
+    pass
+
+
+def _features(extractors: dict, x, keys: list[str], texts: list[str], fields: list[dict], cfg: ExtractRunConfig,
+              timer) -> dict:
+    """Stored name → [B, …] features of one batch: one VAE pass shared by every variant, then each variant."""
+    from difffeat.extract import concat_features
+
+    first = next(iter(extractors.values()))
+    with timer.phase("vae"):
+        latents = first.encode_latents(x, keys)  # one VAE pass for every variant
+    feats = {}
+    for name, ext in extractors.items():
+        part = ext.extract(x, prompts=texts, keys=keys, fields=fields, latents=latents)
+        if cfg.concat:
+            part = {"concat": concat_features(part, tuple(cfg.concat_size) if cfg.concat_size else None)}
+        feats.update({f"{name}/{layer}" if name else layer: f for layer, f in part.items()})
+    return feats
+
+
+def _batch_size(cfg: ExtractRunConfig, extractor, device, store_cfg: dict) -> tuple[int, dict | None]:
+    """The batch size to run at and how it was settled: `--batch-size auto` from the cache or by probing; a
+    given batch (above 2) checked against the memory there is, refused with the numbers when it cannot fit."""
+    import torch
+
+    from difffeat import autobatch
+    from difffeat.measure import device_name
+
+    limit = autobatch.memory_limit(device, cfg.max_memory)
+    probe = autobatch.extraction_probe(extractor, device)
+    if cfg.batch_size != "auto":
+        if cfg.batch_size <= 2:  # probing would cost as much as the batch itself
+            return cfg.batch_size, None
+        return cfg.batch_size, {"source": "given", **autobatch.check_fits(probe, cfg.batch_size, device, limit)}
+    model = cfg.model
+    if Path(model).expanduser().exists():
+        model = str(Path(model).expanduser().resolve())
+    what = {"model": model, "size": list(extractor.resolution), "device": f"{device.type}: {device_name(device)}",
+            "dtype": cfg.dtype, "layers": extractor.layers, "timesteps": len(cfg.timesteps), "ensemble": cfg.ensemble,
+            "noise": cfg.noise, "techniques": store_cfg["techniques"], "variants": store_cfg["variants"],
+            "capture": cfg.capture, "attention": cfg.attention, "concat": cfg.concat,
+            "attention_backend": cfg.attention_backend, "channels_last": cfg.channels_last,
+            "max_memory": cfg.max_memory, "torch": torch.__version__}
+    cached = autobatch.cached_batch_size(what)
+    if cached is not None:
+        chosen = cached.get("tried", {}).get(str(cached["batch_size"]), {})
+        if chosen.get("bytes", float("inf")) <= limit:  # it still fits in what is free now
+            return cached["batch_size"], {"source": "cache", **{k: v for k, v in cached.items() if k != "for"}}
+    choice = autobatch.choose_batch_size(probe, limit, device=device)
+    autobatch.remember_batch_size(what, choice)
+    return choice["batch_size"], {"source": "probe", **choice}
+
+
+def _ran_out(batch_size: int, device, sizing: dict | None, max_memory: float | None) -> UserError:
+    """A batch that ran out of device memory: the numbers, and the batch that would fit."""
+    from difffeat import autobatch
+    from difffeat.measure import free_memory
+    from difffeat.progress import human_bytes
+
+    autobatch.release(device)
+    limit = autobatch.memory_limit(device, max_memory)
+    if sizing and "per_image_bytes" in sizing:
+        return autobatch.does_not_fit(batch_size, device, sizing["per_image_bytes"], sizing["base_bytes"], limit,
+                                      " ran out of memory and")
+    _, total = free_memory(device)
+    return UserError(f"batch {batch_size} ran out of memory on {device} ({human_bytes(limit)} available of "
+                     f"{human_bytes(total or 0)}); try --batch-size {max(1, batch_size // 2)} or --batch-size auto")
 
 
 def _write_report(out: Path, report: dict, rank: int, world: int, state) -> None:
@@ -258,12 +419,20 @@ def _write_report(out: Path, report: dict, rank: int, world: int, state) -> None
     state.wait_for_everyone()
     if rank == 0:
         parts = [json.loads((out / f"report-r{r:03d}.json").read_text()) for r in range(world)]
+        seconds = max(p["seconds"] for p in parts)
+        extracted = sum(p["extracted"] for p in parts)
+        device_peaks = [p.get("peak_device_memory_bytes") for p in parts if p.get("peak_device_memory_bytes")]
         merged = {
             "images_found": parts[0]["images_found"],
-            "extracted": sum(p["extracted"] for p in parts),
+            "extracted": extracted,
             "already_done": sum(p["already_done"] for p in parts),
             "failed": [f for p in parts for f in p["failed"]],
             "notes": [n for p in parts for n in p.get("notes", [])],
+            "seconds": seconds,
+            "images_per_second": round(extracted / seconds, 3) if seconds > 0 and extracted else None,
+            "batch_size": parts[0].get("batch_size"),
+            "peak_memory_bytes": max(p.get("peak_memory_bytes") or 0 for p in parts),
+            "peak_device_memory_bytes": max(device_peaks) if device_peaks else None,
             "processes": parts,
         }
         write_json_atomic(out / "report.json", merged)

@@ -37,8 +37,9 @@ from difffeat.errors import UserError
 from difffeat.lock import FolderLock
 from difffeat.run import RunFolder, canonical_json, config_hash, library_versions, mkdir
 
-__all__ = ["FeatureStore", "FeatureStoreWriter", "check_shard", "config_hash", "library_versions", "shard_digest",
-           "store_exists", "summarize"]  # config_hash and library_versions: from difffeat.run, kept importable here
+__all__ = ["FeatureStore", "FeatureStoreWriter", "check_shard", "config_hash", "failure_files", "library_versions",
+           "list_shards", "read_manifest", "shard_digest", "shard_keys", "store_exists", "summarize"]
+# config_hash and library_versions: from difffeat.run, kept importable here
 
 FORMAT = "difffeat-store/1"
 KIND = "feature store"
@@ -69,6 +70,28 @@ def store_exists(path: str | os.PathLike) -> bool:
     except UserError:
         return False
     return True
+
+
+# For tools that work on whole stores (`difffeat store merge`): the layout, read from headers alone.
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The checked manifest of the store at `path` (UserError when it is not a store or was edited)."""
+    return _read_manifest(Path(path))
+
+
+def list_shards(path: str | os.PathLike) -> list[tuple[int, int, Path]]:
+    """(rank, index, file) of every complete shard of the store at `path`, in name order."""
+    return _list_shards(Path(path) / SHARDS)
+
+
+def shard_keys(file: str | os.PathLike) -> list[str]:
+    """The image keys of a shard file, in order, from its header alone."""
+    return _shard_header(Path(file))[0]
+
+
+def failure_files(path: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(rank, file) of every failures file of the store at `path`."""
+    found = [(int(m[1]), p) for p in Path(path).iterdir() if (m := _FAILURES_RE.fullmatch(p.name))]
+    return sorted(found)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -603,6 +626,14 @@ class FeatureStore:
         )
 
 
+    def to_parquet(self, folder: str | os.PathLike, shard_rows: int | None = None) -> list[Path]:
+        """The store as Parquet files in `folder` (new or empty), for ``datasets.load_dataset("parquet",
+        data_dir=folder)`` and ``push_to_hub``; see `difffeat.store_export.to_parquet`."""
+        from difffeat.store_export import to_parquet
+
+        return to_parquet(self, folder, shard_rows=shard_rows)
+
+
 def _hf_rows(path: str, layers: tuple[str, ...], signature: str) -> Iterator[dict]:
     """Rows for `FeatureStore.to_hf_dataset` (module level so that datasets can hash it)."""
     del signature  # only part of the cache fingerprint
@@ -610,6 +641,24 @@ def _hf_rows(path: str, layers: tuple[str, ...], signature: str) -> Iterator[dic
     for key in store.keys():
         features = store[key]
         yield {"key": key, **{layer: features[layer] for layer in layers}}
+
+
+def _run_lines(path: Path) -> list[str]:
+    """Speed and peak memory of the run that wrote the store, from its report.json (none when it has none)."""
+    try:
+        report = json.loads((path / "report.json").read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(report, dict):
+        return []
+    speed, peak = report.get("images_per_second"), report.get("peak_memory_bytes")
+    device = report.get("peak_device_memory_bytes")
+    parts = [f"{speed:.1f} images/s" if isinstance(speed, (int, float)) else None,
+             f"peak memory {_human_bytes(int(peak))}" if isinstance(peak, (int, float)) and peak else None,
+             f"on the GPU {_human_bytes(int(device))}" if isinstance(device, (int, float)) and device else None,
+             f"batch {report['batch_size']}" if isinstance(report.get("batch_size"), int) else None]
+    parts = [p for p in parts if p]
+    return [f"  last run:   {', '.join(parts)}"] if parts else []
 
 
 def summarize(store: FeatureStore, max_failures: int = 5, verify: bool = False) -> str:
@@ -631,6 +680,7 @@ def summarize(store: FeatureStore, max_failures: int = 5, verify: bool = False) 
     else:
         lines.append("  layers:     (none yet)")
     lines.append(f"  size:       {_human_bytes(store.size_on_disk())}")
+    lines += _run_lines(store.path)
     for name in ("model", "timesteps", "seed", "techniques", "variants", "resolution"):
         if name in manifest and (name != "variants" or manifest[name]):
             lines.append(f"  {name + ':':<11} {json.dumps(manifest[name])}")

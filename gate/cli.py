@@ -16,10 +16,11 @@ from pathlib import Path
 
 
 def _config(args):
+    from difffeat.config_cli import config_from_args
     from difffeat.errors import UserError
     from difffeat.run import read_saved_config
     from gate.candidates import read_candidates
-    from gate.ranking import GateConfig
+    from gate.config import GateConfig
 
     if args.config:
         cfg = GateConfig.from_dict(read_saved_config(args.config))
@@ -30,13 +31,8 @@ def _config(args):
         return cfg
     if not args.images or not args.candidates:
         raise UserError("give IMAGES and --candidates FILE.yaml (or --config DIR/config.json)")
-    return GateConfig(
-        images=args.images, candidates=read_candidates(args.candidates), model=args.model, n=args.n or None,
-        seed=args.seed, strength=args.strength, steps=args.steps, t=args.t, layers=args.layer or ["dift"],
-        primary=args.primary, prompt=args.prompt, prompt_source=args.prompt_from, caption_column=args.caption_column,
-        edge_tolerance=args.edge_tolerance, feature_reference=args.feature_reference, n_boot=args.boot,
-        greedy=args.greedy, probe=args.probe, probe_n=args.probe_n, probe_task=args.probe_task,
-        batch_size=args.batch_size)
+    # `--n 0` means every image (None in the config); candidates come from their YAML file.
+    return config_from_args(GateConfig, args, candidates=read_candidates(args.candidates), n=args.n or None)
 
 
 def _cmd_gate(args) -> None:
@@ -82,37 +78,18 @@ def _cmd_gate(args) -> None:
 
 
 def add_commands(subparsers) -> None:
-    """Add `gate` to difffeat's sub-commands."""
+    """Add `gate` to difffeat's sub-commands (its flags made from `GateConfig`'s fields)."""
+    from difffeat.config_cli import add_config_arguments
+    from gate.config import GateConfig
+
     p = subparsers.add_parser("gate", help="rank candidate techniques by content-shift suppression (GATE)",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("images", nargs="?", help="image folder, glob, imagefolder or hf:NAME[:SPLIT]")
+    add_config_arguments(p, GateConfig, positional=["images"])
     p.add_argument("--candidates", help="YAML: candidate name → list of technique specs (reference is added)")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--config", help="repeat a run: its config.json")
-    p.add_argument("--model", default="mini")
-    p.add_argument("--strength", type=float, default=0.7, help="img2img repainting strength")
-    p.add_argument("--steps", type=int, default=25, help="img2img DDIM steps (int(steps·strength) run)")
-    p.add_argument("--n", type=int, default=16, help="images drawn (seeded) from IMAGES; 0: all")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--t", type=int, default=50, help="feature timestep (feature Score, PCA, probe)")
-    p.add_argument("--layer", action="append", help="feature layer or preset; repeat (default dift)")
-    p.add_argument("--primary", default="psnr", choices=["psnr", "ssim", "edge_f1", "lpips", "feature_score"],
-                   help="the score that decides and ranks")
-    p.add_argument("--prompt", default="", help="base prompt of every image")
-    p.add_argument("--prompt-from", default="fixed", choices=["fixed", "sidecar", "csv", "label"],
-                   help="base prompts as in `difffeat extract` (prompt techniques rewrite them)")
-    p.add_argument("--caption-column", default="fine_caption", help="metadata column of an image's caption")
-    p.add_argument("--edge-tolerance", type=int, default=1, help="pixels an edge may move and still match")
-    p.add_argument("--feature-reference", default="technique", choices=["technique", "plain"],
-                   help="t=0 reference features with each candidate's techniques, or without any")
-    p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
-    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--emit", metavar="FILE", help="write the accepted candidates as a variants file for "
                                                   "`difffeat extract --variants FILE`")
-    p.add_argument("--greedy", action="store_true", help="forward selection over combinations of accepted ones")
-    p.add_argument("--probe", metavar="LABELS", help="labelled images (masks or labels) for a linear probe")
-    p.add_argument("--probe-n", type=int, default=32, help="labelled images drawn for the probe (half fit, half score)")
-    p.add_argument("--probe-task", default="auto", choices=["auto", "seg", "cls"])
     p.add_argument("--report-images", type=int, default=8, help="images shown in the HTML report")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out and the --emit file")
     p.set_defaults(func=_cmd_gate)

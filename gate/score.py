@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# name → True when higher is better; the ranking and the decision read this.
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "edge_f1": True, "lpips": False, "feature_score": True}
+# name → True when higher is better (defined beside GateConfig, whose --primary choices it gives)
+from gate.config import HIGHER_IS_BETTER  # noqa: F401
 
 
 def psnr(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,11 @@ a sentence), repeated; rank 64, alpha 32; learning rate 1e-4 for the UNet and 5e
 about 100 epochs. Here the tag-style caption is the image folder's `coarse_caption` column when there is
 one, the sentence its sidecar `.txt` or `fine_caption` column; styles an image lacks are left out.
 
-The adapters go on the UNet's attention projections (to_q/k/v/out) and the text encoder's (q/k/v/out_proj)
-and are written in diffusers' LoRA format (`pytorch_lora_weights.safetensors`), which `lora:DIR` loads.
+The adapters go on the UNet's attention projections (to_q/k/v/out) and the text encoder's (q/k/v/out_proj);
+with ``conv`` also on the UNet's convolutions (resnet conv1/conv2/shortcut, down/upsampler convs, with their
+own rank and alpha): LoCon, the kind of LoRA the paper trains with kohya. They are written in diffusers' LoRA
+format (`pytorch_lora_weights.safetensors`), which `lora:DIR` loads, each module's scale alpha/r folded into
+its up matrix (diffusers reads such a file with alpha = r, so the file gives exactly the trained model).
 Batches depend only on (seed, step), and a run resumes from its last checkpoint with the same result.
 
 The output folder is a run folder of the spine (`difffeat.run.RunFolder`, kind "lora"): `config.json`,
@@ -20,7 +23,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,36 +30,15 @@ import torch.nn.functional as F
 
 from difffeat.atomic import FILE_MODE
 from difffeat.errors import UserError
-from difffeat.run import CHECKPOINTS, Config, RunFolder, option, refuse_pickled_checkpoints
+from difffeat.run import CHECKPOINTS, RunFolder, refuse_pickled_checkpoints
+from pipelines.recipe_config import CAPTION_STYLES, LoraTrainConfig  # noqa: F401
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+CONV_TARGETS = r"resnets\.\d+\.(conv1|conv2|conv_shortcut)|(down|up)samplers\.\d+\.conv"  # LoCon's convolutions
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-CAPTION_STYLES = ("empty", "tags", "sentence")
 KIND = "lora"
 WEIGHTS = "pytorch_lora_weights.safetensors"
 LEGACY_CHECKPOINTS = ("checkpoint.pt",)  # the pickle of older versions: refused, never loaded
-
-
-@dataclass
-class LoraTrainConfig(Config):
-    """The LoRA recipe; written to the output folder's `config.json`."""
-
-    images: str = option(help="image folder (captions: metadata.csv columns and/or sidecar .txt files)")
-    out: str = option(help="folder for pytorch_lora_weights.safetensors")
-    model: str = option("mini")
-    rank: int = option(64, min=1)
-    alpha: float = option(32.0, above=0)
-    unet_lr: float = option(1e-4, above=0)
-    text_lr: float = option(5e-5, min=0, help="0 trains the UNet only")
-    epochs: int = option(100, min=1)
-    repeats: int = option(10, min=1, help="passes over each (image, caption) per epoch")
-    batch_size: int = option(8, min=1)
-    max_images: int = option(30, min=1)
-    seed: int = option(0, min=0)
-    checkpoint_every: int = option(200, min=1)
-    steps: int = option(0, min=0, help="optimizer steps (0: epochs × repeats × samples / batch size)")
-    captions: list[str] = option(default_factory=lambda: list(CAPTION_STYLES), choices=CAPTION_STYLES,
-                                 help="caption styles each image is seen with")
 
 
 def _captions(source, item, styles: list[str]) -> list[str]:
@@ -69,17 +50,35 @@ def _captions(source, item, styles: list[str]) -> list[str]:
     return list(dict.fromkeys(found[s] for s in styles if found.get(s) is not None))
 
 
-def _peft_config(rank: int, alpha: float, targets: list[str]):
+def _peft_config(rank: int, alpha: float, targets: list[str], conv_rank: int = 0, conv_alpha: float = 0.0):
+    """peft's config; with `conv_rank` the UNet's convolutions too (LoCon), at their own rank and alpha."""
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
+    if not conv_rank:
+        return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
+    names = "|".join(t.replace(".", r"\.") for t in targets)
+    conv = rf"^.*\.({CONV_TARGETS})$"
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                      target_modules=rf"^.*\.({names}|{CONV_TARGETS})$",
+                      rank_pattern={conv: conv_rank}, alpha_pattern={conv: conv_alpha or alpha})
+
+
+def _folded_state_dict(model) -> dict:
+    """peft's LoRA weights of `model` with each module's scale alpha/r folded into its up matrix (lora_B)."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model)
+    modules = dict(model.named_modules())
+    for key in state:
+        if ".lora_B." in key:
+            state[key] = state[key] * modules[key.split(".lora_B.")[0]].scaling["default"]
+    return state
 
 
 def train_lora(cfg: LoraTrainConfig, progress: bool = True, overwrite: bool = False) -> Path:
     """Fit the LoRA, write `cfg.out/pytorch_lora_weights.safetensors` (+ config and losses); returns the folder.
 
     A finished run of the same config is not trained again; `overwrite` replaces a LoRA run of another config."""
-    from peft.utils import get_peft_model_state_dict
     from tqdm.auto import tqdm
 
     from difffeat import load_pipeline
@@ -117,7 +116,8 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True, overwrite: bool = Fa
         post = pipe.vae.encode(x).latent_dist
         mean, std = post.mean, post.std
     torch.manual_seed(cfg.seed)  # the adapters' initial weights
-    unet.add_adapter(_peft_config(cfg.rank, cfg.alpha, UNET_TARGETS))
+    unet.add_adapter(_peft_config(cfg.rank, cfg.alpha, UNET_TARGETS, (cfg.conv_rank or cfg.rank) if cfg.conv else 0,
+                                  cfg.conv_alpha))
     groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.unet_lr}]
     if cfg.text_lr > 0:
         from peft import inject_adapter_in_model
@@ -171,8 +171,8 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True, overwrite: bool = Fa
                              optimizer=opt.state_dict())
     unet.eval()
     text_encoder.eval()
-    text_layers = get_peft_model_state_dict(text_encoder) if cfg.text_lr > 0 else None
-    type(pipe).save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(unet),
+    text_layers = _folded_state_dict(text_encoder) if cfg.text_lr > 0 else None
+    type(pipe).save_lora_weights(out, unet_lora_layers=_folded_state_dict(unet),
                                  text_encoder_lora_layers=text_layers, safe_serialization=True)
     os.chmod(out / WEIGHTS, FILE_MODE)  # safetensors makes it 0600; the rest of the run follows the umask
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the weights are written: the run is done

@@ -31,6 +31,9 @@ class TechniqueStack(ConditioningStack):
     def __init__(self, pipe, techniques: Sequence[str | Technique] = ()):
         self.pipe = pipe
         self.techniques: list[Technique] = ordered(techniques)
+        specs = [t.spec for t in self.techniques]
+        if twice := sorted({x for x in specs if specs.count(x) > 1}):  # applied twice: surely a slip
+            raise UserError(f"technique {twice[0]} is given twice; give each technique once")
         for hook in SINGLE:
             same = [t.spec for t in self.using(hook)]
             if len(same) > 1:

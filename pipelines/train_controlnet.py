@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,40 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from difffeat.errors import UserError
-from difffeat.run import (
-    Config,
-    ConfigError,
-    RunFolder,
-    check_new_folder,
-    is_inside,
-    option,
-    refuse_pickled_checkpoints,
-)
+from difffeat.run import RunFolder, check_new_folder, is_inside, refuse_pickled_checkpoints
+from pipelines.recipe_config import ControlNetTrainConfig
 
 KIND = "controlnet"
 LEGACY_CHECKPOINTS = ("controlnet.pt",)  # the pickle of older versions: refused, never loaded
-
-
-@dataclass
-class ControlNetTrainConfig(Config):
-    """The canny ControlNet's recipe; written to the run's `config.json`, and a run resumes only under the same one."""
-
-    model: str = option("mini")
-    seed: int = option(0, min=0)
-    n_train: int = option(4000, min=1, help="Shapes-LT train scenes")
-    steps: int = option(2500, min=0)
-    lr: float = option(3e-4, above=0)
-    warmup: int = option(100, min=0)
-    batch_size: int = option(32, min=1)
-    p_empty: float = option(0.5, min=0, max=1, help="share of captions dropped to the empty prompt")
-    low: int = option(100, min=0, help="canny low threshold")
-    high: int = option(200, min=0, help="canny high threshold")
-    checkpoint_every: int = option(100, min=1)
-    threads: int = option(0, min=0, help="torch threads (0: torch's default); does not change the weights")
-
-    def check(self) -> None:
-        if self.low > self.high:
-            raise ConfigError("low", f"the canny low threshold {self.low} is above the high one {self.high}")
 
 
 def conditioning_channels_for(vae_scale_factor: int, widths=(16, 32, 96, 256)) -> tuple[int, ...]:

@@ -20,7 +20,9 @@ from downstream.cls.dirmixe import (
     dirmixe_objective,
     draw_losses,
     is_final_phase,
+    logit_shift,
     semi_variance,
+    stops_after_pass,
 )
 from downstream.losses.prior import PRIOR_FLOOR
 
@@ -90,16 +92,45 @@ def test_per_draw_loss_against_a_direct_computation():
         shifted = z[ks[t]] - tau * (torch.log(w[t]) - torch.log(prior)).float()
         direct = -(shifted.log_softmax(-1)[torch.arange(5), y]).mean()
         assert float(got[t]) == pytest.approx(float(direct), rel=1e-5)
-    # the code's eps form log(w^τ/π^τ + 1e-9) agrees while w^τ/π^τ ≫ 1e-9 …
-    code = z[ks] - torch.log(w[:, None] ** tau / prior.float() ** tau + 1e-9)
+    # the released form log(w^τ/π^τ + 1e-9) (scongl/DirMixE model/loss.py), written out: equal on ordinary draws
+    code = z[ks] - torch.log(w[:, None].double() ** tau / prior ** tau + 1e-9).float()
     code_losses = F.cross_entropy(code.reshape(-1, 6), y.repeat(4), reduction="none").view(4, 5).mean(1)
-    assert torch.allclose(code_losses, got, rtol=1e-4)
-    # … and ours stays exact and finite where w underflows (floored at PRIOR_FLOOR, no inf / NaN)
-    tiny = torch.zeros(1, 6).index_fill_(1, torch.tensor([0]), 1.0)
-    out = draw_losses(z, y, torch.tensor([0]), tiny, torch.log(prior), tau)
+    assert torch.allclose(code_losses, got, rtol=1e-6)
+    # … and where w underflows the shift is the released clamp log 1e-9, finite (no inf / NaN)
+    empty = torch.zeros(1, 6, dtype=torch.float64).index_fill_(1, torch.tensor([0]), 1.0)
+    out = draw_losses(z, y, torch.tensor([0]), empty, torch.log(prior), tau)
     assert torch.isfinite(out).all()
-    shift = tau * (math.log(PRIOR_FLOOR) - torch.log(prior[1]))
-    assert float(out[0]) > float(shift) - 50  # the rare-class shift is the exact −τ·log(1e-8/π), not −20.7
+    shift = logit_shift(empty, torch.log(prior), tau)[0]
+    assert torch.equal(shift[1:], torch.full((5,), math.log(1e-9), dtype=torch.float64))
+    assert float(shift[0]) == pytest.approx(math.log(1.0 / float(prior[0]) ** tau + 1e-9), rel=1e-12)
+
+
+def released_shift(w: np.ndarray, prior: np.ndarray, tau: float) -> np.ndarray:
+    """scongl/DirMixE `LogitAdjustExpertLoss.forward`: log(w^power / prior^power + 1e-9), in float64."""
+    with np.errstate(under="ignore"):
+        return np.log(w ** tau / prior ** tau + 1e-9)
+
+
+def test_logit_shift_on_imagenet_scale_priors_is_the_released_clamp():
+    """ImageNet-LT-like counts (1,280 … 5 over 1,000 classes): α0·π_c < 1 for rare classes (α0 = 1e4), so the
+    forward component's draws are often far below 1e-8. The shift equals the released formula there, and its
+    worst class errs much less than difffeat's former exact shift with w floored at 1e-8."""
+    counts = np.floor(1280 * (5 / 1280) ** (np.arange(1000) / 999))
+    prior = counts / counts.sum()
+    assert (1e4 * prior < 1).sum() > 100
+    pool = DrawPool(counts, trials=20, iterations=1, concentration=1e4, seed=0)
+    _, w = pool.meta.sample(200, seed=3, component=0)  # the forward-LT component
+    assert (w < 1e-8).any(axis=1).mean() > 0.9  # nearly every draw leaves some class near-empty
+    tau = 1.6
+    ours = logit_shift(torch.as_tensor(w), torch.log(torch.as_tensor(prior)), tau).numpy()
+    reference = released_shift(w, prior, tau)
+    assert np.abs(ours - reference).max() < 1e-9 and ours.min() >= math.log(1e-9) - 1e-12
+    floored = np.maximum(w, PRIOR_FLOOR)
+    former = tau * (np.log(floored / floored.sum(1, keepdims=True)) - np.log(prior))
+    worst_former = np.median(np.abs(former - reference).max(1))
+    worst_ours = np.median(np.abs(ours - reference).max(1))
+    assert worst_ours < 1e-9 < 1.0 < worst_former
+    assert pool.w.shape == (20, 1000) and torch.isfinite(pool.draws(0, 0)[1]).all()
 
 
 def test_loss_with_a_zero_count_class_is_finite_and_trains_every_expert():
@@ -138,7 +169,7 @@ def _gaussian_world():
 def test_test_time_aggregation_weights_sum_to_one_and_follow_the_shift():
     experts, sample = _gaussian_world()
     for prior, best in (([0.03, 0.07, 0.2, 0.7], 2), ([0.7, 0.2, 0.07, 0.03], 0)):
-        x, y = sample(prior, 400)
+        x, y = sample(prior, 10000)  # CIFAR's test-set size: 79 batches per pass, one sweep each
         weights, log = tta(experts, x, AggregationConfig(), seed=0)
         assert float(weights.sum()) == pytest.approx(1.0, abs=1e-6) and (weights > 0).all()
         assert int(weights.argmax()) == best and len(log) <= 5
@@ -157,9 +188,37 @@ def test_test_time_aggregation_weights_sum_to_one_and_follow_the_shift():
     assert float(aggregation_loss(a, z1, z2)) == pytest.approx(float(direct), rel=1e-6)
 
 
-def test_aggregation_stops_once_a_weight_is_small():
+def test_aggregation_stops_once_a_weight_rounds_below_the_threshold():
     experts, sample = _gaussian_world()
-    x, _ = sample([0.03, 0.07, 0.2, 0.7], 200)
+    x, _ = sample([0.03, 0.07, 0.2, 0.7], 2000)
     _, log = tta(experts, x, AggregationConfig(epochs=5, lr=1.0), seed=0)
-    assert len(log) < 5 and min(log[-1]["weights"]) < 0.05
-    assert all(min(r["weights"]) >= 0.05 for r in log[:-1])
+    assert len(log) < 5 and round(min(log[-1]["weights"]), 2) < 0.05
+    assert all(round(min(r["weights"]), 2) >= 0.05 for r in log[:-1])
+    # SADE's test: np.round(ω, 2) < 0.05, so 0.046 (→ 0.05) goes on and 0.044 (→ 0.04) stops
+    assert not stops_after_pass(torch.tensor([0.046, 0.5, 0.454]), 0.05)
+    assert stops_after_pass(torch.tensor([0.044, 0.5, 0.456]), 0.05)
+    assert not stops_after_pass(torch.tensor([0.05, 0.45, 0.5]), 0.05)
+
+
+def test_aggregation_makes_one_pass_over_the_set_as_sade():
+    """A pass is one shuffled sweep in batches of 128, the last one partial (SADE's DataLoader without
+    drop_last): 300 images give batches of 128, 128 and 44, each image once. steps_per_pass > 0 is the former
+    schedule: that many full batches, cycling the set."""
+    experts, sample = _gaussian_world()
+    x, _ = sample([0.25] * 4, 300)
+    seen = []
+
+    def counting(v):
+        seen.append(v)
+        return experts(v)
+
+    _, log = tta(counting, x, AggregationConfig(epochs=1, dropout=0.0, noise=0.0), seed=0)  # views = rows
+    assert [len(v) for v in seen[::2]] == [128, 128, 44] and len(log) == 1  # two views per batch
+    swept = torch.cat(seen[::2])
+    assert torch.equal(swept[torch.argsort(swept[:, 0])], x[torch.argsort(x[:, 0])])  # each image once
+    seen.clear()
+    tta(counting, x, AggregationConfig(epochs=1, steps_per_pass=79), seed=0)
+    assert [len(v) for v in seen[::2]] == [128] * 79
+    seen.clear()
+    tta(counting, x[:40], AggregationConfig(epochs=2), seed=0)  # a small set: one batch per pass
+    assert [len(v) for v in seen[::2]] == [40, 40]

@@ -362,7 +362,7 @@ METHODS = ["Pixel AUC loss", "LA", "VS", "LDAM", "CB / DRW", "TLA + ADRW", "DRAU
            "SSE-SAM", "AUCSeg memory bank", "DirMixE"]
 
 
-def test_fidelity_doc_has_a_section_per_method_and_the_dirmixe_placeholder():
+def test_fidelity_doc_has_a_section_per_method_and_the_dirmixe_items():
     text = DOC.read_text(encoding="utf-8")
     headings = re.findall(r"^## (.+)$", text, flags=re.M)
     for method in METHODS:
@@ -372,4 +372,56 @@ def test_fidelity_doc_has_a_section_per_method_and_the_dirmixe_placeholder():
             continue
         body = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
         assert "Released code" in body and "Agreement" in body and "Departures" in body, heading
-    assert "PLACEHOLDER (DirMixE, issue #16 items 3–6)" in text
+    dirmixe = text.split("## DirMixE\n", 1)[1].split("\n## ", 1)[0]
+    assert "PLACEHOLDER" not in text
+    for item in ("Logit shift", "Test-time aggregation schedule", "Where test-time aggregation adapts",
+                 "Dirichlet test protocol"):
+        assert item in dirmixe, item
+
+
+def test_config_choices_equal_the_modules_they_name():
+    """Configs import no torch, so a few choice lists are written twice: they must stay equal."""
+    from downstream.cls import config as cls_config
+    from downstream.losses import CE_AVERAGES, drauc, tkpr
+    from downstream.optim import RELEASED_TAIL_WEIGHT
+    from downstream.seg.config import SegTrainConfig
+
+    assert cls_config.DRAUC_ALPHA_STEPS == drauc.ALPHA_STEPS
+    assert set(cls_config.TKPR_SURROGATES) == set(tkpr.SURROGATES)
+    assert cls_config.IMBSAM_RELEASED_TAIL_WEIGHT == RELEASED_TAIL_WEIGHT
+    ce_average = next(f for f in dataclasses.fields(SegTrainConfig) if f.name == "ce_average")
+    assert ce_average.metadata["choices"] == CE_AVERAGES
+
+
+def test_every_profile_sets_real_config_fields_with_valid_values():
+    """What `--profile` applies: each classification profile for every method and optimizer, each segmentation
+    profile, gives values of existing config fields that the config accepts."""
+    from downstream.cls import ClsTrainConfig
+    from downstream.cls.config import METHODS, OPTIMIZERS
+    from downstream.cls.profile import profile_fields as cls_fields
+    from downstream.seg.config import SegTrainConfig
+    from downstream.seg.profile import profile_fields as seg_fields
+
+    cls_names = {f.name for f in dataclasses.fields(ClsTrainConfig)}
+    for name in ("cifar100-lt", "cifar10-lt", "imagenet-lt", "inat"):
+        for method in METHODS:
+            for optim in OPTIMIZERS:
+                fields = cls_fields(name, method, optim)
+                assert set(fields) <= cls_names and {"many_above", "dirichlet_ratio"} <= set(fields)
+                head = "cosine" if method == "dirmixe" else None
+                if method == "drauc" and optim != "none":
+                    continue
+                ClsTrainConfig(features=["f"], labels="l", out="o", method=method, optim=optim, head=head,
+                               **fields).resolve()
+    assert cls_fields("cifar100-lt", "la", "imbsam")["imbsam_tail_weight"] == 2.0
+    assert "imbsam_tail_weight" not in cls_fields("cifar100-lt", "la", "ssesam")
+    seg_names = {f.name for f in dataclasses.fields(SegTrainConfig)}
+    for name in ("ade20k", "cityscapes", "coco-stuff"):
+        fields = seg_fields(name)
+        assert set(fields) <= seg_names
+        SegTrainConfig(features=["f"], masks="m", out="o", **fields).validate()
+        assert fields["tail_classes"] == profile(name)["memory_bank"]["tail_classes"]
+    with pytest.raises(UserError, match="segmentation profile"):
+        cls_fields("ade20k", "ce", "none")
+    with pytest.raises(UserError, match="classification profile"):
+        seg_fields("inat")

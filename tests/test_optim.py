@@ -9,6 +9,7 @@ import downstream.optim.sam as sam_module
 from difffeat.errors import UserError
 from downstream.optim import (
     IMBSAM_ETA,
+    PESG,
     RELEASED_TAIL_WEIGHT,
     SAM,
     SSESAM,
@@ -302,6 +303,89 @@ def test_split_losses_normalisations_and_ignored_pixels():
     assert empty.tail.item() == 0.0 and empty.n_tail == 0
     assert tail_classes([500, 100, 19, 3], eta=20) == [2, 3]
     assert isinstance(batch, GroupLosses)
+
+
+# ---- DRAUC's optimizer (EldercatSAM/DRAUC optimizers/DRAUC.py, DRAUCOptim), written out ------------------------
+class ReleasedDRAUCOptim:
+    """`DRAUCOptim.step` / `update_regularizer` on plain tensors: d = clamp(g, −c, c) + γ(θ − θ_ref) + wd·θ;
+    buf = d (first), then buf·(1 − β) + β·d; θ ← θ − lr·buf; θ_acc += θ; T += 1. Regulariser: θ_ref = θ_acc / T."""
+
+    def __init__(self, params, refs, lr, momentum, weight_decay, epoch_decay, clip_value=1.0):
+        self.params = [p.detach().clone() for p in params]
+        self.ref = [r.clone() for r in refs]
+        self.acc = [torch.zeros_like(p) for p in self.params]
+        self.buf = [None] * len(self.params)
+        self.lr, self.momentum, self.wd, self.gamma, self.clip = lr, momentum, weight_decay, epoch_decay, clip_value
+        self.T = 0
+
+    def step(self, grads):
+        for i, p in enumerate(self.params):
+            d_p = torch.clamp(grads[i], -self.clip, self.clip) + self.gamma * (p - self.ref[i]) + self.wd * p
+            if self.momentum != 0:
+                if self.buf[i] is None:
+                    self.buf[i] = torch.clone(d_p)
+                else:
+                    self.buf[i] = self.buf[i] * (1 - self.momentum) + self.momentum * d_p
+                d_p = self.buf[i]
+            self.params[i] = p - self.lr * d_p
+            self.acc[i] = self.acc[i] + self.params[i]
+        self.T += 1
+
+    def update_regularizer(self):
+        self.ref = [a / self.T for a in self.acc]
+        self.acc = [torch.zeros_like(a) for a in self.acc]
+        self.T = 0
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_pesg_equals_the_released_drauc_optimizer(momentum):
+    """Five steps, a reference update, three more: the parameters equal the released update to float64
+    rounding (clipped gradients, the pull towards the reference, weight decay, the EMA momentum)."""
+    params, x, y = make_problem(seed=1)
+    opt = PESG(params, lr=0.3, momentum=momentum, weight_decay=5e-4, epoch_decay=0.05, seed=2)
+    refs = [opt.state[p]["reference"] for p in params]
+    assert all(0.004 < float(r.std()) < 0.02 for r in refs)  # N(0, 0.01²) as the code's model_ref
+    ref = ReleasedDRAUCOptim(params, refs, lr=0.3, momentum=momentum, weight_decay=5e-4, epoch_decay=0.05)
+    largest = 0.0
+    for step in range(8):
+        if step == 5:
+            opt.update_reference()
+            ref.update_regularizer()
+        opt.zero_grad()
+        loss = 10.0 * per_sample(params, x, y).mean()  # gradients partly beyond the clip value
+        loss.backward()
+        grads = [p.grad.clone() for p in params]
+        largest = max(largest, *(float(g.abs().max()) for g in grads))
+        opt.step()
+        ref.step(grads)
+        for a, b in zip(params, ref.params):
+            assert torch.allclose(a.detach(), b, rtol=1e-13, atol=1e-15), step
+    assert largest > 1.0  # the clip acted
+    state = opt.state_dict()  # everything a resumed run needs is in the state dict
+    assert state["param_groups"][0]["steps_since_reference"] == 3
+    assert {"reference", "accumulated"} <= set(state["state"][0])
+
+
+def test_imbsam_defaults_of_train_cls_are_the_released_ones():
+    """issue #16: `train-cls --optim imbsam` uses the released tail weight 2 and tail threshold η = 20 samples;
+    SSE-SAM keeps the 0.2·n_max rule (its README's η = 100 on CIFAR-100-LT, as a ratio)."""
+    import numpy as np
+
+    from downstream.cls import ClsTrainConfig
+    from downstream.cls.config import IMBSAM_RELEASED_TAIL_WEIGHT
+    from downstream.cls.objective import tail_split
+
+    assert IMBSAM_RELEASED_TAIL_WEIGHT == RELEASED_TAIL_WEIGHT
+    counts = np.floor(500 * 0.01 ** (np.arange(100) / 99))  # CIFAR-100-LT, imbalance 100
+    base = dict(features=["f"], labels="l", out="o")
+    imb = ClsTrainConfig(**base, optim="imbsam").resolve()
+    assert imb.imbsam_tail_weight == 2.0
+    eta, tail = tail_split(imb, counts)
+    assert eta == IMBSAM_ETA == 20 and len(tail) == 30
+    eta, tail = tail_split(ClsTrainConfig(**base, optim="ssesam").resolve(), counts)
+    assert eta == 100 and len(tail) == 65
+    eta, tail = tail_split(ClsTrainConfig(**base, optim="imbsam", tail_eta=50.0).resolve(), counts)
+    assert eta == 50 and tail == tail_classes(counts, 50)
 
 
 def test_docstring_examples():

@@ -89,9 +89,19 @@ def test_train_cls_and_eval_cls_cli_end_to_end(world, capsys):
     for r, s in zip(metrics["distributions"], sets):
         assert r["counts"] == s.counts.tolist()
         assert r["accuracy"]["default"] == pytest.approx((pred[s.indices] == y[s.indices]).mean())
+        # many / medium / few: the class-mean accuracy over the set's classes of each group (n > 100, n < 20)
+        shots = r["shots"]["default"]
+        sub_pred, sub_y = pred[s.indices], y[s.indices]
+        medium = [(sub_pred[sub_y == c] == c).mean() for c in (0,) if (sub_y == c).any()]
+        few = [(sub_pred[sub_y == c] == c).mean() for c in (1, 2, 3) if (sub_y == c).any()]
+        assert shots["many"] is None and shots["medium"] == pytest.approx(np.mean(medium))
+        assert shots["few"] == pytest.approx(np.mean(few))
     accs = [r["accuracy"]["default"] for r in metrics["distributions"]]
     assert metrics["mean_accuracy"]["default"] == pytest.approx(np.mean(accs))
     assert metrics["full_test"]["accuracy"] == pytest.approx((pred == y).mean())
+    assert metrics["shots"]["classes"] == {"many": [], "medium": ["cat"], "few": ["dog", "emu", "fox"]}
+    assert metrics["full_test"]["shots"]["few"] == pytest.approx(np.mean([(pred[y == c] == c).mean()
+                                                                          for c in (1, 2, 3)]))
     assert set(metrics["nc"]["head"]) >= {"nc1", "nc2_etf_distance", "nc3", "nc4", "tail/nc1"}
 
     assert main(["--quiet", "eval-cls", "--run", str(run), "--features", str(root / "s1"), "--labels", labels,
@@ -121,15 +131,43 @@ def test_dirmixe_with_sse_sam_reports_experts_and_test_time_aggregation(world):
     for r in metrics["distributions"]:
         assert sum(r["tta_weights"]) == pytest.approx(1.0, abs=1e-6)
         assert all(math.isfinite(v) for v in r["accuracy"].values())
+        # Dirichlet sets: the weights are adapted on the set's independent draw (as released), SADE sets on
+        # themselves
+        assert r.get("tta_adapted_on") == ("independent draw" if r["kind"].startswith("dirichlet") else None)
+    _check_tta_adaptation_sets(root, labels, run, metrics)
     nc = json.loads((run / "nc.json").read_text())
     assert set(nc) == {"expert_forward", "expert_uniform", "expert_backward"}
     report = json.loads((run / "report.json").read_text())
     assert report["tail_eta"] == pytest.approx(8.0) and report["tail_classes"] == ["emu", "fox"]  # n_c < 0.2·40
 
 
+def _check_tta_adaptation_sets(root, labels, run, metrics):
+    """The tta weights of each set against test-time aggregation run directly on the set it must adapt on."""
+    from downstream.cls.data import SourceSpec, load_split
+    from downstream.cls.dirmixe import test_time_aggregation
+
+    saved, config, model = load_run(run)
+    test = load_split([str(root / "s1")], labels, split="test/", names=saved["classes"]["names"],
+                      layers=config.layers, sources=config.sources, pool_grid=config.pool_grid,
+                      specs=[SourceSpec.from_dict(s) for s in saved["sources"]])
+    with torch.no_grad():
+        normed = model.norm([torch.as_tensor(b) for b in test.blocks])
+        flat, dims = torch.cat(normed, 1), [b.shape[1] for b in normed]
+    sets = {s.name: s for s in shifted_test_sets(test.labels, TRAIN_COUNTS, num_classes=4, dirichlet_draws=1, seed=0)}
+    for r in metrics["distributions"]:
+        s = sets[r["name"]]
+        rows = s.adaptation if s.adaptation is not None else s.indices
+        weights, _ = test_time_aggregation(lambda x: model.forward_normed(list(x.split(dims, 1))),
+                                           flat[torch.as_tensor(rows)], config.aggregation_config(),
+                                           seed=config.eval_seed)
+        assert r["tta_weights"] == pytest.approx(weights.tolist(), abs=1e-6), r["name"]
+
+
 @pytest.mark.parametrize("kw", [
     {"method": "la", "optim": "ssesam", "sse_gamma": 0.5},
     {"method": "dirmixe", "optim": "imbsam", "trials": 6},
+    {"method": "drauc", "drauc_steps": 2},
+    {"method": "tkpr", "optim": "sam", "tkpr_k": 2},
     {"method": "tla-adrw", "fusion": "reconboost", "rb_stages": 3, "rb_stage_epochs": 2, "rb_correct_epochs": 1},
 ])
 def test_resume_ends_with_the_weights_of_an_uninterrupted_run(world, kw):
@@ -322,8 +360,13 @@ def test_flags_keep_their_names_and_defaults():
     today = dict(sources="store", pool_grid=1, fusion="concat", method="ce", optim="none", head=None, hidden=256,
                  frame_dim=None, assignment="identity", scale=30.0, epochs=100, batch_size=128, lr=0.05,
                  weight_decay=5e-4, warmup_epochs=5, tau=1.0, rho=0.05, rho_tail=0.1, sse_gamma=0.7, tail_eta=None,
-                 dm_tau=1.3, lambda_var=5.0, trials=60, concentration=1e4, tta_epochs=5, tta_steps=79, rb_stages=16,
-                 rb_weight2=1.0, dirichlet_draws=3, drop_unseen=False, seed=0, checkpoint_every=10, device="auto")
+                 dm_tau=1.3, lambda_var=5.0, trials=60, concentration=1e4, tta_epochs=5, tta_steps=0, rb_stages=16,
+                 rb_weight2=1.0, dirichlet_draws=3, drop_unseen=False, seed=0, checkpoint_every=10, device="auto",
+                 imbsam_tail_weight=2.0, tta_adapt="independent", tta_weight_decay=5e-4,
+                 forward_ratios=[50, 25, 10, 5, 2], backward_ratios=[2, 5, 10, 25, 50], dirichlet_ratio=100.0,
+                 dirichlet_concentration=None,
+                 many_above=100, few_below=20, drauc_schedule="step", drauc_alpha_step="released", tkpr_k=5,
+                 tkpr_surrogate="logistic", tkpr_form="pairwise")
     assert {k: getattr(cfg, k) for k in today} == today
     assert cfg.dm_tau == DirMixEConfig.tau  # one source
     given = {"--features": ("features", ["f1", "f2"]), "--labels": ("labels", "l.csv"), "--out": ("out", "o"),
@@ -339,6 +382,13 @@ def test_flags_keep_their_names_and_defaults():
              "--lambda-var": ("lambda_var", 1.0), "--trials": ("trials", 5), "--concentration": ("concentration", 9.0),
              "--tta-epochs": ("tta_epochs", 2), "--tta-steps": ("tta_steps", 3), "--rb-stages": ("rb_stages", 2),
              "--rb-weight2": ("rb_weight2", 0.5), "--dirichlet-draws": ("dirichlet_draws", 1),
+             "--imbsam-tail-weight": ("imbsam_tail_weight", 1.0), "--tta-adapt": ("tta_adapt", "scored"),
+             "--tta-weight-decay": ("tta_weight_decay", 0.0), "--forward-ratios": ("forward_ratios", [10.0]),
+             "--backward-ratios": ("backward_ratios", [3.0]), "--dirichlet-ratio": ("dirichlet_ratio", 3.0),
+             "--dirichlet-concentration": ("dirichlet_concentration", 1e5), "--many-above": ("many_above", 50.0),
+             "--few-below": ("few_below", 5.0), "--drauc-epsilon": ("drauc_epsilon", 0.1),
+             "--drauc-schedule": ("drauc_schedule", "cosine"), "--tkpr-k": ("tkpr_k", 2),
+             "--tkpr-surrogate": ("tkpr_surrogate", "hinge"),
              "--seed": ("seed", 4), "--checkpoint-every": ("checkpoint_every", 2), "--device": ("device", "cpu")}
     argv = ["train-cls", "--drop-unseen", "--resume", "--overwrite", "--stop-after", "2"]
     for flag, item in given.items():
@@ -390,3 +440,62 @@ def test_two_processes_train_as_one_process_with_their_batches_together(world, t
     assert [h["iteration"] for h in two] == [4, 8, 12]
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["full_test"] == json.loads((tmp_path / "one" / "metrics.json").read_text())["full_test"]
+
+
+# ---- issue #16: DRAUC and TKPR in train-cls, data-set profiles ---------------------------------------------------
+def test_drauc_and_tkpr_train_with_their_own_steps_and_report(world):
+    root, labels, _ = world
+    common = dict(features=[str(root / "s1")], labels=labels, split="train/", test_split="test/", epochs=4,
+                  batch_size=16, dirichlet_draws=1)
+    run = train_cls(ClsTrainConfig(**common, method="drauc", drauc_steps=3, out=str(root / "drauc")), progress=False)
+    history = json.loads((run / "history.json").read_text())
+    # DRAUC's step schedule, per epoch and without warm-up: ×0.1 at ⌊E/2⌋ and ⌊3E/4⌋ (0-based epochs 2 and 3)
+    assert [h["lr"] for h in history] == pytest.approx([0.05, 0.05, 0.005, 0.0005])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert all(math.isfinite(r["accuracy"]["default"]) for r in metrics["distributions"])
+    state = load_file(run / "checkpoints" / "step-0000004" / "drauc_loss.safetensors")
+    assert {"a", "b", "alpha", "lambdas"} <= set(state) and state["a"].shape == (4,)
+    assert (state["alpha"] >= 0).all() and int(state["_calls"]) == 4 * (sum(TRAIN_COUNTS) // 16)  # one per batch
+    run = train_cls(ClsTrainConfig(**common, method="tkpr", tkpr_k=2, out=str(root / "tkpr")), progress=False)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["full_test"]["accuracy"] > 0.5  # a separable world: the ranking surrogate learns it
+    with pytest.raises(Exception, match="optim"):
+        ClsTrainConfig(**common, method="drauc", optim="sam", out="x").resolve()
+
+
+def _train_args(*extra):
+    from difffeat.cli import build_parser
+
+    return build_parser().parse_args(["train-cls", "--features", "f", "--labels", "l", "--out", "o", *extra])
+
+
+def test_profile_sets_the_released_values_and_given_flags_win():
+    from downstream.cls.profile import config_from_profile
+
+    cfg = config_from_profile(_train_args("--method", "dirmixe", "--profile", "imagenet-lt", "--lambda-var", "3",
+                                          "--dm-tau", "1.3"))
+    # from the profile: ImageNet-LT's τ would be 1.6, but --dm-tau 1.3 (the default value, given) wins
+    assert (cfg.dm_tau, cfg.lambda_var, cfg.concentration, cfg.trials) == (1.3, 3.0, 1e4, 60)
+    assert (cfg.dirichlet_ratio, cfg.dirichlet_concentration) == (50, 1e4)
+    assert cfg.forward_ratios == [50, 25, 10, 5, 2] and cfg.backward_ratios == [2, 5, 10, 25, 50]
+    assert (cfg.tta_lr, cfg.tta_weight_decay, cfg.tta_batch_size) == (0.025, 5e-4, 64)
+    assert cfg.extra == {"profile": "imagenet-lt"}
+    cfg = config_from_profile(_train_args("--profile", "inat", "--method", "dirmixe"))
+    assert (cfg.concentration, cfg.dirichlet_ratio, cfg.dirichlet_concentration, cfg.dm_tau) == (1e5, 3, 1e5, 1.3)
+    assert cfg.forward_ratios == [3, 2]
+    cfg = config_from_profile(_train_args("--profile", "cifar10-lt", "--optim", "imbsam", "--method", "vs"))
+    assert (cfg.many_above, cfg.few_below) == (1000, 200)  # CIFAR-10's shot thresholds
+    assert (cfg.vs_gamma, cfg.vs_tau) == (0.05, 1.0) and cfg.lambda_var == 5.0  # dirmixe's section not applied
+    cfg = config_from_profile(_train_args("--profile", "cifar100-lt", "--optim", "ssesam", "--rho-tail", "0.3"))
+    assert (cfg.rho, cfg.rho_tail, cfg.sse_gamma, cfg.tail_eta) == (0.05, 0.3, 0.7, 100)
+    cfg = config_from_profile(_train_args("--profile", "cifar100-lt", "--optim", "imbsam"))
+    assert (cfg.rho, cfg.tail_eta, cfg.imbsam_tail_weight) == (0.05, 20, 2.0)
+
+
+def test_a_bad_profile_is_one_line(world, tmp_path, capsys):
+    root, labels, _ = world
+    for profile, message in (("ade20k", "ade20k' is a segmentation profile"), ("nope", "unknown profile 'nope'")):
+        assert main(_train_argv(root, labels, tmp_path / "run") + ["--profile", profile]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and err.count("\n") == 0, err
+    assert not (tmp_path / "run").exists()

@@ -327,15 +327,16 @@ def test_flux_preset_lists_every_block_on_the_meta_device():
 
 # ---------------------------------------------------------------------------------------------- mini-dit
 def test_mini_dit_recipe_resumes_to_the_same_weights(tmp_path):
-    from difffeat.run import load_tensors
+    from safetensors.torch import load_file
+
     from difffeat.zoo.train_dit import MiniDitTrainConfig, read_losses, train_mini_dit
 
     cfg = MiniDitTrainConfig(n_train=8, steps=4, batch_size=2, warmup=1, checkpoint_every=2, log_every=1)
     whole = train_mini_dit(tmp_path / "a", cfg=cfg)
     assert train_mini_dit(tmp_path / "b", cfg=cfg, stop_after=3) is None
     split = train_mini_dit(tmp_path / "b", cfg=cfg)
-    a, _ = load_tensors(whole / "transformer" / "diffusion_pytorch_model.safetensors")
-    b, _ = load_tensors(split / "transformer" / "diffusion_pytorch_model.safetensors")
+    a = load_file(whole / "transformer" / "diffusion_pytorch_model.safetensors")
+    b = load_file(split / "transformer" / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in read_losses(tmp_path / "b" / "losses.csv")] == [1, 2, 3, 4]
     assert json.loads((whole / "model_index.json").read_text())[mmdit.INDEX_KEY] == mmdit.T5_TOKENS

@@ -98,3 +98,48 @@ def evaluate_dit_quality(model: str = "mini-dit", n: int = 64, seed: int = 0, n_
         "img2img_psnr_random_transformer": float(np.mean(base)),
         "n_img2img": len(few),
     }
+
+
+def write_mini_dit_report(run, model: str, out_dir, seed: int = 0, n: int = 8) -> dict:
+    """docs/ pictures and numbers of a mini-dit run: ``mini_dit_loss.png`` (the loss curve of `run`'s
+    losses.csv), ``mini_dit_samples.png`` (rows: held-out scenes, samples from their fine captions, img2img
+    reconstructions at strength 0.5), ``mini_dit_samples.txt`` (the captions) and ``mini_dit_quality.json``.
+    Each file is written atomically; nothing else in `out_dir` is touched."""
+    import json
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from difffeat.atomic import atomic_path, write_atomic
+    from difffeat.run import mkdir
+    from difffeat.zoo import load_pipeline
+    from difffeat.zoo.sampling import grid
+    from difffeat.zoo.train_dit import read_losses
+
+    out_dir = mkdir(out_dir)
+    rows = read_losses(Path(run) / "losses.csv")
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+    ax.set(title="mini-dit training loss (velocity MSE)", xlabel="step", ylabel="loss", yscale="log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(out_dir / "mini_dit_loss.png", what="loss curve") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+    pipe = load_pipeline(model)
+    scenes = heldout_scenes(n, seed)
+    captions = [s.fine_caption for s in scenes]
+    tiles = [Image.fromarray(s.image) for s in scenes] + sample_images(pipe, captions, seed=seed) + \
+        img2img_images(pipe, scenes, seed=seed)
+    g = grid(tiles, cols=n)
+    with atomic_path(out_dir / "mini_dit_samples.png", what="sample grid") as tmp:
+        g.resize((g.width * 2, g.height * 2), Image.NEAREST).save(tmp, format="PNG")
+    write_atomic(out_dir / "mini_dit_samples.txt", "\n".join(captions) + "\n")
+    report = evaluate_dit_quality(model, seed=seed)
+    write_atomic(out_dir / "mini_dit_quality.json", json.dumps(report, indent=1) + "\n")
+    return report

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from difffeat.atomic import atomic_path
 from difffeat.errors import UserError
-from difffeat.run import RunFolder
+from difffeat.run import ConfigError, RunFolder
 
 SAMPLE_FILES = ("[0-9][0-9][0-9][0-9]*.png", "grid.png")  # a sample run's own pictures
 
@@ -74,6 +74,10 @@ def sample_to_folder(prompts: list[str], out: str | os.PathLike, model: str = "m
     steps, guidance, seed and library versions) to the sample run folder `out`."""
     from difffeat.zoo import load_pipeline
 
+    if steps < 1:
+        raise ConfigError("steps", f"must be ≥ 1, got {steps}")
+    if not math.isfinite(guidance):
+        raise ConfigError("guidance", f"must be a finite number, got {guidance}")
     config = {"model": str(model), "prompts": list(prompts), "steps": steps, "guidance": guidance, "seed": seed,
               "scheduler": "DDIMScheduler"}
     # Checked before the model loads: a folder that cannot be written to costs nothing.

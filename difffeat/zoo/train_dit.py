@@ -136,7 +136,10 @@ def _latents(folder: RunFolder, vae, x):
             return tensors["mean"], tensors["std"]
     mean, std = encode_latents(vae, x)
     folder.save_tensors(LATENTS, {"mean": mean, "std": std})
-    return mean, std
+    # Train on what was written, in a fresh run as in a resumed one: tensors read back from the file and those
+    # just computed hold the same numbers, yet the kernels fed by them did not round identically (1e-8 apart).
+    tensors, _ = load_tensors(path)
+    return tensors["mean"], tensors["std"]
 
 
 class _Stop(Exception):

@@ -5,8 +5,12 @@ Collected by difffeat's CLI through `EXTENSION_COMMANDS`; the flags are generate
 command runs).
 
     difffeat train-cls --features DIR [--features DIR …] --labels CSV [--split train/ --test-split test/ |
-        --test-labels CSV] --method ce|la|vs|ldam|tla-adrw|dirmixe [--optim sam|imbsam|ssesam]
-        [--head linear|cosine|etf|grassmannian] [--fusion concat|weighted|reconboost] --out RUN
+        --test-labels CSV] --method ce|la|vs|ldam|tla-adrw|dirmixe|drauc|tkpr [--optim sam|imbsam|ssesam]
+        [--head linear|cosine|etf|grassmannian] [--fusion concat|weighted|reconboost] [--profile NAME] --out RUN
+
+`--profile NAME` (a classification profile of `downstream.profiles`: cifar100-lt, cifar10-lt, imagenet-lt,
+inat) sets the released hyper-parameters of that data set for the chosen method, optimizer and evaluation
+(`downstream.cls.profile`); flags given on the command line win over it.
     difffeat eval-cls --run RUN --features DIR … --labels CSV [--split test/] [--out DIR] [--no-tta]
 """
 
@@ -40,7 +44,13 @@ def _cmd_train_cls(args: argparse.Namespace) -> None:
         raise UserError(f"--stop-after must be ≥ 1, got {args.stop_after}")
     with _flags(args):
         if args.config:
+            if args.profile:
+                raise UserError("--profile: a repeated run (--config) keeps its own settings; give one or the other")
             cfg = ClsTrainConfig.from_dict(read_saved_config(args.config), out=args.out)
+        elif args.profile:
+            from downstream.cls.profile import config_from_profile
+
+            cfg = config_from_profile(args)
         else:
             cfg = config_from_args(ClsTrainConfig, args)
         run = train_cls(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
@@ -69,6 +79,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add `train-cls` and `eval-cls` to difffeat's sub-command parsers."""
     p = sub.add_parser("train-cls", help="train a classification head on pooled stored features (long-tail losses)")
     add_config_arguments(p, ClsTrainConfig, required=("out",))
+    p.add_argument("--profile", metavar="NAME", help="set the released hyper-parameters of a data set (cifar100-lt, "
+                                                     "cifar10-lt, imagenet-lt, inat); given flags win")
     p.add_argument("--config", help="repeat a run: its config.json")
     p.add_argument("--stop-after", type=int, help="stop after N epochs of this call (--resume goes on)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

@@ -13,12 +13,22 @@ from dataclasses import dataclass
 
 from difffeat.run import Config, ConfigError, option
 
-METHODS = ("ce", "la", "vs", "ldam", "tla-adrw", "dirmixe")
+METHODS = ("ce", "la", "vs", "ldam", "tla-adrw", "dirmixe", "drauc", "tkpr")
 OPTIMIZERS = ("none", "sam", "imbsam", "ssesam")
 HEADS = ("linear", "cosine", "etf", "grassmannian")
 FUSIONS = ("concat", "weighted", "reconboost")
 SOURCE_MODES = ("store", "layer")
 NORMALISED_HEAD_METHODS = ("ldam", "dirmixe")  # default head: cosine for these, linear otherwise
+TTA_ADAPT = ("independent", "scored")
+DRAUC_SCHEDULES = ("step", "cosine")
+DRAUC_ALPHA_STEPS = ("released", "autograd")  # downstream.losses.drauc.ALPHA_STEPS (a test keeps the two equal)
+TKPR_SURROGATES = ("logistic", "hinge", "squared_hinge", "exp")  # downstream.losses.tkpr.SURROGATES
+TKPR_FORMS = ("pairwise", "pointwise")
+# The SADE protocol's test distributions (CIFAR's also hold 100; the profiles set each data set's).
+FORWARD_RATIOS = (50, 25, 10, 5, 2)
+BACKWARD_RATIOS = (2, 5, 10, 25, 50)
+# = downstream.optim.RELEASED_TAIL_WEIGHT (a test keeps the two equal; this module imports no torch).
+IMBSAM_RELEASED_TAIL_WEIGHT = 2.0
 
 
 # ------------------------------------------------------------------------------ sub-algorithm configs
@@ -44,9 +54,10 @@ class AggregationConfig(Config):
     weight_decay: float = option(5e-4, min=0)
     batch_size: int = option(128, min=1)
     epochs: int = option(5, min=0, help="passes at most")
-    steps_per_pass: int = option(79, min=0, help="batches per pass at least (cycling a small set): SADE's CIFAR "
-                                                 "pass, 10k / 128")
-    min_weight: float = option(0.05, min=0, help="stop after a pass once some ω_k falls below this")
+    steps_per_pass: int = option(0, min=0, help="0: a pass is one sweep of the set, as SADE; N > 0: at least N "
+                                                "batches per pass, cycling a small set (difffeat's former 79)")
+    min_weight: float = option(0.05, min=0, help="stop after a pass once some ω_k, rounded to 2 decimals, falls "
+                                                 "below this")
     dropout: float = option(0.3, min=0, max=1, help="each standardised feature is zeroed (set to the training "
                                                     "mean) with this probability")
     noise: float = option(0.3, min=0, help="then Gaussian noise of this std is added (in units of the training "
@@ -98,7 +109,8 @@ class ClsTrainConfig(Config):
     pool_grid: int = option(1, min=1, help="average-pool onto G×G cells (1: global)")
     fusion: str = option("concat", choices=FUSIONS, help="several sources: concatenate, learned softmax-weighted "
                                                          "sum, or ReconBoost")
-    method: str = option("ce", choices=METHODS, help="the training loss")
+    method: str = option("ce", choices=METHODS, help="the training loss (drauc: one-vs-rest DRAUC with its own "
+                                                     "optimizer and schedule; tkpr: a TKPR surrogate, reconstructed)")
     optim: str = option("none", choices=OPTIMIZERS, help="sharpness-aware wrapper of SGD (imbsam / ssesam use "
                                                          "the head / tail split)")
     head: str | None = option(None, choices=HEADS, help="default: cosine for ldam and dirmixe, else linear")
@@ -123,11 +135,12 @@ class ClsTrainConfig(Config):
     drw: bool = option(True, help="LDAM-DRW: class-balanced weights from 0.8·epochs on")
     rho: float = option(0.05, min=0, help="SAM / ImbSAM radius; SSE-SAM head radius")
     rho_tail: float = option(0.1, min=0, help="SSE-SAM tail radius")
-    imbsam_tail_weight: float = option(1.0, min=0, help="ImbSAM: weight of the tail loss (1: the loss is the "
-                                                        "batch mean; the released code uses 2)")
+    imbsam_tail_weight: float = option(IMBSAM_RELEASED_TAIL_WEIGHT, min=0,
+                                       help="ImbSAM: weight of the tail loss (2 as released; 1, difffeat's former, "
+                                            "makes the loss the batch mean)")
     sse_gamma: float = option(0.7, min=0, max=1, help="SSE-SAM: head radius 0 after γ·epochs")
-    tail_eta: float | None = option(None, help="tail classes: fewer training samples than this (default 0.2 × "
-                                               "the largest class)")
+    tail_eta: float | None = option(None, help="tail classes: fewer training samples than this (default: 20 with "
+                                               "imbsam, as released; else 0.2 × the largest class)")
     dm_tau: float = option(DirMixEConfig.tau, help="DirMixE: power τ of the prior shift")
     lambda_var: float = option(DirMixEConfig.lambda_var, min=0, help="DirMixE: weight of the semi-variance")
     trials: int = option(DirMixEConfig.trials, min=1, help="DirMixE: Dirichlet draws per iteration")
@@ -135,7 +148,13 @@ class ClsTrainConfig(Config):
     tta_lr: float = option(AggregationConfig.lr, above=0, help="DirMixE test-time aggregation: SGD learning rate")
     tta_epochs: int = option(AggregationConfig.epochs, min=0, help="DirMixE test-time aggregation: passes at most")
     tta_steps: int = option(AggregationConfig.steps_per_pass, min=0,
-                            help="DirMixE test-time aggregation: batches per pass at least")
+                            help="DirMixE test-time aggregation: 0, one sweep per pass (as SADE); N, at least N "
+                                 "batches per pass (difffeat's former 79)")
+    tta_weight_decay: float = option(AggregationConfig.weight_decay, min=0,
+                                     help="DirMixE test-time aggregation: SGD weight decay")
+    tta_adapt: str = option("independent", choices=TTA_ADAPT,
+                            help="DirMixE on the Dirichlet test sets: adapt on an independent draw of the same kind "
+                                 "and ratio (as released) or on the scored set itself (optimistic)")
     tta_batch_size: int = option(AggregationConfig.batch_size, min=1, help="DirMixE test-time aggregation: batch")
     tta_dropout: float = option(AggregationConfig.dropout, min=0, max=1,
                                 help="DirMixE test-time aggregation: feature dropout of a view")
@@ -149,7 +168,33 @@ class ClsTrainConfig(Config):
     rb_weight2: float = option(ReconBoostConfig.weight2, help="ReconBoost: λ₂ of the KL reconcilement term")
     rb_lr: float | None = option(None, above=0, help="ReconBoost's SGD learning rate (default: --lr; the code's "
                                                      "is 0.01)")
+    drauc_epsilon: float = option(0.01, above=0, help="DRAUC: transport budget ε (squared distance, in units of "
+                                                      "the median feature norm)")
+    drauc_step_size: float = option(0.02, above=0, help="DRAUC: step of the inner ascent (relative units)")
+    drauc_steps: int = option(10, min=0, help="DRAUC: inner ascent steps (the code's 10)")
+    drauc_lambda_lr: float = option(0.02, min=0, help="DRAUC: step of the dual variable λ (the code's 0.02)")
+    drauc_epoch_decay: float = option(2e-3, min=0, help="DRAUC optimizer: pull towards the reference point "
+                                                        "(the code's 2e-3)")
+    drauc_alpha_step: str = option("released", choices=DRAUC_ALPHA_STEPS, help="DRAUC: α step, released closed "
+                                                                              "form or the batch gradient")
+    drauc_schedule: str = option("step", choices=DRAUC_SCHEDULES,
+                                 help="DRAUC: lr ×0.1 at ½ and ¾ of the epochs (with the reference update) "
+                                      "or cosine, per epoch and without warm-up, as released")
+    tkpr_k: int = option(5, min=1, help="TKPR: K of the top-K pairwise ranking surrogate")
+    tkpr_surrogate: str = option("logistic", choices=TKPR_SURROGATES, help="TKPR: φ of the surrogate")
+    tkpr_form: str = option("pairwise", choices=TKPR_FORMS, help="TKPR: pairwise or pointwise surrogate")
+    forward_ratios: list[float] = option(default_factory=lambda: list(FORWARD_RATIOS), nargs="*", min=1,
+                                         metavar="RATIO", help="forward-LT test sets (imbalance ratios)")
+    backward_ratios: list[float] = option(default_factory=lambda: list(BACKWARD_RATIOS), nargs="*", min=1,
+                                          metavar="RATIO", help="backward-LT test sets (imbalance ratios)")
     dirichlet_draws: int = option(3, min=0, help="Dirichlet test sets per component")
+    dirichlet_ratio: float = option(100.0, min=1, help="imbalance ratio ρ of the Dirichlet test sets' forward and "
+                                                       "backward components (ImageNet-LT 50, iNat 3)")
+    dirichlet_concentration: float | None = option(None, above=0,
+                                                   help="α0 of the Dirichlet test sets (default: the per-class count "
+                                                        "of the balanced test set; ImageNet-LT 1e4, iNat 1e5)")
+    many_above: float = option(100, min=0, help="many-shot classes: more than this many training samples")
+    few_below: float = option(20, min=0, help="few-shot classes: fewer than this many training samples")
     eval_seed: int = option(0, min=0, help="seed of the resampled test sets and of test-time aggregation")
     drop_unseen: bool = option(False, help="evaluate without test samples of untrained classes")
     seed: int = option(0, min=0)
@@ -171,6 +216,10 @@ class ClsTrainConfig(Config):
                                             or head != "linear"):
             raise ConfigError("fusion", "reconboost trains with method ce or la, plain SGD (optim none) and its "
                                         "own head")
+        if self.method == "drauc" and self.optim != "none":
+            raise ConfigError("optim", "method drauc trains with its own optimizer (DRAUC's PESG); leave optim none")
+        if self.few_below > self.many_above:
+            raise ConfigError("few_below", f"must not exceed many_above ({self.many_above:g})")
 
     def default_head(self) -> str:
         """The head in force: the given one, else cosine for the methods that need a normalised head."""
@@ -193,7 +242,8 @@ class ClsTrainConfig(Config):
 
     def aggregation_config(self) -> AggregationConfig:
         return AggregationConfig(lr=self.tta_lr, epochs=self.tta_epochs, steps_per_pass=self.tta_steps,
-                                 batch_size=self.tta_batch_size, dropout=self.tta_dropout, noise=self.tta_noise)
+                                 batch_size=self.tta_batch_size, dropout=self.tta_dropout, noise=self.tta_noise,
+                                 weight_decay=self.tta_weight_decay)
 
     def reconboost_config(self) -> ReconBoostConfig:
         return ReconBoostConfig(stages=self.rb_stages, stage_epochs=self.rb_stage_epochs,

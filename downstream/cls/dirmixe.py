@@ -6,32 +6,40 @@ Model (B.1): three experts on a shared trunk, each its own block (Linear → ReL
 
     E = Σ_k ⅓·Dir(α0·π_k),  π_1 = training prior (forward-LT), π_2 = uniform, π_3 = inverse prior (backward-LT),
 
-through the per-draw logit-adjusted loss ℓ(w, k) = CE(z_k − τ·(log w − log π_train), y), so z_k becomes the
+through the per-draw logit-adjusted loss ℓ(w, k) = CE(z_k − log(w^τ/π_train^τ + 1e-9), y), so z_k becomes the
 predictor for test priors near π_k; per iteration, over T draws, the objective is the mean m of the ℓ_t, plus
 λ·V₊ in the final phase, V₊ = Σ_{ℓ_t > m} (ℓ_t − m)² / max(#{ℓ_t > m} − 1, 1) (semi-variance). At test time
-the experts' logits are mixed with weights ω = softmax(a), a learned without labels on the test features by
-maximising the agreement of two augmented views (B.5).
+the experts' logits are mixed with weights ω = softmax(a), a learned without labels on unlabelled test
+features by maximising the agreement of two augmented views (B.5).
 
 Defaults (B.6, CIFAR-100-LT): T = 60 draws per iteration from a pool of T × iterations-per-epoch draws made
 once per run (reshuffled every epoch), α0 = 1e4, τ = 1.3, λ = 5 (CIFAR-10: 15), final phase from epoch
 int(0.8·(E + 1)) (1-based) on; aggregation SGD lr 0.1, Nesterov momentum 0.9, weight decay 5e-4, batch 128,
-at most 5 passes, stopping after a pass once some ω_k < 0.05.
+at most 5 passes of one sweep each, stopping after a pass once some ω_k, rounded to 2 decimals, is < 0.05.
 
-Departures from the released code (scongl/DirMixE), each a bug or a trap there:
+As released (scongl/DirMixE `model/loss.py`, `test_training_*_dirmixe.py`; docs/fidelity.md):
 
-1. The logit shift is τ·(log w − log π) computed exactly, with π and w floored at `PRIOR_FLOOR`; the code's
-   log(w^τ/π^τ + 1e-9) stops at log 1e-9 = −20.7 wherever w^τ/π^τ ≪ 1e-9 (a draw nearly empty in a class
-   that is frequent in training), and its priors come from a dataset-name switch that crashes for iNat
-   (`generate_weights`). Here the prior comes from the training counts of any data set, zero-count classes
-   floored, so nothing is inf or NaN.
+- The logit shift is the code's log(w^τ/π^τ + ε), ε = 1e-9 (`LOGIT_SHIFT_EPS`), evaluated in log space as
+  logaddexp(τ·(log w − log π), log ε): the same number where w^τ/π^τ is representable, and no underflow to
+  w^τ = 0 where it is not. The shift is thereby clamped from below at log ε = −20.7 wherever the draw is nearly
+  empty in a class (w^τ/π^τ ≪ 1e-9): on ImageNet / iNat-scale priors α0·π_c < 1 for rare classes and such
+  draws are common. It is not the exact τ·(log w − log π); difffeat used that with w floored at 1e-8 before,
+  which ends at −τ·log(1e-8/π) instead of −20.7 and errs more on the forward-LT component.
+- Test-time aggregation makes one pass over the unlabelled set per epoch (shuffled batches, the last one
+  partial, as SADE's DataLoader), and stops after a pass once some weight rounded to 2 decimals is below
+  0.05 (`np.round(ω, 2)`, as SADE). `steps_per_pass` > 0 gives difffeat's former schedule instead: at least
+  that many batches per pass, cycling a small set (79 was SADE's pass over CIFAR's 10,000 test images).
+
+Departures from the released code, each a bug or a trap there:
+
+1. The prior comes from the training counts of any data set, zero-count classes floored (`PRIOR_FLOOR`);
+   the code's priors come from a dataset-name switch that crashes for iNat (`generate_weights`).
 2. No checkpoint is selected on the test set (the code keeps `model_best` by test accuracy): the run keeps
    its last weights.
 3. Images are not available to a head on stored features, so the two views of test-time aggregation are
    feature-space augmentations (dropout and Gaussian noise on standardised features), not image crops/jitter.
-   The adaptation is transductive on each evaluated test set, as in SADE; note the SADE report (issue #9)
+   The adaptation is transductive (on unlabelled test data), as in SADE; note the SADE report (issue #9)
    that longer adaptation can hurt on few classes, hence the 5-pass cap and the early stop.
-4. A pass over a small test set is at least 79 batches (the set cycled; SADE's pass over CIFAR's 10,000 test
-   images): on a few hundred images, 5 plain passes are a handful of SGD steps and leave ω at ⅓ each.
 """
 
 from __future__ import annotations
@@ -48,14 +56,15 @@ from torch import nn
 from downstream.cls.config import AggregationConfig, DirMixEConfig
 from downstream.cls.label_shift import DirichletMetaDistribution
 from downstream.losses.ldam import CosineClassifier
-from downstream.losses.prior import PRIOR_FLOOR, class_prior
+from downstream.losses.prior import class_prior
 
 NUM_EXPERTS = 3  # one per meta-distribution component: forward, uniform, backward
+LOGIT_SHIFT_EPS = 1e-9  # the released shift log(w^τ/π^τ + 1e-9): clamped from below at log 1e-9 ≈ −20.7
 EXPERT_NAMES = ("expert_forward", "expert_uniform", "expert_backward")
 
 __all__ = ["AggregationConfig", "DirMixEConfig", "DirMixEHead", "DirMixELoss", "DrawPool", "EXPERT_NAMES",
-           "NUM_EXPERTS", "aggregate", "aggregation_loss", "augment_features", "dirmixe_objective", "draw_losses",
-           "is_final_phase", "semi_variance", "test_time_aggregation"]
+           "LOGIT_SHIFT_EPS", "NUM_EXPERTS", "aggregate", "aggregation_loss", "augment_features", "dirmixe_objective",
+           "draw_losses", "is_final_phase", "logit_shift", "semi_variance", "stops_after_pass", "test_time_aggregation"]
 
 
 class DirMixEHead(nn.Module):
@@ -90,14 +99,27 @@ def semi_variance(losses: torch.Tensor) -> torch.Tensor:
     return ((losses - m) ** 2 * above).sum() / (above.sum() - 1).clamp(min=1)
 
 
+def logit_shift(draws: torch.Tensor, log_prior: torch.Tensor, tau: float, eps: float = LOGIT_SHIFT_EPS) -> torch.Tensor:
+    """The released per-draw logit shift log(w^τ/π^τ + ε) ([T, C], float64), computed as
+    logaddexp(τ·(log w − log π), log ε) so that w^τ never underflows: at least log ε for every class.
+
+    >>> w, logp = torch.tensor([[0.5, 0.5, 0.0]]), torch.log(torch.tensor([0.25, 0.25, 0.5]))
+    >>> [round(v, 4) for v in logit_shift(w, logp, 1.0)[0].tolist()]  # log 2, log 2, log 1e-9 (w = 0)
+    [0.6931, 0.6931, -20.7233]
+    """
+    w = draws.to(torch.float64)
+    exact = tau * (torch.log(w) - log_prior.to(device=w.device, dtype=torch.float64))  # −inf where w = 0
+    return torch.logaddexp(exact, torch.full_like(exact, math.log(eps)))
+
+
 def draw_losses(logits: torch.Tensor, targets: torch.Tensor, ks: torch.Tensor, draws: torch.Tensor,
                 log_prior: torch.Tensor, tau: float) -> torch.Tensor:
-    """ℓ_t = mean_i CE(z_{k_t}(x_i) − τ·(log w_t − log π), y_i) for each draw t: a vector [T].
+    """ℓ_t = mean_i CE(z_{k_t}(x_i) − log(w_t^τ/π^τ + 1e-9), y_i) for each draw t: a vector [T] (`logit_shift`).
 
     `logits` [K, B, C] per expert, `ks` [T] expert (component) of each draw, `draws` [T, C] test priors w_t,
     `log_prior` [C] the (floored) training log-prior.
     """
-    shift = tau * (torch.log(draws.to(logits.dtype).clamp(min=PRIOR_FLOOR)) - log_prior.to(logits.dtype))  # [T, C]
+    shift = logit_shift(draws, log_prior, tau).to(logits.dtype)  # [T, C]
     adjusted = logits[ks] - shift[:, None, :]  # [T, B, C]
     t, b, c = adjusted.shape
     ce = F.cross_entropy(adjusted.reshape(t * b, c), targets.repeat(t), reduction="none")
@@ -162,15 +184,39 @@ def aggregation_loss(a: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> tor
     return -F.cosine_similarity(p1, p2, dim=-1).mean()
 
 
+def _pass_batches(n: int, config: AggregationConfig, order_gen: torch.Generator) -> list[torch.Tensor]:
+    """The batches (index tensors) of one pass: one shuffled sweep of the set in batches of `batch_size`, the
+    last one partial (SADE's DataLoader); or, with `steps_per_pass` > 0 (difffeat's former schedule), at least
+    that many full batches, cycling shuffled copies of a small set."""
+    size = min(config.batch_size, n)
+    if config.steps_per_pass == 0:
+        return list(torch.randperm(n, generator=order_gen).split(size))
+    steps = max(math.ceil(n / config.batch_size), config.steps_per_pass)
+    copies = math.ceil(steps * config.batch_size / n)
+    order = torch.cat([torch.randperm(n, generator=order_gen) for _ in range(copies)])
+    return [order[step * size:(step + 1) * size] for step in range(steps)]
+
+
+def stops_after_pass(weights: torch.Tensor, min_weight: float) -> bool:
+    """SADE's stop test after a pass: some weight, rounded to 2 decimals as the code reports it
+    (``np.round(ω, decimals=2)``), below `min_weight` (0.05).
+
+    >>> stops_after_pass(torch.tensor([0.046, 0.5, 0.454]), 0.05)  # rounds to 0.05: goes on
+    False
+    >>> stops_after_pass(torch.tensor([0.044, 0.5, 0.456]), 0.05)
+    True
+    """
+    return bool((np.round(weights.detach().cpu().numpy(), decimals=2) < min_weight).any())
+
+
 def test_time_aggregation(expert_logits: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor,
                           config: AggregationConfig | None = None, seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
     """Expert weights ω = softmax(a) [3] learned on unlabelled `features` (standardised, [N, D]); and a log.
 
     `expert_logits(x)` maps standardised features to expert logits [3, N, C] (the frozen model). Per batch,
     two augmented views are scored without gradient into the model, and `a` (init 0, so ω = ⅓ each) takes an
-    SGD step on `aggregation_loss`. Stops after `epochs` passes, or after a pass where some ω_k < min_weight.
-    A pass is one shuffled sweep of the set, or `steps_per_pass` batches if that is more (small test sets
-    are cycled so that the weights take as many steps as SADE's on CIFAR's 10,000 test images).
+    SGD step on `aggregation_loss`. At most `epochs` passes (`_pass_batches`: one sweep of the set, as SADE);
+    stops after a pass where some ω_k rounded to 2 decimals is below `min_weight` (`stops_after_pass`).
     """
     config = config or AggregationConfig()
     gen = torch.Generator(device=features.device).manual_seed(seed)
@@ -182,14 +228,10 @@ def test_time_aggregation(expert_logits: Callable[[torch.Tensor], torch.Tensor],
     if n == 0:
         return torch.full((NUM_EXPERTS,), 1.0 / NUM_EXPERTS), log
     order_gen = torch.Generator().manual_seed(seed)
-    steps = max(math.ceil(n / config.batch_size), config.steps_per_pass)
     for epoch in range(config.epochs):
-        # Shuffled copies of the set back to back, enough for `steps` batches.
-        copies = math.ceil(steps * config.batch_size / n) if n else 0
-        order = torch.cat([torch.randperm(n, generator=order_gen) for _ in range(copies)]).to(features.device)
         total, seen = 0.0, 0
-        for step in range(steps):
-            x = features[order[step * min(config.batch_size, n):(step + 1) * min(config.batch_size, n)]]
+        for rows in _pass_batches(n, config, order_gen):
+            x = features[rows.to(features.device)]
             with torch.no_grad():
                 z1 = expert_logits(augment_features(x, config, gen))
                 z2 = expert_logits(augment_features(x, config, gen))
@@ -201,7 +243,7 @@ def test_time_aggregation(expert_logits: Callable[[torch.Tensor], torch.Tensor],
             total, seen = total + float(loss.detach()) * len(x), seen + len(x)
         weights = torch.softmax(a.detach(), 0)
         log.append({"epoch": epoch + 1, "loss": total / max(seen, 1), "weights": weights.tolist()})
-        if (weights < config.min_weight).any():
+        if stops_after_pass(weights, config.min_weight):
             break
     return torch.softmax(a.detach(), 0), log
 

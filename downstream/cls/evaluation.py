@@ -63,17 +63,49 @@ def _accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
     return float((pred == labels).double().mean()) if len(labels) else float("nan")
 
 
+SHOTS = ("many", "medium", "few")
+
+
+def shot_groups(train_counts, many_above: float = 100, few_below: float = 20) -> dict[str, np.ndarray]:
+    """Class ids of the many / medium / few-shot groups: n_c > `many_above`, n_c < `few_below`, the rest (the
+    released scripts' rule: CIFAR-100, iNat 100 / 20, CIFAR-10 1000 / 200; the profiles hold each data set's).
+
+    >>> {g: ids.tolist() for g, ids in shot_groups([500, 101, 100, 20, 19]).items()}
+    {'many': [0, 1], 'medium': [2, 3], 'few': [4]}
+    """
+    n = np.asarray(train_counts, dtype=np.float64)
+    many, few = n > many_above, n < few_below
+    return {"many": np.flatnonzero(many), "medium": np.flatnonzero(~many & ~few), "few": np.flatnonzero(few)}
+
+
+def shot_accuracy(pred: torch.Tensor, labels: torch.Tensor, groups: dict[str, np.ndarray]) -> dict[str, float | None]:
+    """Class-mean accuracy (the mean over the group's classes present in `labels` of each class's accuracy) per
+    shot group, as the released evaluation (mean of the confusion matrix's diagonal over the group); None for a
+    group with no class present."""
+    out = {}
+    for g, ids in groups.items():
+        accs = [float((pred[labels == c] == c).double().mean()) for c in ids.tolist() if (labels == c).any()]
+        out[g] = float(np.mean(accs)) if accs else None
+    return out
+
+
 @torch.no_grad()
 def evaluate(model: ClsModel, test: ClsData, train_counts: np.ndarray, config: ClsTrainConfig,
              device: torch.device | None = None, tta: bool = True) -> dict:
-    """Accuracy on every label-shift test distribution, their means, and on the whole test set (module doc)."""
+    """Accuracy on every label-shift test distribution, their means, and on the whole test set (module doc),
+    each also per many / medium / few-shot group (`shot_groups`).
+
+    Test-time aggregation (DirMixE) adapts on each set itself for the SADE protocol's sets, and on the set's
+    independent adaptation draw for the Dirichlet sets (`config.tta_adapt` "independent", as released; "scored"
+    adapts on the scored set, which is optimistic).
+    """
     device = device or next(model.parameters()).device
     model.eval()
     blocks, labels = as_tensors(test, device)
     normed = model.norm(blocks)
     logits = model.forward_normed(normed)
     variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
-    tta_weights: list = []
+    adapt_on = None
     if logits.ndim == 3:  # experts
         variants["default"] = lambda idx: aggregate(logits[:, idx]).argmax(-1)
         for k, name in enumerate(EXPERT_NAMES):
@@ -83,31 +115,48 @@ def evaluate(model: ClsModel, test: ClsData, train_counts: np.ndarray, config: C
             dims = [b.shape[1] for b in normed]
             agg = config.aggregation_config()
 
-            def tta_predict(idx):
+            def adapt_on(rows: np.ndarray) -> torch.Tensor:
                 weights, _ = test_time_aggregation(lambda x: model.forward_normed(list(x.split(dims, 1))),
-                                                   flat[idx], agg, seed=config.eval_seed)
-                tta_weights.append(weights.tolist())
-                return aggregate(logits[:, idx], weights).argmax(-1)
-
-            variants["tta"] = tta_predict
+                                                   flat[torch.as_tensor(rows, device=device, dtype=torch.long)], agg,
+                                                   seed=config.eval_seed)
+                return weights
     else:
         variants["default"] = lambda idx: logits[idx].argmax(-1)
+    names = [*variants, *(["tta"] if adapt_on is not None else [])]
+    groups = shot_groups(train_counts, config.many_above, config.few_below)
     sets = shifted_test_sets(test.labels, train_counts, num_classes=test.num_classes,
-                             dirichlet_draws=config.dirichlet_draws, seed=config.eval_seed)
+                             forward=config.forward_ratios, backward=config.backward_ratios,
+                             dirichlet_draws=config.dirichlet_draws, dirichlet_ratio=config.dirichlet_ratio,
+                             dirichlet_concentration=config.dirichlet_concentration, seed=config.eval_seed)
     rows = []
     for s in sets:
         idx = torch.as_tensor(s.indices, device=device, dtype=torch.long)
-        tta_weights.clear()
-        acc = {name: _accuracy(fn(idx), labels[idx]) for name, fn in variants.items()}
+        preds = {name: fn(idx) for name, fn in variants.items()}
+        weights = None
+        if adapt_on is not None:
+            independent = config.tta_adapt == "independent" and s.adaptation is not None
+            weights = adapt_on(s.adaptation if independent else s.indices)
+            preds["tta"] = aggregate(logits[:, idx], weights).argmax(-1)
         row = {"name": s.name, "kind": s.kind, "ratio": s.ratio, "images": int(len(s.indices)),
-               "counts": s.counts.tolist(), "accuracy": acc}
-        if tta_weights:
-            row["tta_weights"] = tta_weights[0]
+               "counts": s.counts.tolist(), "accuracy": {n: _accuracy(p, labels[idx]) for n, p in preds.items()}}
+        if weights is not None:
+            row["tta_weights"] = weights.tolist()
+            if s.adaptation is not None:
+                row["tta_adapted_on"] = "independent draw" if independent else "scored set"
+        row["shots"] = {n: shot_accuracy(p, labels[idx], groups) for n, p in preds.items()}
         rows.append(row)
 
-    def mean(names: list[str]) -> dict[str, float]:
-        chosen = [r for r in rows if r["name"] in names]
-        return {v: float(np.mean([r["accuracy"][v] for r in chosen])) for v in variants} if chosen else {}
+    def mean(chosen_names: list[str]) -> dict[str, float]:
+        chosen = [r for r in rows if r["name"] in chosen_names]
+        return {v: float(np.mean([r["accuracy"][v] for r in chosen])) for v in names} if chosen else {}
+
+    def mean_shots(chosen_names: list[str]) -> dict[str, dict[str, float | None]]:
+        chosen = [r for r in rows if r["name"] in chosen_names]
+        out = {}
+        for v in names:
+            per = {g: [r["shots"][v][g] for r in chosen if r["shots"][v][g] is not None] for g in SHOTS}
+            out[v] = {g: float(np.mean(a)) if a else None for g, a in per.items()}
+        return out if chosen else {}
 
     sade = [r["name"] for r in rows if not r["kind"].startswith("dirichlet")]
     dirichlet = [r["name"] for r in rows if r["kind"].startswith("dirichlet")]
@@ -118,8 +167,13 @@ def evaluate(model: ClsModel, test: ClsData, train_counts: np.ndarray, config: C
     return {"images": len(test), "classes": test.names, "distributions": rows,
             "mean_accuracy": mean(sade + dirichlet), "mean_accuracy_sade": mean(sade),
             "mean_accuracy_dirichlet": mean(dirichlet),
+            "shots": {"many_above": config.many_above, "few_below": config.few_below,
+                      "classes": {g: [test.names[c] for c in ids] for g, ids in groups.items()},
+                      "mean": mean_shots(sade + dirichlet), "mean_sade": mean_shots(sade),
+                      "mean_dirichlet": mean_shots(dirichlet)},
             "full_test": {"accuracy": _accuracy(pred_full, labels), "class_mean_accuracy": float(np.mean(present)),
-                          "per_class_accuracy": dict(zip(test.names, per_class))},
+                          "per_class_accuracy": dict(zip(test.names, per_class)),
+                          "shots": shot_accuracy(pred_full, labels, groups)},
             "report": test.report}
 
 
@@ -157,12 +211,17 @@ def save_accuracy_png(metrics: dict, path: str | os.PathLike, title: str = "") -
 
 
 def summary_line(metrics: dict) -> str:
-    """One line: mean accuracy over the label-shift distributions (per variant) and on the whole test set."""
+    """One line: mean accuracy over the label-shift distributions (per variant) and on the whole test set, with
+    its many / medium / few-shot class means."""
     means = "  ".join(f"{k} {100 * v:.1f}" for k, v in metrics["mean_accuracy"].items()
                       if k in ("default", "tta"))
+    shots = metrics["full_test"].get("shots") or {}
+    by_shot = ", ".join(f"{g} {'-' if shots.get(g) is None else f'{100 * shots[g]:.1f}'}" for g in SHOTS
+                        if g in shots)
     return (f"mean accuracy over {len(metrics['distributions'])} test distributions: {means}; "
             f"full test set {100 * metrics['full_test']['accuracy']:.1f} "
-            f"(class mean {100 * metrics['full_test']['class_mean_accuracy']:.1f})")
+            f"(class mean {100 * metrics['full_test']['class_mean_accuracy']:.1f}"
+            + (f"; {by_shot}" if by_shot else "") + ")")
 
 
 # --------------------------------------------------------------------------------------------- eval-cls

@@ -7,9 +7,12 @@ From one labelled test set, `shifted_test_sets` draws index subsets whose class 
   frequency (0 = most frequent), the SADE protocol;
 - uniform: n_c = n_max;
 - backward-LT (2 … 50): the same profile with the ranks reversed;
-- Dirichlet draws around uniform, forward-ρ and backward-ρ (the DirMixE protocol).
+- Dirichlet draws around uniform, forward-ρ and backward-ρ (the DirMixE protocol), each with an
+  independent draw of the same kind and ratio (`ResampledSet.adaptation`) on which test-time aggregation
+  adapts, as the released DirMixE scripts do (`test_training_*_dirmixe.py`: the adaptation and evaluation
+  data sets are two separately drawn `DirichletImbalance*` sets).
 Accuracy is then reported per set and averaged. Every draw is seeded by (seed, set name), so a set does not
-change when others are added or removed.
+change when others are added or removed, nor when its adaptation draw is used or not.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from difffeat.errors import UserError
-from downstream.cls.config import DirMixEConfig
+from downstream.cls.config import BACKWARD_RATIOS, FORWARD_RATIOS, DirMixEConfig
 from downstream.losses.prior import PRIOR_FLOOR, as_counts
 
-FORWARD_RATIOS = (50, 25, 10, 5, 2)
-BACKWARD_RATIOS = (2, 5, 10, 25, 50)
+__all__ = ["BACKWARD_RATIOS", "DIRICHLET_ALPHA_FLOOR", "FORWARD_RATIOS", "DirichletMetaDistribution", "ResampledSet",
+           "class_ranks", "dirichlet_test_sets", "inverse_prior", "profile_counts", "released_profile_sizes",
+           "resample_test_set", "shifted_test_sets"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,9 @@ class ResampledSet:
     ratio: float  # imbalance ratio of the profile (1 for uniform)
     counts: np.ndarray
     indices: np.ndarray
+    # Dirichlet sets: an independent draw of the same kind and ratio, for test-time aggregation to adapt on
+    # (None: adapt on `indices`, as SADE's protocol does for its fixed forward / uniform / backward sets).
+    adaptation: np.ndarray | None = None
 
 
 def class_ranks(num_classes: int, train_counts=None) -> np.ndarray:
@@ -113,15 +120,51 @@ def resample_test_set(labels, kind: str = "uniform", ratio: float = 1.0, train_c
                         _draw(labels, counts, _rng(seed, name)))
 
 
+DIRICHLET_ALPHA_FLOOR = 1e-7  # the released ImageNet / iNat scripts: max(α_c, 1e-7) before scaling to α0
+
+
+def released_profile_sizes(num_classes: int, ratio: float, kind: str, ranks: np.ndarray, n_max: float) -> np.ndarray:
+    """The Dirichlet protocol's class-size profile as the released code forms it: integers
+    ⌊n_max·(1/ρ)^(r_c/(C−1))⌋ (Python's ``int(img_max * imb_factor ** (…))``, imb_factor = 1/ρ), r_c the
+    class's rank (reversed for backward); ⌊n_max⌋ for every class when uniform.
+
+    >>> released_profile_sizes(4, 10.0, "forward", np.arange(4), 100).tolist()  # 100·10^(−r/3) = 100, 46.4, 21.5, 10
+    [100.0, 46.0, 21.0, 10.0]
+    """
+    if kind == "uniform" or num_classes == 1:
+        return np.full(num_classes, float(np.floor(n_max)))
+    if ratio < 1:
+        raise UserError(f"imbalance ratio must be ≥ 1, got {ratio}")
+    r = ranks if kind == "forward" else num_classes - 1 - ranks
+    return np.floor(n_max * (1.0 / float(ratio)) ** (r / (num_classes - 1.0)))
+
+
+def _dirichlet_draw(labels: np.ndarray, available: np.ndarray, kind: str, ratio: float, ranks: np.ndarray,
+                    n_max: int, alpha0: float, noise: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(counts, indices) of one Dirichlet test set (see `dirichlet_test_sets`)."""
+    present = available > 0
+    sizes = released_profile_sizes(len(available), ratio, kind, ranks, n_max)
+    sizes = sizes * rng.uniform(1 - noise, 1 + noise, len(available)) * present
+    sizes = np.maximum(sizes, DIRICHLET_ALPHA_FLOOR)
+    p = np.where(present, rng.dirichlet(sizes / sizes.sum() * alpha0), 0.0)
+    counts = np.maximum(1, np.floor(p / p.max() * n_max)).astype(np.int64)
+    counts = np.where(present, np.minimum(counts, available), 0)
+    return counts, _draw(labels, counts, rng)
+
+
 def dirichlet_test_sets(labels, train_counts=None, num_classes: int | None = None, ratio: float = 100.0,
                         draws: int = 3, concentration: float | None = None, noise: float = 0.05,
                         seed: int = 0) -> list[ResampledSet]:
     """DirMixE's protocol: `draws` Dirichlet test sets around each of uniform, forward-ρ and backward-ρ.
 
-    Per draw: profile sizes n_c (ρ = `ratio`, default 100 as the code's `--ir 0.01`), times U(1 − noise,
-    1 + noise); α = n / Σn · α0 with α0 = `concentration` (default: n_max, the per-class count of a balanced
-    test set, as the code's `img_max`); p ~ Dir(α); counts max(1, ⌊p_c / max p · n_max⌋), capped at what the
-    test set holds. Note: on ~100 images per class the uniform case is about Dir(1, …, 1), a strong shift.
+    Per draw, as the released scripts (`test_training_{cifar,imagenet,inat}_dirmixe.py`): the integer profile
+    n_c = ⌊n_max·(1/ρ)^(r_c/(C−1))⌋ (`released_profile_sizes`; ρ = `ratio`, default 100 as the code's
+    `--ir 0.01`), times U(1 − noise, 1 + noise), floored at 1e-7; α = n / Σn · α0 with α0 = `concentration`
+    (default: n_max, the per-class count of a balanced test set, as the code's CIFAR `img_max`; 1e4 in the
+    ImageNet-LT script, 1e5 in the iNat one); p ~ Dir(α); counts max(1, ⌊p_c / max p · n_max⌋), capped at what
+    the test set holds. Every set carries an `adaptation` draw, made the same way from its own seed: the
+    unlabelled data test-time aggregation adapts on. Note: on ~100 images per class the uniform case is about
+    Dir(1, …, 1), a strong shift. (The iNat script's minimum count is 0, not 1; here it is always 1.)
     """
     labels, num_classes = _check_labels(labels, train_counts, num_classes)
     available = _available(labels, num_classes)
@@ -135,28 +178,30 @@ def dirichlet_test_sets(labels, train_counts=None, num_classes: int | None = Non
     for kind in ("uniform", "forward", "backward"):
         for i in range(draws):
             name = f"dirichlet-{kind}" + ("" if kind == "uniform" else f"-{ratio:g}") + f"-{i}"
-            rng = _rng(seed, name)
-            sizes = _profile(num_classes, ratio, kind, ranks) * rng.uniform(1 - noise, 1 + noise, num_classes)
-            sizes = np.where(present, sizes, 0.0)
-            alpha = np.maximum(sizes / sizes.sum() * alpha0, 1e-12)
-            p = np.where(present, rng.dirichlet(alpha), 0.0)
-            counts = np.maximum(1, np.floor(p / p.max() * n_max + 1e-9)).astype(np.int64)
-            counts = np.where(present, np.minimum(counts, available), 0)
+            args = (labels, available, kind, ratio, ranks, n_max, alpha0, noise)
+            counts, indices = _dirichlet_draw(*args, _rng(seed, name))
+            _, adaptation = _dirichlet_draw(*args, _rng(seed, f"{name}/adaptation"))
             sets.append(ResampledSet(name, f"dirichlet-{kind}", 1.0 if kind == "uniform" else float(ratio), counts,
-                                     _draw(labels, counts, rng)))
+                                     indices, adaptation))
     return sets
 
 
 def shifted_test_sets(labels, train_counts=None, num_classes: int | None = None,
                       forward=FORWARD_RATIOS, backward=BACKWARD_RATIOS, dirichlet_draws: int = 3,
-                      dirichlet_ratio: float = 100.0, seed: int = 0) -> list[ResampledSet]:
-    """The whole test-agnostic suite: forward-LT, uniform, backward-LT, then the Dirichlet draws (0 to skip)."""
+                      dirichlet_ratio: float = 100.0, seed: int = 0,
+                      dirichlet_concentration: float | None = None) -> list[ResampledSet]:
+    """The whole test-agnostic suite: forward-LT, uniform, backward-LT, then the Dirichlet draws (0 to skip).
+
+    The data-set profiles hold the released settings (`downstream.profiles`, section ``test_agnostic``):
+    ImageNet-LT ratios 50 … 2 with a Dirichlet ratio 50 and concentration 1e4, iNat 3, 2 with 3 and 1e5.
+    """
     kwargs = {"train_counts": train_counts, "num_classes": num_classes, "seed": seed}
     sets = [resample_test_set(labels, "forward", r, **kwargs) for r in forward]
     sets.append(resample_test_set(labels, "uniform", **kwargs))
     sets += [resample_test_set(labels, "backward", r, **kwargs) for r in backward]
     if dirichlet_draws:
-        sets += dirichlet_test_sets(labels, ratio=dirichlet_ratio, draws=dirichlet_draws, **kwargs)
+        sets += dirichlet_test_sets(labels, ratio=dirichlet_ratio, draws=dirichlet_draws,
+                                    concentration=dirichlet_concentration, **kwargs)
     return sets
 
 
@@ -178,8 +223,10 @@ class DirichletMetaDistribution:
     π_1 is the training prior (forward-LT), π_2 uniform, π_3 the inverse prior (`inverse_prior`); α0 =
     `concentration` (1e4 in the CIFAR / ImageNet configs, 1e5 for iNat); p_k = 1/3 (`weights`). Each draw w
     has mean π_k; local variation is largest for rare classes. Zero-count classes get the floored prior
-    (`PRIOR_FLOOR`), so every α is positive; draws are floored at `PRIOR_FLOOR` and renormalised, so log w is
-    finite. Expert k of DirMixE is trained on draws from component k only.
+    (`PRIOR_FLOOR`), so every α is positive. Draws are returned as numpy makes them, as in the released code:
+    where α0·π_c < 1 (ImageNet / iNat-scale priors) w_c can be far below 1e-8 or exactly 0; DirMixE's loss
+    clamps the logit shift, not w (`dirmixe.draw_losses`). Expert k of DirMixE is trained on draws from
+    component k only.
 
     >>> meta = DirichletMetaDistribution([8, 2], concentration=1e4)
     >>> meta.means.round(3).tolist()
@@ -221,5 +268,4 @@ class DirichletMetaDistribution:
             rows = ks == k
             if rows.any():
                 w[rows] = rng.dirichlet(self.concentration * self.means[k], size=int(rows.sum()))
-        w = np.maximum(w, PRIOR_FLOOR)
-        return ks, w / w.sum(1, keepdims=True)
+        return ks, w

@@ -1,10 +1,12 @@
 """What a training step minimises and how: the method's loss (`METHODS`, by name) and the optimizer
-(`OPTIMIZERS`, by name: SGD with Nesterov momentum, optionally wrapped in SAM, ImbSAM or SSE-SAM).
+(`OPTIMIZERS`, by name: SGD with Nesterov momentum, optionally wrapped in SAM, ImbSAM or SSE-SAM). DRAUC brings
+its own optimizer and schedule (`downstream.cls.drauc`).
 
 A method is a small class registered under its name; it sees the epoch (deferred re-weighting, two-stage
 losses, DirMixE's final phase) and the batch's position in the epoch (DirMixE's draws). An optimizer kind says
 how it is built and how a step calls it: a plain backward, or a closure returning the batch loss (SAM) or its
-head and tail parts (ImbSAM, SSE-SAM, with the tail T = {c : n_c < η}).
+head and tail parts (ImbSAM, SSE-SAM, with the tail T = {c : n_c < η}; η = 20 for ImbSAM as released,
+0.2·n_max for SSE-SAM, unless given).
 """
 
 from __future__ import annotations
@@ -19,8 +21,17 @@ from torch import nn
 
 from downstream.cls.config import ClsTrainConfig
 from downstream.cls.dirmixe import DirMixELoss, DrawPool, is_final_phase
-from downstream.engine import load_optimizer
-from downstream.losses import LDAMLoss, TLAADRWLoss, VSLoss, deferred_switch_epoch, drw_weights, logit_adjusted_loss
+from downstream.engine import cosine_factor, load_optimizer
+from downstream.losses import (
+    DRAUCLoss,
+    LDAMLoss,
+    TLAADRWLoss,
+    VSLoss,
+    deferred_switch_epoch,
+    drw_weights,
+    logit_adjusted_loss,
+    tkpr_surrogate_loss,
+)
 from downstream.optim import SAM, SSESAM, GroupLosses, ImbSAM, tail_classes, tail_eta
 
 
@@ -133,6 +144,34 @@ class DirMixE(Method):
         return self.loss(logits, targets, *self.draws, final_phase=is_final_phase(self.epoch, self.config.epochs))
 
 
+@register_method("drauc")
+class DRAUC(Method):
+    """One-vs-rest DRAUC (`losses.drauc`): the mean over classes of the min-max square AUC loss F at the
+    worst-case (head-input) features, with a, b, α per class. The adversary, PESG and the α ascent run in the
+    training step (`downstream.cls.drauc.DRAUCUpdater`); called on clean logits this is F there."""
+
+    def __init__(self, config, counts, iterations, device):
+        super().__init__(config, counts, iterations, device)
+        self.loss = DRAUCLoss(num_classes=len(counts), epsilon=config.drauc_epsilon, step_size=config.drauc_step_size,
+                              steps=config.drauc_steps, lambda_lr=config.drauc_lambda_lr,
+                              alpha_step=config.drauc_alpha_step).to(device)
+
+    def __call__(self, logits, targets):
+        return self.loss(logits, targets)
+
+
+@register_method("tkpr")
+class TKPR(Method):
+    """TKPR's convex surrogate on one-hot targets (`losses.tkpr`, RECONSTRUCTED from the abstract: no released
+    code): pairwise 1/K_eff · Σ_{j≤K_eff} φ(z_y − z^N_[j]) over the K_eff = min(K, C − 1) largest other logits, or
+    the pointwise form; φ logistic by default. Trained with the configured SGD (no released recipe)."""
+
+    def __call__(self, logits, targets):
+        onehot = F.one_hot(targets, logits.shape[-1])
+        return tkpr_surrogate_loss(logits, onehot, self.config.tkpr_k, self.config.tkpr_surrogate,
+                                   self.config.tkpr_form)
+
+
 class Objective:
     """The configured method's loss of a batch, and its head / tail parts for ImbSAM and SSE-SAM.
 
@@ -204,8 +243,11 @@ def build_optimizer(params, config: ClsTrainConfig, tail: Sequence[int]) -> torc
 
 
 def tail_split(config: ClsTrainConfig, counts: np.ndarray) -> tuple[float, list[int]]:
-    """(η, T = {c : n_c < η}): the tail of ImbSAM and SSE-SAM; η defaults to 0.2·n_max (the "relative" rule)."""
-    eta = config.tail_eta if config.tail_eta is not None else tail_eta(counts, "relative")
+    """(η, T = {c : n_c < η}): the tail of ImbSAM and SSE-SAM. η defaults to ImbSAM's released 20 samples with
+    `optim` imbsam, and to 0.2·n_max otherwise (the "relative" rule: SSE-SAM's README η = 100 on CIFAR-100-LT
+    as a ratio; the report's tail for the other methods)."""
+    rule = "imbsam" if config.optim == "imbsam" else "relative"
+    eta = config.tail_eta if config.tail_eta is not None else tail_eta(counts, rule)
     return eta, tail_classes(counts, eta)
 
 
@@ -222,6 +264,14 @@ class HeadUpdater:
 
     def restore(self, checkpoint) -> None:
         load_optimizer(self.optimizer, checkpoint)
+
+    def state(self) -> dict:
+        """What a checkpoint keeps beside model and optimizer (nothing here)."""
+        return {}
+
+    def learning_rate(self, epoch: int, iteration: int, total: int, warmup: int) -> float:
+        """The rate of global `iteration` (of `total`, in `epoch`): linear warm-up, then cosine decay."""
+        return self.base_lr * cosine_factor(iteration, total, warmup)
 
     def start_epoch(self, epoch: int) -> None:
         pass

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from downstream.cls.config import ReconBoostConfig
-from downstream.engine import load_optimizer
+from downstream.engine import cosine_factor, load_optimizer
 
 __all__ = ["ReconBoostConfig", "ReconBoostModel", "ReconBoostUpdater", "phase_loss", "phase_optimizer",
            "reconcilement_loss", "schedule"]
@@ -134,6 +134,14 @@ class ReconBoostUpdater:
     @property
     def base_lr(self) -> float:
         return self.config.lr if self.phase == "update" else self.config.correct_lr
+
+    def learning_rate(self, epoch: int, iteration: int, total: int, warmup: int) -> float:
+        """The phase's base rate with the run's warm-up and cosine decay over global `iteration` of `total`."""
+        return self.base_lr * cosine_factor(iteration, total, warmup)
+
+    def state(self) -> dict:
+        """What a checkpoint keeps beside model and optimizer (nothing here)."""
+        return {}
 
     def step(self, blocks: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         loss = phase_loss(self.model.body, self.model.norm(blocks), targets, self.phase, self.source, self.config,

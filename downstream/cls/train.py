@@ -10,7 +10,8 @@ A run folder holds everything needed to judge and repeat it::
     RUN/metrics.json       label-shift accuracies (with test labels);  RUN/accuracy.png  their plot
 
 Training: SGD (or the SAM family, `objective.OPTIMIZERS`) on the method's loss (`objective.METHODS`), linear
-warm-up then cosine decay per iteration; ReconBoost alternates its own phases (`reconboost.ReconBoostUpdater`).
+warm-up then cosine decay per iteration; ReconBoost alternates its own phases (`reconboost.ReconBoostUpdater`);
+DRAUC has its own adversary, optimizer and schedule (`drauc.DRAUCUpdater`).
 Batches are a pure function of (seed, epoch, position) and nothing else draws random numbers during training,
 so a resumed run ends with the weights of an uninterrupted one. Under ``accelerate launch`` (or torchrun)
 process r of W takes batches r, r + W, … of each epoch's stream and the gradients are averaged
@@ -31,6 +32,7 @@ from difffeat.run import RunFolder
 from difffeat.store import FeatureStore
 from downstream.cls.config import ClsTrainConfig
 from downstream.cls.data import ClsData, load_test_data, load_train_data
+from downstream.cls.drauc import DRAUCUpdater
 from downstream.cls.evaluation import TRAIN_KIND, as_tensors, evaluate, nc_metrics, save_accuracy_png
 from downstream.cls.labels import some
 from downstream.cls.model import ClsModel, WeightedSources
@@ -40,7 +42,6 @@ from downstream.cls.reconboost import ReconBoostUpdater
 from downstream.engine import (
     batch_indices,
     check_finite,
-    cosine_factor,
     make_accelerator,
     restore_checkpoint,
     save_checkpoint,
@@ -91,6 +92,9 @@ def train_cls(config: ClsTrainConfig, *, accelerator=None, resume: bool = False,
     """
     config = config.resolve()
     accelerator = accelerator or cls_accelerator(config.device)
+    if config.method == "drauc" and accelerator.num_processes > 1:
+        raise UserError("method drauc trains in one process (its batch means and dual variables are per process); "
+                        "launch it without torchrun / accelerate")
     run = RunFolder(config.out, TRAIN_KIND, config, resume=resume, overwrite=overwrite, owned=(*RUN_FILES, "eval-*"))
     train, test, counts, tail, report = _load_data(config)
     accelerator.wait_for_everyone()  # every process has looked before the main one changes anything
@@ -106,7 +110,7 @@ def train_cls(config: ClsTrainConfig, *, accelerator=None, resume: bool = False,
     stream = EpochStream(len(train), config.batch_size, config.seed, accelerator.process_index, world)
     sum_across = (lambda t: accelerator.reduce(t, "sum")) if world > 1 else None
     objective = Objective(config, counts, stream.per_epoch, device, sum_across)
-    updater = _updater(model, config, objective, tail, counts, len(blocks), device)
+    updater = _updater(model, config, objective, tail, counts, len(blocks), device, world)
     start, history = 0, []
     checkpoint = run.checkpoints.latest() if run.continuing else None
     if checkpoint is not None:
@@ -126,7 +130,7 @@ def train_cls(config: ClsTrainConfig, *, accelerator=None, resume: bool = False,
             losses = []
             for i in range(stream.steps):
                 idx = torch.as_tensor(stream.batch(epoch, i), device=device)
-                set_lr(updater.optimizer, updater.base_lr * cosine_factor(epoch * stream.steps + i, total, warmup))
+                set_lr(updater.optimizer, updater.learning_rate(epoch, epoch * stream.steps + i, total, warmup))
                 objective.set_iteration(stream.position(i))
                 losses.append(float(updater.step([b[idx] for b in blocks], labels[idx]).detach()))
             updater.end_epoch()
@@ -139,7 +143,7 @@ def train_cls(config: ClsTrainConfig, *, accelerator=None, resume: bool = False,
             if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == stop:
                 if accelerator.is_main_process:
                     save_checkpoint(run.checkpoints, epoch + 1, model, updater.optimizer, optimizer_key=updater.key,
-                                    history=history)
+                                    history=history, **updater.state())
                 accelerator.wait_for_everyone()
     bar.close()
     if stop == config.epochs and accelerator.is_main_process:
@@ -183,8 +187,10 @@ def _create_run(run: RunFolder, config: ClsTrainConfig, train: ClsData, counts: 
 
 
 def _updater(model: ClsModel, config: ClsTrainConfig, objective: Objective, tail: list[int], counts: np.ndarray,
-             num_sources: int, device: torch.device):
-    """ReconBoost's phased optimizers, or one optimizer for the run."""
+             num_sources: int, device: torch.device, world: int = 1):
+    """ReconBoost's phased optimizers, DRAUC's step, or one optimizer for the run."""
+    if config.method == "drauc":
+        return DRAUCUpdater(model, config, objective, world)
     if config.fusion != "reconboost":
         return HeadUpdater(model, config, objective, tail)
     adjust = config.tau * torch.log(class_prior(counts)).float().to(device) if config.method == "la" else None

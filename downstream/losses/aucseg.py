@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from downstream.losses.distributed import distributed_pixel_auc_loss, is_distributed
 from downstream.losses.pixel_auc import pixel_auc_loss
 
 DEFAULT_AUC_WEIGHT = 0.5  # ≙ AUCSeg's w_auc = 1 (Cityscapes, COCO-Stuff) with its ½ folded in
@@ -90,27 +91,36 @@ class SegLoss(nn.Module):
     `parts` holds the detached CE and AUC (0-d tensors) for logging; under "ce" the AUC is still reported
     (computed without a graph) so that both runs log the same numbers. `ce_average`: "valid" (default) or
     "all" (AUCSeg's mmseg CE), see `seg_cross_entropy`.
+
+    `sync_moments`: the AUC of the global batch under data-parallel training, from every process's class
+    moments (`downstream.losses.distributed.distributed_pixel_auc_loss`; each process alone would pair only its
+    own pixels). None (default): whenever a process group of more than one process runs, as under
+    `accelerate launch` / torchrun; every process must then call the loss at each step. CE stays per process
+    (data-parallel averaging makes it the mean of the processes' means).
     """
 
     def __init__(self, kind: str = "aucseg", auc_weight: float = DEFAULT_AUC_WEIGHT, margin: float = DEFAULT_MARGIN,
-                 class_weights: torch.Tensor | None = None, ignore_index: int = 255, ce_average: str = "valid"):
+                 class_weights: torch.Tensor | None = None, ignore_index: int = 255, ce_average: str = "valid",
+                 sync_moments: bool | None = None):
         super().__init__()
         if kind not in ("ce", "aucseg"):
             raise ValueError(f"unknown loss {kind!r} (valid: ce, aucseg)")
         if ce_average not in CE_AVERAGES:
             raise ValueError(f"ce_average must be one of {', '.join(CE_AVERAGES)}, got {ce_average!r}")
         self.kind, self.auc_weight, self.margin, self.ignore_index = kind, auc_weight, margin, ignore_index
-        self.ce_average = ce_average
+        self.ce_average, self.sync_moments = ce_average, sync_moments
         self.register_buffer("class_weights", None if class_weights is None else torch.as_tensor(class_weights).float())
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         weight = None if self.class_weights is None else self.class_weights.to(logits.device, logits.dtype)
         ce = seg_cross_entropy(logits, labels, weight, self.ignore_index, self.ce_average)
+        sync = is_distributed() if self.sync_moments is None else self.sync_moments
+        auc_loss = distributed_pixel_auc_loss if sync else pixel_auc_loss
         if self.kind == "aucseg" and self.auc_weight != 0:
-            auc = pixel_auc_loss(logits, labels, self.margin, self.ignore_index)
+            auc = auc_loss(logits, labels, self.margin, self.ignore_index)
             total = ce + self.auc_weight * auc
         else:
             with torch.no_grad():
-                auc = pixel_auc_loss(logits.detach(), labels, self.margin, self.ignore_index)
+                auc = auc_loss(logits.detach(), labels, self.margin, self.ignore_index)
             total = ce
         return total, {"ce": ce.detach(), "auc": auc.detach()}  # tensors: no device sync per step

@@ -106,15 +106,26 @@ def pixel_auc_loss(logits: torch.Tensor, labels: torch.Tensor, margin: float = 1
     is an identity (brief A.5): same value and gradients as the pairwise mean, without forming pairs.
     With fewer than two classes present it is 0, still connected to `logits` so backward works.
 
-    The class sums of s and s² come from one blocked pass over the logits (`_ClassMoments`: sigmoid,
-    square and scatter-add per block of pixels, block sums in float64; its backward is the exact gradient
-    of those sums); ignored pixels go to an extra bin instead of being removed. Labels other than
-    `ignore_index` must lie in 0…K−1.
+    The class sums of s and s² come from one blocked pass over the logits (`pixel_class_moments`:
+    sigmoid, square and scatter-add per block of pixels, block sums in float64; its backward is the exact
+    gradient of those sums); ignored pixels go to an extra bin instead of being removed. Labels other than
+    `ignore_index` must lie in 0…K−1. Under data-parallel training the class sums of all processes make the
+    loss of the global batch (`downstream.losses.distributed.distributed_pixel_auc_loss`).
 
     >>> logits = torch.tensor([[[[3.0, -3.0]], [[-3.0, 3.0]]]])  # [1, 2, 1, 2]: pixel 0 → class 0, 1 → 1
     >>> round(pixel_auc_loss(logits, torch.tensor([[[0, 1]]])).item(), 4)
     0.009
     """
+    x, bins = _bins(logits, labels, ignore_index)
+    counts = _counts(x, bins)
+    if int((counts > 0).sum()) < 2:
+        return logits.sum() * 0.0
+    sum1, sum2 = _moments(x, bins)
+    return auc_from_moments(counts, sum1, sum2, margin).to(logits.dtype)
+
+
+def _bins(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits as [B, K, n], label bins [B, 1, n] with ignored pixels in bin K), labels checked."""
     b, k = logits.shape[:2]
     x = logits.reshape(b, k, -1)
     y = labels.reshape(b, 1, -1).long()
@@ -122,24 +133,52 @@ def pixel_auc_loss(logits: torch.Tensor, labels: torch.Tensor, margin: float = 1
         raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape)}")
     ignored = y == ignore_index
     bins = y.masked_fill(ignored, k)  # ignored pixels: bin K, dropped below
-    low, high = bins.aminmax()
-    counts = torch.bincount(bins.reshape(-1).clamp(min=0), minlength=k + 1)
-    if low < 0 or high > k or counts[k] != ignored.sum():
+    low, high = bins.aminmax() if bins.numel() else (torch.tensor(0), torch.tensor(0))
+    if low < 0 or high > k or int((bins == k).sum()) != int(ignored.sum()):
         bad = y[~ignored & ((y >= k) | (y < 0))]
         raise ValueError(f"label {int(bad[0])} outside 0…{k - 1} (and not ignore_index {ignore_index})")
-    counts = counts[:k]
+    return x, bins
+
+
+def _counts(x: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    return torch.bincount(bins.reshape(-1), minlength=x.shape[1] + 1)[:x.shape[1]]
+
+
+def _moments(x: torch.Tensor, bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    k = x.shape[1]
+    sum1, sum2 = _ClassMoments.apply(x, bins)  # [channel c, bin d], float64
+    return sum1[:, :k], sum2[:, :k]
+
+
+def pixel_class_counts(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """N_d: the number of pixels of each class d in the batch ([K] int64; ignored pixels left out)."""
+    return _counts(*_bins(logits, labels, ignore_index))
+
+
+def pixel_class_moments(logits: torch.Tensor, labels: torch.Tensor,
+                        ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S1, S2): S1[c, d] = Σ_{p: y_p = d} s[p, c], S2[c, d] = Σ_{p: y_p = d} s[p, c]², s = sigmoid(logits), as
+    float64 [K, K] (channel c, class d) with the exact gradient (one blocked pass, `_ClassMoments`). Sums add up
+    over batches and processes: the moment form of `pixel_auc_loss` needs nothing else (`auc_from_moments`)."""
+    return _moments(*_bins(logits, labels, ignore_index))
+
+
+def auc_from_moments(counts: torch.Tensor, sum1: torch.Tensor, sum2: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+    """The mean over ordered pairs (c, d) of present classes of ℓ(c|d) = (margin − μ_cc + μ_dc)² + σ²_cc + σ²_dc,
+    from the class counts N [K] and the moment sums S1, S2 [K, K] of `pixel_class_moments` (float64, 0-d);
+    0 with fewer than two classes present."""
+    k = counts.shape[0]
     present = counts > 0
     kb = int(present.sum())
     if kb < 2:
-        return logits.sum() * 0.0
-    sum1, sum2 = _ClassMoments.apply(x, bins)  # [channel c, bin d], float64
+        return (sum1.sum() + sum2.sum()) * 0.0
     n = counts.clamp(min=1).double()[:, None]
-    mu, m2 = sum1[:, :k].T / n, sum2[:, :k].T / n  # row d: pixels of class d; column c: channel c
+    mu, m2 = sum1.T / n, sum2.T / n  # row d: pixels of class d; column c: channel c
     var = m2 - mu * mu
     mu_cc, var_cc = mu.diagonal(), var.diagonal()
     pair = (margin - mu_cc[None, :] + mu) ** 2 + var_cc[None, :] + var  # pair[d, c] = ℓ(c|d)
-    mask = present[:, None] & present[None, :] & ~torch.eye(k, dtype=torch.bool, device=logits.device)
-    return (pair[mask].sum() / (kb * (kb - 1))).to(logits.dtype)
+    mask = present[:, None] & present[None, :] & ~torch.eye(k, dtype=torch.bool, device=sum1.device)
+    return pair[mask].sum() / (kb * (kb - 1))
 
 
 def pixel_auc_loss_pairwise(logits: torch.Tensor, labels: torch.Tensor, margin: float = 1.0,

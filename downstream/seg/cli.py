@@ -16,6 +16,7 @@ import argparse
 import os
 
 from difffeat.config_cli import add_config_arguments, config_from_args
+from difffeat.errors import UserError
 from difffeat.run import read_json
 from downstream.seg.config import SegEvalConfig, SegTrainConfig
 
@@ -30,7 +31,13 @@ def cmd_train_seg(args: argparse.Namespace) -> None:
     from downstream.seg.train import train_seg
 
     if args.config:  # repeat a run: its config, written to --out
+        if args.profile:
+            raise UserError("--profile: a repeated run (--config) keeps its own settings; give one or the other")
         cfg = SegTrainConfig.from_run(args.config, out=args.out)
+    elif args.profile:  # a data set's released settings, for the flags not given
+        from downstream.seg.profile import config_from_profile
+
+        cfg = config_from_profile(args)
     else:
         cfg = config_from_args(SegTrainConfig, args)
     run = train_seg(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
@@ -64,6 +71,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add `train-seg` and `eval-seg` to difffeat's sub-command parsers."""
     p = sub.add_parser("train-seg", help="train a segmentation head on stored features (CE or AUCSeg)")
     add_config_arguments(p, SegTrainConfig, required=("out",))
+    p.add_argument("--profile", metavar="NAME", help="AUCSeg's released settings of a data set (ade20k, cityscapes, "
+                                                     "coco-stuff): λ, CE averaging, tail classes, bank ratio; given "
+                                                     "flags win")
     p.add_argument("--config", help="repeat a run: its config.json (the other options are then ignored)")
     p.add_argument("--stop-after", type=_positive_int,
                    help="stop after N iterations of this call (--resume goes on)")

@@ -14,6 +14,7 @@ from typing import Any
 
 from difffeat.run import Config, ConfigError, option
 from downstream.seg.objective import CLASS_WEIGHTS, LOSSES
+from downstream.seg.sampler import SAMPLERS
 
 HEADS = ("mlp", "conv")
 VARIANT_MODES = ("concat", "weighted", "amalgamate")
@@ -96,6 +97,16 @@ class SegTrainConfig(Config):
     class_weights: str = option("none", choices=tuple(CLASS_WEIGHTS),
                                 help="CE class weights from the training pixel counts")
     memory_bank: bool = option(False, help="feature-space T-Memory Bank on tail classes")
+    # ("valid", "all") = downstream.losses.aucseg.CE_AVERAGES (a test keeps the two equal; no torch here)
+    ce_average: str = option("valid", choices=("valid", "all"),
+                             help="CE over the valid pixels (torch) or over all pixels, ignored ones too (mmseg, as "
+                                  "AUCSeg's configs)")
+    sampler: str = option("random", choices=SAMPLERS,
+                          help="batches: the seeded random stream, or class-aware (every class of the training "
+                               "masks in each batch)")
+    tail_classes: list[int] | None = option(None, flag="--tail-class", metavar="ID",
+                                            help="tail class ids for the memory bank and a listed-tail mIoU (a "
+                                                 "profile's released list; default: the tail group); repeat")
     bank_capacity: int = option(5, min=1, help="memory bank: objects kept per tail class")
     bank_sample_ratio: float = option(1.0, min=0, max=1,
                                       help="memory bank: share of the absent tail classes pasted per sample")

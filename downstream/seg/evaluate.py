@@ -22,6 +22,7 @@ from downstream.seg.config import SegEvalConfig, SegTrainConfig
 from downstream.seg.data import FeatureSpec, SegDataset, collate
 from downstream.seg.metrics import SegMetrics
 from downstream.seg.model import SegModel
+from downstream.seg.profile import listed_tail_scores
 
 EVAL_FILES = ("metrics.json", "confusion.png")
 
@@ -110,6 +111,9 @@ def eval_seg(run: str | os.PathLike, features: list[str], masks: str, *, acceler
     accelerator = accelerator or make_accelerator()
     model = model.to(accelerator.device)
     scores, matrix = evaluate(model, dataset, accelerator, config.batch_size, progress)
+    # the run's listed tail classes (a profile's released list), when it has one
+    scores.update(listed_tail_scores(scores, classes.names, trained.get("tail_classes"),
+                                     (trained.get("extra") or {}).get("profile")))
     report = dataset.report  # a listed mask file that is missing counts as a missing mask here (details: report)
     skipped = {"missing_masks": len(report["missing_masks"]) + len(report["missing_mask_files"]),
                "missing_features": len(report["missing_features"])}

@@ -40,7 +40,7 @@ def cross_entropy(config: SegTrainConfig, class_weights, ignore_index: int):
     the pixel AUC is logged (without a graph) but not trained."""
     from downstream.losses.aucseg import SegLoss
 
-    return SegLoss("ce", config.auc_weight, config.margin, class_weights, ignore_index)
+    return SegLoss("ce", config.auc_weight, config.margin, class_weights, ignore_index, config.ce_average)
 
 
 @register_loss("aucseg")
@@ -49,7 +49,7 @@ def aucseg(config: SegTrainConfig, class_weights, ignore_index: int):
     (`downstream.losses.pixel_auc_loss`), λ = `auc_weight`, γ = `margin`."""
     from downstream.losses.aucseg import SegLoss
 
-    return SegLoss("aucseg", config.auc_weight, config.margin, class_weights, ignore_index)
+    return SegLoss("aucseg", config.auc_weight, config.margin, class_weights, ignore_index, config.ce_average)
 
 
 class SegObjective:
@@ -108,8 +108,9 @@ def build_objective(config: SegTrainConfig, classes: SegClasses, pixel_counts, r
     bank = None
     if config.memory_bank:
         from downstream.seg.memory_bank import FeatureMemoryBank
+        from downstream.seg.profile import check_tail_classes
 
-        tail = classes.tail_ids()
+        tail = check_tail_classes(config.tail_classes, classes.num_classes) or classes.tail_ids()
         if not tail:
             raise ConfigError("memory_bank", "needs tail classes (groups in classes.json, or pixel counts)")
         bank = FeatureMemoryBank(tail, config.bank_capacity, config.bank_sample_ratio,

@@ -47,6 +47,8 @@ from downstream.seg.data import SegDataset, collate
 from downstream.seg.evaluate import evaluate, write_scores
 from downstream.seg.model import SegModel
 from downstream.seg.objective import build_objective
+from downstream.seg.profile import check_tail_classes, listed_tail_scores
+from downstream.seg.sampler import batch_indices_for
 
 KIND = "train-seg"
 RUN_FILES = ("report.json", "model.safetensors", "history.json", "curves.png", "metrics.json", "confusion.png",
@@ -129,6 +131,7 @@ def train_seg(config: SegTrainConfig, *, accelerator=None, resume: bool = False,
     main, rank, device = accelerator.is_main_process, accelerator.process_index, accelerator.device
     folder = RunFolder(config.out, KIND, config, resume=resume, overwrite=overwrite, owned=RUN_FILES)
     train, val = load_data(config)  # bad input fails here, before anything is written
+    check_tail_classes(config.tail_classes, train.classes.num_classes)
     record = run_record(train)
     # A resumed run must see the variants and maps it began with (a store re-extracted with other variants).
     folder.check_saved(variants=record["variants"], specs=record["specs"])
@@ -154,7 +157,8 @@ def train_seg(config: SegTrainConfig, *, accelerator=None, resume: bool = False,
         start, history = checkpoint.step, list(checkpoint.load("history"))
 
     stop = config.iterations if stop_after is None else min(config.iterations, start + stop_after)
-    batches = BatchStream(len(train), config.batch_size, config.seed, start, stop, rank, accelerator.num_processes)
+    batches = BatchStream(len(train), config.batch_size, config.seed, start, stop, rank, accelerator.num_processes,
+                          indices=batch_indices_for(config, train))
     # A private generator: the loader draws a seed from it, which must not shift the global (dropout) stream.
     loader = torch.utils.data.DataLoader(train, batch_sampler=batches, collate_fn=collate,
                                          generator=torch.Generator().manual_seed(config.seed),
@@ -199,6 +203,7 @@ def finish(folder: RunFolder, config: SegTrainConfig, model: SegModel, val: SegD
     scores = None
     if val is not None:
         scores, matrix = evaluate(model, val, accelerator, config.eval_batch_size)
+        scores.update(listed_tail_scores(scores, val.classes.names, config.tail_classes, config.extra.get("profile")))
         if not history or history[-1].get("iteration") != config.iterations or "val_miou" not in history[-1]:
             history.append(val_entry(config.iterations, scores))
     if accelerator.is_main_process:

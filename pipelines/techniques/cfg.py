@@ -24,6 +24,11 @@ class ClassifierFreeGuidance(Technique):
     scale: float = 7.5
     negative: str = ""
 
+    def __post_init__(self):
+        # NaN guides nowhere; a negative scale pushes towards the negative prompt: both are typing slips.
+        if not 0 <= self.scale < float("inf"):
+            raise ValueError(f"scale must be a finite number ≥ 0, got {self.scale}")
+
     def guidance(self, uncond, cond):
         return uncond + self.scale * (cond - uncond)
 

@@ -85,6 +85,14 @@ class ControlNet(Technique):
     low: int = 100
     high: int = 200
 
+    def __post_init__(self):
+        if not self.model.strip():
+            raise ValueError("no model: give canny, a diffusers folder or a Hub id (controlnet:canny)")
+        if not -float("inf") < self.scale < float("inf"):
+            raise ValueError(f"scale must be a finite number, got {self.scale}")
+        if not 0 <= self.low <= self.high:  # OpenCV swaps them silently, which hides the slip
+            raise ValueError(f"canny thresholds need 0 ≤ low ≤ high, got low={self.low}, high={self.high}")
+
     def resolve_model(self, pipe) -> str:
         if self.model != "canny":
             return self.model

@@ -1,0 +1,406 @@
+"""`difffeat bench`: extraction throughput, memory and where the time goes, against baselines in the same run.
+
+Contenders, on the same model, layers, timestep, images and speed options:
+
+- **difffeat**: `difffeat extract` end to end (`run_extraction`): decoding, prompts, VAE, hooked UNet pass
+  with early exit, copy to the host, store writing; the model is loaded once, before the clock starts.
+- **bare** (``--compare bare``): the compute alone: images already decoded and on the device, batched VAE
+  encode and UNet pass to the deepest layer, nothing copied back or written. The ceiling.
+- **naive** (``--compare naive``): the per-image loop of ddpm-segmentation / the content-shift paper's
+  code: batch 1, VAE posterior sample, full UNet pass with hooks, features kept in RAM, saved at the end.
+
+For each: images/s, peak memory (CUDA allocator peak; sampled RSS on the CPU) and seconds per image in each
+phase (decode, vae, text, unet, copy, write; "other" is the rest), phases synchronised with the GPU. With
+``--repeats R`` the contenders run R times, alternated, and each keeps its best, so that a passing load on a
+shared machine does not decide a ratio. The JSON adds the machine, the load average and library versions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from difffeat.fastpath import ATTENTION_BACKENDS
+from difffeat.run import Config, ConfigError, option
+
+CONTENDERS = ("difffeat", "bare", "naive")
+SPLIT = ("decode", "vae", "text", "unet", "copy", "write")
+
+
+@dataclass
+class BenchConfig(Config):
+    """What `difffeat bench` measures; its flags are made from these fields."""
+
+    model: str = option("mini")
+    layers: list[str] = option(default_factory=lambda: ["dift"], flag="--layer", metavar="LAYER",
+                               help="module name or preset (dift, gdf-legacy, hyperfeatures); repeat")
+    resolution: list[int] | None = option(None, flag="--size", nargs=2, metavar=("H", "W"), min=1,
+                                          help="image size (default: the model's native one)")
+    batch_size: str | int = option(16, min=1, metavar="B|auto", help="images per batch, or auto (probed, cached)")
+    dtype: str = option("fp32", choices=("fp32", "fp16", "bf16"))
+    attention: str = option("sdpa", choices=ATTENTION_BACKENDS[1:])
+    compile: bool = option(False, help="torch.compile the UNet (the warm-up is timed apart)")
+    compile_backend: str = option("inductor")
+    compile_mode: str = option("default", choices=("default", "reduce-overhead", "max-autotune",
+                                                   "max-autotune-no-cudagraphs"))
+    channels_last: bool = option(False)
+    n: int = option(256, min=1, help="images per contender")
+    naive_n: int | None = option(None, min=1, help="images for the naive loop (default: --n; it is slow on big models)")
+    compare: list[str] = option(default_factory=list, choices=("naive", "bare"),
+                                help="baselines to measure too: naive (batch-1 loop), bare (compute alone); repeat")
+    timestep: int = option(50, flag="--t", min=0)
+    ensemble: int = option(1, min=1)
+    workers: int | None = option(None, min=0, help="decoding workers of difffeat (default as extract)")
+    background_write: bool = option(True, help="difffeat writes its store on a background thread")
+    max_memory: float | None = option(None, above=0, help="GiB batches may take (--batch-size auto)")
+    images: str | None = option(None, help="bench on these images (default: --n synthetic Shapes-LT scenes at --size)")
+    repeats: int = option(1, min=1, help="runs of each contender, alternated; each keeps its best")
+    json_out: str | None = option(None, flag="--json", help="also write the results (JSON) to this file")
+
+    def __post_init__(self):
+        if isinstance(self.batch_size, str) and self.batch_size.strip().isdigit():
+            self.batch_size = int(self.batch_size)
+
+    def check(self) -> None:
+        if isinstance(self.batch_size, bool) or not (self.batch_size == "auto" or isinstance(self.batch_size, int)):
+            raise ConfigError("batch_size", f"must be a whole number ≥ 1 or auto, got {self.batch_size!r}")
+        if self.resolution is not None and len(self.resolution) != 2:
+            raise ConfigError("resolution", f"must be [height, width], got {self.resolution!r}")
+
+
+# ---------------------------------------------------------------------------------------------- machine
+def machine_info(device) -> dict:
+    """What the numbers were measured on."""
+    import torch
+
+    from difffeat.measure import device_name, free_memory, is_cuda
+    from difffeat.run import library_versions
+
+    info = {"device": str(device), "device_name": device_name(device), "platform": platform.platform(),
+            "cpu": device_name("cpu"), "torch_threads": torch.get_num_threads(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "memory_total_bytes": free_memory(device)[1]}
+    if is_cuda(device):
+        props = torch.cuda.get_device_properties(device)
+        info.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                    capability=f"{props.major}.{props.minor}")
+    versions = library_versions()
+    try:
+        import xformers
+
+        versions["xformers"] = xformers.__version__
+    except ImportError:
+        versions["xformers"] = "not installed"
+    info["versions"] = versions
+    return info
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def synthetic_images(folder: Path, n: int, size: tuple[int, int]) -> Path:
+    """n Shapes-LT scenes resized to `size`, as PNG files (decoding them costs what real inputs cost)."""
+    from PIL import Image
+
+    from difffeat.data.shapes_lt import iter_scenes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    height, width = size
+    for i, scene in enumerate(iter_scenes("train", n, seed=0)):
+        image = Image.fromarray(scene.image)
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling.BICUBIC)
+        image.save(folder / f"{i:06d}.png", compress_level=1)
+    return folder
+
+
+# ------------------------------------------------------------------------------------------- contenders
+def _empty_text(pipe, batch: int, device, dtype):
+    """An empty prompt's text embedding, repeated (what a prompt-free run conditions on)."""
+    import torch
+
+    ids = pipe.tokenizer([""], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids.to(device)
+    with torch.no_grad():
+        emb = pipe.text_encoder(ids)[0].to(dtype)
+    return emb.expand(batch, -1, -1)
+
+
+def run_bare(pipe, x, layers: list[str], t: int, ensemble: int, batch: int, timer) -> None:
+    """VAE encode + noise + UNet to the deepest layer, `batch` images at a time; images already on the device."""
+    import torch
+
+    from difffeat.capture import Capture
+    from difffeat.extract import encode_latents
+    from difffeat.layers import unet_conditions
+
+    unet, scheduler = pipe.unet, pipe.scheduler
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad(), Capture(unet, layers, _latent_hw(pipe, x)) as cap:
+        for s in range(0, len(x), batch):
+            with timer.phase("vae"):
+                z = encode_latents(pipe, x[s : s + batch], batch_size=batch).repeat_interleave(ensemble, 0)
+            with timer.phase("unet"):
+                noise = torch.randn(z.shape, generator=generator).to(z)
+                ts = torch.full((len(z),), t, device=z.device)
+                zt = scheduler.add_noise(z, noise, ts)
+                cap.run(zt, ts, _empty_text(pipe, len(z), z.device, z.dtype),
+                        **unet_conditions(unet, len(z), tuple(z.shape[-2:]), z.device, z.dtype))
+
+
+def _latent_hw(pipe, x) -> tuple[int, int]:
+    from difffeat.layers import latent_size
+
+    return latent_size(pipe, x.shape[-2], x.shape[-1])
+
+
+def run_naive(pipe, paths: list[Path], size: tuple[int, int], layers: list[str], t: int, ensemble: int, out: Path,
+              timer) -> None:
+    """The per-image loop: decode, VAE sample, full UNet pass with hooks, features kept in RAM, saved at the end."""
+    import numpy as np
+    import torch
+
+    from difffeat.data.images import load_image, resize_image, to_tensor
+    from difffeat.layers import first_tensor, unet_conditions
+
+    unet, vae = pipe.unet, pipe.vae
+    modules = dict(unet.named_modules())
+    current: dict = {}
+    hooks = [modules[n].register_forward_hook(lambda m, a, o, n=n: current.__setitem__(n, first_tensor(o)))
+             for n in layers]
+    kept = []
+    try:
+        with torch.no_grad():
+            emb = _empty_text(pipe, 1, unet.device, unet.dtype)
+            extra = unet_conditions(unet, 1, _latent_hw(pipe, torch.empty(1, 3, *size)), unet.device, unet.dtype)
+            for p in paths:
+                with timer.phase("decode"):
+                    x = to_tensor([resize_image(load_image(p), size)]).to(vae.device, vae.dtype) * 2 - 1
+                feats = []
+                for _ in range(ensemble):
+                    with timer.phase("vae"):
+                        z = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
+                    with timer.phase("unet"):
+                        ts = torch.tensor([t], device=z.device)
+                        unet(pipe.scheduler.add_noise(z, torch.randn_like(z), ts), ts, emb, **extra)
+                    with timer.phase("copy"):
+                        feats.append({n: v.float().cpu() for n, v in current.items()})
+                kept.append({n: torch.stack([f[n] for f in feats]).mean(0).numpy() for n in layers})
+    finally:
+        for h in hooks:
+            h.remove()
+    with timer.phase("write"):
+        for i, f in enumerate(kept):
+            for n, v in f.items():
+                np.save(out / f"{i}_{n}.npy", v)
+
+
+# ------------------------------------------------------------------------------------------------ bench
+def _measure(fn, device, n: int, sync) -> dict:
+    """Run `fn(timer)`; images/s, wall seconds, peak memory and the phase split of `n` images."""
+    from difffeat.measure import PeakMemory, PhaseTimer
+
+    timer = PhaseTimer(sync)
+    with PeakMemory(device, interval=0.005) as mem:
+        t0 = time.perf_counter()
+        fn(timer)
+        if sync:
+            sync()
+        seconds = time.perf_counter() - t0
+    split = timer.as_dict()
+    ms = {k: round(1000 * split.get(k, 0.0) / n, 3) for k in SPLIT}
+    ms["other"] = round(max(0.0, 1000 * seconds / n - sum(ms.values())), 3)
+    background = {k: round(1000 * split[k] / n, 3) for k in ("decode_busy", "write_busy") if k in split}
+    return {"images": n, "seconds": round(seconds, 4), "images_per_second": round(n / seconds, 3),
+            "peak_memory_bytes": int(mem.peak), "added_memory_bytes": int(mem.added),
+            "ms_per_image": ms, "background_ms_per_image": background}
+
+
+def _subset(folder: Path, paths: list[Path]) -> Path:
+    """A folder of links to `paths` (a part of the inputs, without copying them)."""
+    folder.mkdir()
+    for p in paths:
+        os.symlink(p.resolve(), folder / p.name)
+    return folder
+
+
+def bench(cfg: BenchConfig, warn=None) -> dict:
+    """Measure the contenders (see the module doc); returns the results (what the JSON holds)."""
+    cfg.validate()
+    import torch
+
+    from difffeat.fastpath import Compiled, channels_last, use_attention, warn_line
+    from difffeat.layers import native_resolution, resolve_layers
+    from difffeat.measure import device_sync
+    from difffeat.runner import ExtractRunConfig, run_extraction
+    from difffeat.zoo import load_pipeline
+
+    warn = warn or warn_line
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = device_sync(device)
+    pipe = load_pipeline(cfg.model, device=device, dtype=cfg.dtype)
+    size = tuple(cfg.resolution) if cfg.resolution else native_resolution(pipe)
+    layers = resolve_layers(pipe, cfg.layers, *size)
+    attention = use_attention(pipe, cfg.attention, device, warn)
+    machine = machine_info(device)
+    results: dict[str, dict] = {}
+    extract_reports = []
+    with tempfile.TemporaryDirectory(prefix="difffeat-bench-") as tmp:
+        tmp = Path(tmp)
+        images = Path(cfg.images) if cfg.images else synthetic_images(tmp / "images", cfg.n, size)
+        from difffeat.data.images import discover_images
+
+        paths = [it.path for it in discover_images(str(images))][: cfg.n]
+        n = len(paths)
+        if n == 0:
+            from difffeat.errors import UserError
+
+            raise UserError(f"{images}: no images to bench on")
+        runs = 0
+
+        def extract_cfg(out: Path, subset: Path) -> ExtractRunConfig:
+            return ExtractRunConfig(
+                images=str(subset), out=str(out), model=cfg.model, layers=layers, timesteps=[cfg.timestep],
+                ensemble=cfg.ensemble, batch_size=cfg.batch_size, resolution=list(size), dtype=cfg.dtype,
+                workers=cfg.workers, background_write=cfg.background_write, compile=cfg.compile,
+                compile_backend=cfg.compile_backend, compile_mode=cfg.compile_mode, channels_last=cfg.channels_last,
+                attention_backend=cfg.attention, max_memory=cfg.max_memory)
+
+        def difffeat_run(timer, subset=images) -> None:
+            nonlocal runs
+            runs += 1
+            report = run_extraction(extract_cfg(tmp / f"store{runs}", subset), progress=False, pipe=pipe, timer=timer)
+            extract_reports.append(report)
+
+        # Warm-up, not timed: the batch-size probe (auto; then cached), compiling (the padded batch has the full
+        # shape from the first image on) and first-call costs at the full batch shape.
+        from difffeat.measure import NullTimer
+
+        t0 = time.perf_counter()
+        difffeat_run(NullTimer(), _subset(tmp / "warm1", paths[:1]))
+        sizing = extract_reports[-1]["processes"][0]["batch_sizing"]
+        batch = extract_reports[-1]["batch_size"]
+        if batch > 1 and n > 1:
+            difffeat_run(NullTimer(), _subset(tmp / "warm2", paths[:batch]))
+        warmup = {"seconds": round(time.perf_counter() - t0, 3), "batch_size": batch, "batch_sizing": sizing}
+
+        x = None
+        if "bare" in cfg.compare:
+            from difffeat.data.images import load_image, resize_image, to_tensor
+
+            vae = pipe.vae
+            x = to_tensor([resize_image(load_image(p), size) for p in paths]).to(vae.device)
+
+        def bare_run(timer) -> None:
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(channels_last(pipe.unet, cfg.channels_last))
+                if cfg.compile:
+                    stack.enter_context(Compiled(pipe.unet, cfg.compile_backend,
+                                                 None if cfg.compile_mode == "default" else cfg.compile_mode, warn))
+                run_bare(pipe, x, layers, cfg.timestep, cfg.ensemble, batch, timer)
+
+        naive_paths = paths[: cfg.naive_n or n]
+
+        def naive_run(timer) -> None:
+            out = tmp / f"naive{runs}"
+            out.mkdir(exist_ok=True)
+            run_naive(pipe, naive_paths, size, layers, cfg.timestep, cfg.ensemble, out, timer)
+
+        contenders = {"difffeat": (difffeat_run, n)}
+        if "bare" in cfg.compare:
+            bare_run(NullTimer())  # its own warm-up (a compiled UNet without hooks' early exit is another graph)
+            contenders["bare"] = (bare_run, n)
+        if "naive" in cfg.compare:
+            contenders["naive"] = (naive_run, len(naive_paths))
+        for _ in range(cfg.repeats):
+            for name, (fn, count) in contenders.items():
+                measured = _measure(fn, device, count, sync)
+                if name not in results or measured["images_per_second"] > results[name]["images_per_second"]:
+                    results[name] = measured
+        del x
+    ips = {k: v["images_per_second"] for k, v in results.items()}
+    ratios = {}
+    if "bare" in ips:
+        ratios["bare_over_difffeat"] = round(ips["bare"] / ips["difffeat"], 3)
+    if "naive" in ips:
+        ratios["difffeat_over_naive"] = round(ips["difffeat"] / ips["naive"], 3)
+    last = extract_reports[-1] if extract_reports else {}
+    return {
+        "config": {**cfg.to_dict(), "layers": layers, "resolution": list(size), "batch_size": batch},
+        "attention": attention,
+        "compile_failed": (last.get("processes") or [{}])[0].get("speed", {}).get("compile", {}).get("failed"),
+        "warmup": warmup,
+        "machine": machine,
+        "load_average_after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "contenders": results,
+        "ratios": ratios,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ output
+def table(result: dict) -> str:
+    """The results as a Markdown table with a header line (what the run was, on what)."""
+    from difffeat.progress import human_bytes
+
+    cfg, machine = result["config"], result["machine"]
+    head = (f"{cfg['model']} {cfg['resolution'][0]}×{cfg['resolution'][1]}, layers {' '.join(cfg['layers'])}, "
+            f"t={cfg['timestep']}, {cfg['dtype']}, batch {cfg['batch_size']}"
+            + (" (auto)" if result["warmup"]["batch_sizing"] and result["warmup"]["batch_sizing"].get("source")
+               in ("probe", "cache") else "")
+            + f", attention {result['attention']}, compile {'on' if cfg['compile'] else 'off'}"
+            + (" (failed: ran eagerly)" if result.get("compile_failed") else "")
+            + f", channels-last {'on' if cfg['channels_last'] else 'off'}; {machine['device_name']}"
+            + (f", load {machine['load_average'][0]:.1f}" if machine.get("load_average") else ""))
+    rows = [head, "",
+            "| contender | images | images/s | peak memory | " + " | ".join(SPLIT) + " | other (ms/img) |",
+            "|---|---|---|---|" + "---|" * (len(SPLIT) + 1)]
+    for name, r in result["contenders"].items():
+        split = " | ".join(f"{r['ms_per_image'][k]:.2f}" for k in (*SPLIT, "other"))
+        rows.append(f"| {name} | {r['images']} | {r['images_per_second']:.1f} | {human_bytes(r['peak_memory_bytes'])} "
+                    f"| {split} |")
+    ratios = result["ratios"]
+    if ratios:
+        rows.append("")
+        if "bare_over_difffeat" in ratios:
+            rows.append(f"- bare / difffeat: {ratios['bare_over_difffeat']:.2f}× (1.00 = no overhead over the compute)")
+        if "difffeat_over_naive" in ratios:
+            rows.append(f"- difffeat / naive: {ratios['difffeat_over_naive']:.2f}×")
+    return "\n".join(rows)
+
+
+def cmd_bench(args) -> None:
+    from difffeat.config_cli import config_from_args
+
+    cfg = config_from_args(BenchConfig, args)
+    if cfg.json_out:
+        from difffeat.run import check_new_file
+
+        check_new_file(cfg.json_out, overwrite=args.overwrite, what="JSON")
+    result = bench(cfg)
+    print(table(result))
+    text = json.dumps(result, indent=1)
+    if cfg.json_out:
+        from difffeat.atomic import write_json_atomic
+
+        write_json_atomic(Path(cfg.json_out), result)
+    else:
+        print(text)
+
+
+def add_bench_command(sub) -> None:
+    """`difffeat bench` (flags from `BenchConfig`)."""
+    from difffeat.config_cli import add_config_arguments
+
+    p = sub.add_parser("bench", help="extraction throughput, memory and time split against baselines")
+    add_config_arguments(p, BenchConfig)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    p.set_defaults(func=cmd_bench)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("run it as: difffeat bench …")

@@ -1,0 +1,227 @@
+"""`difffeat store merge OUT STORE…`: stores written by independent jobs become one store, no array copied.
+
+Jobs on several machines (``extract --shard-index i --num-shards n``, or whole `accelerate launch` runs
+on separate file systems) each write a store of their part of the images. Merging makes one store equal
+to what a single run over all images would have written, key for key:
+
+- the configs must agree apart from the sharding fields (`ExtractRunConfig.SHARDING`); the merged store's
+  config is the shared one without them, so its config hash is a one-job run's;
+- every shard file is hard-linked into OUT under a renumbered rank (each source rank gets a new one, in
+  the order the stores are given); a shard is never changed after it is written (a resumed run replaces
+  a file, which leaves the link's other name alone), so sharing it is safe. Across file systems a hard
+  link is impossible: ``symlink=True`` links by name instead (OUT then needs the sources to stay where
+  they are), otherwise it is an error saying so;
+- a key in two stores is an error naming the key and both stores; failure records are copied (they are
+  appended to by a resumed run, so they are not shared); shard checksums are in the shard headers and so
+  carried over as they are (``verify=True`` checks them first);
+- a source still being written (its lock taken) is refused.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from difffeat.errors import UserError
+
+CROSS_DEVICE = (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK)
+
+
+def _check_not_being_written(store: Path) -> None:
+    from difffeat.lock import FolderLock
+
+    for lock in sorted(store.glob(".lock-r*")):
+        # Taking and giving back the lock: a lock held by a running extract refuses, one left by a dead run is free.
+        FolderLock(lock, f"the feature store {store}").acquire().release()
+
+
+def _merged_config(stores: list[Path], manifests: list[dict]) -> dict:
+    from difffeat.run import differing_fields
+    from difffeat.runner import ExtractRunConfig
+
+    sharding = ExtractRunConfig.SHARDING
+    first = manifests[0]["config"]
+    for store, manifest in zip(stores[1:], manifests[1:]):
+        differ = differing_fields(first, manifest["config"], ignore=sharding)
+        if differ:
+            raise UserError(f"{store}: its config differs from {stores[0]}'s in {', '.join(differ)}; only "
+                            f"{' and '.join(sharding)} may differ between stores that are merged")
+    return {k: v for k, v in first.items() if k not in sharding}
+
+
+def _shard_notes(manifests: list[dict]) -> list[str]:
+    """Sharded jobs that are missing or given twice (not an error: a partial merge is allowed, but said)."""
+    parts = [(m["config"].get("shard_index"), m["config"].get("num_shards")) for m in manifests]
+    totals = {n for _, n in parts if n}
+    if not totals:
+        return []
+    notes = []
+    if len(totals) > 1:
+        notes.append(f"the stores were made with different --num-shards: {sorted(totals)}")
+    n = max(totals)
+    have = {i for i, _ in parts if i is not None}
+    missing = sorted(set(range(n)) - have)
+    if missing:
+        notes.append(f"shards {', '.join(map(str, missing))} of {n} are not among the merged stores")
+    return notes
+
+
+def _link(source: Path, target: Path, symlink: bool) -> str:
+    try:
+        os.link(source, target)
+        return "hard"
+    except OSError as e:
+        if e.errno not in CROSS_DEVICE:
+            raise UserError(f"{target}: cannot link {source} ({e.strerror or e})") from None
+        if not symlink:
+            raise UserError(f"{source}: cannot be hard-linked into {target.parent.parent} ({e.strerror or e}: another "
+                            "file system?); put OUT on the sources' file system, or pass --symlink (OUT then needs "
+                            "the source stores to stay where they are)") from None
+    try:
+        os.symlink(source.resolve(), target)
+    except OSError as e:
+        raise UserError(f"{target}: cannot link {source} ({e.strerror or e})") from None
+    return "symbolic"
+
+
+def _sources_report(store: Path) -> dict | None:
+    from difffeat.run import read_json
+
+    file = store / "report.json"
+    if not file.is_file():
+        return None
+    try:
+        report = read_json(file, "report")
+    except UserError:
+        return None
+    return report if isinstance(report, dict) else None
+
+
+def merge_stores(out: str | os.PathLike, stores: Sequence[str | os.PathLike], overwrite: bool = False,
+                 symlink: bool = False, verify: bool = False) -> dict:
+    """Merge `stores` into the new store `out` (see the module doc); returns what was done (also OUT/report.json)."""
+    from difffeat.atomic import write_json_atomic
+    from difffeat.lock import FolderLock
+    from difffeat.run import RunFolder, is_inside, mkdir
+    from difffeat.store import (FORMAT, KIND, MANIFEST, OWNED, SHARDS, check_shard, failure_files, failures_name,
+                                list_shards, read_manifest, shard_keys, shard_name)
+
+    t0 = time.perf_counter()
+    sources = [Path(s) for s in stores]
+    if not sources:
+        raise UserError("give at least one store to merge")
+    out = Path(out)
+    for s in sources:
+        if is_inside(out, s) or is_inside(s, out):
+            raise UserError(f"{out}: the merged store cannot be {s} or lie inside it (or the other way round)")
+    if len({s.resolve() for s in sources}) < len(sources):
+        raise UserError("the same store is given twice")
+    manifests = [read_manifest(s) for s in sources]
+    config = _merged_config(sources, manifests)
+    for s in sources:
+        _check_not_being_written(s)
+
+    # Every key once: read from shard headers before anything is written.
+    owner: dict[str, Path] = {}
+    plan: list[tuple[Path, int, int, Path]] = []  # (source store, source rank, index, shard file)
+    for store in sources:
+        for rank, index, file in list_shards(store):
+            if verify and (why := check_shard(file)) is not None:
+                raise UserError(f"{file}: {why}")
+            for key in shard_keys(file):
+                if key in owner:
+                    other = owner[key]
+                    where = f"both {other} and {store}" if other != store else f"two shards of {store}"
+                    raise UserError(f"key {key!r} is in {where}; stores to merge must hold disjoint images")
+                owner[key] = store
+            plan.append((store, rank, index, file))
+
+    folder = RunFolder(out, KIND, config, overwrite=overwrite, owned=OWNED, marker=MANIFEST, ignore=(), format=FORMAT,
+                       extra={"merged_from": [str(s.resolve()) for s in sources]})
+    mkdir(out)
+    with FolderLock(out / ".lock-r000", f"the feature store {out}"):
+        folder.create()
+        shards_dir = mkdir(out / SHARDS)
+        if any(shards_dir.iterdir()):
+            raise UserError(f"{out}: already holds shards; merge into a new folder (or --overwrite)")
+        new_rank: dict[tuple[Path, int], int] = {}
+        for store in sources:  # every source rank with shards or failure records gets the next free rank
+            ranks = sorted({r for s, r, _, _ in plan if s == store} | {r for r, _ in failure_files(store)})
+            for r in ranks:
+                new_rank[(store, r)] = len(new_rank)
+        kinds: set[str] = set()
+        made: list[Path] = []
+        try:
+            for store, rank, index, file in plan:
+                target = shards_dir / shard_name(new_rank[(store, rank)], index)
+                kinds.add(_link(file, target, symlink))
+                made.append(target)
+            for store in sources:
+                for rank, file in failure_files(store):
+                    target = out / failures_name(new_rank[(store, rank)])
+                    target.write_bytes(file.read_bytes())
+                    made.append(target)
+        except BaseException:
+            for p in made:  # only what this merge made
+                p.unlink(missing_ok=True)
+            raise
+    reports = [_sources_report(s) for s in sources]
+    seconds = [r.get("seconds") for r in reports if r and isinstance(r.get("seconds"), (int, float))]
+    peaks = [r.get("peak_memory_bytes") for r in reports if r and isinstance(r.get("peak_memory_bytes"), int)]
+    extracted = sum(r.get("extracted", 0) for r in reports if r)
+    report = {
+        "merged_from": [{"store": str(s), "shards": sum(1 for p in plan if p[0] == s),
+                         "images": sum(1 for k in owner.values() if k == s),
+                         "ranks": {str(r): n for (src, r), n in new_rank.items() if src == s}} for s in sources],
+        "images": len(owner),
+        "links": sorted(kinds) or ["none"],
+        "notes": _shard_notes(manifests),
+        "extracted": extracted,
+        "failed": [f for r in reports if r for f in r.get("failed", [])],
+        # Jobs on separate machines run side by side: the merged rate is all images over the slowest job.
+        "images_per_second": round(extracted / max(seconds), 3) if seconds and max(seconds) > 0 and extracted else None,
+        "peak_memory_bytes": max(peaks) if peaks else None,
+        "merge_seconds": round(time.perf_counter() - t0, 3),
+    }
+    write_json_atomic(out / "report.json", report)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------- commands
+def _cmd_merge(args) -> None:
+    report = merge_stores(args.out, args.stores, overwrite=args.overwrite, symlink=args.symlink, verify=args.verify)
+    links = " and ".join(report["links"])
+    print(f"merged {len(args.stores)} stores ({report['images']} images) into {args.out} with {links} links, "
+          f"no array copied, in {report['merge_seconds']:.2f} s")
+    for note in report["notes"]:
+        print(f"  note: {note}")
+
+
+def _cmd_parquet(args) -> None:
+    from difffeat.store import FeatureStore
+
+    files = FeatureStore(args.store).to_parquet(args.out, shard_rows=args.shard_rows)
+    print(f"wrote {len(files)} Parquet file(s) to {args.out} (datasets.load_dataset('parquet', data_dir=...))")
+
+
+def add_store_commands(sub) -> None:
+    """`difffeat store merge` and `difffeat store parquet`."""
+    store = sub.add_parser("store", help="whole-store operations").add_subparsers(dest="store_command", required=True)
+    p = store.add_parser("merge", help="merge stores of independent jobs (--shard-index/--num-shards) into one, "
+                                       "by hard links (no array copied)")
+    p.add_argument("out", help="the merged store (a new or empty folder)")
+    p.add_argument("stores", nargs="+", metavar="STORE", help="stores to merge (their configs differ at most in "
+                                                              "--shard-index and --num-shards)")
+    p.add_argument("--symlink", action="store_true", help="link by name where a hard link is impossible (another "
+                                                          "file system); OUT then needs the sources in place")
+    p.add_argument("--verify", action="store_true", help="check every source shard against its checksum first")
+    p.add_argument("--overwrite", action="store_true", help="replace a store in OUT (its own files only)")
+    p.set_defaults(func=_cmd_merge)
+    p = store.add_parser("parquet", help="write a store as Parquet files for datasets.load_dataset / push_to_hub")
+    p.add_argument("store")
+    p.add_argument("out", help="a new or empty folder")
+    p.add_argument("--shard-rows", type=int, help="images per file (default: about 256 MiB per file)")
+    p.set_defaults(func=_cmd_parquet)

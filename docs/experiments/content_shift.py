@@ -1,0 +1,286 @@
+"""Issue #12's experiment: does the chain GATE → extract → amalgamate give better segmentation heads than plain
+features, and does GATE's ranking predict which techniques help? (docs/experiments/content_shift.md)
+
+    python docs/experiments/content_shift.py [WORKDIR] [--scenes 375] [--iterations 300] [--seeds 0 1 2]
+
+Every step is difffeat's own command or API, and every step is skipped when its output is there, so an
+interrupted run goes on where it stopped:
+
+1. ``data synth``: a Shapes-LT world (80/10/10 train/val/test).
+2. ``lora train``: a LoRA on 30 training images (LoCon, conv layers too, when ``lora train --conv`` exists).
+3. ``gate``: img2img with and without each of the candidates below on 16 held-out images, with ``--emit``.
+4. ``extract``: the whole world at 128² (a 32×32 feature grid), gdf-legacy layers, plain + every candidate as
+   variants of one store; and the attention feature (cross-attention maps of the up blocks, one fixed prompt)
+   into a second store.
+5. ``train_seg`` (in this process, the same code as ``difffeat train-seg``; a fresh interpreter per run would
+   cost more than the run): conv head, CE and AUCSeg, each seed, for plain, every candidate alone, and plain +
+   GATE's accepted candidates (at most 2) fused by concat / weighted / amalgamate n = 1, 2, 3, with and without
+   the attention feature; scored on the test split.
+6. The tables (mean ± std over seeds), per-class IoU, and Spearman ρ over the candidates between GATE's scores
+   (primary: PSNR; the paper's feature Score) and the heads' mIoU, with 95% bootstrap intervals (images of
+   the GATE run and seeds of the heads resampled). Written to WORKDIR/results.{json,md} and printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CANDIDATES = {  # name → technique specs; `lora` is filled in with the LoRA trained in step 2
+    "caption": ["prompt:caption"],
+    "fine": ["prompt:fine"],
+    "canny": ["controlnet:canny"],
+    "lora": None,
+    "canny-caption": ["controlnet:canny", "prompt:caption"],
+    "other-caption": ["prompt:other-caption"],  # another image's caption: meant to hurt
+}
+LAYERS = ["up_blocks.0.upsamplers.0", "up_blocks.1.upsamplers.0", "up_blocks.2.attentions.2"]  # gdf-legacy on mini
+ATTENTION_PROMPT = "a scene of shapes: circle, square, triangle, star, ring, cross, on a textured background"
+FUSIONS = [("concat", {}), ("weighted", {"variants": "weighted"}),
+           *[(f"amalgamate-n{n}", {"variants": "amalgamate", "assigners": n}) for n in (1, 2, 3)]]
+LOSSES = ("ce", "aucseg")
+
+
+def log(*args) -> None:
+    print(time.strftime("%H:%M:%S"), *args, flush=True)
+
+
+def cli(*args: str) -> None:
+    """One difffeat command, as a user types it (one thread, offline)."""
+    log("$ difffeat", " ".join(args))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-m", "difffeat", "--quiet", *args], check=True, env=env)
+
+
+def help_text(*command: str) -> str:
+    return subprocess.run([sys.executable, "-m", "difffeat", *command, "--help"], capture_output=True,
+                          text=True).stdout
+
+
+# ------------------------------------------------------------------------------------------ steps 1–4
+def prepare(w: Path, args) -> dict:
+    if not (w / "shapes" / "classes.json").is_file():
+        cli("data", "synth", str(w / "shapes"), "--n", str(args.scenes), "--seed", "0")
+    locon = "--conv" in help_text("lora", "train")
+    if not (w / "lora" / "pytorch_lora_weights.safetensors").is_file():
+        cli("lora", "train", str(w / "shapes" / "train" / "images"), "--out", str(w / "lora"), "--rank", "8",
+            "--alpha", "8", "--unet-lr", "1e-3", "--text-lr", "0", "--steps", str(args.lora_steps), "--max-images",
+            "30", "--batch-size", "4", *(["--conv"] if locon else []))
+    candidates = {k: (v if v is not None else [f"lora:{w / 'lora'}"]) for k, v in CANDIDATES.items()}
+    (w / "candidates.yaml").write_text("".join(f"{k}: [{', '.join(v)}]\n" for k, v in candidates.items()))
+    if not (w / "gate" / "ranking.json").is_file():
+        cli("gate", str(w / "shapes" / "test"), "--candidates", str(w / "candidates.yaml"), "--out", str(w / "gate"),
+            "--n", "16", "--layer", "gdf-legacy", "--prompt-from", "sidecar", "--emit", str(w / "gate" / "variants.yaml"),
+            "--overwrite")
+    variants = {"plain": [], **candidates}
+    (w / "variants.yaml").write_text("variants:\n" + "".join(f"  {k}: [{', '.join(v)}]\n" for k, v in variants.items()))
+    common = ["--t", "50", "--size", "128", "128", "--resize", "stretch"]
+    if not (w / "feat" / "manifest.json").is_file() or not (w / "feat" / "report.json").is_file():
+        cli("extract", str(w / "shapes"), "--out", str(w / "feat"), "--variants", str(w / "variants.yaml"),
+            *sum((["--layer", lay] for lay in LAYERS), []), "--prompt-from", "sidecar", *common, "--resume")
+    if not (w / "feat-attn" / "report.json").is_file():
+        if "gdf-up-cross" in help_text("layers"):  # the GDF attention feature as a preset
+            attention = ["--layer", "gdf-up-cross", "--attention-prompt", ATTENTION_PROMPT]
+        else:  # one cross-attention layer per resolution, the prompt fixed for every image
+            attention = ["--layer", LAYERS[-1], "--prompt", ATTENTION_PROMPT,
+                         "--attention", "up_blocks.1.attentions.2.transformer_blocks.0.attn2",
+                         "--attention", "up_blocks.2.attentions.2.transformer_blocks.0.attn2"]
+        cli("extract", str(w / "shapes"), "--out", str(w / "feat-attn"), *attention, *common, "--resume")
+    ranking = json.loads((w / "gate" / "ranking.json").read_text())
+    return {"candidates": candidates, "ranking": ranking, "locon": locon}
+
+
+def fused_set(ranking: dict) -> tuple[list[str], str]:
+    """Plain + GATE's accepted candidates (at most 2, rank order); when none is accepted, the best two."""
+    order = [r["candidate"] for r in ranking["ranking"] if r["candidate"] != "reference"]
+    accepted = [c for c in order if c in ranking["accepted"]][:2]
+    if len(accepted) == 2:
+        return ["plain", *accepted], "plain + GATE's two best accepted candidates"
+    chosen = (accepted + [c for c in order if c not in accepted])[:2]
+    return ["plain", *chosen], (f"plain + {', '.join(chosen)}: GATE accepted {len(accepted)}, filled up with the "
+                                "next best by its ranking")
+
+
+# --------------------------------------------------------------------------------------------- step 5
+def attention_layers(w: Path) -> list[str]:
+    from difffeat import FeatureStore
+
+    return [lay for lay in FeatureStore(w / "feat-attn").layers if lay.endswith(":probs")]
+
+
+def rows(w: Path, prep: dict) -> list[dict]:
+    """Every head to train: name, stores, layers and head options."""
+    feat, attn = str(w / "feat"), str(w / "feat-attn")
+    att = attention_layers(w)
+    layers_of = (lambda variants: [f"{v}/{lay}" for v in variants for lay in LAYERS])
+    out = [{"row": "plain", "group": "single", "features": [feat], "layers": layers_of(["plain"])}]
+    out += [{"row": c, "group": "single", "features": [feat], "layers": layers_of([c])} for c in prep["candidates"]]
+    fused, _ = fused_set(prep["ranking"])
+    for name, opts in FUSIONS:
+        out.append({"row": name, "group": "fused", "features": [feat], "layers": layers_of(fused), **opts})
+    out.append({"row": "plain+attn", "group": "attention", "features": [feat, attn],
+                "layers": layers_of(["plain"]) + att})
+    for name, opts in FUSIONS:
+        out.append({"row": f"{name}+attn", "group": "attention", "features": [feat, attn],
+                    "layers": layers_of(fused) + att, **opts})
+    return out
+
+
+def train_all(w: Path, specs: list[dict], args) -> None:
+    from downstream.seg.config import SegTrainConfig
+    from downstream.seg.train import train_seg
+
+    jobs = [(r, loss, seed) for seed in args.seeds for loss in LOSSES for r in specs]
+    for i, (r, loss, seed) in enumerate(jobs, 1):
+        out = w / "seg" / f"{r['row']}-{loss}-s{seed}"
+        if (out / "metrics.json").is_file():
+            continue
+        options = {k: v for k, v in r.items() if k not in ("row", "group", "layers", "features")}
+        cfg = SegTrainConfig(features=r["features"], masks=str(w / "shapes"), out=str(out), layers=r["layers"],
+                             split="train", val_split="test", head="conv", hidden=args.hidden, loss=loss,
+                             iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, seed=seed,
+                             checkpoint_every=args.iterations, log_every=50, **options)
+        t0 = time.perf_counter()
+        train_seg(cfg, overwrite=True, progress=False)
+        miou = json.loads((out / "metrics.json").read_text())["miou"]
+        log(f"[{i}/{len(jobs)}] {out.name}: test mIoU {100 * miou:.1f} ({time.perf_counter() - t0:.0f} s)")
+
+
+# --------------------------------------------------------------------------------------------- step 6
+def scores_of(w: Path, row: str, loss: str, seeds) -> list[dict]:
+    return [json.loads((w / "seg" / f"{row}-{loss}-s{s}" / "metrics.json").read_text()) for s in seeds]
+
+
+def mean_std(values) -> tuple[float, float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def spearman_interval(gate_per_image: dict[str, np.ndarray], miou: dict[str, list[float]], boot: int = 2000,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """ρ between each candidate's mean GATE score and its mean mIoU over seeds, with a 95% percentile interval
+    from resampling the GATE images (paired over candidates) and each candidate's seeds."""
+    from gate.stats import spearman
+
+    names = list(gate_per_image)
+    x = np.array([gate_per_image[n].mean() for n in names])
+    y = np.array([np.mean(miou[n]) for n in names])
+    rho = spearman(x, y)
+    rng = np.random.default_rng(seed)
+    n_img = len(next(iter(gate_per_image.values())))
+    draws = []
+    for _ in range(boot):
+        idx = rng.integers(0, n_img, n_img)
+        xb = np.array([gate_per_image[n][idx].mean() for n in names])
+        yb = np.array([np.mean(rng.choice(miou[n], len(miou[n]))) for n in names])
+        r = spearman(xb, yb)
+        if np.isfinite(r):
+            draws.append(r)
+    low, high = np.percentile(draws, [2.5, 97.5]) if draws else (float("nan"), float("nan"))
+    return float(rho), float(low), float(high)
+
+
+def summarize(w: Path, prep: dict, specs: list[dict], args, timing: dict) -> dict:
+    table = []
+    for r in specs:
+        for loss in LOSSES:
+            runs = scores_of(w, r["row"], loss, args.seeds)
+            entry = {"row": r["row"], "group": r["group"], "loss": loss}
+            for k in ("miou", "miou_head", "miou_middle", "miou_tail"):
+                entry[k] = mean_std([s.get(k) for s in runs])
+            entry["per_class_iou"] = {c: mean_std([s["per_class_iou"].get(c) for s in runs])[0]
+                                      for c in runs[0]["per_class_iou"]}
+            table.append(entry)
+    ranking = prep["ranking"]
+    per_image = ranking["per_image"]
+    gate_names = {"reference": "plain", **{c: c for c in prep["candidates"]}}
+    correlations = {}
+    for metric in (ranking["primary"], "feature_score"):
+        for loss in LOSSES:
+            miou = {gate_names[c]: [s["miou"] for s in scores_of(w, gate_names[c], loss, args.seeds)]
+                    for c in gate_names if c in per_image}
+            values = {gate_names[c]: np.asarray(per_image[c][metric], float) for c in gate_names if c in per_image}
+            correlations[f"{metric} vs {loss} mIoU"] = spearman_interval(values, miou)
+    fused, how = fused_set(ranking)
+    return {"table": table, "spearman": correlations, "fused": fused, "fused_how": how, "gate": ranking["ranking"],
+            "accepted": ranking["accepted"], "locon": prep["locon"], "timing": timing,
+            "settings": {k: v for k, v in vars(args).items() if k != "workdir"}}
+
+
+def fmt(ms: tuple[float, float]) -> str:
+    return "–" if ms[0] != ms[0] else f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
+
+
+def markdown(res: dict) -> str:
+    lines = [f"Fused variants: {', '.join(res['fused'])} ({res['fused_how']}); LoRA with conv layers (LoCon): "
+             f"{res['locon']}.", "", "| features | loss | mIoU | head | middle | tail |", "|---|---|---|---|---|---|"]
+    for e in res["table"]:
+        lines.append(f"| {e['row']} | {e['loss']} | {fmt(e['miou'])} | {fmt(e['miou_head'])} | "
+                     f"{fmt(e['miou_middle'])} | {fmt(e['miou_tail'])} |")
+    lines += ["", "| GATE candidate | techniques | PSNR | feature Score | accepted |", "|---|---|---|---|---|"]
+    for r in res["gate"]:
+        lines.append(f"| {r['candidate']} | {r['techniques']} | {r['psnr']:.2f} [{r['psnr_low']:.2f}, "
+                     f"{r['psnr_high']:.2f}] | {r['feature_score']:.3f} [{r['feature_score_low']:.3f}, "
+                     f"{r['feature_score_high']:.3f}] | {r['accepted']} |")
+    lines += ["", "| Spearman ρ over the candidates | ρ | 95% interval |", "|---|---|---|"]
+    for k, (rho, lo, hi) in res["spearman"].items():
+        lines.append(f"| {k} | {rho:.2f} | [{lo:.2f}, {hi:.2f}] |")
+    names = list(next(iter(res["table"]))["per_class_iou"])
+    lines += ["", "Per-class IoU (CE, mean over seeds):", "", "| features | " + " | ".join(names) + " |",
+              "|---|" + "---|" * len(names)]
+    for e in res["table"]:
+        if e["loss"] == "ce":
+            lines.append(f"| {e['row']} | " + " | ".join("–" if v != v else f"{100 * v:.0f}"
+                                                        for v in e["per_class_iou"].values()) + " |")
+    t = res["timing"]
+    lines += ["", f"Time: {t['wall_s'] / 60:.1f} min wall, {t['cpu_s'] / 60:.1f} min CPU (this process and its "
+                  f"commands); steps: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in t["steps"].items())]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("workdir", nargs="?", default="runs/content-shift")
+    p.add_argument("--scenes", type=int, default=375, help="Shapes-LT scenes in all (80%% train)")
+    p.add_argument("--lora-steps", type=int, default=100)
+    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    w = Path(args.workdir)
+    w.mkdir(parents=True, exist_ok=True)
+    t0, steps = time.perf_counter(), {}
+    prep = prepare(w, args)
+    steps["data, LoRA, GATE, extraction"] = time.perf_counter() - t0
+    specs = rows(w, prep)
+    t1 = time.perf_counter()
+    train_all(w, specs, args)
+    steps["heads"] = time.perf_counter() - t1
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    timing = {"wall_s": time.perf_counter() - t0, "cpu_s": sum(u.ru_utime + u.ru_stime for u in usage),
+              "steps": steps}
+    res = summarize(w, prep, specs, args, timing)
+    (w / "results.json").write_text(json.dumps(res, indent=1))
+    text = markdown(res)
+    (w / "results.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
