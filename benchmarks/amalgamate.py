@@ -8,7 +8,7 @@ machine falls on all of them alike; the median time per iteration is reported, w
 
 Shape sets: `mini` = the gdf-legacy layers of the mini model at 128² (what docs/experiments/content_shift.sh
 extracts: 128×16², 64×32², 32×32²), batch 8; `sd15` = the gdf-legacy layers of SD-1.5 at 256² (1280×8²,
-1280×16², 640×32², 320×32²), batch 4.
+1280×16², 640×32², 320×32²), batch 2.
 
 Run: `OMP_NUM_THREADS=1 python benchmarks/amalgamate.py [--shapes mini sd15] [--iterations 10] [--rounds 5]`.
 """
@@ -32,7 +32,7 @@ from downstream.seg.data import FeatureSpec  # noqa: E402
 from downstream.seg.model import HeadConfig, SegModel  # noqa: E402
 
 SHAPES = {"mini": ([(128, 16, 16), (64, 32, 32), (32, 32, 32)], 8, (128, 128)),
-          "sd15": ([(1280, 8, 8), (1280, 16, 16), (640, 32, 32), (320, 32, 32)], 4, (256, 256))}
+          "sd15": ([(1280, 8, 8), (1280, 16, 16), (640, 32, 32), (320, 32, 32)], 2, (256, 256))}
 VARIANTS = ("plain", "canny", "lora")
 CONTENDERS = {
     "concat": {},

@@ -7,9 +7,11 @@ store), on the same 64 labelled Shapes-LT images, in one run.
   and probing every configuration;
 - baseline: `run_extraction` with the deepest swept layer only, same timesteps, variants, seed and batch size.
 Model load is not counted (one pipeline serves all three); a small warm-up run touches every code path first.
+With `--repeat R` the three run in turn R times and each keeps its fastest time, so that a burst of load on a
+shared machine does not land on one contender only.
 
-Run: `OMP_NUM_THREADS=1 python benchmarks/sweep.py [--n 64] [--results]`; target (sweep issue): sweep (halving)
-≤ 1.5× the baseline. `--results` appends the table to benchmarks/RESULTS.md.
+Run: `OMP_NUM_THREADS=1 python benchmarks/sweep.py [--n 64] [--repeat 2] [--results]`; target (sweep issue):
+sweep (halving) ≤ 1.5× the baseline. `--results` appends the table to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=64, help="labelled images (the train split holds exactly these)")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=2, help="rounds; each contender keeps its fastest")
     ap.add_argument("--results", action="store_true", help="append to benchmarks/RESULTS.md")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -56,22 +59,31 @@ def main() -> None:
 
         def timed_sweep(name: str, **extra):
             t0 = time.perf_counter()
-            result = sweep(config=SweepConfig(**{**base, **extra, "out": str(tmp / name)}), pipe=pipe)
+            result = sweep(config=SweepConfig(**{**base, **extra, "out": str(tmp / name)}), pipe=pipe, overwrite=True)
             return time.perf_counter() - t0, result
 
-        halving_s, halving = timed_sweep("halving")
-        full_s, full = timed_sweep("full", min_images=args.n)
-        deepest = list(halving.shapes)[-1]
-        t0 = time.perf_counter()
-        run_extraction(ExtractRunConfig(images=images, out=str(tmp / "store"), layers=[deepest], timesteps=TIMESTEPS,
-                                        variants=VARIANTS, batch_size=args.batch_size), progress=False, pipe=pipe)
-        base_s = time.perf_counter() - t0
+        def timed_extract(layer: str) -> float:
+            t0 = time.perf_counter()
+            run_extraction(ExtractRunConfig(images=images, out=str(tmp / "store"), layers=[layer], timesteps=TIMESTEPS,
+                                            variants=VARIANTS, batch_size=args.batch_size),
+                           overwrite=True, progress=False, pipe=pipe)
+            return time.perf_counter() - t0
+
+        times: dict[str, list[float]] = {"base": [], "halving": [], "full": []}
+        for _ in range(args.repeat):
+            seconds, halving = timed_sweep("halving")
+            times["halving"].append(seconds)
+            deepest = list(halving.shapes)[-1]
+            times["base"].append(timed_extract(deepest))
+            seconds, full = timed_sweep("full", min_images=args.n)
+            times["full"].append(seconds)
+        base_s, halving_s, full_s = (min(times[k]) for k in ("base", "halving", "full"))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
         f"model mini, {len(halving.keys)} labelled images, layers {list(halving.shapes)} × t {TIMESTEPS} × variants "
         f"{list(VARIANTS)} = {len(halving.plan)} configurations, ridge probe on masks, batch {args.batch_size}; "
         f"{platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), load average "
-        f"{load:.1f} at the end",
+        f"{load:.1f} at the end; fastest of {args.repeat} interleaved round(s)",
         "| run | seconds | × baseline | configurations per rung |",
         "|---|---|---|---|",
         f"| baseline: extract {deepest} only | {base_s:.1f} | 1.00 | — |",
@@ -81,9 +93,9 @@ def main() -> None:
         f"- sweep (halving) / baseline: {halving_s / base_s:.2f}× (target ≤ 1.5: "
         f"{'met' if halving_s / base_s <= 1.5 else 'NOT met'}); winner {halving.best()['config']} "
         f"(no halving: {full.best()['config']})",
-        f"- inside the halving sweep: extraction {halving.timings['extract']:.1f} s, probes "
-        f"{halving.timings['probe']:.1f} s, the rest (images, latents, report) "
-        f"{halving_s - halving.timings['extract'] - halving.timings['probe']:.1f} s",
+        f"- inside the last halving sweep ({halving.timings['total']:.1f} s): extraction "
+        f"{halving.timings['extract']:.1f} s, probes {halving.timings['probe']:.1f} s, the rest (images, latents, "
+        f"report) {halving.timings['total'] - halving.timings['extract'] - halving.timings['probe']:.1f} s",
     ]
     print("\n".join(lines))
     if args.results:

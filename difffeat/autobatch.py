@@ -13,6 +13,11 @@ settings that change the cost) in ``batch-size.json`` under the user cache folde
 
 `check_fits` is the guard for a batch size the user gave: two small probes give the memory per image,
 and a batch that would not fit is refused with the numbers and the batch that would.
+
+A probe at the run's size is itself a forward pass at that size: at ``--size 4096 4096`` on mini one image
+needs gigabytes, and the operating system kills the process without a word. So before any probe,
+`check_estimate` judges the batch *from shapes alone* (`estimate_batch_memory`: the layer listing, traced on
+the meta device) and refuses what clearly cannot fit.
 """
 
 from __future__ import annotations
@@ -149,12 +154,22 @@ def choose_batch_size(probe: Callable[[int], tuple[float, int]], limit: float, m
             "tried": {str(s): v for s, v in sorted(tried.items())}, "stopped": stopped}
 
 
+MEMORY_LIMIT_ENV = "DIFFFEAT_MEMORY_LIMIT_BYTES"  # stands in for the free memory (tests; a shared machine)
+
+
 def memory_limit(device, max_memory_gib: float | None = None) -> float:
-    """Bytes a run may add: `max_memory_gib` when given, else 90 % of what the device has free now."""
+    """Bytes a run may add: `max_memory_gib` when given, else ``$DIFFFEAT_MEMORY_LIMIT_BYTES`` when set, else
+    90 % of what the device has free now."""
     from difffeat.measure import free_memory
 
     if max_memory_gib is not None:
         return max_memory_gib * 2**30
+    if os.environ.get(MEMORY_LIMIT_ENV):
+        try:
+            return float(int(os.environ[MEMORY_LIMIT_ENV]))
+        except ValueError:
+            raise UserError(f"${MEMORY_LIMIT_ENV} must be a whole number of bytes, "
+                            f"got {os.environ[MEMORY_LIMIT_ENV]!r}") from None
     free, _ = free_memory(device)
     return SAFETY * free if free else float("inf")
 
@@ -239,3 +254,78 @@ def check_fits(probe: Callable[[int], tuple[float, int]], batch: int, device, li
     if base + per_image * batch > limit:
         raise does_not_fit(batch, device, per_image, base, limit)
     return {"per_image_bytes": int(per_image), "base_bytes": int(base), "limit_bytes": int(limit)}
+
+
+# ------------------------------------------------------------------------------ the estimate from shapes
+# The UNet's working set above the features it keeps, in units of its largest activation (C·h·w of the
+# biggest module output), and the VAE encoder's peak in units of its largest activation (the first block's
+# output at full image size). Calibrated on mini (CPU, fp32, dift layer, t=50), one fresh process per size
+# and part: load, warm up with a batch of 2 at 32², then the peak RSS (resource.getrusage ru_maxrss) added by
+# one batch of 8 — VAE encode alone, then the hooked UNet pass alone on ready latents. UNet: (added − kept
+# features) / (8 × 4 B × largest) = 2.3 at 64², 2.6 at 128², 2.0 at 256²; VAE: added / (8 × 4 B × largest) =
+# 6.0, 7.2, 4.4. The constants round the largest up, so the estimate errs towards refusing only what clearly
+# cannot fit (the measured probe of `check_fits` still judges a batch that passes).
+UNET_WORKING_SET = 3
+VAE_WORKING_SET = 8
+
+
+def _vae_largest_activation(vae, height: int, width: int) -> int:
+    """Elements of the largest tensor the VAE encoder's modules output for one height×width image, traced on a
+    meta-device copy made from the config (no memory, no compute)."""
+    import torch
+
+    from difffeat.layers import first_tensor
+
+    encoder = getattr(vae, "encoder", None)
+    if encoder is None:
+        return 3 * height * width
+    with torch.device("meta"):
+        ghost = type(vae).from_config(vae.config).encoder
+    largest = 3 * height * width
+
+    def hook(_module, _args, output):
+        nonlocal largest
+        t = first_tensor(output)
+        if t is not None:
+            largest = max(largest, t.numel())
+
+    handles = [m.register_forward_hook(hook) for m in ghost.modules()]
+    try:
+        with torch.device("meta"), torch.no_grad():
+            ghost(torch.zeros(1, 3, height, width))
+    finally:
+        for h in handles:
+            h.remove()
+    return largest
+
+
+def estimate_batch_memory(pipe, layers: list[str], height: int, width: int, batch: int, kept_copies: int = 1,
+                          element_bytes: int = 4) -> dict[str, int]:
+    """Bytes one batch of `batch` images at height×width will add, by part, from shapes only (see the
+    constants above for how the factors were measured): the hooked layers' features (`kept_copies`: one per
+    timestep and variant), the UNet's working set and the VAE encoder's. Nothing runs at that size."""
+    from difffeat.layers import list_layers
+
+    shapes = list_layers(pipe, height, width)  # traced on the meta device, cached per size
+    size = {name: c * h * w for name, (c, h, w) in shapes}
+    kept = sum(size.get(name, max(size.values())) for name in layers)
+    biggest = max(size.values())
+    vae = getattr(pipe, "vae", None)
+    vae_peak = _vae_largest_activation(vae, height, width) if vae is not None else 0
+    return {"features": batch * kept_copies * kept * element_bytes,
+            "unet": batch * UNET_WORKING_SET * biggest * element_bytes,
+            "vae": batch * VAE_WORKING_SET * vae_peak * element_bytes}
+
+
+def check_estimate(pipe, layers: list[str], resolution: tuple[int, int], batch: int, device, limit: float,
+                   kept_copies: int = 1, element_bytes: int = 4) -> dict:
+    """Refuse (`does_not_fit`), before any forward pass, a batch whose estimate from shapes
+    (`estimate_batch_memory`) is over `limit`: one line with the estimate, the memory there is, and the largest
+    batch that fits (or that not even one image does). Returns the estimate when it fits."""
+    height, width = resolution  # "4096 4096" on mini: gigabytes per image, found with nothing run at that size
+    one = estimate_batch_memory(pipe, layers, height, width, 1, kept_copies, element_bytes)
+    per_image = sum(one.values())
+    need = per_image * batch
+    if need <= limit:
+        return {"estimate_bytes": int(need), "estimate_per_image_bytes": int(per_image), "limit_bytes": int(limit)}
+    raise does_not_fit(batch, device, per_image, 0, limit)  # the same line as a measured refusal

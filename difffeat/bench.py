@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -60,7 +61,10 @@ class BenchConfig(Config):
     workers: int | None = option(None, min=0, help="decoding workers of difffeat (default as extract)")
     background_write: bool = option(True, help="difffeat writes its store on a background thread")
     max_memory: float | None = option(None, above=0, help="GiB batches may take (--batch-size auto)")
+    store_dtype: str = option("float32", choices=("float32", "float16"), help="dtype difffeat stores features in")
     images: str | None = option(None, help="bench on these images (default: --n synthetic Shapes-LT scenes at --size)")
+    tmp_dir: str | None = option(None, help="where the inputs and stores go while measured (default: the system's "
+                                            "temporary folder; /dev/shm keeps a slow disk out of the numbers)")
     repeats: int = option(1, min=1, help="runs of each contender, alternated; each keeps its best")
     json_out: str | None = option(None, flag="--json", help="also write the results (JSON) to this file")
 
@@ -141,6 +145,7 @@ def run_bare(pipe, x, layers: list[str], t: int, ensemble: int, batch: int, time
 
     unet, scheduler = pipe.unet, pipe.scheduler
     generator = torch.Generator().manual_seed(0)
+    text = _empty_text(pipe, 1, unet.device, unet.dtype)  # once: the compute is what is measured
     with torch.no_grad(), Capture(unet, layers, _latent_hw(pipe, x)) as cap:
         for s in range(0, len(x), batch):
             with timer.phase("vae"):
@@ -149,7 +154,7 @@ def run_bare(pipe, x, layers: list[str], t: int, ensemble: int, batch: int, time
                 noise = torch.randn(z.shape, generator=generator).to(z)
                 ts = torch.full((len(z),), t, device=z.device)
                 zt = scheduler.add_noise(z, noise, ts)
-                cap.run(zt, ts, _empty_text(pipe, len(z), z.device, z.dtype),
+                cap.run(zt, ts, text.expand(len(z), -1, -1),
                         **unet_conditions(unet, len(z), tuple(z.shape[-2:]), z.device, z.dtype))
 
 
@@ -229,8 +234,9 @@ def _subset(folder: Path, paths: list[Path]) -> Path:
     return folder
 
 
-def bench(cfg: BenchConfig, warn=None) -> dict:
-    """Measure the contenders (see the module doc); returns the results (what the JSON holds)."""
+def bench(cfg: BenchConfig, warn=None, pipe=None) -> dict:
+    """Measure the contenders (see the module doc); returns the results (what the JSON holds). `pipe`: the
+    loaded `cfg.model` in `cfg.dtype` (several benches of one model then load it once)."""
     cfg.validate()
     import torch
 
@@ -243,14 +249,14 @@ def bench(cfg: BenchConfig, warn=None) -> dict:
     warn = warn or warn_line
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = device_sync(device)
-    pipe = load_pipeline(cfg.model, device=device, dtype=cfg.dtype)
+    pipe = pipe if pipe is not None else load_pipeline(cfg.model, device=device, dtype=cfg.dtype)
     size = tuple(cfg.resolution) if cfg.resolution else native_resolution(pipe)
     layers = resolve_layers(pipe, cfg.layers, *size)
     attention = use_attention(pipe, cfg.attention, device, warn)
     machine = machine_info(device)
     results: dict[str, dict] = {}
     extract_reports = []
-    with tempfile.TemporaryDirectory(prefix="difffeat-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="difffeat-bench-", dir=cfg.tmp_dir) as tmp:
         tmp = Path(tmp)
         images = Path(cfg.images) if cfg.images else synthetic_images(tmp / "images", cfg.n, size)
         from difffeat.data.images import discover_images
@@ -261,6 +267,7 @@ def bench(cfg: BenchConfig, warn=None) -> dict:
             from difffeat.errors import UserError
 
             raise UserError(f"{images}: no images to bench on")
+        images = _subset(tmp / "inputs", paths)  # exactly the n images, whatever else the folder holds
         runs = 0
 
         def extract_cfg(out: Path, subset: Path) -> ExtractRunConfig:
@@ -269,12 +276,13 @@ def bench(cfg: BenchConfig, warn=None) -> dict:
                 ensemble=cfg.ensemble, batch_size=cfg.batch_size, resolution=list(size), dtype=cfg.dtype,
                 workers=cfg.workers, background_write=cfg.background_write, compile=cfg.compile,
                 compile_backend=cfg.compile_backend, compile_mode=cfg.compile_mode, channels_last=cfg.channels_last,
-                attention_backend=cfg.attention, max_memory=cfg.max_memory)
+                attention_backend=attention, max_memory=cfg.max_memory, store_dtype=cfg.store_dtype)
 
         def difffeat_run(timer, subset=images) -> None:
             nonlocal runs
             runs += 1
-            report = run_extraction(extract_cfg(tmp / f"store{runs}", subset), progress=False, pipe=pipe, timer=timer)
+            store = tmp / f"store{runs}"
+            report = run_extraction(extract_cfg(store, subset), progress=False, pipe=pipe, timer=timer)
             extract_reports.append(report)
 
         # Warm-up, not timed: the batch-size probe (auto; then cached), compiling (the padded batch has the full
@@ -283,11 +291,13 @@ def bench(cfg: BenchConfig, warn=None) -> dict:
 
         t0 = time.perf_counter()
         difffeat_run(NullTimer(), _subset(tmp / "warm1", paths[:1]))
-        sizing = extract_reports[-1]["processes"][0]["batch_sizing"]
+        sizing = extract_reports[-1]["batch_sizing"]
         batch = extract_reports[-1]["batch_size"]
         if batch > 1 and n > 1:
             difffeat_run(NullTimer(), _subset(tmp / "warm2", paths[:batch]))
         warmup = {"seconds": round(time.perf_counter() - t0, 3), "batch_size": batch, "batch_sizing": sizing}
+        for store in tmp.glob("store*"):
+            shutil.rmtree(store)
 
         x = None
         if "bare" in cfg.compare:
@@ -320,6 +330,8 @@ def bench(cfg: BenchConfig, warn=None) -> dict:
         for _ in range(cfg.repeats):
             for name, (fn, count) in contenders.items():
                 measured = _measure(fn, device, count, sync)
+                for store in tmp.glob("store*"):  # measured; a big model's features take gigabytes
+                    shutil.rmtree(store)
                 if name not in results or measured["images_per_second"] > results[name]["images_per_second"]:
                     results[name] = measured
         del x
@@ -333,7 +345,7 @@ def bench(cfg: BenchConfig, warn=None) -> dict:
     return {
         "config": {**cfg.to_dict(), "layers": layers, "resolution": list(size), "batch_size": batch},
         "attention": attention,
-        "compile_failed": (last.get("processes") or [{}])[0].get("speed", {}).get("compile", {}).get("failed"),
+        "compile_failed": last.get("speed", {}).get("compile", {}).get("failed"),
         "warmup": warmup,
         "machine": machine,
         "load_average_after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

@@ -59,7 +59,7 @@ class Capture:
                  attention: list[str] = (), early_exit: bool = True, to_map=None):
         self.unet = unet
         # How a hooked output becomes a map, `to_map(layer, output)`: by default the UNet rule below; a transformer
-        # passes `difffeat.dit.TokenMaps` (image tokens only, patch grid, DiTF options after a ":" in the name).
+        # passes `difffeat.ditf.TokenMaps` (image tokens only, patch grid, DiTF options after a ":" in the name).
         self.to_map = to_map or self.default_map
         self.layers = list(layers)
         self.attention = list(attention)

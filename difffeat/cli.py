@@ -25,11 +25,14 @@ COMMAND_GROUP = "difffeat.commands"
 
 def _cmd_data_synth(args) -> None:
     from difffeat.data.shapes_lt import synthesize
+    from difffeat.progress import Stopwatch
 
+    watch = Stopwatch()
     out = synthesize(args.out, n=args.n, seed=args.seed, imbalance=args.imbalance, overwrite=args.overwrite,
                      progress=not args.quiet)
     classes = json.loads((out / "classes.json").read_text())
     print(f"wrote {args.n} Shapes-LT scenes to {out} (splits {classes['config']['splits']})")
+    print(watch.finish_line(f"data synth: {args.n} scenes to {out}", count=args.n, unit="images"))
 
 
 def _cmd_zoo_list(args) -> None:
@@ -147,11 +150,20 @@ def _variants(args) -> dict[str, list[str]]:
 
 
 def _cmd_extract(args) -> None:
-    from difffeat.progress import human_bytes
+    from difffeat.progress import Stopwatch, human_bytes
     from difffeat.runner import run_extraction
 
-    report = run_extraction(_extract_config(args), overwrite=args.overwrite, resume=args.resume,
-                            progress=not args.quiet)
+    cfg = _extract_config(args)
+    out = Path(cfg.out)
+    new_folder = not out.exists() or (out.is_dir() and not any(out.iterdir()))
+    watch = Stopwatch()  # model loading included: the line says how long the command took
+    report = run_extraction(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+    if report["world_size"] == 1 and new_folder and report["failed"] and not report["extracted"] \
+            and not report["already_done"]:
+        _remove_new_store(out)  # every input was bad: an empty store would only look like a result
+        first = report["failed"][0]
+        raise UserError(f"{cfg.images}: none of the {len(report['failed'])} input files could be extracted (first: "
+                        f"{first['key']}: {first['reason']}); no store was written to {out}")
     if report["rank"] == 0:
         failed = report["failed"]
         speed = report["images_per_second"]
@@ -162,6 +174,23 @@ def _cmd_extract(args) -> None:
               + (f"; skipped {len(failed)} (see {args.out}/report.json)" if failed else ""))
         for f in failed[:10]:
             print(f"  skipped {f['key']}: {f['reason']}", file=sys.stderr)
+        print(watch.finish_line(f"extract: {report['extracted']} images to {args.out} (report.json, shards/)",
+                                count=report["extracted"], unit="images"))
+
+
+def _remove_new_store(out: Path) -> None:
+    """Remove what this run wrote into `out`, a folder that was new or empty before it (so all of it is the run's)."""
+    import shutil
+
+    for p in list(out.iterdir()):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    try:
+        out.rmdir()
+    except OSError:
+        pass
 
 
 def _cmd_inspect(args) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from difffeat import dit
+from difffeat import dit, ditf
 from difffeat.capture import Capture
 from difffeat.conditioning import ConditioningStack, technique_stack
 from difffeat.errors import UserError
@@ -184,11 +184,11 @@ class FeatureExtractor:
         items = [(i, t, d) for i in range(n) for t in self.timesteps for d in range(self.ensemble)]
         out: dict[str, torch.Tensor] = {}
         model, maps = dit.denoiser(self.pipe), contextlib.nullcontext()
-        if dit.is_transformer(self.pipe):  # image tokens on the patch grid, DiTF options (difffeat.dit)
-            maps = dit.TokenMaps(model, self.layers, dit.token_index(self.pipe, *self.resolution), latent_hw)
+        if dit.is_transformer(self.pipe):  # image tokens on the patch grid, DiTF options (difffeat.ditf)
+            maps = ditf.TokenMaps(model, self.layers, dit.token_index(self.pipe, *self.resolution), latent_hw)
         with stack.active(), maps, Capture(model, self.layers, latent_hw, inputs=self.capture_inputs,
                                            attention=self.attention, early_exit=self.early_exit,
-                                           to_map=maps if isinstance(maps, dit.TokenMaps) else None) as cap:
+                                           to_map=maps if isinstance(maps, ditf.TokenMaps) else None) as cap:
             timer = self.timer
             for s in range(0, len(items), self.batch_size):
                 batch = items[s : s + self.batch_size]
@@ -196,7 +196,7 @@ class FeatureExtractor:
                 idx = [i for i, _, _ in run]
                 ts = torch.tensor([t for _, t, _ in run])
                 with timer.phase("text"):
-                    if isinstance(maps, dit.TokenMaps):
+                    if isinstance(maps, ditf.TokenMaps):
                         cond = dit.TransformerBatch.encode(self.pipe, self.prompt_encoder, [prompts[i] for i in idx])
                     else:
                         cond = stack.conditioning(self.prompt_encoder, prompts, controls, idx, self.resolution)

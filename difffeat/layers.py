@@ -205,7 +205,9 @@ def resolve_layers(pipe, layers: Iterable[str], height: int | None = None, width
         elif layer in valid:
             wanted.append(layer)
         elif ":" in layer and layer.split(":")[0] in valid:  # a transformer block with DiTF options
-            dit.check_layer_options(layer, valid)
+            from difffeat.ditf import check_layer_options
+
+            check_layer_options(layer, valid)
             wanted.append(layer)
         else:
             # The nearest names even when none is close: a name of another architecture (a UNet's on a

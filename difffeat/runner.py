@@ -91,6 +91,10 @@ class ExtractRunConfig(Config):
                                help="torch.compile mode (reduce-overhead: CUDA graphs)")
     channels_last: bool = option(False, help="channels-last memory layout for the UNet (faster convolutions on "
                                              "recent GPUs in fp16/bf16)")
+    pad_batches: bool = option(False, help="fill a short batch with copies of its last image (dropped after): "
+                                           "features then never depend on how images fall into batches, so "
+                                           "sharded, merged or resumed runs equal one run bit for bit (always "
+                                           "on with --compile: one shape)")
     attention_backend: str = option("auto", choices=ATTENTION_BACKENDS,
                                     help="auto: xformers on CUDA when installed, else torch SDPA")
     max_memory: float | None = option(None, above=0, help="GiB of memory batches may take (default: 90%% of what "
@@ -100,7 +104,7 @@ class ExtractRunConfig(Config):
     # Fields that never change a feature: not in the store's config, so a run may change them on --resume.
     RUN_ONLY: ClassVar[tuple[str, ...]] = (
         "out", "batch_size", "shard_size", "workers", "background_write", "compile", "compile_backend",
-        "compile_mode", "channels_last", "attention_backend", "max_memory")
+        "compile_mode", "channels_last", "pad_batches", "attention_backend", "max_memory")
     SHARDING: ClassVar[tuple[str, ...]] = ("shard_index", "num_shards")
 
     def __post_init__(self):
@@ -156,10 +160,16 @@ class PromptSource:
 
     def fields(self, item) -> dict:
         """The image's prompt-template fields: caption, label, and the next image's caption (`other_caption`)."""
+        from difffeat.data.images import BadImageError
+
         label = (self.source.row(item) or {}).get("label")
         other = self._next.get(item.key)
+        try:  # another image's unreadable caption is that image's failure, not this one's
+            other_caption = None if other is None or other.key == item.key else self.caption(other)
+        except BadImageError:
+            other_caption = None
         return {"caption": self.caption(item), "label": None if label is None else str(label),
-                "other_caption": None if other is None or other.key == item.key else self.caption(other)}
+                "other_caption": other_caption}
 
     def __call__(self, item) -> str:
         from difffeat.data.images import label_prompt, sidecar_caption
@@ -303,16 +313,21 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
             if rows:
                 x = batch.pixels if len(rows) == len(batch.items) else batch.pixels[rows]
                 keys = [batch.items[j].key for j in rows]
+                texts, fields = [batch.texts[j] for j in rows], [batch.fields[j] for j in rows]
+                if (cfg.pad_batches or cfg.compile) and len(rows) < batch_size:  # one batch shape, whatever is left
+                    pad = batch_size - len(rows)
+                    x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
+                    keys, texts, fields = keys + keys[-1:] * pad, texts + texts[-1:] * pad, fields + fields[-1:] * pad
                 try:
-                    feats = _features(extractors, x, keys, [batch.texts[j] for j in rows],
-                                      [batch.fields[j] for j in rows], cfg, timer)
+                    feats = _features(extractors, x, keys, texts, fields, cfg, timer)
                 except Exception as e:
                     from difffeat.autobatch import is_out_of_memory
 
                     if not is_out_of_memory(e):
                         raise
                     raise _ran_out(batch_size, device, sizing, cfg.max_memory) from None
-                out.add(keys, feats, [batch.stamps[j] for j in rows])
+                keys = keys[: len(rows)]
+                out.add(keys, {name: f[: len(rows)] for name, f in feats.items()}, [batch.stamps[j] for j in rows])
                 extracted += len(rows)
             bar.update(batch.size)
     seconds = time.perf_counter() - t0 if mine else 0.0
@@ -373,6 +388,12 @@ def _batch_size(cfg: ExtractRunConfig, extractor, device, store_cfg: dict) -> tu
     from difffeat.measure import device_name
 
     limit = autobatch.memory_limit(device, cfg.max_memory)
+    # From shapes first: a probe at a size that cannot fit would itself be killed without a message.
+    element = 2 if cfg.dtype in ("fp16", "bf16") else 4
+    copies = len(cfg.timesteps) * max(1, len(cfg.variants))
+    autobatch.check_estimate(extractor.pipe, extractor.layers, extractor.resolution,
+                             1 if cfg.batch_size == "auto" else cfg.batch_size, device, limit,
+                             kept_copies=copies, element_bytes=element)
     probe = autobatch.extraction_probe(extractor, device)
     if cfg.batch_size != "auto":
         if cfg.batch_size <= 2:  # probing would cost as much as the batch itself
@@ -398,19 +419,22 @@ def _batch_size(cfg: ExtractRunConfig, extractor, device, store_cfg: dict) -> tu
 
 
 def _ran_out(batch_size: int, device, sizing: dict | None, max_memory: float | None) -> UserError:
-    """A batch that ran out of device memory: the numbers, and the batch that would fit."""
+    """A batch that ran out of device memory: the numbers, and a batch that would fit (smaller than this one,
+    whatever the estimate from the start of the run said)."""
     from difffeat import autobatch
     from difffeat.measure import free_memory
     from difffeat.progress import human_bytes
 
     autobatch.release(device)
     limit = autobatch.memory_limit(device, max_memory)
-    if sizing and "per_image_bytes" in sizing:
-        return autobatch.does_not_fit(batch_size, device, sizing["per_image_bytes"], sizing["base_bytes"], limit,
-                                      " ran out of memory and")
     _, total = free_memory(device)
-    return UserError(f"batch {batch_size} ran out of memory on {device} ({human_bytes(limit)} available of "
-                     f"{human_bytes(total or 0)}); try --batch-size {max(1, batch_size // 2)} or --batch-size auto")
+    fit = max(1, batch_size // 2)
+    per_image = ""
+    if sizing and sizing.get("per_image_bytes"):
+        fit = max(1, min(fit, autobatch.fitting_batch(sizing["per_image_bytes"], sizing.get("base_bytes", 0), limit)))
+        per_image = f" about {human_bytes(sizing['per_image_bytes'])} per image,"
+    return UserError(f"batch {batch_size} ran out of memory on {device}:{per_image} {human_bytes(limit)} available "
+                     f"of {human_bytes(total or 0)}; batch {fit} would fit: --batch-size {fit} or --batch-size auto")
 
 
 def _write_report(out: Path, report: dict, rank: int, world: int, state) -> None:

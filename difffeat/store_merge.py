@@ -141,33 +141,31 @@ def merge_stores(out: str | os.PathLike, stores: Sequence[str | os.PathLike], ov
 
     folder = RunFolder(out, KIND, config, overwrite=overwrite, owned=OWNED, marker=MANIFEST, ignore=(), format=FORMAT,
                        extra={"merged_from": [str(s.resolve()) for s in sources]})
+    existed = out.exists()
     mkdir(out)
-    with FolderLock(out / ".lock-r000", f"the feature store {out}"):
-        folder.create()
-        shards_dir = mkdir(out / SHARDS)
-        if any(shards_dir.iterdir()):
-            raise UserError(f"{out}: already holds shards; merge into a new folder (or --overwrite)")
-        new_rank: dict[tuple[Path, int], int] = {}
-        for store in sources:  # every source rank with shards or failure records gets the next free rank
-            ranks = sorted({r for s, r, _, _ in plan if s == store} | {r for r, _ in failure_files(store)})
-            for r in ranks:
-                new_rank[(store, r)] = len(new_rank)
-        kinds: set[str] = set()
-        made: list[Path] = []
-        try:
-            for store, rank, index, file in plan:
-                target = shards_dir / shard_name(new_rank[(store, rank)], index)
-                kinds.add(_link(file, target, symlink))
-                made.append(target)
-            for store in sources:
-                for rank, file in failure_files(store):
-                    target = out / failures_name(new_rank[(store, rank)])
-                    target.write_bytes(file.read_bytes())
-                    made.append(target)
-        except BaseException:
-            for p in made:  # only what this merge made
-                p.unlink(missing_ok=True)
-            raise
+    try:
+        with FolderLock(out / ".lock-r000", f"the feature store {out}"):
+            folder.create()
+            new_rank: dict[tuple[Path, int], int] = {}
+            for store in sources:  # every source rank with shards or failure records gets the next free rank
+                ranks = sorted({r for s, r, _, _ in plan if s == store} | {r for r, _ in failure_files(store)})
+                for r in ranks:
+                    new_rank[(store, r)] = len(new_rank)
+            kinds: set[str] = set()
+            try:
+                shards_dir = mkdir(out / SHARDS)
+                for store, rank, index, file in plan:
+                    kinds.add(_link(file, shards_dir / shard_name(new_rank[(store, rank)], index), symlink))
+                for store in sources:
+                    for rank, file in failure_files(store):
+                        (out / failures_name(new_rank[(store, rank)])).write_bytes(file.read_bytes())
+            except BaseException:
+                folder.remove_owned()  # the store this merge began (a new folder, or one it was told to overwrite)
+                raise
+    except BaseException:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     reports = [_sources_report(s) for s in sources]
     seconds = [r.get("seconds") for r in reports if r and isinstance(r.get("seconds"), (int, float))]
     peaks = [r.get("peak_memory_bytes") for r in reports if r and isinstance(r.get("peak_memory_bytes"), int)]

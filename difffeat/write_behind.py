@@ -61,9 +61,11 @@ class WriteBehind:
             _, keys, features, stamps = job
             for row, key in enumerate(keys):
                 self.writer.add(key, {name: f[row] for name, f in features.items()}, stamp=stamps[row])
-        else:
+        elif job[0] == "fail":
             _, key, reason = job
             self.writer.fail(key, reason)
+        else:  # the last, partial shard, written here too rather than by the loop
+            self.writer.flush()
         self.timer.add("write_busy", time.perf_counter() - t0)
 
     # --------------------------------------------------------------------------------------- the loop
@@ -91,13 +93,18 @@ class WriteBehind:
         self._submit(("fail", key, reason))
 
     def close(self) -> None:
-        """Wait until every handed-over batch is written (or the thread has failed), then raise its error."""
-        if self._thread is not None:
-            t0 = time.perf_counter()
-            self._queue.put(_STOP)
-            self._thread.join()
-            self._thread = None
-            self.timer.add("write", time.perf_counter() - t0)
+        """Write what is buffered as a shard and wait until every handed-over batch is written (or the thread has
+        failed), then raise its error."""
+        try:
+            if self.error is None:
+                self._submit(("flush",))
+        finally:
+            if self._thread is not None:
+                t0 = time.perf_counter()
+                self._queue.put(_STOP)
+                self._thread.join()
+                self._thread = None
+                self.timer.add("write", time.perf_counter() - t0)
         self._raise_error()
 
     def __enter__(self) -> WriteBehind:

@@ -5,7 +5,9 @@ are named after the methods (`imbsam`, `ssesam`, `vs`, `tla_adrw`, `ldam`, `dirm
 `test_time_aggregation`, `shots` for classification; `aucseg`, `memory_bank` for segmentation) and hold
 values under the parameter names of difffeat's losses, optimizers and protocols, each section with the
 `source` it was read from (repository and file). A value with more than one released source lists the
-others under `alternatives` (VS γ: 0.05 in DDC's scripts, 0.3 in the VS paper's code).
+others under `alternatives` (VS γ: 0.05 in DDC's scripts, 0.3 in the VS paper's code). The commands apply
+them with ``--profile NAME`` (`downstream.cls.profile` for train-cls, `downstream.seg.profile` for train-seg),
+to the options the command line leaves unset.
 
     >>> profile("cityscapes")["memory_bank"]["tail_classes"]
     [6, 12, 14, 15, 16, 17, 18]

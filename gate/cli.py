@@ -47,6 +47,9 @@ def _cmd_gate(args) -> None:
     folder = report_folder(args.out, cfg, overwrite=args.overwrite)  # refused now, not after the work
     if args.emit:
         check_new_file(args.emit, args.overwrite, "--emit")
+    from difffeat.progress import Stopwatch
+
+    watch = Stopwatch()
     pipe = load_pipeline(cfg.model)
     result = rank(pipe, cfg.images, cfg.candidates, cfg, progress=not args.quiet)
     out = Path(args.out)
@@ -75,6 +78,8 @@ def _cmd_gate(args) -> None:
                                                           f"(primary {primary}); report in {out}")
         print(f"wrote {len(variants)} variant(s) to {args.emit} (difffeat extract --variants {args.emit})")
     print(f"report: {page}")
+    print(watch.finish_line(f"gate: {len(result.table())} candidates ranked on {len(result.keys)} images, report in "
+                            f"{out}", count=len(result.keys), unit="images"))
 
 
 def add_commands(subparsers) -> None:

@@ -204,6 +204,8 @@ def parse_technique(spec: str | Technique) -> Technique:
         raise UserError(f"unknown technique {name!r} in {text!r}; valid: "
                         + "; ".join(describe(TECHNIQUES[n]) for n in sorted(TECHNIQUES)))
     cls = TECHNIQUES[name]
+    if ":" in text and not rest.strip():  # `controlnet:` with its value forgotten, not a request for the default
+        raise UserError(f"technique {text!r}: nothing after ':'; valid: {describe(cls)}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     raw: dict[str, str] = {}
     last = None

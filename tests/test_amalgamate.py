@@ -136,6 +136,16 @@ def test_attention_maps_are_concatenated_after_amalgamation():
     assert layout.names == ("store0", "store1") and layout.after == (4,)
 
 
+def test_dropout_is_inverted_dropout():
+    from downstream.seg.amalgamate import Dropout
+
+    drop, x = Dropout(0.5), torch.ones(200_000)
+    torch.manual_seed(0)
+    y = drop(x)
+    assert set(y.unique().tolist()) == {0.0, 2.0} and abs((y == 0).float().mean().item() - 0.5) < 0.01
+    assert torch.equal(drop.eval()(x), x)
+
+
 def test_assigner_forms_are_the_configs():
     assert tuple(ASSIGNER_FORMS) == tuple(CONFIG_FORMS)
 

@@ -204,6 +204,129 @@ CASES = [
 ]
 
 
+# item 12: bad arguments are one line naming the flag (or file) and the reason
+def extract_with(*extra: str) -> Callable[[Path], list[str]]:
+    def setup(tmp: Path) -> list[str]:
+        images(tmp / "imgs", 2)
+        return ["extract", str(tmp / "imgs"), "--out", str(tmp / "feats"), "--model", "mini-random", "--layer",
+                "mid_block", "--batch-size", "1", *extra]
+
+    return setup
+
+
+def with_store(*argv: str) -> Callable[[Path], list[str]]:
+    def setup(tmp: Path) -> list[str]:
+        small_store(tmp / "feats", 2)
+        return [a.replace("STORE", str(tmp / "feats")).replace("TMP", str(tmp)) for a in argv]
+
+    return setup
+
+
+def empty_store(tmp: Path) -> list[str]:
+    FeatureStoreWriter(tmp / "feats", {"model": "synthetic"}).close()
+    return ["viz", str(tmp / "feats"), "--out", str(tmp / "pca.png")]
+
+
+def trainer_lr_nan(command: str) -> Callable[[Path], list[str]]:
+    def setup(tmp: Path) -> list[str]:
+        small_store(tmp / "feats", 2)
+        labels = ["--masks", str(tmp)] if command == "train-seg" else ["--labels", str(tmp / "labels.csv")]
+        return [command, "--features", str(tmp / "feats"), *labels, "--out", str(tmp / "run"), "--lr", "nan"]
+
+    return setup
+
+
+def manifest_bad_resolution(tmp: Path) -> list[str]:
+    images(tmp / "imgs", 2)
+    (tmp / "manifest.json").write_text(json.dumps({"config": {"images": str(tmp / "imgs"), "model": "mini-random",
+                                                              "layers": ["mid_block"], "resolution": [0, 64]}}))
+    return ["extract", "--config", str(tmp / "manifest.json"), "--out", str(tmp / "feats")]
+
+
+def resume_without_state(tmp: Path) -> list[str]:
+    """A mini-model run whose VAE checkpoint folder lost its state.json."""
+    from difffeat.run import RunFolder
+    from difffeat.zoo.recipe_config import MiniTrainConfig
+
+    cfg = MiniTrainConfig(n_train=2, vae_steps=1, unet_steps=1)
+    RunFolder(tmp / "run", "mini", cfg, resume=True, ignore=("threads",)).create()
+    step = tmp / "run" / "checkpoints" / "vae" / "step-0000001"
+    step.mkdir(parents=True)
+    (step.parent / "latest.json").write_text(json.dumps({"step": 1, "dir": "step-0000001"}))
+    return ["zoo", "train-mini", str(tmp / "run"), "--n-train", "2", "--vae-steps", "1", "--unet-steps", "1"]
+
+
+FLAG_CASES = [
+    Case("extract-shard-size-0", extract_with("--shard-size", "0"), 2, ("--shard-size", "must be ≥ 1")),
+    Case("extract-size-0", extract_with("--size", "0", "0"), 2, ("--size", "must be ≥ 1")),
+    Case("extract-size-negative", extract_with("--size", "-64", "64"), 2, ("--size", "must be ≥ 1, got -64")),
+    Case("extract-size-not-a-multiple", extract_with("--size", "7", "7"), 2, ("--size", "multiples of 4", "64 64")),
+    Case("extract-concat-size-0", extract_with("--concat", "--concat-size", "0", "0"), 2,
+         ("--concat-size", "must be ≥ 1")),
+    Case("technique-cfg-nan", extract_with("--technique", "cfg:nan"), 2, ("--technique", "cfg:nan", "finite")),
+    Case("technique-cfg-negative", extract_with("--technique", "cfg:-5"), 2, ("--technique", "cfg:-5", "≥ 0")),
+    Case("technique-controlnet-empty", extract_with("--technique", "controlnet:"), 2,
+         ("--technique", "controlnet:", "nothing after ':'")),
+    Case("technique-canny-low-above-high", extract_with("--technique", "controlnet:canny,low=300,high=100"), 2,
+         ("--technique", "low ≤ high")),
+    Case("technique-given-twice", extract_with("--technique", "prompt:fine", "--technique", "prompt:fine"), 2,
+         ("--technique", "prompt:fine", "given twice")),
+    Case("layers-size-0", lambda t: ["layers", "--model", "mini-random", "--size", "0", "0"], 2,
+         ("--size", "multiples of 4")),
+    Case("synth-imbalance-nan", lambda t: ["data", "synth", str(t / "set"), "--n", "3", "--imbalance", "nan"], 2,
+         ("--imbalance", "nan")),
+    Case("train-seg-lr-nan", trainer_lr_nan("train-seg"), 2, ("--lr", "finite")),
+    Case("train-cls-lr-nan", trainer_lr_nan("train-cls"), 2, ("--lr", "finite")),
+    Case("viz-n-0", with_store("viz", "STORE", "--n", "0", "--out", "TMP/pca.png"), 2, ("--n", "must be ≥ 1")),
+    Case("viz-scale-0", with_store("viz", "STORE", "--scale", "0", "--out", "TMP/pca.png"), 2,
+         ("--scale", "must be ≥ 1")),
+    Case("viz-empty-store", empty_store, 2, ("feats", "no images")),
+    Case("sample-steps-0", lambda t: ["sample", "a", "--out", str(t / "s"), "--model", "mini-random", "--steps", "0"],
+         2, ("--steps", "must be ≥ 1")),
+    Case("sample-steps-negative",
+         lambda t: ["sample", "a", "--out", str(t / "s"), "--model", "mini-random", "--steps", "-1"], 2,
+         ("--steps", "must be ≥ 1")),
+    Case("sample-guidance-nan",
+         lambda t: ["sample", "a", "--out", str(t / "s"), "--model", "mini-random", "--guidance", "nan"], 2,
+         ("--guidance", "finite")),
+    Case("extract-config-bad-resolution", manifest_bad_resolution, 2, ("manifest.json", "resolution", "≥ 1")),
+    Case("resume-without-state-json", resume_without_state, 2, ("state.json", "no such checkpoint state"),
+         owned=("run",)),
+]
+
+
+# item 10: every input bad is a failure (and leaves no store); one unreadable caption skips only its image
+def every_input_bad(tmp: Path) -> list[str]:
+    (tmp / "imgs").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp / "imgs" / name).write_text("not a picture")
+    return ["extract", str(tmp / "imgs"), "--out", str(tmp / "feats"), "--model", "mini-random", "--layer", "mid_block"]
+
+
+def no_store(tmp: Path) -> None:
+    assert not (tmp / "feats").exists()
+
+
+def one_caption_not_utf8(tmp: Path) -> list[str]:
+    argv = extract_with("--prompt-from", "sidecar")(tmp)
+    (tmp / "imgs" / "0.txt").write_bytes(b"\xff\xfe not text")
+    (tmp / "imgs" / "1.txt").write_text("a red circle")
+    return argv
+
+
+def only_that_image_skipped(tmp: Path) -> None:
+    report = json.loads((tmp / "feats" / "report.json").read_text())
+    assert report["failed"] == [{"key": "0.png", "reason": "its caption file 0.txt is not UTF-8 text"}]
+    assert FeatureStore(tmp / "feats").keys() == ["1.png"]
+
+
+CASES += FLAG_CASES + [
+    Case("extract-every-input-bad", every_input_bad, 2, ("imgs", "none of the 2 input files", "no store was written"),
+         owned=("feats",), check=no_store),
+    Case("extract-one-caption-not-utf8", one_caption_not_utf8, 0, owned=("feats",), check=only_that_image_skipped),
+]
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input(case: Case, tmp_path, capsys):
     argv = case.setup(tmp_path)
@@ -385,3 +508,38 @@ def test_a_diverging_lora_stops_with_one_line(tmp_path):
     with pytest.raises(UserError, match=r"the LoRA training loss became (nan|inf) at step \d; lower the learning"):
         train_lora(cfg, progress=False)
     assert not (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_inspect_into_a_closed_pipe_exits_quietly(tmp_path):
+    """`difffeat inspect STORE | head -1`: the reader stops early; no BrokenPipeError traceback, status 0."""
+    small_store(tmp_path / "feats", 2)
+    proc = subprocess.run(f"{sys.executable} -m difffeat inspect {tmp_path / 'feats'} | head -c 1; "
+                          "exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "Broken pipe" not in proc.stderr, proc.stderr
+
+
+# item 9: a batch far too big for the memory there is is refused before any forward pass at that size, from the
+# layer shapes alone (the limit comes from the environment, so nothing big is ever allocated)
+@pytest.mark.parametrize("size, batch, words", [
+    ("1024", "8", ("batch 8 does not fit", "per image", "4.0 GiB is available", "batch 3 would fit",
+                   "--batch-size 3")),
+    ("4096", "1", ("batch 1 does not fit", "4.0 GiB is available", "not even a batch of 1 fits", "--size")),
+    ("4096", "auto", ("batch 1 does not fit", "not even a batch of 1 fits")),
+])
+def test_a_batch_that_cannot_fit_is_refused_from_shapes(size, batch, words, tmp_path, capsys, monkeypatch):
+    import resource
+
+    from difffeat.autobatch import MEMORY_LIMIT_ENV
+
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, str(4 * 2**30))
+    images(tmp_path / "imgs", 2)
+    before = snapshot(tmp_path, ("feats",))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    code, out, err = run_cli(["extract", str(tmp_path / "imgs"), "--out", str(tmp_path / "feats"), "--model",
+                              "mini-random", "--size", size, size, "--batch-size", batch], capsys)
+    assert code == 2, (out, err)
+    assert_one_line(err, words)
+    assert snapshot(tmp_path, ("feats",)) == before
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) * 1024
+    assert grown < 2**30, f"the refusal itself took {grown} bytes"  # the estimate ran nothing at that size

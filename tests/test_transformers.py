@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import difffeat
-from difffeat import dit
+from difffeat import dit, ditf
 from difffeat.errors import UserError
 from difffeat.layers import list_layers, resolve_layers
 from difffeat.zoo import dit_presets, mmdit
@@ -216,7 +216,7 @@ def test_massive_activation_channels_are_found_and_suppressed(mini_parts):
         handle.remove()
     raw, zero, clip = (feats[n] for n in layers)
     tokens = raw.flatten(2).transpose(1, 2)
-    assert dit.massive_channels(tokens).nonzero()[:, 1].unique().tolist() == planted
+    assert ditf.massive_channels(tokens).nonzero()[:, 1].unique().tolist() == planted
     others = [c for c in range(raw.shape[1]) if c not in planted]
     assert (zero[:, planted] == 0).all()
     torch.testing.assert_close(zero[:, others], raw[:, others])
@@ -228,8 +228,8 @@ def test_massive_activation_channels_are_found_and_suppressed(mini_parts):
 
 def test_massive_detection_leaves_an_ordinary_map_alone():
     tokens = torch.randn(2, 64, 32)
-    assert not dit.massive_channels(tokens).any()
-    torch.testing.assert_close(dit.suppress_massive(tokens, "zero"), tokens)
+    assert not ditf.massive_channels(tokens).any()
+    torch.testing.assert_close(ditf.suppress_massive(tokens, "zero"), tokens)
 
 
 # -------------------------------------------------------------------------------------- PixArt and FLUX

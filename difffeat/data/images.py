@@ -442,8 +442,8 @@ def sidecar_caption(path: Path) -> str | None:
         return txt.read_text(encoding="utf-8-sig").strip()
     except FileNotFoundError:
         return None
-    except UnicodeDecodeError:
-        raise UserError(f"{txt}: caption file is not UTF-8 text") from None
+    except UnicodeDecodeError:  # this image's own input is bad: a run skips the image and names it
+        raise BadImageError(path, f"its caption file {txt.name} is not UTF-8 text") from None
     except OSError as e:
         raise UserError(f"{txt}: cannot read caption file ({e.strerror or e})") from None
 

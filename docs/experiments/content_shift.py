@@ -8,7 +8,8 @@ interrupted run goes on where it stopped:
 
 1. ``data synth``: a Shapes-LT world (80/10/10 train/val/test).
 2. ``lora train``: a LoRA on 30 training images (LoCon, conv layers too, when ``lora train --conv`` exists).
-3. ``gate``: img2img with and without each of the candidates below on 16 held-out images, with ``--emit``.
+3. ``gate``: img2img with and without each of the candidates below on 16 validation images, with ``--emit``.
+   The base prompt is empty (plain = no technique); prompt techniques set it.
 4. ``extract``: the whole world at 128² (a 32×32 feature grid), gdf-legacy layers, plain + every candidate as
    variants of one store; and the attention feature (cross-attention maps of the up blocks, one fixed prompt)
    into a second store.
@@ -78,15 +79,14 @@ def prepare(w: Path, args) -> dict:
     candidates = {k: (v if v is not None else [f"lora:{w / 'lora'}"]) for k, v in CANDIDATES.items()}
     (w / "candidates.yaml").write_text("".join(f"{k}: [{', '.join(v)}]\n" for k, v in candidates.items()))
     if not (w / "gate" / "ranking.json").is_file():
-        cli("gate", str(w / "shapes" / "test"), "--candidates", str(w / "candidates.yaml"), "--out", str(w / "gate"),
-            "--n", "16", "--layer", "gdf-legacy", "--prompt-from", "sidecar", "--emit", str(w / "gate" / "variants.yaml"),
-            "--overwrite")
+        cli("gate", str(w / "shapes" / "val"), "--candidates", str(w / "candidates.yaml"), "--out", str(w / "gate"),
+            "--n", "16", "--layer", "gdf-legacy", "--emit", str(w / "gate" / "variants.yaml"), "--overwrite")
     variants = {"plain": [], **candidates}
     (w / "variants.yaml").write_text("variants:\n" + "".join(f"  {k}: [{', '.join(v)}]\n" for k, v in variants.items()))
     common = ["--t", "50", "--size", "128", "128", "--resize", "stretch"]
     if not (w / "feat" / "manifest.json").is_file() or not (w / "feat" / "report.json").is_file():
         cli("extract", str(w / "shapes"), "--out", str(w / "feat"), "--variants", str(w / "variants.yaml"),
-            *sum((["--layer", lay] for lay in LAYERS), []), "--prompt-from", "sidecar", *common, "--resume")
+            *sum((["--layer", lay] for lay in LAYERS), []), *common, "--resume")
     if not (w / "feat-attn" / "report.json").is_file():
         if "gdf-up-cross" in help_text("layers"):  # the GDF attention feature as a preset
             attention = ["--layer", "gdf-up-cross", "--attention-prompt", ATTENTION_PROMPT]
@@ -145,6 +145,8 @@ def train_all(w: Path, specs: list[dict], args) -> None:
         if (out / "metrics.json").is_file():
             continue
         options = {k: v for k, v in r.items() if k not in ("row", "group", "layers", "features")}
+        if options.get("variants") == "amalgamate":
+            options["assigner_hidden"] = args.assigner_hidden
         cfg = SegTrainConfig(features=r["features"], masks=str(w / "shapes"), out=str(out), layers=r["layers"],
                              split="train", val_split="test", head="conv", hidden=args.hidden, loss=loss,
                              iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, seed=seed,
@@ -258,6 +260,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--assigner-hidden", type=int, default=32,
+                   help="hidden width of the weight assigners (the paper's 128 is for SD's 320–1280 channels; mini "
+                        "has 32–128)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = p.parse_args()
     import torch

@@ -1,10 +1,11 @@
 """Classification heads on pooled stored features (`difffeat train-cls` / `eval-cls`).
 
-One concept per module: `config` (what defines a run), `labels` (the key,label CSV and classes), `data`
-(pooled features of a split), `model` (norm → fusion → trunk → head), `objective` (methods and optimizers by
-name), `dirmixe`, `reconboost`, `neural_collapse` (frame heads and NC metrics), `label_shift` (the
-evaluation protocol), `train` (the loop), `evaluation` (scores, eval-cls), `parallel` (several processes),
-`cli` (the commands).
+One concept per module: `config` (what defines a run), `profile` (a data set's released settings by name),
+`labels` (the key,label CSV and classes), `data` (pooled features of a split), `model` (norm → fusion → trunk →
+head), `objective` (methods and optimizers by name), `dirmixe`, `drauc` (DRAUC's training step), `reconboost`,
+`neural_collapse` (frame heads and NC metrics), `label_shift` (the evaluation protocol), `train` (the loop),
+`evaluation` (scores, many / medium / few shots, eval-cls), `parallel` (several processes), `cli` (the
+commands).
 
     from downstream.cls import ClsTrainConfig, train_cls, eval_cls
     run = train_cls(ClsTrainConfig(features=["runs/features"], labels="labels.csv", split="train/",
@@ -33,6 +34,8 @@ _LAZY = {
     "METHODS": "downstream.cls.objective",
     "OPTIMIZERS": "downstream.cls.objective",
     "shifted_test_sets": "downstream.cls.label_shift",
+    "profile_fields": "downstream.cls.profile",
+    "shot_groups": "downstream.cls.evaluation",
     "neural_collapse_metrics": "downstream.cls.neural_collapse",
     "train_cls": "downstream.cls.train",
     "eval_cls": "downstream.cls.evaluation",

@@ -1,7 +1,7 @@
 """`difffeat train-cls` and `difffeat eval-cls`: classification heads on pooled stored features.
 
-Collected by difffeat's CLI through `EXTENSION_COMMANDS`; the flags are generated from `ClsTrainConfig` and
-`EvalClsConfig` (this module imports only those torch-free configs at start-up, the training code when a
+Collected by difffeat's CLI through the `difffeat.commands` entry point; the flags are generated from
+`ClsTrainConfig` and `EvalClsConfig` (this module imports only those torch-free configs at start-up, the training code when a
 command runs).
 
     difffeat train-cls --features DIR [--features DIR …] --labels CSV [--split train/ --test-split test/ |
@@ -22,6 +22,7 @@ import os
 
 from difffeat.config_cli import add_config_arguments, config_from_args, flag_of
 from difffeat.errors import UserError
+from difffeat.progress import Stopwatch
 from difffeat.run import ConfigError
 from downstream.cls.config import ClsTrainConfig, EvalClsConfig
 
@@ -53,6 +54,7 @@ def _cmd_train_cls(args: argparse.Namespace) -> None:
             cfg = config_from_profile(args)
         else:
             cfg = config_from_args(ClsTrainConfig, args)
+        watch = Stopwatch()
         run = train_cls(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
                         stop_after=args.stop_after)
     if os.environ.get("RANK", "0") != "0":  # one of several processes: the main one reports
@@ -62,6 +64,9 @@ def _cmd_train_cls(args: argparse.Namespace) -> None:
         print(f"trained {run}; {summary_line(read_json(metrics, 'metrics'))}")
     else:
         print(f"trained {run}")
+    # A resumed or stopped run does only part of the epochs: a rate only for a whole fresh run.
+    done = None if args.resume or args.stop_after is not None else cfg.epochs
+    print(watch.finish_line(f"train-cls: {run} ({done or '?'} epochs)", count=done, unit="epochs"))
 
 
 def _cmd_eval_cls(args: argparse.Namespace) -> None:
@@ -69,10 +74,13 @@ def _cmd_eval_cls(args: argparse.Namespace) -> None:
 
     with _flags(args):
         cfg = config_from_args(EvalClsConfig, args)
+        watch = Stopwatch()
         scores = eval_cls(cfg.run, cfg.features, cfg.labels, split=cfg.split, out=cfg.out, tta=cfg.tta,
                           dirichlet_draws=cfg.dirichlet_draws, seed=cfg.seed, drop_unseen=cfg.drop_unseen,
                           overwrite=args.overwrite)
     print(f"{scores['images']} images: {summary_line(scores)}  (wrote {scores['out']}/metrics.json)")
+    if os.environ.get("RANK", "0") == "0":
+        print(watch.finish_line(f"eval-cls: {scores['out']}/metrics.json", count=scores["images"], unit="images"))
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

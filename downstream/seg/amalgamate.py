@@ -33,7 +33,7 @@ ASSIGNER_FORMS = ("pixel", "global")
 ASSIGNER_HIDDEN = 128  # the released code's width
 ASSIGNER_DROPOUT = 0.5
 
-__all__ = ["ASSIGNER_FORMS", "Amalgamation", "GlobalAssigner", "PixelAssigner", "VariantLayout", "VariantSum",
+__all__ = ["ASSIGNER_FORMS", "Amalgamation", "Dropout", "GlobalAssigner", "PixelAssigner", "VariantLayout", "VariantSum",
            "amalgamation_penalty", "assigner_weights", "diversity", "sparsity", "variant_layout", "variant_names"]
 
 
@@ -151,6 +151,21 @@ class VariantSum(_VariantMixer):
 
 
 # ---------------------------------------------------------------------------------------- the assigners
+class Dropout(nn.Module):
+    """Inverted dropout, ``x · 1[u ≥ p] / (1 − p)`` with u uniform, in training. The same as `nn.Dropout`, but its
+    mask comes from a uniform draw: torch's CPU bernoulli sampler, which `nn.Dropout` uses, is about 30× slower
+    than `rand` here and was the largest single cost of a pixel assigner."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return x * (torch.rand_like(x) >= self.p).to(x.dtype) * (1.0 / (1.0 - self.p))
+
+
 class PixelAssigner(nn.Module):
     """f^j per pixel: ``Linear(C,128)→ReLU→BN→Dropout(0.5)→Linear(128,C)`` on every pixel, as 1×1 convolutions
     (a 1×1 conv over a map is a Linear over its pixels; BatchNorm2d over [N, C, h, w] is BatchNorm1d over its
@@ -159,7 +174,7 @@ class PixelAssigner(nn.Module):
     def __init__(self, channels: int, hidden: int = ASSIGNER_HIDDEN, dropout: float = ASSIGNER_DROPOUT):
         super().__init__()
         self.net = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(), nn.BatchNorm2d(hidden),
-                                 nn.Dropout(dropout), nn.Conv2d(hidden, channels, 1))
+                                 Dropout(dropout), nn.Conv2d(hidden, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -172,7 +187,7 @@ class GlobalAssigner(nn.Module):
     def __init__(self, channels: int, hidden: int = ASSIGNER_HIDDEN, dropout: float = ASSIGNER_DROPOUT):
         super().__init__()
         self.net = nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1, bias=False), nn.ReLU(),
-                                 nn.BatchNorm2d(hidden), nn.Dropout(dropout), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.BatchNorm2d(hidden), Dropout(dropout), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                  nn.Linear(hidden, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,14 +207,16 @@ def assigner_weights(assigner: nn.Module, maps: Sequence[torch.Tensor]) -> torch
 
 class Amalgamation(_VariantMixer):
     """The paper's amalgamation: per layer, `assigners` input-conditioned weight assigners of `form` (pixel or
-    global), ``r = Concat_j(Σ_i w_i^j ⊙ r_i)`` ([B, n·C, h, w] per layer), then the concat-after maps.
+    global; `hidden` wide), ``r = Concat_j(Σ_i w_i^j ⊙ r_i)`` ([B, n·C, h, w] per layer), then the concat-after
+    maps.
 
     The weights of the last forward stay in `last_weights` (per layer, per assigner, [B, V, C, h|1, w|1]) for
     `penalty` (Eq. 5) and for the run's picture of which variant wins where.
     """
 
     def __init__(self, specs: Sequence[FeatureSpec], assigners: int = 1, form: str = "pixel",
-                 concat_after: Sequence[str] = (), gamma_sparsity: float = 0.0, gamma_diversity: float = 0.0):
+                 concat_after: Sequence[str] = (), gamma_sparsity: float = 0.0, gamma_diversity: float = 0.0,
+                 hidden: int = ASSIGNER_HIDDEN):
         super().__init__(specs, concat_after)
         if form not in ASSIGNERS:
             raise ValueError(f"assigner form must be one of {', '.join(ASSIGNERS)}, got {form!r}")
@@ -207,7 +224,7 @@ class Amalgamation(_VariantMixer):
             raise ValueError(f"needs at least one weight assigner, got {assigners}")
         self.form, self.n = form, assigners
         self.gamma_sparsity, self.gamma_diversity = gamma_sparsity, gamma_diversity
-        self.assigners = nn.ModuleList([nn.ModuleList([ASSIGNERS[form](s[0]) for _ in range(assigners)])
+        self.assigners = nn.ModuleList([nn.ModuleList([ASSIGNERS[form](s[0], hidden) for _ in range(assigners)])
                                         for s in self.layout.shapes])
         self.out_shapes = [(assigners * s[0], s[1], s[2]) for s in self.layout.shapes] + self.after_shapes
         self.last_weights: list[list[torch.Tensor]] = []

@@ -17,6 +17,7 @@ import os
 
 from difffeat.config_cli import add_config_arguments, config_from_args
 from difffeat.errors import UserError
+from difffeat.progress import Stopwatch
 from difffeat.run import read_json
 from downstream.seg.config import SegEvalConfig, SegTrainConfig
 
@@ -40,6 +41,7 @@ def cmd_train_seg(args: argparse.Namespace) -> None:
         cfg = config_from_profile(args)
     else:
         cfg = config_from_args(SegTrainConfig, args)
+    watch = Stopwatch()
     run = train_seg(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
                     stop_after=args.stop_after)
     if not _main_process():
@@ -49,15 +51,20 @@ def cmd_train_seg(args: argparse.Namespace) -> None:
         print(f"trained {run}; {cfg.val_split}: {group_summary(read_json(metrics, 'scores file'))}")
     else:
         print(f"trained {run}")
+    # A resumed run does only what was left, so only a fresh run's iterations give an honest rate.
+    done = None if args.resume else min(cfg.iterations, args.stop_after or cfg.iterations)
+    print(watch.finish_line(f"train-seg: {run} ({done or '?'} iterations)", count=done, unit="it"))
 
 
 def cmd_eval_seg(args: argparse.Namespace) -> None:
     from downstream.seg.evaluate import eval_seg, group_summary
 
     cfg = config_from_args(SegEvalConfig, args)
+    watch = Stopwatch()
     scores = eval_seg(**cfg.to_dict(), progress=not args.quiet)
     if _main_process():
         print(f"{scores['images']} images: {group_summary(scores)}  (wrote {scores['out']}/metrics.json)")
+        print(watch.finish_line(f"eval-seg: {scores['out']}/metrics.json", count=scores["images"], unit="images"))
 
 
 def _positive_int(text: str) -> int:

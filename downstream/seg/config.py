@@ -49,6 +49,8 @@ class HeadConfig(Config):
     assigner: str = option("pixel", choices=ASSIGNER_FORMS,
                            help="amalgamate: per-pixel MLP assigner (weights per pixel) or CNN + global pooling "
                                 "(one weight vector per image)")
+    assigner_hidden: int = option(128, min=1, help="amalgamate: hidden width of each weight assigner (the "
+                                                   "released code's 128)")
     gamma_sparsity: float = option(0.01, min=0, help="amalgamate: γ1 of the paper's Eq. 5 (rewards weight on "
                                                      "few variants)")
     gamma_diversity: float = option(0.01, min=0, help="amalgamate: γ2 of the paper's Eq. 5 (rewards assigners "
@@ -83,6 +85,7 @@ class SegTrainConfig(Config):
     variants: str = same_option(HeadConfig, "variants")
     assigners: int = same_option(HeadConfig, "assigners")
     assigner: str = same_option(HeadConfig, "assigner")
+    assigner_hidden: int = same_option(HeadConfig, "assigner_hidden")
     gamma_sparsity: float = same_option(HeadConfig, "gamma_sparsity")
     gamma_diversity: float = same_option(HeadConfig, "gamma_diversity")
     concat_after: list[str] = same_option(HeadConfig, "concat_after")
@@ -137,6 +140,7 @@ class SegTrainConfig(Config):
 
     def head_config(self) -> HeadConfig:
         return HeadConfig(kind=self.head, variants=self.variants, assigners=self.assigners, assigner=self.assigner,
+                          assigner_hidden=self.assigner_hidden,
                           gamma_sparsity=self.gamma_sparsity, gamma_diversity=self.gamma_diversity,
                           concat_after=list(self.concat_after), ensemble=self.ensemble, hidden=self.hidden,
                           dropout=self.dropout, normalize=self.normalize)

@@ -149,7 +149,7 @@ def variant_mixer(specs: Sequence[FeatureSpec], config: HeadConfig) -> VariantSu
         raise ConfigError("assigners", f"must be ≤ variants × layers = {len(layout.names)} × {len(layout.layers)} = "
                           f"{most}, got {config.assigners}")
     return Amalgamation(specs, config.assigners, config.assigner, config.concat_after, config.gamma_sparsity,
-                        config.gamma_diversity)
+                        config.gamma_diversity, config.assigner_hidden)
 
 
 class SegModel(nn.Module):

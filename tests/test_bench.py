@@ -1,0 +1,86 @@
+"""`difffeat bench` and the GPU check script, on the CPU with tiny configurations (issue 17)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from difffeat.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFFEAT_CACHE", str(tmp_path / "cache"))
+
+
+def test_bench_measures_difffeat_bare_and_the_naive_loop(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["--quiet", "bench", "--model", "mini-random", "--n", "6", "--batch-size", "4", "--compare", "naive",
+                 "--compare", "bare", "--json", str(out), "--tmp-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("mini-random 64×64, layers up_blocks.1, t=50, fp32, batch 4, attention sdpa, compile off")
+    assert re.search(r"\| difffeat \| 6 \| [\d.]+ \| [\d.]+ MiB \|", printed)
+    assert "- bare / difffeat:" in printed and "- difffeat / naive:" in printed
+    result = json.loads(out.read_text())
+    assert set(result["contenders"]) == {"difffeat", "bare", "naive"}
+    for name, r in result["contenders"].items():
+        assert r["images"] == 6 and r["images_per_second"] > 0 and r["peak_memory_bytes"] > 100 * 2**20
+        split = r["ms_per_image"]
+        assert set(split) == {"decode", "vae", "text", "unet", "copy", "write", "other"}
+        # The phases account for the time: their sum is the wall time per image.
+        assert abs(sum(split.values()) - 1000 * r["seconds"] / r["images"]) < 0.05 * 1000 * r["seconds"] / r["images"]
+    assert result["contenders"]["difffeat"]["ms_per_image"]["unet"] > 0
+    assert result["contenders"]["naive"]["ms_per_image"]["decode"] > 0, "the naive loop decodes as it goes"
+    assert result["contenders"]["bare"]["ms_per_image"]["decode"] == 0, "bare compute has its images in memory"
+    machine = result["machine"]
+    assert machine["device"] == "cpu" and machine["versions"]["torch"] and machine["versions"]["xformers"]
+    assert len(machine["load_average"]) == 3 and result["ratios"]["bare_over_difffeat"] > 0
+    assert list(tmp_path.glob("difffeat-bench-*")) == [], "inputs and stores are cleaned up"
+    assert main(["--quiet", "bench", "--model", "mini-random", "--n", "2", "--json", str(out)]) == 2, "not replaced"
+
+
+def test_bench_auto_batch_and_xformers_fallback(tmp_path, capsys):
+    assert main(["--quiet", "bench", "--model", "mini-random", "--n", "4", "--batch-size", "auto", "--attention",
+                 "xformers", "--max-memory", "2"]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if "warning" in line]
+    assert warnings == ["difffeat: warning: xformers requested but not usable: xformers needs a CUDA device and this "
+                        "run is on cpu; using torch SDPA"]
+    result = json.loads(captured.out[captured.out.index("\n{") + 1:])
+    assert result["attention"] == "sdpa" and isinstance(result["config"]["batch_size"], int)
+    assert result["warmup"]["batch_sizing"]["source"] == "probe"
+    assert "(auto)" in captured.out.splitlines()[0]
+
+
+def test_bench_rejects_bad_flags_in_one_line(capsys):
+    assert main(["bench", "--batch-size", "many"]) == 2
+    assert capsys.readouterr().err.strip() == "difffeat: error: --batch-size: must be a whole number ≥ 1 or auto, got 'many'"
+    assert main(["bench", "--n", "0"]) == 2
+    assert "--n: must be ≥ 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_in_its_tiny_cpu_configuration(tmp_path):
+    """benchmarks/gpu.sh as a GPU machine will run it, on mini-random at 64² (two of its four configurations here:
+    SDPA with the baselines, and compile through dynamo's eager backend)."""
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# results\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFFEAT_BENCH_TINY": "1", "DIFFFEAT_RESULTS": str(results)}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--only", "0", "2"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = results.read_text()
+    assert re.search(r"## gpu\.sh \(\d{4}-\d\d-\d\d\) on .+, \d+ cores — tiny CPU check", text)
+    assert "### SDPA, compile off" in text and "### SDPA, compile on" in text
+    assert "| naive |" in text and "| bare |" in text and "- best difffeat:" in text
+    rows = json.loads((tmp_path / "gpu-results-tiny.json").read_text())
+    assert [r["name"] for r in rows] == ["SDPA, compile off", "SDPA, compile on"]
+    assert rows[1]["compile_failed"] is None and rows[1]["config"]["compile"] is True
+    assert rows[0]["config"]["layers"] == ["up_blocks.0.upsamplers.0", "up_blocks.1.upsamplers.0",
+                                           "up_blocks.2.attentions.2"], "gdf-legacy"
