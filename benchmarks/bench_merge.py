@@ -50,7 +50,7 @@ def main() -> None:
     start_load = " ".join(f"{v:.1f}" for v in os.getloadavg())
     pipe = load_pipeline("mini")
     lines = []
-    with tempfile.TemporaryDirectory(dir=HERE.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix="difffeat-bench-") as tmp:  # never inside the repository
         tmp = Path(tmp)
         images = synthetic_images(tmp / "images", args.n, (64, 64))
 
@@ -86,7 +86,8 @@ def main() -> None:
             rows.append(f"| {tag} | {len(a)} | {report['links']} | {linked} | {source_bytes / 2**20:.1f} MiB | "
                         f"{call:.3f} s | {cli:.2f} s | {same_config} | {diff:.3g} |")
     lines = [f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')} python benchmarks/bench_merge.py "
-             f"--n {args.n} --shards {args.shards} --batch-size {args.batch_size}`: mini, dift; {args.shards} shard jobs "
+             f"--n {args.n} --shards {args.shards} --batch-size {args.batch_size}`: mini, dift; "
+             f"{args.shards} shard jobs "
              f"of {args.n // args.shards} images merged, against one job over all {args.n}; load average "
              f"{start_load} at the start, {' '.join(f'{v:.1f}' for v in os.getloadavg())} at the end", "",
              "| batches | images | links | every shard a hard link (no copy) | shard bytes linked | merge (library) "

@@ -13,7 +13,9 @@ _LAZY = {
     "FeatureStore": "difffeat.store",
 }
 
-__getattr__ = lazy_getattr(__name__, _LAZY)
+# Functions other packages provide to the core's namespace (`difffeat.sweep` from gate), through the
+# `difffeat.api` entry points: the core never imports those packages itself.
+__getattr__ = lazy_getattr(__name__, _LAZY, plugin_group="difffeat.api")
 
 
 __all__ = ["FeatureExtractor", "FeatureStore", "UserError", "__version__", "list_layers", "load_pipeline"]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from difffeat import dit, ditf
+from difffeat.attention_feature import ATTENTION_PRESETS, attention_groups, attention_modules, merge_attention
 from difffeat.capture import Capture
 from difffeat.conditioning import ConditioningStack, technique_stack
 from difffeat.errors import UserError
@@ -60,16 +61,19 @@ def encode_latents(pipe, x: torch.Tensor, keys: Sequence[str] | None = None, pos
     return torch.cat(out)
 
 
-def concat_features(features: dict[str, torch.Tensor], size: tuple[int, int] | None = None) -> torch.Tensor:
-    """All maps resized (bilinear) to one resolution and concatenated along channels, in dict order.
+def concat_features(features: dict[str, torch.Tensor], size: tuple[int, int] | None = None,
+                    mode: str = "bilinear") -> torch.Tensor:
+    """All maps resized to one resolution and concatenated along channels, in dict order.
 
-    `size` defaults to the largest map's (h, w).
+    `size` defaults to the largest map's (h, w); `mode` is "bilinear" or "nearest" (GDF's `--aggregate_output`
+    upsamples nearest, so its legacy features are reproduced with nearest).
     """
     maps = list(features.values())
     if size is None:
         size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
+    extra = {"align_corners": False} if mode == "bilinear" else {}
     return torch.cat([m if tuple(m.shape[-2:]) == tuple(size) else
-                      F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False) for m in maps], 1)
+                      F.interpolate(m, size=tuple(size), mode=mode, **extra) for m in maps], 1)
 
 
 class FeatureExtractor:
@@ -93,7 +97,11 @@ class FeatureExtractor:
             another size; default the model's native resolution.
         capture_inputs: hook module inputs instead of outputs.
         attention: attention modules (e.g. `up_blocks.1.attentions.0.transformer_blocks.0.attn2`) whose
-            head-averaged probabilities to return as `f"{name}:probs"` maps [tokens, h, w].
+            head-averaged probabilities to return as `f"{name}:probs"` maps [tokens, h, w]; or attention presets
+            (`gdf-up-cross`, `difffeat.attention_feature`): their layers' maps merged into `f"{group}:probs"`
+            maps at the grid of the largest layer.
+        attention_prompt: the prompt of the attention maps when it differs from the images' (GDF fixes one, so
+            that a token channel means the same everywhere): they then come from a pass of their own with it.
         early_exit: stop the UNet after the deepest requested module (never changes values).
     """
 
@@ -101,7 +109,7 @@ class FeatureExtractor:
                  seed: int = 0, noise: bool = True, prompt: str = "", techniques: Sequence | ConditioningStack = (),
                  batch_size: int = 8, posterior: str = "mean", resolution: tuple[int, int] | None = None,
                  capture_inputs: bool = False, attention: Sequence[str] = (), early_exit: bool = True,
-                 prompt_encoder=None):
+                 prompt_encoder=None, attention_prompt: str | None = None):
         if ensemble < 1 or batch_size < 1:
             raise UserError(f"ensemble and batch_size must be ≥ 1 (got {ensemble}, {batch_size})")
         if posterior not in ("mean", "sample"):
@@ -116,6 +124,12 @@ class FeatureExtractor:
         modules = dict(dit.denoiser(pipe).named_modules())
         if attention and dit.is_transformer(pipe):
             raise UserError("attention maps are taken from UNets only so far, not from transformer backbones")
+        # Presets stand for groups of modules whose maps are merged (averaged, resized) into one feature each.
+        self.attention_groups = None
+        if any(a in ATTENTION_PRESETS for a in attention):
+            self.attention_groups = attention_groups(pipe, attention, *self.resolution)
+            attention = attention_modules(self.attention_groups)
+        self.attention_prompt = attention_prompt
         for name in attention:
             if not hasattr(modules.get(name), "get_attention_scores"):
                 raise UserError(f"{name!r} is not an attention module of this UNet")
@@ -140,7 +154,8 @@ class FeatureExtractor:
     # ------------------------------------------------------------------------------------------ helpers
     @property
     def output_names(self) -> list[str]:
-        names = self.layers + [f"{a}:probs" for a in self.attention]
+        probs = self.attention_groups if self.attention_groups is not None else self.attention
+        names = self.layers + [f"{a}:probs" for a in probs]
         if len(self.timesteps) == 1:
             return names
         return [f"{n}@{t}" for t in self.timesteps for n in names]
@@ -180,14 +195,27 @@ class FeatureExtractor:
         prompts = [stack.prompt(p, f, k) for p, f, k in zip(prompts, fields, keys)]
         z0 = self.encode_latents(x, keys) if latents is None else latents.to(dit.denoiser(self.pipe).device)
         controls = stack.control_images(x, keys)
+        if self.attention_prompt is None or not self.attention:
+            out = self._forward(z0, prompts, keys, controls, self.layers, self.attention)
+        else:  # the attention maps from a pass with the one fixed prompt (other techniques still act)
+            out = self._forward(z0, prompts, keys, controls, self.layers, [])
+            out.update(self._forward(z0, [self.attention_prompt] * n, keys, controls, [], self.attention))
+        if self.attention_groups is not None:
+            self._merge_attention(out)
+        return {k: out[k] for k in self.output_names}
+
+    def _forward(self, z0: torch.Tensor, prompts: list[str], keys: list[str], controls, layers: list[str],
+                 attention: list[str]) -> dict[str, torch.Tensor]:
+        """The hooked UNet passes over every (image, timestep, draw) item: name → per-image mean maps."""
+        n, stack = len(z0), self.stack
         latent_hw = tuple(z0.shape[-2:])
         items = [(i, t, d) for i in range(n) for t in self.timesteps for d in range(self.ensemble)]
         out: dict[str, torch.Tensor] = {}
         model, maps = dit.denoiser(self.pipe), contextlib.nullcontext()
         if dit.is_transformer(self.pipe):  # image tokens on the patch grid, DiTF options (difffeat.ditf)
-            maps = ditf.TokenMaps(model, self.layers, dit.token_index(self.pipe, *self.resolution), latent_hw)
-        with stack.active(), maps, Capture(model, self.layers, latent_hw, inputs=self.capture_inputs,
-                                           attention=self.attention, early_exit=self.early_exit,
+            maps = ditf.TokenMaps(model, layers, dit.token_index(self.pipe, *self.resolution), latent_hw)
+        with stack.active(), maps, Capture(model, layers, latent_hw, inputs=self.capture_inputs,
+                                           attention=attention, early_exit=self.early_exit,
                                            to_map=maps if isinstance(maps, ditf.TokenMaps) else None) as cap:
             timer = self.timer
             for s in range(0, len(items), self.batch_size):
@@ -212,7 +240,18 @@ class FeatureExtractor:
                     feats = cond.features(cap, zb, ts)
                 with timer.phase("copy"):
                     self._collect(feats, batch, n, out)
-        return {k: out[k] for k in self.output_names}
+        return out
+
+    def _merge_attention(self, out: dict[str, torch.Tensor]) -> None:
+        """Replace the preset groups' per-module maps by their merged features, per timestep, at the grid of the
+        largest layer (nearest, as GDF)."""
+        grids = [tuple(out[k].shape[-2:]) for k in out if not k.split("@")[0].endswith(":probs")]
+        size = max(grids, key=lambda s: s[0] * s[1]) if grids else None
+        suffixes = [""] if len(self.timesteps) == 1 else [f"@{t}" for t in self.timesteps]
+        for suffix in suffixes:
+            per_module = {f"{m}:probs": out.pop(f"{m}:probs{suffix}") for m in self.attention}
+            for name, value in merge_attention(per_module, self.attention_groups, size).items():
+                out[f"{name}{suffix}"] = value
 
     def _collect(self, feats: dict[str, torch.Tensor], batch: list[tuple[int, int, int]], n: int,
                  out: dict[str, torch.Tensor]) -> None:

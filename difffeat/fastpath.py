@@ -67,8 +67,8 @@ def use_attention(pipe, backend: str, device, warn: Callable[[str], None] = warn
 
 @contextlib.contextmanager
 def channels_last(model, enabled: bool = True):
-    """The model's 4-d weights in channels-last (NHWC) layout inside the block (faster convolutions on recent
-    GPUs with fp16/bf16), contiguous again after it."""
+    """The model's 4-d weights in channels-last (NHWC) layout inside the block, contiguous again after it: faster
+    convolutions on recent GPUs in fp16/bf16, and for the VAE encoder on this project's CPU (docs/scale.md)."""
     if not enabled:
         yield model
         return
@@ -132,16 +132,3 @@ class Compiled:
         if self._compiled is not None:
             self.model._compiled_call_impl = self._previous
         return None
-
-
-@contextlib.contextmanager
-def speedups(pipe, *, compile: bool = False, channels_last_layout: bool = False, compile_backend: str = "inductor",
-             compile_mode: str | None = None, warn: Callable[[str], None] = warn_line):
-    """Channels-last and compile of the denoiser for the length of the block; yields the `Compiled` (or None)."""
-    from difffeat import dit
-
-    model = dit.denoiser(pipe)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(channels_last(model, channels_last_layout))
-        compiled = stack.enter_context(Compiled(model, compile_backend, compile_mode, warn)) if compile else None
-        yield compiled

@@ -13,6 +13,7 @@ import os
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import contextmanager
 
 PHASES = ("decode", "vae", "unet", "copy", "write")
@@ -67,7 +68,7 @@ class NullTimer:
         return {}
 
 
-def device_sync(device) -> callable | None:
+def device_sync(device) -> Callable[[], None] | None:
     """``torch.cuda.synchronize`` for a CUDA device (phases then count their GPU work), None elsewhere."""
     import torch
 

@@ -260,6 +260,22 @@ def refuse_pickled_checkpoints(folder: str | os.PathLike, names: Iterable[str]) 
                             "run code): start a new run folder")
 
 
+def start_model_training(run: str | os.PathLike, out: str | os.PathLike | None, kind: str, config: Config,
+                         owned: Iterable[str], legacy_checkpoints: Iterable[str] = ()) -> RunFolder:
+    """The created (or resumed) run folder of a model-training command whose config has a ``threads`` field:
+    older pickled checkpoints are refused, an export `out` outside the run must be new or empty (checked before
+    any work), ``threads`` may differ on resume (it does not change the result) and is applied here."""
+    refuse_pickled_checkpoints(run, legacy_checkpoints)
+    if out is not None and not is_inside(out, run):
+        check_new_folder(out, "export")
+    folder = RunFolder(run, kind, config, resume=True, owned=tuple(owned), ignore=("threads",)).create()
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
+    return folder
+
+
 def mkdir(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     try:

@@ -61,9 +61,14 @@ class ExtractRunConfig(Config):
     store_dtype: str = option("float32", choices=("float32", "float16"), cli=False)
     concat: bool = option(False, help="resize all layers to one size and concatenate")
     concat_size: list[int] | None = option(None, nargs=2, metavar=("H", "W"), min=1)
+    concat_resize: str = option("bilinear", choices=("bilinear", "nearest"),
+                                help="how --concat resizes maps (nearest reproduces GDF's gdf-legacy output)")
     capture: str = option("output", choices=("output", "input"))
     attention: list[str] = option(default_factory=list,
-                                  help="attention module whose cross-attention maps to keep")
+                                  help="attention module whose cross-attention maps to keep, or a preset "
+                                       "(gdf-up-cross: GDF's attention feature); repeat")
+    attention_prompt: str | None = option(None, help="one fixed prompt for the attention maps (as GDF), from a "
+                                                     "pass of their own; default: each image's prompt")
     techniques: list[str] = option(default_factory=list, flag="--technique", metavar="SPEC",
                                    help="generation technique for every variant, e.g. controlnet:canny,scale=1.0 "
                                         "lora:DIR prompt:fine denoise-from:60 cfg:7.5; repeat "
@@ -89,8 +94,8 @@ class ExtractRunConfig(Config):
     compile_mode: str = option("default", choices=("default", "reduce-overhead", "max-autotune",
                                                    "max-autotune-no-cudagraphs"),
                                help="torch.compile mode (reduce-overhead: CUDA graphs)")
-    channels_last: bool = option(False, help="channels-last memory layout for the UNet (faster convolutions on "
-                                             "recent GPUs in fp16/bf16)")
+    channels_last: bool = option(False, help="channels-last memory layout for the UNet and VAE (faster convolutions "
+                                             "on recent GPUs in fp16/bf16)")
     pad_batches: bool = option(False, help="fill a short batch with copies of its last image (dropped after): "
                                            "features then never depend on how images fall into batches, so "
                                            "sharded, merged or resumed runs equal one run bit for bit (always "
@@ -128,6 +133,9 @@ class ExtractRunConfig(Config):
             cfg.pop(k)
         if self.num_shards == 1:  # an unsharded store's config is what it always was
             for k in self.SHARDING:
+                cfg.pop(k)
+        for k, default in (("attention_prompt", None), ("concat_resize", "bilinear")):
+            if cfg[k] == default:  # likewise for stores made before these options
                 cfg.pop(k)
         return cfg
 
@@ -240,7 +248,7 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
             pipe, cfg.layers, timesteps=cfg.timesteps, ensemble=cfg.ensemble, seed=cfg.seed, noise=cfg.noise,
             techniques=[*cfg.techniques, *specs], batch_size=first_batch, posterior=cfg.posterior,
             resolution=tuple(cfg.resolution) if cfg.resolution else None, capture_inputs=cfg.capture == "input",
-            attention=cfg.attention, prompt_encoder=encoder)
+            attention=cfg.attention, prompt_encoder=encoder, attention_prompt=cfg.attention_prompt)
         for name, specs in (cfg.variants or {"": []}).items()
     }
     extractor = next(iter(extractors.values()))
@@ -271,8 +279,11 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
     extracted = 0
     with contextlib.ExitStack() as stack:
         stack.enter_context(writer)  # whatever fails below, the writer keeps what is complete and lets go
-        speed = {"attention": use_attention(pipe, cfg.attention_backend, device, warn), "channels_last": cfg.channels_last}
+        speed = {"attention": use_attention(pipe, cfg.attention_backend, device, warn),
+                 "channels_last": cfg.channels_last}
         stack.enter_context(channels_last(dit.denoiser(pipe), cfg.channels_last))
+        if getattr(pipe, "vae", None) is not None:
+            stack.enter_context(channels_last(pipe.vae, cfg.channels_last))
         t_probe = time.perf_counter()
         batch_size, sizing = _batch_size(cfg, extractor, device, store_cfg) if mine else (first_batch, None)
         speed["batch_size_seconds"] = round(time.perf_counter() - t_probe, 3)
@@ -374,7 +385,8 @@ def _features(extractors: dict, x, keys: list[str], texts: list[str], fields: li
     for name, ext in extractors.items():
         part = ext.extract(x, prompts=texts, keys=keys, fields=fields, latents=latents)
         if cfg.concat:
-            part = {"concat": concat_features(part, tuple(cfg.concat_size) if cfg.concat_size else None)}
+            part = {"concat": concat_features(part, tuple(cfg.concat_size) if cfg.concat_size else None,
+                                              cfg.concat_resize)}
         feats.update({f"{name}/{layer}" if name else layer: f for layer, f in part.items()})
     return feats
 

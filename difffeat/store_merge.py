@@ -106,8 +106,20 @@ def merge_stores(out: str | os.PathLike, stores: Sequence[str | os.PathLike], ov
     from difffeat.atomic import write_json_atomic
     from difffeat.lock import FolderLock
     from difffeat.run import RunFolder, is_inside, mkdir
-    from difffeat.store import (FORMAT, KIND, MANIFEST, OWNED, SHARDS, check_shard, failure_files, failures_name,
-                                list_shards, read_manifest, shard_keys, shard_name)
+    from difffeat.store import (
+        FORMAT,
+        KIND,
+        MANIFEST,
+        OWNED,
+        SHARDS,
+        check_shard,
+        failure_files,
+        failures_name,
+        list_shards,
+        read_manifest,
+        shard_keys,
+        shard_name,
+    )
 
     t0 = time.perf_counter()
     sources = [Path(s) for s in stores]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from difffeat.errors import UserError
-from difffeat.run import Checkpoint, Checkpoints, rng_state, set_rng_state
+from difffeat.run import CHECKPOINTS, Checkpoint, Checkpoints, load_tensors, rng_state, set_rng_state
 
 
 # ------------------------------------------------------------------------------------------------ launch
@@ -136,3 +136,18 @@ def restore_checkpoint(checkpoint: Checkpoint, model: torch.nn.Module | None = N
     if rng and "rng" in checkpoint:
         set_rng_state(checkpoint.load("rng"))
     return checkpoint
+
+
+def load_trained_weights(run: os.PathLike) -> dict[str, torch.Tensor]:
+    """The model weights of a head-training run folder: its final `model.safetensors`, or the latest
+    checkpoint's while the run is unfinished (so a stopped run can still be evaluated)."""
+    from pathlib import Path
+
+    run = Path(run)
+    if (run / "model.safetensors").is_file():
+        weights, _ = load_tensors(run / "model.safetensors")
+        return weights
+    checkpoint = Checkpoints(run / CHECKPOINTS).latest()
+    if checkpoint is None:
+        raise UserError(f"{run}: no trained weights yet (no model.safetensors or checkpoint)")
+    return checkpoint.load("model")

@@ -10,6 +10,7 @@ from difffeat.run import Config, ConfigError, option
 # Each score GATE computes, and whether higher is better (the order is the `--primary` choices' order).
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "edge_f1": True, "lpips": False, "feature_score": True}
 FEATURE_REFERENCES = ("technique", "plain")
+CORRECTIONS = ("holm", "none")
 
 
 @dataclass
@@ -40,6 +41,11 @@ class GateConfig(Config):
     feature_reference: str = option("technique", choices=FEATURE_REFERENCES,
                                     help="t = 0 reference features: with the candidate's techniques, or plain")
     n_boot: int = option(2000, min=100, flag="--boot", metavar="BOOT", help="bootstrap resamples")
+    replicates: int = option(1, min=1, help="noise draws per image (img2img and features); an image's scores are "
+                                            "their mean, and intervals resample images")
+    correction: str = option("holm", choices=CORRECTIONS,
+                             help="acceptance across candidates: Holm's correction of the paired bootstrap tests "
+                                  "(family-wise error 1 − level), or none (each candidate's own interval)")
     level: float = option(0.95, above=0, help="confidence level of the intervals (below 1)")
     greedy: bool = option(False, help="forward selection over combinations of accepted candidates")
     probe: str | None = option(None, metavar="LABELS", help="labelled image set for the linear probe")

@@ -5,6 +5,10 @@ layers and seeds as the GATE run), and a ridge-regression linear probe is fitted
 the other: segmentation mIoU from masks (Shapes-LT / imagefolder `mask_file_name`), or accuracy from image
 labels. The Spearman correlation across candidates between each GATE score and probe quality says how well
 GATE predicts it. A closed-form ridge probe is deterministic and takes well under a second here.
+
+Both get bootstrap intervals: probe quality by resampling the scored images (mIoU from the summed confusion
+matrices of the resampled images), and ρ by resampling, in each draw, the GATE images (each candidate's score
+recomputed on them) and the scored probe images together.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch.nn.functional as F
 
 from difffeat.errors import UserError
 from gate.score import HIGHER_IS_BETTER
-from gate.stats import spearman
+from gate.stats import resample, spearman
 
 IGNORE = 255
 
@@ -46,6 +50,55 @@ def mean_iou(pred: np.ndarray, target: np.ndarray, ignore: int = IGNORE) -> floa
         tp = np.sum((pred == c) & (target == c))
         ious.append(tp / (np.sum(pred == c) + np.sum(target == c) - tp))
     return float(np.mean(ious)) if ious else float("nan")
+
+
+def confusions(pred: np.ndarray, target: np.ndarray, n_classes: int, ignore: int = IGNORE) -> np.ndarray:
+    """Per image, the confusion matrix [K, K] (rows: true class) of `pred` against `target` ([n, …] each)."""
+    out = np.zeros((len(target), n_classes, n_classes), np.int64)
+    for i, (p, t) in enumerate(zip(pred.reshape(len(target), -1), target.reshape(len(target), -1))):
+        keep = t != ignore
+        np.add.at(out[i], (t[keep], np.clip(p[keep], 0, n_classes - 1)), 1)
+    return out
+
+
+def miou_of(confusion: np.ndarray) -> float:
+    """mIoU over the classes present (rows with pixels) of a confusion matrix: TP / (TP + FP + FN); equals
+    `mean_iou` of the pixels it counts."""
+    tp = np.diag(confusion).astype(np.float64)
+    true, predicted = confusion.sum(1), confusion.sum(0)
+    present = true > 0
+    return float(np.mean(tp[present] / (true + predicted - tp)[present])) if present.any() else float("nan")
+
+
+def gate_statistic(result, name: str, metric: str, idx: np.ndarray) -> np.ndarray:
+    """A candidate's GATE score on resampled images idx [k, n]: a mean over images, or for the feature Score
+    Eq. 2 on sums of diffs (as the ranking computes it)."""
+    ev = result.evaluations[name]
+    if metric != "feature_score":
+        return np.asarray(ev.per_image[metric], np.float64)[idx].mean(1)
+    anchor = result.evaluations["reference"].diffs
+    return np.mean([1 - ev.diffs[layer][idx].sum(1) / np.maximum(anchor[layer][idx].sum(1), 1e-12)
+                    for layer in ev.diffs], axis=0)
+
+
+def probe_intervals(result, quality_draws: dict[str, np.ndarray], level: float = 0.95,
+                    seed: int = 0) -> tuple[dict, dict]:
+    """(probe quality interval per candidate, Spearman ρ interval per GATE score) from `quality_draws`
+    (candidate → quality on each of the n_boot probe resamples) and as many paired resamples of the GATE images."""
+    names = list(quality_draws)
+    n_boot = len(next(iter(quality_draws.values())))
+    tail = (1 - level) / 2 * 100
+    quality = {c: [float(v) for v in np.nanpercentile(q, [tail, 100 - tail])] for c, q in quality_draws.items()}
+    gate_idx = resample(len(result.keys), n_boot, seed + 1)
+    rho = {}
+    for m in result.metrics:
+        sign = 1 if HIGHER_IS_BETTER[m] else -1
+        scores = np.stack([sign * gate_statistic(result, c, m, gate_idx) for c in names])  # [candidates, n_boot]
+        qualities = np.stack([quality_draws[c] for c in names])
+        draws = np.array([spearman(scores[:, b], qualities[:, b]) for b in range(n_boot)])
+        draws = draws[np.isfinite(draws)]
+        rho[m] = [float(v) for v in np.percentile(draws, [tail, 100 - tail])] if len(draws) else [None, None]
+    return quality, rho
 
 
 def _mask_path(item, row: dict) -> Path:
@@ -127,6 +180,8 @@ def run_probe(pipe, result, progress: bool = False) -> dict:
     train, test = list(range(0, len(usable), 2)), list(range(1, len(usable), 2))
     recon = Reconstructor(pipe, usable, seed=cfg.seed, layers=cfg.layers, batch_size=cfg.batch_size, reuse=cfg.reuse)
     quality: dict[str, float] = {}
+    draws: dict[str, np.ndarray] = {}  # candidate → quality on each bootstrap resample of the scored images
+    probe_idx = resample(len(test), cfg.n_boot, cfg.seed)
     if task == "seg":
         y = np.stack(targets)
         n_classes = int(y[y != IGNORE].max()) + 1
@@ -142,17 +197,24 @@ def run_probe(pipe, result, progress: bool = False) -> dict:
             ytr, yte = y[train].reshape(-1), y[test].reshape(-1)
             fit = ytr != IGNORE
             model = ridge_fit(x_tr[fit], np.eye(n_classes)[ytr[fit]])
-            quality[name] = mean_iou(ridge_predict(model, x_te), yte)
+            pred = ridge_predict(model, x_te)
+            quality[name] = mean_iou(pred, yte)
+            conf = confusions(pred, y[test], n_classes)
+            draws[name] = np.array([miou_of(conf[rows].sum(0)) for rows in probe_idx])
         else:
             x = _pooled(feats)
             model = ridge_fit(x[train], np.eye(n_classes)[y[train]])
-            quality[name] = float(np.mean(ridge_predict(model, x[test]) == y[test]))
+            correct = (ridge_predict(model, x[test]) == y[test]).astype(np.float64)
+            quality[name] = float(np.mean(correct))
+            draws[name] = correct[probe_idx].mean(1)
     names = list(quality)
     correlation = {}
     for m in result.metrics:
         sign = 1 if HIGHER_IS_BETTER[m] else -1  # so that a positive ρ always means "GATE agrees"
         correlation[m] = spearman([sign * result.scores[c][m].value for c in names], [quality[c] for c in names])
+    quality_interval, spearman_interval = probe_intervals(result, draws, cfg.level, cfg.seed)
     return {"labels": cfg.probe, "task": task, "metric": "miou" if task == "seg" else "accuracy",
             "images": len(usable), "train": len(train), "test": len(test), "classes": n_classes,
-            "quality": quality, "spearman": correlation, "primary_spearman": correlation[cfg.primary],
+            "quality": quality, "quality_interval": quality_interval, "spearman": correlation,
+            "spearman_interval": spearman_interval, "primary_spearman": correlation[cfg.primary],
             "dropped": usable.dropped}

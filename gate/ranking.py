@@ -4,8 +4,11 @@ GATE (research/content_shift_gate.md §2): img2img at a high repainting strength
 technique; a technique whose output stays closer to the input suppresses content shift. Here each candidate
 is scored per image (PSNR, SSIM, edge F1, LPIPS when available, and the paper's feature Score), every score
 gets a bootstrap interval over images, and a candidate is *accepted* when its paired improvement over
-`reference` on the primary score is significant: the 95% paired bootstrap interval of the mean difference
-(same resampled images for both) lies entirely above 0.
+`reference` on the primary score is significant: its two-sided paired bootstrap p-value (same resampled
+images for both), Holm-corrected across the candidates, is at most 1 − level (5%) and the mean difference is
+positive; with ``correction="none"``, when the 95% paired bootstrap interval of the mean difference lies entirely
+above 0. With ``replicates`` R > 1, every image is reconstructed (and its features taken) under R noise draws
+and its scores are their mean, so the intervals over images include the draws' spread.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from gate.config import FEATURE_REFERENCES, GateConfig  # noqa: F401
 from gate.inputs import GateInputs, drop_unusable, require_enough
 from gate.reconstruct import Reconstructor
 from gate.score import HIGHER_IS_BETTER, contour_diff, edge_f1, lpips, lpips_weights, psnr, ssim
-from gate.stats import Interval, bootstrap, difference, mean_of, resample
+from gate.stats import Interval, bootstrap, bootstrap_p, difference, holm, mean_of, resample
 
 
 @dataclass
@@ -36,6 +39,9 @@ class Evaluation:
     diffs: dict[str, np.ndarray]  # layer → [n] contour diffs (Eq. 1) against its t = 0 reference
     recon: torch.Tensor
     features: torch.Tensor  # first layer's features at t, [n, C, h, w]
+    prompts: list[str] = field(default_factory=list)  # each image's prompt under the techniques
+    control: torch.Tensor | None = None  # the first ControlNet's control images [n, 3, H, W], if any
+    seconds: float = 0.0  # time taken to reconstruct and score
 
 
 @dataclass
@@ -57,6 +63,7 @@ class GateResult:
     greedy: dict | None = None
     probe: dict | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    tests: dict[str, dict[str, float]] = field(default_factory=dict)  # candidate → p and Holm-adjusted p
 
     @property
     def primary(self) -> str:
@@ -90,6 +97,10 @@ class GateResult:
             return {REFERENCE: []}
         return {name: list(self.candidates[name]) for name in self.ranking() if name in self.accepted}
 
+    def prompt_candidates(self) -> list[str]:
+        """The candidates (ranking order) whose techniques rewrite the prompt: the report shows what they used."""
+        return [c for c in self.ranking() if c in self.evaluations and _rewrites_prompts(self.evaluations[c].specs)]
+
     def to_dict(self) -> dict:
         """The JSON-able result (no tensors)."""
         return {
@@ -108,6 +119,9 @@ class GateResult:
             "per_image": {c: {m: [float(v) for v in e.per_image[m]] for m in self.metrics}
                           for c, e in self.evaluations.items() if c in self.scores},
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+            "candidate_seconds": {c: round(e.seconds, 3) for c, e in self.evaluations.items()},
+            "tests": self.tests,
+            "prompts": {c: self.evaluations[c].prompts for c in self.prompt_candidates()},
             "config": asdict(self.config),
         }
 
@@ -141,20 +155,32 @@ class _Scorer:
         return self._t0[key]
 
     def evaluate(self, specs: Sequence[str]) -> Evaluation:
+        t0 = time.perf_counter()
         x = self.inputs.images
-        rec = self.recon.reconstruct(specs)
-        per_image = {"psnr": psnr(rec, x).numpy(), "ssim": ssim(rec, x).numpy(),
-                     "edge_f1": edge_f1(rec, x, self.cfg.edge_tolerance).numpy()}
-        if self.lpips_at:
-            per_image["lpips"] = lpips(rec, x).numpy()
-        feats = self.recon.features(specs, self.cfg.t)
         ref0 = self._reference_t0(specs)
-        diffs = {layer: contour_diff(feats[layer], ref0[layer]).numpy().astype(np.float64) for layer in self.layers}
+        draws = []  # per noise draw: (reconstructions, per-image scores, contour diffs, first layer's features)
+        for r in range(self.cfg.replicates):  # draw 0 is the run's seed: one replicate is the plain run
+            seed = self.cfg.seed + r * 1_000_003
+            rec = self.recon.reconstruct(specs, seed=seed)
+            scores = {"psnr": psnr(rec, x).numpy(), "ssim": ssim(rec, x).numpy(),
+                      "edge_f1": edge_f1(rec, x, self.cfg.edge_tolerance).numpy()}
+            if self.lpips_at:
+                scores["lpips"] = lpips(rec, x).numpy()
+            feats = self.recon.features(specs, self.cfg.t, seed=seed)
+            diffs = {layer: contour_diff(feats[layer], ref0[layer]).numpy().astype(np.float64)
+                     for layer in self.layers}
+            draws.append((rec, scores, diffs, feats[self.layers[0]]))
+        per_image = {m: np.mean([d[1][m] for d in draws], axis=0) for m in draws[0][1]}
+        diffs = {layer: np.mean([d[2][layer] for d in draws], axis=0) for layer in self.layers}
         anchor = self.anchor if self.anchor is not None else diffs
         # Per image, Eq. 2 with that image's own anchor diff (the interval uses ratios of sums instead).
         per_image["feature_score"] = np.mean(
             [1 - diffs[layer] / np.maximum(anchor[layer], 1e-12) for layer in self.layers], axis=0)
-        return Evaluation(list(specs), per_image, diffs, rec, feats[self.layers[0]])
+        stack, inp = self.recon.stack(specs), self.inputs
+        prompts = [stack.prompt(p, f, k) for p, f, k in zip(inp.prompts, inp.fields, inp.keys)]
+        control = _first_control(stack, x, inp.keys)
+        return Evaluation(list(specs), per_image, diffs, draws[0][0], draws[0][3], prompts, control,
+                          time.perf_counter() - t0)
 
     def statistic(self, ev: Evaluation, metric: str) -> Callable[[np.ndarray], np.ndarray]:
         """The bootstrap statistic of one score: a mean over images; for the feature Score, Eq. 2 on sums of
@@ -168,11 +194,15 @@ class _Scorer:
     def intervals(self, ev: Evaluation) -> dict[str, Interval]:
         return {m: bootstrap(self.statistic(ev, m), self.idx, self.cfg.level) for m in self.metrics}
 
-    def improvement(self, ev: Evaluation, base: Evaluation) -> Interval:
-        """Paired improvement of `ev` over `base` on the primary score (positive = better, whatever its direction)."""
+    def gain(self, ev: Evaluation, base: Evaluation) -> Callable[[np.ndarray], np.ndarray]:
+        """The statistic of `ev`'s paired improvement over `base` on the primary score (positive = better)."""
         m = self.cfg.primary
         a, b = self.statistic(ev, m), self.statistic(base, m)
-        return bootstrap(difference(a, b) if HIGHER_IS_BETTER[m] else difference(b, a), self.idx, self.cfg.level)
+        return difference(a, b) if HIGHER_IS_BETTER[m] else difference(b, a)
+
+    def improvement(self, ev: Evaluation, base: Evaluation) -> Interval:
+        """Paired improvement of `ev` over `base` on the primary score (positive = better, whatever its direction)."""
+        return bootstrap(self.gain(ev, base), self.idx, self.cfg.level)
 
 
 # ---------------------------------------------------------------------------------------------- ranking
@@ -215,10 +245,17 @@ def rank(pipe, images, candidates: dict[str, list[str]], config: GateConfig | No
     ref = evaluations[REFERENCE]
     scores = {name: scorer.intervals(ev) for name, ev in evaluations.items()}
     improvement = {name: scorer.improvement(ev, ref) for name, ev in evaluations.items() if name != REFERENCE}
-    accepted = [name for name, iv in improvement.items() if iv.low > 0]
+    pvalues = {name: bootstrap_p(scorer.gain(ev, ref), scorer.idx) for name, ev in evaluations.items()
+               if name != REFERENCE}
+    adjusted = holm(pvalues) if cfg.correction == "holm" else dict(pvalues)
+    tests = {name: {"p": pvalues[name], "p_adjusted": adjusted[name]} for name in pvalues}
+    if cfg.correction == "holm":
+        accepted = [name for name, iv in improvement.items() if iv.value > 0 and adjusted[name] <= 1 - cfg.level]
+    else:
+        accepted = [name for name, iv in improvement.items() if iv.low > 0]
     result = GateResult(cfg, dict(cfg.candidates), list(inputs.keys), list(inputs.dropped), scorer.metrics,
                         scorer.skipped, scores, improvement, accepted, evaluations, inputs.images,
-                        scorer.plain_t0[scorer.layers[0]], timings=timings)
+                        scorer.plain_t0[scorer.layers[0]], timings=timings, tests=tests)
     result.accepted = sorted(accepted, key=result.ranking().index)
     if cfg.greedy:
         t0 = time.perf_counter()
@@ -231,6 +268,22 @@ def rank(pipe, images, candidates: dict[str, list[str]], config: GateConfig | No
         result.probe = run_probe(pipe, result, progress=progress)
         timings["probe"] = time.perf_counter() - t0
     return result
+
+
+def _rewrites_prompts(specs: Sequence[str]) -> bool:
+    from pipelines.base import parse_technique
+
+    return any(parse_technique(s).implements("prepare_prompt") for s in specs)
+
+
+def _first_control(stack, images: torch.Tensor, keys: list[str]) -> torch.Tensor | None:
+    """The control images of a candidate's first ControlNet ([n, 3, H, W] in [0, 1]), for the report; None
+    without one."""
+    if not stack.residuals:
+        return None
+    controls = stack.control_images(images, keys)
+    first = next((c for c in controls if isinstance(c, torch.Tensor)), None) if controls else None
+    return None if first is None else first.float().cpu()
 
 
 def _inputs(pipe, images, cfg: GateConfig, keys, prompts, fields) -> GateInputs:

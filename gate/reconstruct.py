@@ -44,21 +44,24 @@ class Reconstructor:
             self._stacks[key] = TechniqueStack(self.pipe, list(specs))
         return self._stacks[key]
 
-    def reconstruct(self, specs: Sequence[str]) -> torch.Tensor:
-        """img2img reconstructions [B, 3, H, W] in [0, 1] under the techniques `specs`."""
+    def reconstruct(self, specs: Sequence[str], seed: int | None = None) -> torch.Tensor:
+        """img2img reconstructions [B, 3, H, W] in [0, 1] under the techniques `specs` (noise seeded by `seed`,
+        default the reconstructor's, and each image's key)."""
         from pipelines.generate import img2img
 
         x = self.inputs
         return img2img(self.pipe, x.images, prompts=x.prompts, keys=x.keys, strength=self.strength, steps=self.steps,
-                       seed=self.seed, fields=x.fields, latents=self.latents, stack=self.stack(specs),
-                       prompt_encoder=self._encoder(), batch_size=self.batch_size)
+                       seed=self.seed if seed is None else seed, fields=x.fields, latents=self.latents,
+                       stack=self.stack(specs), prompt_encoder=self._encoder(), batch_size=self.batch_size)
 
-    def features(self, specs: Sequence[str], t: int, noise: bool = True) -> dict[str, torch.Tensor]:
-        """{layer: [B, C, h, w]} features of the inputs under `specs` at timestep t (noise=False: clean latents)."""
+    def features(self, specs: Sequence[str], t: int, noise: bool = True, seed: int | None = None
+                 ) -> dict[str, torch.Tensor]:
+        """{layer: [B, C, h, w]} features of the inputs under `specs` at timestep t (noise=False: clean latents;
+        noise seeded by `seed`, default the reconstructor's)."""
         from difffeat.extract import FeatureExtractor
 
         x = self.inputs
-        extractor = FeatureExtractor(self.pipe, self.layers, timesteps=(t,), seed=self.seed, noise=noise,
-                                     techniques=list(specs), batch_size=self.batch_size,
+        extractor = FeatureExtractor(self.pipe, self.layers, timesteps=(t,), seed=self.seed if seed is None else seed,
+                                     noise=noise, techniques=list(specs), batch_size=self.batch_size,
                                      prompt_encoder=self._encoder())
         return extractor.extract(x.images, prompts=x.prompts, keys=x.keys, fields=x.fields, latents=self.latents)

@@ -1,8 +1,10 @@
 """A GATE run's outputs: ranking table (CSV, JSON), per-image scores, bar chart, PCA pictures and an HTML report.
 
 The HTML report is one self-contained file (pictures embedded as base64 PNG) that a person reads top-down:
-the decision, the ranking with intervals, the chart, then per image the input beside every candidate's
-reconstruction, then PCA pictures of the features (the standard view of content shift). `config.json`
+the decision, the ranking with intervals (and the time each candidate took), the chart, then per image the
+input beside every candidate's reconstruction and its difference |reconstruction − input|, the control
+images of ControlNet candidates and the prompts of prompt candidates, then PCA pictures of the features (the
+standard view of content shift) and, with a probe, each GATE score against probe quality (`probe.png`). `config.json`
 holds the resolved config and library versions: `difffeat gate --config OUT/config.json` repeats the run.
 
 The output folder is a run folder of the spine (`difffeat.run.RunFolder`, kind "gate"), checked before any
@@ -39,7 +41,8 @@ MEANING = {
 }
 COLORS = {"reference": "#8a8a8a", "accepted": "#2e8b57", "other": "#4a78b5"}
 KIND = "gate"
-OWNED = ("ranking.csv", "ranking.json", "per_image.csv", "scores.png", "pca.png", "report.html")
+OWNED = ("ranking.csv", "ranking.json", "per_image.csv", "scores.png", "pca.png", "probe.png", "report.html")
+DIFF_GAIN = 4  # |reconstruction − input| is shown ×4 (differences of a few percent are otherwise black)
 
 
 def report_folder(out: str | os.PathLike, config, overwrite: bool = False) -> RunFolder:
@@ -62,6 +65,44 @@ def _png(array: np.ndarray, scale: int = 1) -> bytes:
 def _uint8(image: torch.Tensor) -> np.ndarray:
     """[3, H, W] in [0, 1] → [H, W, 3] uint8."""
     return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def difference_map(recon: torch.Tensor, image: torch.Tensor) -> np.ndarray:
+    """|reconstruction − input| averaged over colour channels, ×`DIFF_GAIN`, as a grey [H, W, 3] uint8 picture."""
+    diff = (recon.float() - image.float()).abs().mean(0, keepdim=True).mul(DIFF_GAIN).expand(3, -1, -1)
+    return _uint8(diff)
+
+
+def probe_scatter(result, path: Path) -> Path:
+    """One panel per GATE score: each candidate's score (x) against its probe quality (y), both with their
+    bootstrap intervals, and Spearman ρ with its interval in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p, names = result.probe, result.ranking()
+    fig, axes = plt.subplots(1, len(result.metrics), figsize=(3.3 * len(result.metrics), 3.2), squeeze=False)
+    for ax, m in zip(axes[0], result.metrics):
+        for n in names:
+            iv, q = result.scores[n][m], p["quality"][n]
+            qi = p.get("quality_interval", {}).get(n, [q, q])
+            color = COLORS["reference"] if n == REFERENCE else COLORS["accepted"] if n in result.accepted \
+                else COLORS["other"]
+            ax.errorbar(iv.value, q, xerr=[[iv.value - iv.low], [iv.high - iv.value]], yerr=[[q - qi[0]], [qi[1] - q]],
+                        fmt="o", color=color, ecolor="#999999", capsize=2, markersize=5)
+            ax.annotate(n, (iv.value, q), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        rho, ci = p["spearman"][m], p.get("spearman_interval", {}).get(m)
+        extra = f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci and ci[0] is not None else ""
+        ax.set_title(f"{LABELS[m]}\nρ = {rho:+.2f}{extra}", fontsize=8)
+        ax.set_xlabel(LABELS[m], fontsize=8)
+        ax.set_ylabel(f"probe {p['metric']}", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    with atomic_path(path, what="probe scatter") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
 
 
 def _data_uri(png: bytes) -> str:
@@ -155,7 +196,8 @@ def write_report(result, out: str | os.PathLike | RunFolder, report_images: int 
                  for row in pcas]
         rowgap = np.full((scale, lines[0].shape[1], 3), 255, np.uint8)
         tmp.write_bytes(_png(np.concatenate(sum(([line, rowgap] for line in lines), [])[:-1], 0)))
-    page = _html(result, chart.read_bytes(), labels, pcas, report_images)
+    scatter = probe_scatter(result, folder.file("probe.png")).read_bytes() if result.probe is not None else None
+    page = _html(result, chart.read_bytes(), labels, pcas, report_images, scatter)
     write_atomic(folder.file("report.html"), page)
     return folder.file("report.html")
 
@@ -181,7 +223,8 @@ tr.acc td{background:#f1faf4}tr.ref td{background:#f7f7f7}.ci{color:#777;font-si
 """
 
 
-def _html(result, chart_png: bytes, pca_labels: list[str], pcas: list[list[np.ndarray]], report_images: int) -> str:
+def _html(result, chart_png: bytes, pca_labels: list[str], pcas: list[list[np.ndarray]], report_images: int,
+          scatter_png: bytes | None = None) -> str:
     cfg, esc, primary = result.config, html.escape, result.primary
     names = result.ranking()
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>GATE report</title><style>{CSS}</style>"
@@ -201,15 +244,25 @@ def _html(result, chart_png: bytes, pca_labels: list[str], pcas: list[list[np.nd
         parts.append(f"<span class='pill {cls}'><b>{esc(name)}</b> {word}: {imp.value:+.3g} "
                      f"[{imp.low:+.3g}, {imp.high:+.3g}]</span>")
     parts.append("</div>")
-    parts.append(f"<p class='note'>A candidate is accepted when the {cfg.level:.0%} paired bootstrap interval of its "
-                 f"mean improvement over <code>reference</code> (no technique) on {esc(LABELS[primary])} lies above 0 "
-                 f"({cfg.n_boot} resamples of the same images for both). Pills show that improvement and its "
-                 "interval.</p>")
+    if getattr(cfg, "correction", "none") == "holm":
+        rule = (f"its mean improvement over <code>reference</code> (no technique) on {esc(LABELS[primary])} is "
+                f"positive and its paired bootstrap test ({cfg.n_boot} resamples of the same images for both) holds "
+                f"after Holm's correction across the {len(result.improvement)} candidates (adjusted p ≤ "
+                f"{1 - cfg.level:.2g})")
+    else:
+        rule = (f"the {cfg.level:.0%} paired bootstrap interval of its mean improvement over <code>reference</code> "
+                f"(no technique) on {esc(LABELS[primary])} lies above 0 ({cfg.n_boot} resamples of the same images "
+                "for both)")
+    draws = getattr(cfg, "replicates", 1)
+    parts.append(f"<p class='note'>A candidate is accepted when {rule}. Pills show that improvement and its "
+                 f"interval." + (f" Every image was reconstructed under {draws} noise draws; its scores are their "
+                                 "mean." if draws > 1 else "") + "</p>")
     # ---------------------------------------------------------------- ranking table
     parts.append("<h2>Ranking</h2><div class='scroll'><table><tr><th>#</th><th class='l'>candidate</th>"
                  "<th class='l'>techniques</th>")
     parts += [f"<th>{esc(LABELS[m])}</th>" for m in result.metrics]
-    parts.append("<th>gain over reference<br>on primary</th><th>accepted</th></tr>")
+    parts.append("<th>gain over reference<br>on primary</th><th>p (adjusted)</th><th>accepted</th>"
+                 "<th>seconds</th></tr>")
     for row in result.table():
         name = row["candidate"]
         cls = "ref" if name == REFERENCE else "acc" if row["accepted"] else ""
@@ -219,12 +272,14 @@ def _html(result, chart_png: bytes, pca_labels: list[str], pcas: list[list[np.nd
             iv = result.scores[name][m]
             ci = f"[{_fmt(iv.low, m)}, {_fmt(iv.high, m)}]"
             parts.append(f"<td>{_fmt(iv.value, m)}<br><span class='ci'>{ci}</span></td>")
+        seconds = f"<td>{result.evaluations[name].seconds:.1f}</td>" if name in result.evaluations else "<td></td>"
         if name == REFERENCE:
-            parts.append("<td>—</td><td>anchor</td></tr>")
+            parts.append(f"<td>—</td><td>—</td><td>anchor</td>{seconds}</tr>")
         else:
-            imp = result.improvement[name]
+            imp, test = result.improvement[name], result.tests.get(name)
+            p_text = f"{test['p']:.3g}<br><span class='ci'>({test['p_adjusted']:.3g})</span>" if test else "—"
             parts.append(f"<td>{imp.value:+.3g}<br><span class='ci'>[{imp.low:+.3g}, {imp.high:+.3g}]</span></td>"
-                         f"<td>{'✔' if row['accepted'] else '✘'}</td></tr>")
+                         f"<td>{p_text}</td><td>{'✔' if row['accepted'] else '✘'}</td>{seconds}</tr>")
     parts.append("</table></div>")
     parts.append(f"<img alt='scores with intervals' src='{_data_uri(chart_png)}' style='max-width:100%'>")
     parts.append("<p class='note'>Bars: mean over images with its bootstrap interval; green = accepted (on the primary "
@@ -237,7 +292,8 @@ def _html(result, chart_png: bytes, pca_labels: list[str], pcas: list[list[np.nd
     k = min(report_images, len(result.keys))
     parts.append(f"<h2>Reconstructions</h2><p class='note'>The first {k} of {len(result.keys)} images: the input, then "
                  f"each candidate's img2img reconstruction (best first). Under each: {esc(LABELS[primary])}; green "
-                 "when better than reference on that image, red when worse.</p><div class='scroll'><table class='grid'>"
+                 "when better than reference on that image, red when worse. Below each row: |reconstruction − input| "
+                 f"(mean over colours, ×{DIFF_GAIN}; darker is closer).</p><div class='scroll'><table class='grid'>"
                  "<tr><th>input</th>" + "".join(f"<th>{esc(n)}</th>" for n in names) + "</tr>")
     better = HIGHER_IS_BETTER[primary]
     for i in range(k):
@@ -251,7 +307,31 @@ def _html(result, chart_png: bytes, pca_labels: list[str], pcas: list[list[np.nd
             cells.append(f"<td><img alt='{esc(n)}' src='{_data_uri(_png(_uint8(ev.recon[i])))}'>"
                          f"<span class='{cls}'>{_fmt(v, primary)}</span></td>")
         parts.append("<tr>" + "".join(cells) + "</tr>")
+        diffs = [f"<td><img alt='difference {esc(n)}' src='"
+                 f"{_data_uri(_png(difference_map(result.evaluations[n].recon[i], result.inputs[i])))}'></td>"
+                 for n in names]
+        parts.append("<tr><td class='note'>|recon − input|</td>" + "".join(diffs) + "</tr>")
     parts.append("</table></div>")
+    controlled = [n for n in names if result.evaluations[n].control is not None]
+    if controlled:
+        parts.append("<h2>Control images</h2><p class='note'>What each ControlNet candidate conditioned on (its first "
+                     "ControlNet's control images).</p><div class='scroll'><table class='grid'><tr><th></th>" +
+                     "".join(f"<th>{esc(key[-18:])}</th>" for key in result.keys[:k]) + "</tr>")
+        for n in controlled:
+            control = result.evaluations[n].control
+            cells = "".join(f"<td><img alt='control' src='{_data_uri(_png(_uint8(control[i])))}'></td>"
+                            for i in range(k))
+            parts.append(f"<tr><th style='text-align:right;padding-right:8px'>{esc(n)}</th>{cells}</tr>")
+        parts.append("</table></div>")
+    prompted = result.prompt_candidates()
+    if prompted:
+        parts.append("<h2>Prompts</h2><p class='note'>The prompt each prompt candidate actually used, for the first "
+                     f"{k} images.</p><div class='scroll'><table><tr><th class='l'>image</th>" +
+                     "".join(f"<th class='l'>{esc(n)}</th>" for n in prompted) + "</tr>")
+        for i in range(k):
+            parts.append(f"<tr><td class='l'>{esc(result.keys[i][-18:])}</td>" + "".join(
+                f"<td class='l tech'>{esc(result.evaluations[n].prompts[i])}</td>" for n in prompted) + "</tr>")
+        parts.append("</table></div>")
     # ---------------------------------------------------------------- PCA
     layer = next(iter(result.evaluations[REFERENCE].diffs))
     parts.append(f"<h2>Features</h2><p class='note'>PCA of <code>{esc(layer)}</code> features (one PCA for the whole "
@@ -287,12 +367,18 @@ def _html(result, chart_png: bytes, pca_labels: list[str], pcas: list[list[np.nd
                      "</p><table><tr><th class='l'>candidate</th><th>" + esc(p["metric"]) + "</th>" + "".join(
                          f"<th>{esc(LABELS[m])}</th>" for m in result.metrics) + "</tr>")
         for n in names:
-            parts.append(f"<tr><td class='l'>{esc(n)}</td><td>{p['quality'][n]:.3f}</td>" + "".join(
+            parts.append(f"<tr><td class='l'>{esc(n)}</td><td>{p['quality'][n]:.3f}"
+                         f"{_interval_text(p.get('quality_interval', {}).get(n))}</td>" + "".join(
                 f"<td>{_fmt(result.scores[n][m].value, m)}</td>" for m in result.metrics) + "</tr>")
         parts.append("<tr><td class='l'><b>Spearman ρ</b></td><td></td>" + "".join(
-            f"<td><b>{p['spearman'][m]:+.2f}</b></td>" for m in result.metrics) + "</tr></table>")
-        parts.append(f"<p class='note'>ρ over {len(p['quality'])} candidates: with so few, only |ρ| near 1 means much."
-                     "</p>")
+            f"<td><b>{p['spearman'][m]:+.2f}</b>" + _interval_text(p.get("spearman_interval", {}).get(m)) + "</td>"
+            for m in result.metrics) + "</tr></table>")
+        parts.append(f"<p class='note'>ρ over {len(p['quality'])} candidates, with its {cfg.level:.0%} bootstrap "
+                     "interval (GATE images and scored probe images resampled together): with so few candidates, only "
+                     "|ρ| near 1 means much.</p>")
+        if scatter_png is not None:
+            parts.append(f"<img alt='GATE scores against probe quality' src='{_data_uri(scatter_png)}' "
+                         "style='max-width:100%'>")
     if result.dropped:
         items = "".join(f"<li><code>{esc(d['key'])}</code>: {esc(d['reason'])}</li>" for d in result.dropped)
         parts.append(f"<h2>Dropped images ({len(result.dropped)})</h2><p class='note'>Left out of every candidate so "
@@ -300,3 +386,9 @@ def _html(result, chart_png: bytes, pca_labels: list[str], pcas: list[list[np.nd
     parts.append("<p class='note'>Resolved config and library versions: <code>config.json</code>; tables: "
                  "<code>ranking.csv</code>, <code>ranking.json</code>, <code>per_image.csv</code>.</p></body></html>")
     return "\n".join(parts)
+
+
+def _interval_text(interval) -> str:
+    if not interval or interval[0] is None:
+        return ""
+    return f"<br><span class='ci'>[{interval[0]:.3g}, {interval[1]:.3g}]</span>"

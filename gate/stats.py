@@ -3,7 +3,8 @@
 Every score is a statistic of per-image values; resampling images with replacement (percentile bootstrap)
 gives its 95% interval without assuming a distribution, and resampling the *same* images for a candidate
 and for `reference` gives the interval of their paired difference: a candidate is significantly better
-when that interval lies above 0 (a two-sided 95% paired bootstrap test).
+when that interval lies above 0 (a two-sided 95% paired bootstrap test). Across several candidates, Holm's
+step-down correction of the bootstrap p-values keeps the chance of accepting any useless candidate at 5%.
 """
 
 from __future__ import annotations
@@ -83,3 +84,23 @@ def spearman(x, y) -> float:
     rx, ry = rankdata(x) - (len(x) + 1) / 2, rankdata(y) - (len(y) + 1) / 2
     denom = np.sqrt((rx**2).sum() * (ry**2).sum())
     return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
+
+
+def bootstrap_p(stat: Statistic, idx: np.ndarray) -> float:
+    """Two-sided bootstrap p-value of "the statistic is 0" (a paired difference): twice the smaller share of
+    resamples on either side of 0, each share counted as (k + 1) / (n_boot + 1) so that p is never 0."""
+    samples = np.asarray(stat(idx), dtype=np.float64)
+    n = len(samples)
+    low, high = (np.sum(samples <= 0) + 1) / (n + 1), (np.sum(samples >= 0) + 1) / (n + 1)
+    return float(min(1.0, 2 * min(low, high)))
+
+
+def holm(pvalues: dict[str, float], alpha: float = 0.05) -> dict[str, float]:
+    """Holm's step-down adjusted p-values: with the m p-values sorted, p_(i) becomes max_{j ≤ i} min(1,
+    (m − j + 1)·p_(j)); a hypothesis is rejected at family-wise error `alpha` when its adjusted p ≤ alpha."""
+    names = sorted(pvalues, key=pvalues.get)
+    m, running, adjusted = len(names), 0.0, {}
+    for i, name in enumerate(names):
+        running = max(running, min(1.0, (m - i) * pvalues[name]))
+        adjusted[name] = running
+    return adjusted

@@ -5,8 +5,9 @@
 - a **folder of masks**: a Shapes-LT / imagefolder root whose ``metadata.csv`` rows pair ``file_name`` with
   ``mask_file_name`` (the image file is matched by path, so IMAGES may be the root, a split or its
   ``images/`` folder), or a plain folder holding one mask per image under the image's key (``KEY``, ``KEY``
-  with a ``.png`` suffix, ``KEY`` with ``images/`` read as ``masks/``, or the file name alone); a mask is
-  one channel of class ids, 255 = ignore. Task: segmentation.
+  with a ``.png`` suffix, or ``KEY`` with ``images/`` read as ``masks/``); a mask is one channel of class ids,
+  255 = ignore. Task: segmentation. The file name alone is never enough: data sets number each split from 0,
+  so another split's masks would match silently.
 - a **CSV with ``key`` and ``label`` columns** (the format `difffeat train-cls --labels` reads), keys being
   the image keys of IMAGES. Task: classification.
 
@@ -104,8 +105,7 @@ def _mask_by_key(root: Path, key: str, image: Path | None) -> Path | None:
     """The mask stored under the image's key in a plain mask folder (never the image file itself)."""
     p = PurePosixPath(key)
     swapped = PurePosixPath(*["masks" if part == "images" else part for part in p.parts])
-    for cand in dict.fromkeys([p, p.with_suffix(".png"), swapped, swapped.with_suffix(".png"),
-                               PurePosixPath(p.name), PurePosixPath(p.stem + ".png")]):
+    for cand in dict.fromkeys([p, p.with_suffix(".png"), swapped, swapped.with_suffix(".png")]):
         try:
             file = confine(root, cand.as_posix(), what="mask")
         except UserError:

@@ -363,7 +363,7 @@ def sweep(images: str | None = None, labels: str | None = None, out: str | None 
     source = ImageSource(cfg.images)
     if not source.items:
         raise UserError(f"{cfg.images}: no images found")
-    labelset = match_labels(cfg.labels, source)
+    labelset = match_labels(cfg.labels, source, cfg.images)
     if cfg.probe not in PROBES[labelset.task]:  # before anything heavy starts
         raise ConfigError("probe", f"{cfg.probe!r} does not score {'masks' if labelset.task == 'seg' else 'labels'};"
                                    f" use {' or '.join(PROBES[labelset.task])}")
@@ -451,7 +451,8 @@ def add_sweep_command(subparsers) -> None:
                    help=_field_help("timesteps"))
     p.add_argument("--ensemble", type=_int_list, nargs="+", metavar="E", default=argparse.SUPPRESS,
                    help=_field_help("ensemble"))
-    p.set_defaults(_config_flags={**(p.get_default("_config_flags") or {}), "timesteps": "--t"})
+    p.set_defaults(_config_flags={**(p.get_default("_config_flags") or {}), "timesteps": "--t",
+                                  "variants": "--techniques / --variant"})
     p.add_argument("--techniques", metavar="FILE.yaml", help="technique variants: a variants file (name → technique "
                                                              "specs, as `extract --variants`); default one plain "
                                                              "variant")
@@ -504,7 +505,7 @@ def _cmd_sweep(args) -> None:
 
 def print_summary(result: SweepResult, stream) -> None:
     metric, out = result.metric, Path(result.config.out)
-    print(f"sweep of {len(result.plan)} configurations on {len(result.keys)} labelled images "
+    print(f"sweep of {len(result.plan)} configuration(s) on {len(result.keys)} labelled images "
           f"({result.task}: {metric}, {result.config.probe} probe, {len(result.dropped)} dropped)", file=stream)
     for r in result.rungs:
         print(f"  rung {r['rung'] + 1}: {r['images']} images, {r['configurations']} configurations, "

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from difffeat.errors import UserError
-from difffeat.run import RunFolder, check_new_folder, is_inside, refuse_pickled_checkpoints
+from difffeat.run import start_model_training
 from pipelines.recipe_config import ControlNetTrainConfig
 
 KIND = "controlnet"
@@ -77,13 +77,8 @@ def train_controlnet(run: str | Path, out: str | Path | None = None, cfg: Contro
     from difffeat.layers import vae_scale_factor
 
     cfg = (cfg or ControlNetTrainConfig()).validate()
-    refuse_pickled_checkpoints(run, LEGACY_CHECKPOINTS)
-    if out is not None and not is_inside(out, run):
-        check_new_folder(out, "export")
-    folder = RunFolder(run, KIND, cfg, resume=True, owned=("losses.csv", "controlnet"), ignore=("threads",)).create()
+    folder = start_model_training(run, out, KIND, cfg, ("losses.csv", "controlnet"), LEGACY_CHECKPOINTS)
     run = folder.path
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     pipe = load_pipeline(cfg.model)
     unet = pipe.unet.requires_grad_(False).eval()
     pipe.vae.requires_grad_(False)

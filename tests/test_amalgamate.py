@@ -50,7 +50,7 @@ def test_assigner_weights_sum_to_one_per_channel_and_depend_on_the_input(form):
     mix = Amalgamation(specs, assigners=2, form=form).eval()
     a, b = maps_of(specs, seed=1), maps_of(specs, seed=2)
     wa, wb = mix.weights(a), mix.weights(b)
-    for layer, (shape, ws) in enumerate(zip(mix.layout.shapes, wa)):
+    for shape, ws in zip(mix.layout.shapes, wa):
         for w in ws:
             grid = (1, 1) if form == "global" else shape[1:]
             assert w.shape == (2, 3, shape[0], *grid) and (w >= 0).all()

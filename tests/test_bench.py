@@ -4,7 +4,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,11 +24,11 @@ def test_bench_measures_difffeat_bare_and_the_naive_loop(tmp_path, capsys):
                  "--compare", "bare", "--json", str(out), "--tmp-dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("mini-random 64×64, layers up_blocks.1, t=50, fp32, batch 4, attention sdpa, compile off")
-    assert re.search(r"\| difffeat \| 6 \| [\d.]+ \| [\d.]+ MiB \|", printed)
+    assert re.search(r"\| difffeat \| 6 \| [\d.]+ \| [\d.]+ \| [\d.]+ MiB \|", printed)
     assert "- bare / difffeat:" in printed and "- difffeat / naive:" in printed
     result = json.loads(out.read_text())
     assert set(result["contenders"]) == {"difffeat", "bare", "naive"}
-    for name, r in result["contenders"].items():
+    for r in result["contenders"].values():
         assert r["images"] == 6 and r["images_per_second"] > 0 and r["peak_memory_bytes"] > 100 * 2**20
         split = r["ms_per_image"]
         assert set(split) == {"decode", "vae", "text", "unet", "copy", "write", "other"}
@@ -60,7 +59,8 @@ def test_bench_auto_batch_and_xformers_fallback(tmp_path, capsys):
 
 def test_bench_rejects_bad_flags_in_one_line(capsys):
     assert main(["bench", "--batch-size", "many"]) == 2
-    assert capsys.readouterr().err.strip() == "difffeat: error: --batch-size: must be a whole number ≥ 1 or auto, got 'many'"
+    err = capsys.readouterr().err.strip()
+    assert err == "difffeat: error: --batch-size: must be a whole number ≥ 1 or auto, got 'many'"
     assert main(["bench", "--n", "0"]) == 2
     assert "--n: must be ≥ 1" in capsys.readouterr().err
 

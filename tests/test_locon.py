@@ -18,7 +18,8 @@ from pipelines.techniques.lora import LoRA
 def images(folder, n=2):
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        pixels = np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
     return folder
 
 
@@ -73,7 +74,8 @@ def test_locon_round_trip_train_save_load_by_kohya_layout(tmp_path, monkeypatch)
     file = out / "pytorch_lora_weights.safetensors"
     state = load_file(str(file))
     conv_a = state["unet.up_blocks.1.resnets.0.conv1.lora_A.weight"]
-    assert conv_a.shape[:2] == (2, trained["pipe"].unet.up_blocks[1].resnets[0].conv1.base_layer.in_channels) and conv_a.ndim == 4
+    conv1 = trained["pipe"].unet.up_blocks[1].resnets[0].conv1.base_layer  # peft wraps the trained one
+    assert conv_a.shape[:2] == (2, conv1.in_channels) and conv_a.ndim == 4
     assert state["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"].shape[0] == 4
     assert any(".upsamplers.0.conv." in k for k in state) and any(".conv_shortcut." in k for k in state)
     modules = dict(trained["pipe"].unet.named_modules())

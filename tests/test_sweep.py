@@ -240,6 +240,10 @@ def test_labels_that_match_no_image_name_the_first_keys_of_each(shapes_dir, tmp_
         p.name for p in (shapes_dir / "val" / "masks").iterdir())).read_bytes())
     rc, err = run_cli([str(shapes_dir / "train"), "--labels", str(masks), "--out", str(tmp_path / "o")], capsys)
     assert rc == 2 and "no mask matches" in err and "'elsewhere.png'" in err and "'images/" in err
+    # another split's masks are numbered like these images: never paired by file name alone
+    rc, err = run_cli([str(shapes_dir / "train"), "--labels", str(shapes_dir / "val" / "masks"), "--out",
+                       str(tmp_path / "o")], capsys)
+    assert rc == 2 and "no mask matches" in err and f"an image of {shapes_dir / 'train'}" in err
 
 
 def test_a_sweep_above_the_memory_budget_is_refused_with_its_estimate(shapes_dir, tmp_path, capsys):
@@ -277,3 +281,18 @@ def test_noise_modes_clean_mode_and_a_variant_that_cannot_run_clean(shapes_dir, 
     clean = next(r for r in result.table() if r["noise"] == "clean")
     cfg = result.extract_config(clean)
     assert cfg["noise"] is False and cfg["ensemble"] == 1 and cfg["layers"] == ["up_blocks.1"]
+
+
+def test_gate_sweep_stays_the_function_after_its_module_is_imported():
+    import gate
+    from gate.sweeping import add_sweep_command  # noqa: F401  (what gate.cli does)
+
+    assert callable(gate.sweep) and gate.sweep.__name__ == "sweep"
+
+
+def test_difffeat_sweep_is_gates_sweep_without_the_core_importing_gate():
+    """`difffeat.sweep` comes through the `difffeat.api` entry point: the core names no gate module itself."""
+    import difffeat
+    import gate
+
+    assert difffeat.sweep is gate.sweep

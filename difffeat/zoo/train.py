@@ -28,13 +28,7 @@ import torch.nn.functional as F
 
 from difffeat.data.shapes_lt import iter_scenes
 from difffeat.errors import UserError
-from difffeat.run import (
-    Checkpoints,
-    RunFolder,
-    check_new_folder,
-    is_inside,
-    refuse_pickled_checkpoints,
-)
+from difffeat.run import Checkpoints, start_model_training
 from difffeat.zoo import mini
 from difffeat.zoo.recipe_config import MiniTrainConfig
 
@@ -223,13 +217,8 @@ def train_mini(run: str | Path, out: str | Path | None = None, cfg: MiniTrainCon
     an interruption would; training the run again goes on from there. Returns the export folder (None when
     stopped)."""
     cfg = (cfg or MiniTrainConfig()).validate()
-    refuse_pickled_checkpoints(run, LEGACY_CHECKPOINTS)
-    if out is not None and not is_inside(out, run):
-        check_new_folder(out, "export")
-    folder = RunFolder(run, KIND, cfg, resume=True, owned=("losses.csv", "pipeline"), ignore=("threads",)).create()
+    folder = start_model_training(run, out, KIND, cfg, ("losses.csv", "pipeline"), LEGACY_CHECKPOINTS)
     run = folder.path
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     vae, text_encoder, tokenizer, unet, scheduler = mini.build_models(cfg.seed)
     x, fine, coarse = _training_data(cfg)
     print(f"{len(x)} training scenes", flush=True)

@@ -1,7 +1,7 @@
 """Issue #12's experiment: does the chain GATE → extract → amalgamate give better segmentation heads than plain
 features, and does GATE's ranking predict which techniques help? (docs/experiments/content_shift.md)
 
-    python docs/experiments/content_shift.py [WORKDIR] [--scenes 375] [--iterations 300] [--seeds 0 1 2]
+    python docs/experiments/content_shift.py [WORKDIR] [--scenes 400] [--iterations 200] [--seeds 0 1 2]
 
 Every step is difffeat's own command or API, and every step is skipped when its output is there, so an
 interrupted run goes on where it stopped:
@@ -83,13 +83,14 @@ def prepare(w: Path, args) -> dict:
             "--n", "16", "--layer", "gdf-legacy", "--emit", str(w / "gate" / "variants.yaml"), "--overwrite")
     variants = {"plain": [], **candidates}
     (w / "variants.yaml").write_text("variants:\n" + "".join(f"  {k}: [{', '.join(v)}]\n" for k, v in variants.items()))
-    common = ["--t", "50", "--size", "128", "128", "--resize", "stretch"]
+    # Small shards: an interrupted extraction resumes from the last finished shard.
+    common = ["--t", "50", "--size", "128", "128", "--resize", "stretch", "--shard-size", "50"]
     if not (w / "feat" / "manifest.json").is_file() or not (w / "feat" / "report.json").is_file():
         cli("extract", str(w / "shapes"), "--out", str(w / "feat"), "--variants", str(w / "variants.yaml"),
             *sum((["--layer", lay] for lay in LAYERS), []), *common, "--resume")
     if not (w / "feat-attn" / "report.json").is_file():
-        if "gdf-up-cross" in help_text("layers"):  # the GDF attention feature as a preset
-            attention = ["--layer", "gdf-up-cross", "--attention-prompt", ATTENTION_PROMPT]
+        if "--attention-prompt" in help_text("extract"):  # the GDF attention feature as a preset
+            attention = ["--layer", LAYERS[-1], "--attention", "gdf-up-cross", "--attention-prompt", ATTENTION_PROMPT]
         else:  # one cross-attention layer per resolution, the prompt fixed for every image
             attention = ["--layer", LAYERS[-1], "--prompt", ATTENTION_PROMPT,
                          "--attention", "up_blocks.1.attentions.2.transformer_blocks.0.attn2",
@@ -136,6 +137,7 @@ def rows(w: Path, prep: dict) -> list[dict]:
 
 
 def train_all(w: Path, specs: list[dict], args) -> None:
+    from difffeat.errors import UserError
     from downstream.seg.config import SegTrainConfig
     from downstream.seg.train import train_seg
 
@@ -150,9 +152,14 @@ def train_all(w: Path, specs: list[dict], args) -> None:
         cfg = SegTrainConfig(features=r["features"], masks=str(w / "shapes"), out=str(out), layers=r["layers"],
                              split="train", val_split="test", head="conv", hidden=args.hidden, loss=loss,
                              iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, seed=seed,
-                             checkpoint_every=args.iterations, log_every=50, **options)
+                             checkpoint_every=50, log_every=50, **options)
         t0 = time.perf_counter()
-        train_seg(cfg, overwrite=True, progress=False)
+        try:  # an interrupted run goes on from its last checkpoint
+            train_seg(cfg, resume=True, progress=False)
+        except UserError as e:
+            if "another config" not in str(e):
+                raise
+            train_seg(cfg, overwrite=True, progress=False)
         miou = json.loads((out / "metrics.json").read_text())["miou"]
         log(f"[{i}/{len(jobs)}] {out.name}: test mIoU {100 * miou:.1f} ({time.perf_counter() - t0:.0f} s)")
 
@@ -254,9 +261,9 @@ def markdown(res: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("workdir", nargs="?", default="runs/content-shift")
-    p.add_argument("--scenes", type=int, default=375, help="Shapes-LT scenes in all (80%% train)")
+    p.add_argument("--scenes", type=int, default=400, help="Shapes-LT scenes in all (80%% train)")
     p.add_argument("--lora-steps", type=int, default=100)
-    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--iterations", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)

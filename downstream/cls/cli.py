@@ -1,8 +1,8 @@
 """`difffeat train-cls` and `difffeat eval-cls`: classification heads on pooled stored features.
 
 Collected by difffeat's CLI through the `difffeat.commands` entry point; the flags are generated from
-`ClsTrainConfig` and `EvalClsConfig` (this module imports only those torch-free configs at start-up, the training code when a
-command runs).
+`ClsTrainConfig` and `EvalClsConfig` (this module imports only those torch-free configs at start-up, the training
+code when a command runs).
 
     difffeat train-cls --features DIR [--features DIR …] --labels CSV [--split train/ --test-split test/ |
         --test-labels CSV] --method ce|la|vs|ldam|tla-adrw|dirmixe|drauc|tkpr [--optim sam|imbsam|ssesam]
@@ -37,23 +37,16 @@ def _flags(args: argparse.Namespace):
 
 
 def _cmd_train_cls(args: argparse.Namespace) -> None:
-    from difffeat.run import read_json, read_saved_config
+    from difffeat.run import read_json
+    from downstream.cli_common import train_config_of
     from downstream.cls.evaluation import summary_line
+    from downstream.cls.profile import config_from_profile
     from downstream.cls.train import train_cls
 
     if args.stop_after is not None and args.stop_after < 1:
         raise UserError(f"--stop-after must be ≥ 1, got {args.stop_after}")
     with _flags(args):
-        if args.config:
-            if args.profile:
-                raise UserError("--profile: a repeated run (--config) keeps its own settings; give one or the other")
-            cfg = ClsTrainConfig.from_dict(read_saved_config(args.config), out=args.out)
-        elif args.profile:
-            from downstream.cls.profile import config_from_profile
-
-            cfg = config_from_profile(args)
-        else:
-            cfg = config_from_args(ClsTrainConfig, args)
+        cfg = train_config_of(ClsTrainConfig, args, config_from_profile)
         watch = Stopwatch()
         run = train_cls(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
                         stop_after=args.stop_after)

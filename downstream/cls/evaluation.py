@@ -17,13 +17,14 @@ import numpy as np
 import torch
 
 from difffeat.errors import UserError
-from difffeat.run import CHECKPOINTS, Checkpoints, RunFolder, load_tensors, read_json
+from difffeat.run import RunFolder, read_json
 from downstream.cls.config import ClsTrainConfig, EvalClsConfig
 from downstream.cls.data import ClsData, SourceSpec, check_test_classes, load_split
 from downstream.cls.dirmixe import EXPERT_NAMES, aggregate, test_time_aggregation
 from downstream.cls.label_shift import shifted_test_sets
 from downstream.cls.model import ClsModel
 from downstream.cls.neural_collapse import neural_collapse_metrics
+from downstream.engine import load_trained_weights
 from downstream.plots import save_figure
 
 TRAIN_KIND, EVAL_KIND = "train-cls", "eval-cls"
@@ -241,13 +242,7 @@ def load_run(run: str | os.PathLike) -> tuple[dict, ClsTrainConfig, ClsModel]:
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{file}: unreadable run config ({e})") from None
     model = ClsModel([s.dim for s in specs], len(names), config)
-    if (run / "model.safetensors").is_file():
-        weights, _ = load_tensors(run / "model.safetensors")
-    else:
-        checkpoint = Checkpoints(run / CHECKPOINTS).latest()
-        if checkpoint is None:
-            raise UserError(f"{run}: no trained weights yet (no model.safetensors or checkpoint)")
-        weights = checkpoint.load("model")
+    weights = load_trained_weights(run)
     model.load_state_dict(weights)
     return saved, config, model.eval()
 

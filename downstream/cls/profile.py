@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from difffeat.errors import UserError
+from downstream.profile_apply import overlay_profile
 from downstream.profiles import profile, settings
 
 # section → (when it applies: "always", a method or an optimizer name, or a tuple of them; profile key → field)
@@ -59,14 +60,10 @@ def apply_profile(values: Mapping[str, Any], name: str, given: Iterable[str] = (
     """`values` (config field → value) with profile `name`'s settings for the fields not in `given` (those the
     user set explicitly win); `defaults` supply method and optim when `values` lacks them. The profile's name
     is kept in ``extra["profile"]`` (the run's config records where its values came from)."""
-    values, given, defaults = dict(values), set(given), dict(defaults or {})
+    defaults = dict(defaults or {})
     method = values.get("method", defaults.get("method"))
     optim = values.get("optim", defaults.get("optim"))
-    for field, value in profile_fields(name, method, optim).items():
-        if field not in given:
-            values[field] = value
-    values["extra"] = {**values.get("extra", {}), "profile": name}
-    return values
+    return overlay_profile(values, profile_fields(name, method, optim), name, given)
 
 
 def config_from_profile(args):

@@ -33,8 +33,9 @@ ASSIGNER_FORMS = ("pixel", "global")
 ASSIGNER_HIDDEN = 128  # the released code's width
 ASSIGNER_DROPOUT = 0.5
 
-__all__ = ["ASSIGNER_FORMS", "Amalgamation", "Dropout", "GlobalAssigner", "PixelAssigner", "VariantLayout", "VariantSum",
-           "amalgamation_penalty", "assigner_weights", "diversity", "sparsity", "variant_layout", "variant_names"]
+__all__ = ["ASSIGNER_FORMS", "Amalgamation", "Dropout", "GlobalAssigner", "PixelAssigner", "VariantLayout",
+           "VariantSum", "amalgamation_penalty", "assigner_weights", "diversity", "sparsity", "variant_layout",
+           "variant_names"]
 
 
 def _resize(x: torch.Tensor, size) -> torch.Tensor:

@@ -16,7 +16,6 @@ import argparse
 import os
 
 from difffeat.config_cli import add_config_arguments, config_from_args
-from difffeat.errors import UserError
 from difffeat.progress import Stopwatch
 from difffeat.run import read_json
 from downstream.seg.config import SegEvalConfig, SegTrainConfig
@@ -28,19 +27,12 @@ def _main_process() -> bool:
 
 
 def cmd_train_seg(args: argparse.Namespace) -> None:
+    from downstream.cli_common import train_config_of
     from downstream.seg.evaluate import group_summary
+    from downstream.seg.profile import config_from_profile
     from downstream.seg.train import train_seg
 
-    if args.config:  # repeat a run: its config, written to --out
-        if args.profile:
-            raise UserError("--profile: a repeated run (--config) keeps its own settings; give one or the other")
-        cfg = SegTrainConfig.from_run(args.config, out=args.out)
-    elif args.profile:  # a data set's released settings, for the flags not given
-        from downstream.seg.profile import config_from_profile
-
-        cfg = config_from_profile(args)
-    else:
-        cfg = config_from_args(SegTrainConfig, args)
+    cfg = train_config_of(SegTrainConfig, args, config_from_profile)
     watch = Stopwatch()
     run = train_seg(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
                     stop_after=args.stop_after)

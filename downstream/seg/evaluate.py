@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from difffeat.errors import UserError
-from difffeat.run import CHECKPOINTS, Checkpoints, RunFolder, load_tensors, read_json
-from downstream.engine import make_accelerator
+from difffeat.run import RunFolder, read_json
+from downstream.engine import load_trained_weights, make_accelerator
 from downstream.plots import save_confusion_png
 from downstream.seg.classes import SegClasses
 from downstream.seg.config import SegEvalConfig, SegTrainConfig
@@ -74,13 +74,7 @@ def load_run(run: str | os.PathLike) -> tuple[dict, SegModel, SegClasses]:
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{file}: unreadable run config ({e!r})") from None
     model = SegModel(specs, classes.num_classes, cfg.head_config())
-    if (run / "model.safetensors").is_file():
-        weights, _ = load_tensors(run / "model.safetensors")
-    else:
-        checkpoint = Checkpoints(run / CHECKPOINTS).latest()
-        if checkpoint is None:
-            raise UserError(f"{run}: no trained weights yet (no model.safetensors or checkpoint)")
-        weights = checkpoint.load("model")
+    weights = load_trained_weights(run)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:

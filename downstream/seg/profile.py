@@ -19,6 +19,7 @@ from typing import Any
 
 from difffeat.errors import UserError
 from difffeat.run import ConfigError
+from downstream.profile_apply import overlay_profile
 from downstream.profiles import profile, settings
 
 SECTIONS: dict[str, dict[str, str]] = {
@@ -43,12 +44,7 @@ def profile_fields(name: str) -> dict[str, Any]:
 def apply_profile(values: Mapping[str, Any], name: str, given: Iterable[str] = ()) -> dict[str, Any]:
     """`values` (config field → value) with profile `name`'s settings for the fields not in `given`; the
     profile's name is kept in ``extra["profile"]``."""
-    values, given = dict(values), set(given)
-    for field, value in profile_fields(name).items():
-        if field not in given:
-            values[field] = value
-    values["extra"] = {**values.get("extra", {}), "profile": name}
-    return values
+    return overlay_profile(values, profile_fields(name), name, given)
 
 
 def config_from_profile(args):
