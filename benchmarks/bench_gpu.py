@@ -3,7 +3,8 @@ weights: the same cost), `gdf-legacy` layers, fp16, `--batch-size auto`:
 
 1. difffeat vs a batch-1 GDF-style loop (naive) vs bare compute, SDPA, compile off;
 2. the same with xformers (when it cannot run here, the reason is recorded and the row says SDPA);
-3. compile on (inductor), difffeat and bare; then channels-last with compile.
+3. compile on (inductor), difffeat and bare; then channels-last with compile; then CUDA graphs (compile mode
+   reduce-overhead) for the fixed batch shape.
 
 It loads the model once, measures each configuration with `difffeat.bench`, prints the tables and appends
 them to benchmarks/RESULTS.md (or --results FILE) with the device name, the target verdicts (≥ 150 images/s
@@ -37,6 +38,9 @@ def configurations(tiny: bool, n: int, naive_n: int) -> list[tuple[str, dict]]:
         ("xformers, compile off", {**base, "attention": "xformers", "compare": ["bare"]}),
         ("SDPA, compile on", {**base, "attention": "sdpa", "compile": True, "compare": ["bare"]}),
         ("SDPA, compile on, channels-last", {**base, "attention": "sdpa", "compile": True, "channels_last": True}),
+        # CUDA graphs for the fixed batch shape (compile mode reduce-overhead): kept if they help
+        ("SDPA, compile reduce-overhead (CUDA graphs)", {**base, "attention": "sdpa", "compile": True,
+                                                         "compile_mode": "reduce-overhead"}),
     ]
 
 

@@ -11,8 +11,10 @@ batch within 3 % of the best throughput measured: on a GPU the largest that fits
 batches stop paying early) a modest one. Choices are cached per model × size × device (and the other
 settings that change the cost) in ``batch-size.json`` under the user cache folder (`cache_dir`).
 
-`check_fits` is the guard for a batch size the user gave: two small probes give the memory per image,
-and a batch that would not fit is refused with the numbers and the batch that would.
+`check_fits` is the guard for a batch size the user gave: one probe image (or two more probes) gives the
+memory per image, and a batch that would not fit is refused with the numbers and the batch that would. When
+the estimate from shapes (below) is under a quarter of the limit, the run skips this probe: it would cost a
+pass of one image for nothing.
 
 A probe at the run's size is itself a forward pass at that size: at ``--size 4096 4096`` on mini one image
 needs gigabytes, and the operating system kills the process without a word. So before any probe,
@@ -39,6 +41,7 @@ CACHE_FILE = "batch-size.json"
 SAFETY = 0.9  # of the free memory; the rest absorbs what a probe cannot see (fragmentation, other processes)
 MAX_BATCH = 256
 NEAR_BEST = 0.97  # the largest batch within 3 % of the best throughput wins
+ROOMY = 4  # a given batch whose estimate from shapes is under a quarter of the limit is not probed as well
 
 
 def cache_dir() -> Path:

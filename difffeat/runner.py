@@ -403,13 +403,15 @@ def _batch_size(cfg: ExtractRunConfig, extractor, device, store_cfg: dict) -> tu
     # From shapes first: a probe at a size that cannot fit would itself be killed without a message.
     element = 2 if cfg.dtype in ("fp16", "bf16") else 4
     copies = len(cfg.timesteps) * max(1, len(cfg.variants))
-    autobatch.check_estimate(extractor.pipe, extractor.layers, extractor.resolution,
-                             1 if cfg.batch_size == "auto" else cfg.batch_size, device, limit,
-                             kept_copies=copies, element_bytes=element)
+    estimate = autobatch.check_estimate(extractor.pipe, extractor.layers, extractor.resolution,
+                                        1 if cfg.batch_size == "auto" else cfg.batch_size, device, limit,
+                                        kept_copies=copies, element_bytes=element)
     probe = autobatch.extraction_probe(extractor, device)
     if cfg.batch_size != "auto":
-        if cfg.batch_size <= 2:  # probing would cost as much as the batch itself
-            return cfg.batch_size, None
+        # A measured probe costs a pass of one image or more: not when the batch is that small, nor when the
+        # estimate from shapes leaves ample room.
+        if cfg.batch_size <= 2 or estimate["estimate_bytes"] * autobatch.ROOMY <= limit:
+            return cfg.batch_size, {"source": "given", **estimate}
         return cfg.batch_size, {"source": "given", **autobatch.check_fits(probe, cfg.batch_size, device, limit)}
     model = cfg.model
     if Path(model).expanduser().exists():
@@ -442,9 +444,10 @@ def _ran_out(batch_size: int, device, sizing: dict | None, max_memory: float | N
     _, total = free_memory(device)
     fit = max(1, batch_size // 2)
     per_image = ""
-    if sizing and sizing.get("per_image_bytes"):
-        fit = max(1, min(fit, autobatch.fitting_batch(sizing["per_image_bytes"], sizing.get("base_bytes", 0), limit)))
-        per_image = f" about {human_bytes(sizing['per_image_bytes'])} per image,"
+    measured = (sizing or {}).get("per_image_bytes") or (sizing or {}).get("estimate_per_image_bytes")
+    if measured:
+        fit = max(1, min(fit, autobatch.fitting_batch(measured, (sizing or {}).get("base_bytes", 0), limit)))
+        per_image = f" about {human_bytes(measured)} per image,"
     return UserError(f"batch {batch_size} ran out of memory on {device}:{per_image} {human_bytes(limit)} available "
                      f"of {human_bytes(total or 0)}; batch {fit} would fit: --batch-size {fit} or --batch-size auto")
 

@@ -33,6 +33,8 @@ CROSS_DEVICE = (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno
 def _check_not_being_written(store: Path) -> None:
     from difffeat.lock import FolderLock
 
+    if not os.access(store, os.W_OK):  # a read-only store (an archive) is not being written, and cannot be locked
+        return
     for lock in sorted(store.glob(".lock-r*")):
         # Taking and giving back the lock: a lock held by a running extract refuses, one left by a dead run is free.
         FolderLock(lock, f"the feature store {store}").acquire().release()
