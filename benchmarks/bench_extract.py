@@ -2,8 +2,8 @@
 
 1. `difffeat bench` on mini at batch 32: difffeat vs bare compute (target ≤ 1.05×) vs the naive per-image
    loop (target ≥ 3×), contenders alternated `--repeats` times, each keeping its best;
-2. the fast paths one by one (background writes on/off, decoding workers 0/1/2, padded batches), alternated
-   the same way, which is what the defaults of `extract` are chosen from;
+2. the fast paths one by one (background writes, decoding thread, workers 1/2, padded batches, channels-last),
+   alternated the same way, which is what the defaults of `extract` are chosen from;
 3. peak RSS of a `difffeat extract` process over `--rss SMALL LARGE` images (target: flat, ≤ 1.1×).
 
 The machine is shared: run it with OMP_NUM_THREADS=1; the load average is printed before and after.
@@ -54,8 +54,9 @@ def ablations(images: Path, batch: int, repeats: int, tmp: Path) -> dict[str, fl
     pipe = load_pipeline("mini")
     n = len(list(images.glob("*.png")))
     settings = {
-        "defaults (background write, no workers)": {},
+        "defaults (background write, decoding thread)": {},
         "no background write": {"background_write": False},
+        "no decoding thread": {"background_decode": False},
         "1 decoding worker": {"workers": 1},
         "2 decoding workers": {"workers": 2},
         "padded batches": {"pad_batches": True},
@@ -120,7 +121,7 @@ def main() -> None:
             print(json.dumps(result["contenders"], indent=1))
         if "ablations" not in args.skip:
             speeds = ablations(first, args.batch_size, args.repeats, tmp)
-            base = speeds["defaults (background write, no workers)"]
+            base = speeds["defaults (background write, decoding thread)"]
             lines += [f"| fast path (extract, mini, batch {args.batch_size}) | images/s | vs defaults | images/CPU-s | "
                       "vs defaults |", "|---|---|---|---|---|"]
             lines += [f"| {name} | {v[0]:.1f} | {v[0] / base[0]:.3f}× | {v[1]:.1f} | {v[1] / base[1]:.3f}× |"

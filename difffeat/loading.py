@@ -3,7 +3,8 @@
 Decoding (PNG/JPEG → RGB → resize → tensor) and reading caption sidecars cost CPU time that the model
 does not need to wait for: with ``workers > 0`` whole batches are decoded in DataLoader worker processes
 while the model runs, and on CUDA they arrive in pinned (page-locked) memory, so the copy to the GPU can
-run asynchronously. With ``workers == 0`` the same function runs in the calling process, batch by batch.
+run asynchronously. With ``workers == 0`` the same function runs in the calling process: on a thread of its
+own that decodes the next batches while the model works (``thread=True``), or batch by batch.
 Either way a batch holds exactly the same tensor, so features never depend on the choice.
 
 A bad image (undecodable, or missing what a technique needs) is not an error here: the batch lists it in
@@ -15,12 +16,17 @@ sees one line, not a worker traceback.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from difffeat.data.images import ImageItem
+
+PREFETCH = 2  # decoded batches that may wait for the model (memory stays flat)
+_END = object()
 
 
 @dataclass
@@ -107,16 +113,16 @@ def default_workers(device) -> int:
 class BatchLoader:
     """Iterates over decoded `Batch`es of `chunks` (lists of items), in order.
 
-    `workers`: DataLoader worker processes (0: decode in this process); `pin_memory`: page-locked batches
-    (for an asynchronous copy to CUDA).
+    `workers`: DataLoader worker processes (0: decode in this process, on a thread of its own with `thread`);
+    `pin_memory`: page-locked batches (for an asynchronous copy to CUDA).
     """
 
     def __init__(self, source, prompts, chunks: Sequence[Sequence[ImageItem]], resolution: tuple[int, int],
-                 resize: str, workers: int = 0, pin_memory: bool = False):
+                 resize: str, workers: int = 0, pin_memory: bool = False, thread: bool = False):
         self.source, self.prompts = source, prompts
         self.chunks = [list(c) for c in chunks]
         self.resolution, self.resize = tuple(resolution), resize
-        self.workers, self.pin_memory = workers, pin_memory
+        self.workers, self.pin_memory, self.thread = workers, pin_memory, thread
 
     def decode(self, i: int) -> Batch:
         return decode_chunk(self.source, self.prompts, self.chunks[i], self.resolution, self.resize)
@@ -128,7 +134,7 @@ class BatchLoader:
         """Batches in order. With workers, they start here (not at the first batch): start the iterator before
         any other thread of the run, since worker processes are forked."""
         if self.workers <= 0 or len(self.chunks) <= 1:
-            return self._in_this_process()
+            return self._in_a_thread() if self.thread and len(self.chunks) > 1 else self._in_this_process()
         from torch.utils.data import DataLoader
 
         loader = DataLoader(_Chunks(self.decode, len(self.chunks)), batch_size=None, shuffle=False,
@@ -140,3 +146,37 @@ class BatchLoader:
         for i in range(len(self.chunks)):
             batch = self.decode(i)
             yield batch.pin_memory() if self.pin_memory else batch
+
+    def _in_a_thread(self) -> Iterator[Batch]:
+        """The next batches decoded on a thread while the caller works on this one (Pillow and numpy release
+        the GIL while they decode and copy); at most `PREFETCH` wait. Close the iterator to stop the thread."""
+        ready: queue.Queue = queue.Queue(maxsize=PREFETCH)
+        stop = threading.Event()
+
+        def work() -> None:
+            try:
+                for i in range(len(self.chunks)):
+                    if stop.is_set():
+                        return
+                    batch = self.decode(i)
+                    ready.put(batch.pin_memory() if self.pin_memory else batch)
+            except BaseException as e:  # a bug, or memory: raised where the batches are taken
+                ready.put(e)
+                return
+            ready.put(_END)
+
+        thread = threading.Thread(target=work, name="difffeat-decode", daemon=True)
+        thread.start()
+        try:
+            while (item := ready.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():  # let a thread blocked on a full queue finish
+                try:
+                    ready.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            thread.join()

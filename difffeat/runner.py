@@ -87,6 +87,8 @@ class ExtractRunConfig(Config):
                                                    "none on the CPU, where they take cores from the model)")
     background_write: bool = option(True, help="write the store on a background thread, so compute never waits "
                                                "on the disk")
+    background_decode: bool = option(True, help="without --workers, decode the next batches on a thread while the "
+                                                "model works")
     compile: bool = option(False, help="torch.compile the UNet (once per batch shape; minutes of warm-up, "
                                        "worth it for long runs)")
     compile_backend: str = option("inductor", help="torch.compile backend (aot_eager / eager check the compiled "
@@ -108,8 +110,8 @@ class ExtractRunConfig(Config):
 
     # Fields that never change a feature: not in the store's config, so a run may change them on --resume.
     RUN_ONLY: ClassVar[tuple[str, ...]] = (
-        "out", "batch_size", "shard_size", "workers", "background_write", "compile", "compile_backend",
-        "compile_mode", "channels_last", "pad_batches", "attention_backend", "max_memory")
+        "out", "batch_size", "shard_size", "workers", "background_write", "background_decode", "compile",
+        "compile_backend", "compile_mode", "channels_last", "pad_batches", "attention_backend", "max_memory")
     SHARDING: ClassVar[tuple[str, ...]] = ("shard_index", "num_shards")
 
     def __post_init__(self):
@@ -297,7 +299,8 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
         chunks = [mine[s : s + batch_size] for s in range(0, len(mine), batch_size)]
         # Workers fork here, before the writer's thread and the progress bar's start.
         batches = iter(BatchLoader(source, prompts, chunks, extractor.resolution, cfg.resize, workers=workers,
-                                   pin_memory=is_cuda(device) and workers > 0))
+                                   pin_memory=is_cuda(device) and workers > 0, thread=cfg.background_decode))
+        stack.callback(getattr(batches, "close", lambda: None))  # a decoding thread stops with the run
         out = stack.enter_context(WriteBehind(writer, threaded=cfg.background_write, timer=timer))
         bar = stack.enter_context(tqdm(total=len(mine), desc=f"extract[{rank}]" if world > 1 else "extract",
                                        unit="img", disable=not progress or rank != 0))
@@ -344,7 +347,8 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
     seconds = time.perf_counter() - t0 if mine else 0.0
     if compiled is not None:
         speed["compile"] = {"backend": cfg.compile_backend, "mode": cfg.compile_mode, "failed": compiled.failed}
-    speed.update(workers=workers if mine else 0, background_write=cfg.background_write)
+    speed.update(workers=workers if mine else 0, background_write=cfg.background_write,
+                 background_decode=cfg.background_decode and not (mine and workers))
     report = {
         "rank": rank,
         "world_size": world,

@@ -127,7 +127,7 @@ def test_a_failing_background_write_ends_the_run_with_one_line(images, tmp_path,
 
 
 # ------------------------------------------------------------------------------------- decoding workers
-def _loader(images, workers, prompt_source="sidecar"):
+def _loader(images, workers, prompt_source="sidecar", thread=False):
     from difffeat.data.sources import ImageSource
     from difffeat.loading import BatchLoader
     from difffeat.runner import ExtractRunConfig, PromptSource
@@ -135,21 +135,37 @@ def _loader(images, workers, prompt_source="sidecar"):
     source = ImageSource(str(images))
     prompts = PromptSource(ExtractRunConfig(images=str(images), out="", prompt_source=prompt_source), source)
     chunks = [source.items[s : s + 5] for s in range(0, len(source.items), 5)]
-    return BatchLoader(source, prompts, chunks, (64, 64), "center-crop", workers=workers)
+    return BatchLoader(source, prompts, chunks, (64, 64), "center-crop", workers=workers, thread=thread)
 
 
 def test_worker_processes_decode_the_same_batches(images, tmp_path):
     src = tmp_path / "imgs"
     shutil.copytree(images, src)
     (src / "broken.png").write_text("not an image")
-    plain, forked = list(_loader(src, 0)), list(_loader(src, 2))
-    assert len(plain) == len(forked) == 4
-    for a, b in zip(plain, forked):
+    plain, forked, threaded = list(_loader(src, 0)), list(_loader(src, 2)), list(_loader(src, 0, thread=True))
+    assert len(plain) == len(forked) == len(threaded) == 4
+    for a, b in [*zip(plain, forked), *zip(plain, threaded)]:
         assert [i.key for i in a.items] == [i.key for i in b.items]
         assert torch.equal(a.pixels, b.pixels) and a.pixels.dtype == torch.float32
         assert a.texts == b.texts and a.fields == b.fields and a.stamps == b.stamps
         assert [(i.key, r) for i, r in a.failed] == [(i.key, r) for i, r in b.failed]
     assert any(i.key == "broken.png" for b in forked for i, _ in b.failed)
+
+
+def test_a_decoding_thread_stops_with_its_consumer_and_passes_on_its_errors(images, monkeypatch):
+    import difffeat.loading as loading
+
+    batches = iter(_loader(images, 0, thread=True))
+    next(batches)
+    batches.close()  # the run ended early: the thread must not linger
+    assert not any(t.name == "difffeat-decode" and t.is_alive() for t in threading.enumerate())
+
+    def broken(*a, **k):
+        raise MemoryError("decoding ran out of memory")
+
+    monkeypatch.setattr(loading, "decode_chunk", broken)
+    with pytest.raises(MemoryError, match="decoding ran out"):
+        list(_loader(images, 0, thread=True))
 
 
 def test_a_run_stopping_mistake_in_a_worker_is_one_line(images, tmp_path, capsys):
@@ -162,9 +178,14 @@ def test_a_run_stopping_mistake_in_a_worker_is_one_line(images, tmp_path, capsys
 
 def test_fast_paths_write_the_same_store(images, tmp_path):
     """Workers + background writes (and padding's effect) against the plain loop, byte for byte."""
-    assert _extract(images, tmp_path / "plain", "--batch-size", "5", "--no-background-write", "--workers", "0") == 0
+    assert _extract(images, tmp_path / "plain", "--batch-size", "5", "--no-background-write", "--workers", "0",
+                    "--no-background-decode") == 0
     assert _extract(images, tmp_path / "fast", "--batch-size", "5", "--workers", "2") == 0
     _same_store(tmp_path / "plain", tmp_path / "fast")
+    assert _extract(images, tmp_path / "thread", "--batch-size", "5") == 0  # decoding on a thread (the CPU default)
+    _same_store(tmp_path / "plain", tmp_path / "thread")
+    speed = json.loads((tmp_path / "thread" / "report.json").read_text())["processes"][0]["speed"]
+    assert speed["workers"] == 0 and speed["background_decode"] is True
     report = json.loads((tmp_path / "fast" / "report.json").read_text())
     speed = report["processes"][0]["speed"]
     assert speed["workers"] == 2 and speed["background_write"] is True and speed["attention"] == "sdpa"

@@ -6,6 +6,7 @@ random presets. Anything else is a local diffusers folder, a single-file checkpo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -191,6 +192,25 @@ def _use_xformers_if_installed(pipe) -> None:
         warnings.warn(f"xformers is installed but unusable here ({e}); using torch SDPA", stacklevel=3)
 
 
+@contextlib.contextmanager
+def _quiet_local_loading():
+    """No "Loading weights" / "Loading pipeline components" bars while reading a local folder: they flash for a
+    fraction of a second and break the one-line errors that follow on stderr (downloads keep their bars)."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    was = transformers_logging.is_progress_bar_enabled(), diffusers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            transformers_logging.enable_progress_bar()
+        if was[1]:
+            diffusers_logging.enable_progress_bar()
+
+
 def load_pipeline(model: str | os.PathLike = "mini", device: str = "cpu", dtype=None, config: str | None = None):
     """A diffusers pipeline with `.unet`, `.vae`, `.text_encoder`, `.tokenizer`, `.scheduler`.
 
@@ -203,9 +223,11 @@ def load_pipeline(model: str | os.PathLike = "mini", device: str = "cpu", dtype=
     name = str(model)
     path = Path(name).expanduser()
     if name in MODELS:
-        pipe = MODELS[name]()
+        with _quiet_local_loading():
+            pipe = MODELS[name]()
     elif path.is_dir():
-        pipe = _from_folder(path)
+        with _quiet_local_loading():
+            pipe = _from_folder(path)
     elif path.is_file():
         if path.suffix not in SINGLE_FILE_SUFFIXES:
             raise UserError(f"{path}: not a checkpoint file (expected one of {', '.join(SINGLE_FILE_SUFFIXES)})")
