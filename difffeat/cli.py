@@ -46,29 +46,42 @@ def _cmd_zoo_train_mini(args) -> None:
     from difffeat.config_cli import config_from_args
     from difffeat.zoo.train import train_mini
 
-    train_mini(args.run, args.out, config_from_args(MiniTrainConfig, args))
+    train_mini(args.run, args.out, config_from_args(MiniTrainConfig, args), progress=not args.quiet)
 
 
 def _cmd_zoo_eval_mini(args) -> None:
+    from difffeat.progress import Stopwatch
     from difffeat.zoo.quality import evaluate_quality
 
-    report = evaluate_quality(args.model, n=args.n, seed=args.seed)
+    watch = Stopwatch()
+    report = evaluate_quality(args.model, n=args.n, seed=args.seed, progress=not args.quiet)
     text = json.dumps(report, indent=1)
     if args.json:
         Path(args.json).write_text(text + "\n")
     print(text)
+    # On stderr: stdout is the JSON report, which a script may read as a whole.
+    print(watch.finish_line(f"eval-mini: {args.model} on {args.n} held-out scenes"
+                            + (f", report in {args.json}" if args.json else ""), count=args.n, unit="images"),
+          file=sys.stderr)
 
 
 def _cmd_zoo_report(args) -> None:
+    from difffeat.progress import Stopwatch
     from difffeat.zoo.report import write_mini_report
 
-    report = write_mini_report(args.run, args.model, args.out, seed=args.seed)
+    watch = Stopwatch()
+    report = write_mini_report(args.run, args.model, args.out, seed=args.seed, progress=not args.quiet)
     print(json.dumps(report, indent=1))
+    # On stderr: stdout is the JSON report, which a script may read as a whole.
+    print(watch.finish_line(f"zoo report: mini_loss.png, mini_samples.png/.txt and mini_quality.json in {args.out}"),
+          file=sys.stderr)
 
 
 def _cmd_sample(args) -> None:
+    from difffeat.progress import Stopwatch
     from difffeat.zoo.sampling import sample_to_folder
 
+    watch = Stopwatch()
     prompts = list(args.prompts)
     if args.captions:
         from difffeat.zoo.sampling import read_captions
@@ -79,6 +92,7 @@ def _cmd_sample(args) -> None:
     out = sample_to_folder(prompts, args.out, model=args.model, steps=args.steps, guidance=args.guidance,
                            seed=args.seed, progress=not args.quiet, overwrite=args.overwrite)
     print(f"wrote {len(prompts)} samples and grid.png to {out}")
+    print(watch.finish_line(f"sample: {len(prompts)} images and grid.png to {out}", count=len(prompts), unit="images"))
 
 
 def _cmd_layers(args) -> None:

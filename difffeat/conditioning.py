@@ -7,8 +7,9 @@ core loads it the first time techniques are asked for (or a program calls `regis
 ``FeatureExtractor(pipe, layers, techniques=["controlnet:canny"])`` works without the caller importing the
 package, and the dependency points from the package to difffeat only.
 
-Per extraction, `FeatureExtractor` asks the stack for, in this order: each image's prompt (`prompt`) and
-whether it can be processed at all (`missing`), the per-image control inputs (`control_images`), then, with
+Per extraction, `FeatureExtractor` asks the stack for, in this order: whether each image can be processed at all
+(`missing`), each image's prompt (`prompts`, with the fields the stack derives from the image itself, such as a
+caption, `image_fields`), the per-image control inputs (`control_images`), then, with
 the stack `active()`, one `BatchConditioning` per batch whose `prepare_latents` turns clean latents and noise
 into what the feature pass sees and whose `features` runs that pass through the capture hooks.
 """
@@ -61,6 +62,18 @@ class ConditioningStack(ABC):
     @abstractmethod
     def prompt(self, base: str, fields: Mapping[str, str | None] | None = None, key: str = "") -> str:
         """The image's prompt after the stack's prompt techniques."""
+
+    def image_fields(self, images, keys: Sequence[str]) -> list[dict[str, str]]:
+        """Per image, the prompt fields the techniques derive from images [B, 3, H, W] in [0, 1] themselves (a
+        caption from a captioning model, under its technique's spec); the extractor records them in the store.
+        Default: none."""
+        return [{} for _ in keys]
+
+    def prompts(self, bases: Sequence[str], fields: Sequence[Mapping[str, str | None]], keys: Sequence[str],
+                images=None) -> list[str]:
+        """Each image's prompt (`prompt`), with the fields derived from `images` (`image_fields`) added when given."""
+        derived = self.image_fields(images, list(keys)) if images is not None else [{} for _ in keys]
+        return [self.prompt(b, {**(f or {}), **d}, k) for b, f, d, k in zip(bases, fields, derived, keys)]
 
     @abstractmethod
     def control_images(self, images, keys: list[str]) -> list:

@@ -21,7 +21,6 @@ from collections.abc import Callable
 
 import torch
 
-from difffeat.conditioning import BatchConditioning
 from difffeat.errors import UserError
 from difffeat.layers import first_tensor, register_layer_preset, token_grid
 
@@ -81,15 +80,21 @@ def is_flow_matching(scheduler) -> bool:
     return not hasattr(scheduler, "alphas_cumprod")
 
 
+def shift_mu(cfg, latent_hw: tuple[int, int]) -> float:
+    """FLUX's resolution-dependent shift μ for latents of size `latent_hw` (2×2 latent cells per token), from the
+    scheduler config `cfg`, as the FLUX pipeline computes it (`set_timesteps(mu=…)` takes it)."""
+    tokens = (latent_hw[0] // 2) * (latent_hw[1] // 2)
+    base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+    base, top = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
+    return base + (top - base) * (tokens - base_len) / (max_len - base_len)
+
+
 def sigma_of_t(pipe, t: int, latent_hw: tuple[int, int]) -> float:
     """The flow-matching noise level σ ∈ (0, 1] of integer timestep t ∈ [0, 1000) (see the module docstring)."""
     cfg = pipe.scheduler.config
     s = (int(t) + 1) / cfg.num_train_timesteps
     if cfg.get("use_dynamic_shifting"):
-        tokens = (latent_hw[0] // 2) * (latent_hw[1] // 2)
-        base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
-        base, top = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
-        mu = base + (top - base) * (tokens - base_len) / (max_len - base_len)
+        mu = shift_mu(cfg, latent_hw)
         return float(math.exp(mu) / (math.exp(mu) + (1 / s - 1)))
     k = cfg.get("shift", 1.0)
     return float(k * s / (1 + (k - 1) * s))
@@ -151,13 +156,17 @@ def flux_image_ids(latent_hw: tuple[int, int], device=None, dtype=None) -> torch
 
 
 def forward_kwargs(pipe, z: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, added: dict | None,
-                   guidance: float = 3.5) -> dict:
-    """The keyword arguments of one transformer call on latents z [B, C, h, w] at integer timesteps t [B]."""
+                   guidance: float = 3.5, sigma: torch.Tensor | None = None) -> dict:
+    """The keyword arguments of one transformer call on latents z [B, C, h, w] at integer timesteps t [B]; for a
+    flow-matching model `sigma` [B] (a sampler's own noise levels) replaces the σ(t) of the training table."""
     model = denoiser(pipe)
     fam, latent_hw = family(model), tuple(z.shape[-2:])
     added = added or {}
     if is_flow_matching(pipe.scheduler):
-        sigma = torch.tensor([sigma_of_t(pipe, int(v), latent_hw) for v in t.tolist()], device=z.device)
+        if sigma is None:
+            sigma = torch.tensor([sigma_of_t(pipe, int(v), latent_hw) for v in t.tolist()], device=z.device)
+        else:
+            sigma = torch.as_tensor(sigma, device=z.device).float().expand(len(z))
     if fam == "sd3":
         return dict(hidden_states=z, timestep=(sigma * 1000).to(z.dtype), encoder_hidden_states=embeds,
                     pooled_projections=added["pooled_projections"])
@@ -177,6 +186,25 @@ def forward_kwargs(pipe, z: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
     if model.config.guidance_embeds:
         kw["guidance"] = torch.full((len(z),), guidance, device=z.device, dtype=z.dtype)
     return kw
+
+
+def unpack_flux(tokens: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """FLUX's [B, (H/2)(W/2), 4C] tokens → [B, C, H, W] latents (the inverse of `pack_flux`)."""
+    b, n, c4 = tokens.shape
+    h, w = latent_hw[0] // 2, latent_hw[1] // 2
+    return tokens.view(b, h, w, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h * 2, w * 2)
+
+
+def prediction(pipe, sample: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """A transformer's output `sample` as a [B, C, h, w] prediction in the latents' layout: the velocity of a
+    flow-matching model (SD3, FLUX: its tokens unpacked), the noise ε of a DDPM-family one (PixArt: the first half
+    of its channels when it also predicts the variance, as PixArt's pipeline reads it)."""
+    fam = family(denoiser(pipe))
+    if fam == "flux":
+        return unpack_flux(sample, latent_hw)
+    if fam == "pixart" and sample.shape[1] == 2 * pipe.vae.config.latent_channels:
+        return sample.chunk(2, dim=1)[0]
+    return sample
 
 
 def dummy_kwargs(model, latent_hw: tuple[int, int], text_tokens: int) -> dict:
@@ -305,43 +333,3 @@ def _middle_block(names: list[str]) -> list[str]:
     """The middle transformer block (DiT features are most semantic around mid depth: DiTF, REPA)."""
     found = blocks(names)
     return found[len(found) // 2 : len(found) // 2 + 1]
-
-
-# ------------------------------------------------------------------------------------------- extraction
-def check_techniques(specs: list[str]) -> None:
-    """Transformers take prompt techniques so far; the others act on a UNet call (ControlNet residuals, CFG
-    branches, LoRA weights, DDIM steps) and are refused here rather than silently ignored."""
-    unsupported = [s for s in specs if not s.startswith("prompt:")]
-    if unsupported:
-        raise UserError(f"technique {unsupported[0]!r} does not run on transformer backbones yet; only prompt "
-                        "techniques (prompt:…) do")
-
-
-class TransformerBatch(BatchConditioning):
-    """One batch's conditioning for a transformer: text embeddings and the extra per-row conditions."""
-
-    def __init__(self, pipe, embeds: torch.Tensor, added: dict | None):
-        self.pipe, self.embeds, self.added = pipe, embeds, added
-
-    @classmethod
-    def encode(cls, pipe, encoder, prompts: list[str]) -> TransformerBatch:
-        """From a `difffeat.prompts.PromptEncoder` (cached embeddings) for the batch's prompts."""
-        model = denoiser(pipe)
-        embeds, added = encoder(prompts)
-        added = None if added is None else {k: v.to(model.device) for k, v in added.items()}
-        return cls(pipe, embeds.to(model.device, model.dtype), added)
-
-    def subset(self, rows: list[int]) -> TransformerBatch:
-        added = None if self.added is None else {k: v[rows] for k, v in self.added.items()}
-        return TransformerBatch(self.pipe, self.embeds[rows], added)
-
-    def prepare_latents(self, z0, noise, t: int):
-        return noise_latents(self.pipe, z0, noise, t)
-
-    def features(self, capture, z, t) -> dict:
-        model = denoiser(self.pipe)
-        t = torch.as_tensor(t, device=model.device)
-        t = t.expand(len(z)) if t.ndim == 0 else t
-        added = None if self.added is None else {k: (v.to(model.dtype) if v.is_floating_point() else v)
-                                                 for k, v in self.added.items()}
-        return capture.run(**forward_kwargs(self.pipe, z, t, self.embeds, added))

@@ -143,8 +143,6 @@ class FeatureExtractor:
         # imports a technique package itself.
         self.stack = technique_stack(pipe, techniques)
         self.stack.check(self.timesteps, noise)
-        if dit.is_transformer(pipe):
-            dit.check_techniques(self.stack.specs)
         self.prompt_encoder = prompt_encoder or PromptEncoder(pipe)
         # Set by the extract runner's fast paths: time per phase (`difffeat.measure`), and UNet batches padded to
         # `batch_size` so that a compiled UNet sees one shape (padding rows are dropped; rows never mix).
@@ -192,7 +190,7 @@ class FeatureExtractor:
         if len(keys) != n or len(prompts) != n or len(fields) != n:
             raise UserError(f"got {n} images but {len(keys)} keys, {len(prompts)} prompts and {len(fields)} fields")
         stack = self.stack
-        prompts = [stack.prompt(p, f, k) for p, f, k in zip(prompts, fields, keys)]
+        prompts = stack.prompts(prompts, fields, keys, x)  # with fields from the images (prompt:auto)
         z0 = self.encode_latents(x, keys) if latents is None else latents.to(dit.denoiser(self.pipe).device)
         controls = stack.control_images(x, keys)
         if self.attention_prompt is None or not self.attention:
@@ -224,10 +222,7 @@ class FeatureExtractor:
                 idx = [i for i, _, _ in run]
                 ts = torch.tensor([t for _, t, _ in run])
                 with timer.phase("text"):
-                    if isinstance(maps, ditf.TokenMaps):
-                        cond = dit.TransformerBatch.encode(self.pipe, self.prompt_encoder, [prompts[i] for i in idx])
-                    else:
-                        cond = stack.conditioning(self.prompt_encoder, prompts, controls, idx, self.resolution)
+                    cond = stack.conditioning(self.prompt_encoder, prompts, controls, idx, self.resolution)
                 with timer.phase("unet"):
                     zb = z0[idx]
                     if self.noise:

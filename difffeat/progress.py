@@ -51,3 +51,23 @@ class Stopwatch:
         seconds = self.seconds
         rate = f" ({count / seconds:.1f} {unit}/s)" if count and seconds > 0 else ""
         return f"{what} in {human_seconds(seconds)}{rate}; peak memory {human_bytes(peak_memory_bytes())}"
+
+
+def log_line(text: str) -> None:
+    """Print `text` on stdout above any tqdm bar that is running (bars draw on stderr; a plain print would cut
+    through them), flushed so that a log file shows it at once."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(text, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def step_callback(bar):
+    """A diffusers ``callback_on_step_end`` that moves `bar` on by one per denoising step. It only observes: it
+    hands the pipeline's tensors back untouched, so the images are the same with or without it."""
+
+    def advance(pipe, step, timestep, tensors):
+        bar.update(1)
+        return tensors
+
+    return advance

@@ -278,7 +278,7 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
     if is_cuda(device):
         torch.cuda.reset_peak_memory_stats(device)
     failures: list[dict] = []
-    extracted = 0
+    extracted = captioned = 0
     with contextlib.ExitStack() as stack:
         stack.enter_context(writer)  # whatever fails below, the writer keeps what is complete and lets go
         speed = {"attention": use_attention(pipe, cfg.attention_backend, device, warn),
@@ -333,7 +333,7 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
                     x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
                     keys, texts, fields = keys + keys[-1:] * pad, texts + texts[-1:] * pad, fields + fields[-1:] * pad
                 try:
-                    feats = _features(extractors, x, keys, texts, fields, cfg, timer)
+                    feats, captions = _features(extractors, x, keys, texts, fields, cfg, timer)
                 except Exception as e:
                     from difffeat.autobatch import is_out_of_memory
 
@@ -341,8 +341,10 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
                         raise
                     raise _ran_out(batch_size, device, sizing, cfg.max_memory) from None
                 keys = keys[: len(rows)]
-                out.add(keys, {name: f[: len(rows)] for name, f in feats.items()}, [batch.stamps[j] for j in rows])
+                out.add(keys, {name: f[: len(rows)] for name, f in feats.items()}, [batch.stamps[j] for j in rows],
+                        captions[: len(rows)])
                 extracted += len(rows)
+                captioned += sum(1 for c in captions[: len(rows)] if c)
             bar.update(batch.size)
     seconds = time.perf_counter() - t0 if mine else 0.0
     if compiled is not None:
@@ -357,6 +359,7 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
         "images_of_this_process": len(ours),
         "already_done": len(ours) - len(mine),
         "extracted": extracted,
+        "captioned": captioned,  # images stored with captions (prompt:auto) by this run
         "failed": failures,
         "notes": writer.notes,
         "seconds": round(seconds, 3),
@@ -378,13 +381,19 @@ def _silent(message: str) -> None:  # warnings of processes other than the first
 
 
 def _features(extractors: dict, x, keys: list[str], texts: list[str], fields: list[dict], cfg: ExtractRunConfig,
-              timer) -> dict:
-    """Stored name → [B, …] features of one batch: one VAE pass shared by every variant, then each variant."""
+              timer) -> tuple[dict, list[dict]]:
+    """(stored name → [B, …] features, per image the captions techniques gave it) of one batch: one VAE pass
+    shared by every variant, then each variant."""
     from difffeat.extract import concat_features
 
     first = next(iter(extractors.values()))
     with timer.phase("vae"):
         latents = first.encode_latents(x, keys)  # one VAE pass for every variant
+    captions: list[dict] = [{} for _ in keys]
+    with timer.phase("text"):  # captions (prompt:auto) are written once here; extract() finds them cached
+        for ext in extractors.values():
+            for row, derived in zip(captions, ext.stack.image_fields(x, keys)):
+                row.update(derived)
     feats = {}
     for name, ext in extractors.items():
         part = ext.extract(x, prompts=texts, keys=keys, fields=fields, latents=latents)
@@ -392,7 +401,7 @@ def _features(extractors: dict, x, keys: list[str], texts: list[str], fields: li
             part = {"concat": concat_features(part, tuple(cfg.concat_size) if cfg.concat_size else None,
                                               cfg.concat_resize)}
         feats.update({f"{name}/{layer}" if name else layer: f for layer, f in part.items()})
-    return feats
+    return feats, captions
 
 
 def _batch_size(cfg: ExtractRunConfig, extractor, device, store_cfg: dict) -> tuple[int, dict | None]:
@@ -468,6 +477,7 @@ def _write_report(out: Path, report: dict, rank: int, world: int, state) -> None
         merged = {
             "images_found": parts[0]["images_found"],
             "extracted": extracted,
+            "captioned": sum(p.get("captioned", 0) for p in parts),
             "already_done": sum(p["already_done"] for p in parts),
             "failed": [f for p in parts for f in p["failed"]],
             "notes": [n for p in parts for n in p.get("notes", [])],

@@ -9,8 +9,9 @@ A store is a folder holding the run's features, per image a dict layer → array
 In a shard the tensor ``f"{i}/{layer}"`` is layer `layer` of its i-th image; the shard's safetensors
 metadata holds ``"keys"`` (JSON list of image keys, in order), ``"layers"`` (JSON list of layer names in
 the order the caller gave them, which safetensors itself does not keep), ``"stamps"`` (per image the
-[size, mtime_ns] of its input file when it was read, or null) and ``"sha256"`` (the shard's checksum, see
-`shard_digest`). A shard is written to a temporary name and renamed, so it exists whole or not at all: a
+[size, mtime_ns] of its input file when it was read, or null), ``"sha256"`` (the shard's checksum, see
+`shard_digest`) and, when a technique captioned the images (`prompt:auto`), ``"captions"`` (per image
+{technique spec: caption}, or null). A shard is written to a temporary name and renamed, so it exists whole or not at all: a
 reader or a resumed run learns what is done from shard headers alone, without reading tensor data. Each
 process (rank) writes its own shards and failures file, so several processes can fill one store; each
 holds the lock ``.lock-r{rank:03d}``, so two runs cannot fill one store at once.
@@ -251,7 +252,8 @@ class FeatureStoreWriter:
         self.dtype = dtype
         self.rank = rank
         self.notes: list[dict] = []  # shards set aside, images dropped: for the run's report
-        self._buffer: list[tuple[str, dict[str, np.ndarray], list[int] | None]] = []
+        # Per buffered image: (key, layer → array, input stamp, captions or None).
+        self._buffer: list[tuple[str, dict[str, np.ndarray], list[int] | None, dict | None]] = []
         self._header_cache: dict[Path, tuple[list[str], list]] = {}
         self._closed = False
         self._broken = False
@@ -353,17 +355,21 @@ class FeatureStoreWriter:
         buffer = []
         with safe_open(str(file), framework="np") as f:
             order = json.loads((f.metadata() or {}).get("layers", "[]"))
+            captions = json.loads((f.metadata() or {}).get("captions", "[]")) or [None] * len(keys)
             for i in keep:
                 layers = sorted((n.partition("/")[2] for n in names if n.partition("/")[0] == str(i)),
                                 key=lambda layer: order.index(layer) if layer in order else len(order))
-                buffer.append((keys[i], {layer: f.get_tensor(f"{i}/{layer}") for layer in layers}, stamps[i]))
+                buffer.append((keys[i], {layer: f.get_tensor(f"{i}/{layer}") for layer in layers}, stamps[i],
+                               captions[i]))
         self._write_shard(file, buffer)
 
-    def add(self, key: str, features: Mapping[str, Any], stamp: tuple[int, int] | None = None) -> None:
+    def add(self, key: str, features: Mapping[str, Any], stamp: tuple[int, int] | None = None,
+            captions: Mapping[str, str] | None = None) -> None:
         """Buffer the features of image `key` (layer → [C, h, w] array or tensor); write a full shard.
 
         `stamp` is the input file's ``(size, mtime_ns)`` when it was read: a resumed run compares it with the
-        file's now (`stale_keys`)."""
+        file's now (`stale_keys`). `captions` are the image's captions by technique spec (`prompt:auto`), kept in
+        the shard beside its features."""
         if self._closed:
             raise ValueError("add() on a closed FeatureStoreWriter")
         if not features:
@@ -374,7 +380,8 @@ class FeatureStoreWriter:
             if array.ndim != 3:
                 raise ValueError(f"{key}: layer {layer!r} has shape {array.shape}, expected [C, h, w]")
             arrays[str(layer)] = array
-        self._buffer.append((str(key), arrays, None if stamp is None else [int(v) for v in stamp]))
+        self._buffer.append((str(key), arrays, None if stamp is None else [int(v) for v in stamp],
+                             {str(k): str(v) for k, v in captions.items()} if captions else None))
         if len(self._buffer) >= self.shard_size:
             self.flush()
 
@@ -398,22 +405,25 @@ class FeatureStoreWriter:
         except UserError:
             self._broken = True  # the disk is full or gone: nothing more is tried, not even at close
             raise
-        self._header_cache[final] = ([k for k, _, _ in self._buffer], [s for _, _, s in self._buffer])
+        self._header_cache[final] = ([k for k, *_ in self._buffer], [s for _, _, s, _ in self._buffer])
         self._buffer.clear()
         self._next_index += 1
 
-    def _write_shard(self, final: Path, images: list[tuple[str, dict[str, np.ndarray], list[int] | None]]) -> None:
+    def _write_shard(self, final: Path,
+                     images: list[tuple[str, dict[str, np.ndarray], list[int] | None, dict | None]]) -> None:
         from safetensors import SafetensorError
         from safetensors.numpy import save_file
 
         tensors: dict[str, np.ndarray] = {}
         layers: dict[str, None] = {}  # ordered union of layer names, as the caller gave them
-        for i, (_, arrays, _) in enumerate(images):
+        for i, (_, arrays, _, _) in enumerate(images):
             for layer, array in arrays.items():
                 tensors[f"{i}/{layer}"] = array
                 layers[layer] = None
-        metadata = {"keys": json.dumps([k for k, _, _ in images]), "layers": json.dumps(list(layers)),
-                    "stamps": json.dumps([s for _, _, s in images])}
+        metadata = {"keys": json.dumps([k for k, *_ in images]), "layers": json.dumps(list(layers)),
+                    "stamps": json.dumps([s for _, _, s, _ in images])}
+        if any(c for *_, c in images):  # stores without captions stay byte for byte as they were
+            metadata["captions"] = json.dumps([c or None for *_, c in images])
         metadata["sha256"] = shard_digest(tensors, tensors.__getitem__, metadata)
         try:
             with atomic_path(final, what=f"feature shard {final.name}") as tmp:
@@ -470,6 +480,7 @@ class FeatureStore:
                 self._index[key] = (file, i, layers)
         self._keys = sorted(self._index)
         self._handles: dict[Path, Any] = {}
+        self._captions: dict[Path, list] = {}  # per shard, read on first use
 
     def _handle(self, file: Path):
         if file not in self._handles:
@@ -504,7 +515,8 @@ class FeatureStore:
         return {layer: handle.get_tensor(f"{i}/{layer}") for layer in layers}
 
     def entry(self, key: str) -> dict:
-        """The per-image part of the manifest: shard file, position, and each layer's shape and dtype.
+        """The per-image part of the manifest: shard file, position, each layer's shape and dtype, and the captions
+        techniques gave the image (`captions`, only when any).
 
         It lives in the shard's own header rather than in manifest.json, so it is written atomically
         with the data it describes: a shard and its index can never disagree, even after a crash.
@@ -516,7 +528,19 @@ class FeatureStore:
         for layer in layers:
             sl = handle.get_slice(f"{i}/{layer}")
             layer_info[layer] = {"shape": list(sl.get_shape()), "dtype": names.get(sl.get_dtype(), sl.get_dtype())}
-        return {"key": key, "shard": file.relative_to(self.path).as_posix(), "position": i, "layers": layer_info}
+        entry = {"key": key, "shard": file.relative_to(self.path).as_posix(), "position": i, "layers": layer_info}
+        if captions := self.captions(key):
+            entry["captions"] = captions
+        return entry
+
+    def captions(self, key: str) -> dict[str, str]:
+        """The captions image `key` got ({technique spec: caption}, from `prompt:auto`), read from its shard's header;
+        {} when no technique captioned it."""
+        file, i, _ = self._locate(key)
+        if file not in self._captions:
+            self._captions[file] = json.loads((self._handle(file).metadata() or {}).get("captions", "[]"))
+        found = self._captions[file]
+        return dict(found[i] or {}) if i < len(found) else {}
 
     def _slice(self, key: str, layer: str):
         file, i, layers = self._locate(key)
@@ -686,6 +710,9 @@ def summarize(store: FeatureStore, max_failures: int = 5, verify: bool = False) 
             lines.append(f"  {name + ':':<11} {json.dumps(manifest[name])}")
     if "created" in manifest:
         lines.append(f"  created:    {manifest['created']}")
+    first = store.keys()[0] if len(store) else None
+    for spec, text in (store.captions(first) if first else {}).items():  # every image's: FeatureStore.captions
+        lines.append(f"  captions:   {spec}, e.g. {first}: {json.dumps(text)}")
     failures = store.failures
     lines.append(f"  failures:   {len(failures)}")
     for record in failures[:max_failures]:

@@ -58,9 +58,10 @@ class WriteBehind:
     def _do(self, job: tuple) -> None:
         t0 = time.perf_counter()
         if job[0] == "add":
-            _, keys, features, stamps = job
+            _, keys, features, stamps, captions = job
             for row, key in enumerate(keys):
-                self.writer.add(key, {name: f[row] for name, f in features.items()}, stamp=stamps[row])
+                extra = {"captions": captions[row]} if captions[row] else {}  # writers without captions work on
+                self.writer.add(key, {name: f[row] for name, f in features.items()}, stamp=stamps[row], **extra)
         elif job[0] == "fail":
             _, key, reason = job
             self.writer.fail(key, reason)
@@ -83,10 +84,13 @@ class WriteBehind:
             self._do(job)
         self.timer.add("write", time.perf_counter() - t0)
 
-    def add(self, keys: Sequence[str], features: Mapping[str, Any], stamps: Sequence | None = None) -> None:
-        """Features of a batch: `features` maps each stored name to a [B, …] tensor whose row i is `keys[i]`'s.
+    def add(self, keys: Sequence[str], features: Mapping[str, Any], stamps: Sequence | None = None,
+            captions: Sequence[Mapping[str, str] | None] | None = None) -> None:
+        """Features of a batch: `features` maps each stored name to a [B, …] tensor whose row i is `keys[i]`'s;
+        `captions`, per image, those techniques gave it (`FeatureStoreWriter.add`).
         The tensors must not be changed afterwards (the thread reads them later)."""
-        self._submit(("add", list(keys), dict(features), list(stamps) if stamps else [None] * len(keys)))
+        self._submit(("add", list(keys), dict(features), list(stamps) if stamps else [None] * len(keys),
+                      list(captions) if captions else [None] * len(keys)))
 
     def fail(self, key: str, reason: str) -> None:
         """Record a skipped input (in order with the batches)."""

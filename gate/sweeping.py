@@ -480,7 +480,9 @@ def _variants_from_args(args) -> dict[str, list[str]] | None:
 
 def _cmd_sweep(args) -> None:
     from difffeat.config_cli import config_from_args, flag_of
+    from difffeat.progress import Stopwatch
 
+    watch = Stopwatch()
     for name in ("timesteps", "ensemble"):
         if getattr(args, name, None) is not None:
             setattr(args, name, [v for part in getattr(args, name) for v in part])
@@ -501,6 +503,8 @@ def _cmd_sweep(args) -> None:
         print(f"stopped after {args.stop_after} unit(s) of work; continue with --resume")
         return
     print_summary(result, sys.stdout)
+    print(watch.finish_line(f"sweep: {len(result.plan)} configuration(s) on {len(result.keys)} images, report in "
+                            f"{result.config.out}", count=len(result.keys), unit="images"))
 
 
 def print_summary(result: SweepResult, stream) -> None:

@@ -6,7 +6,8 @@ A technique is a dataclass config plus the hooks it overrides. `Technique` decla
 - ``weights``        (LoRA): the adapter `bind` loaded into the pipeline, active while the stack runs;
 - ``prepare_prompt`` (prompt templates): rewrites each image's prompt before encoding;
 - ``guidance``       (CFG): combines an unconditional branch (`negative_prompt`) with the conditional one;
-- ``residuals``      (ControlNet): residuals for the UNet's skip connections, from `control_images`;
+- ``residuals``      (ControlNet): residuals for the UNet's skip connections (a transformer's blocks), from
+                      `control_images`;
 - ``schedule``       (denoise-from): the timesteps to noise at and denoise through before the feature pass.
 
 Techniques compose in that hook order (`HOOKS`; a technique's place is the first hook it overrides), and in
@@ -17,7 +18,8 @@ A technique is one module in `pipelines/techniques/` with a `@register_technique
 modules are found with `pkgutil`, and other installed packages add theirs through the entry-point group
 ``pipelines.techniques`` (each entry names a module that registers its techniques on import).
 
-Spec strings are ``NAME[:VALUE][,FIELD=VALUE]…``: ``VALUE`` fills the technique's positional field.
+Spec strings are ``NAME[:VALUE][,FIELD=VALUE]…``: ``VALUE`` fills the technique's positional field, unless a
+technique is registered under ``NAME:VALUE`` itself (`prompt:auto`, a technique of its own beside `prompt`).
 A comma followed by ``WORD=`` starts a new field; in a free-text field (a prompt template, a negative
 prompt) it stays text unless WORD is one of the technique's fields, so templates may hold commas.
 `Technique.spec` writes the canonical string (non-default fields in declaration order), and
@@ -93,13 +95,19 @@ class Technique:
         return ""
 
     def residuals(self, loaded, z, t, embeds, control, added_cond_kwargs=None):
-        """(down residuals, mid residual) for latents z at timesteps t; `loaded` is what `bind` returned and
-        `control` the rows of `control_images`."""
+        """(down residuals, mid residual) for latents z at timesteps t (a transformer: (per-block residuals, None),
+        z and t as the transformer takes them); `loaded` is what `bind` returned and `control` the batch's rows of
+        `control_images` after `prepare_control`."""
         return None
 
     def control_images(self, images, keys: list[str]):
         """The control inputs `residuals` takes, for images [B, 3, H, W] in [0, 1]."""
         return None
+
+    def prepare_control(self, loaded, pipe, control):
+        """One batch's control inputs as the network `loaded` takes them (default: as `control_images` gave them;
+        an SD3 ControlNet takes VAE latents); called once per batch, not per denoiser call."""
+        return control
 
     def schedule(self, t: int) -> list[int]:
         """Timesteps from where noising starts down to the feature timestep `t` (both included)."""
@@ -108,6 +116,12 @@ class Technique:
     def missing(self, key: str) -> str | None:
         """Why image `key` cannot be processed under this technique (e.g. no control map), or None."""
         return None
+
+    def image_fields(self, loaded, images, keys: list[str]) -> list[dict[str, str]]:
+        """Per image, the prompt fields this technique derives from the image itself (`prompt:auto`'s caption),
+        for images [B, 3, H, W] in [0, 1]; `loaded` is what `bind` returned. Not a composition hook: a technique
+        that overrides it also overrides `prepare_prompt`, which reads the fields."""
+        return [{} for _ in keys]
 
     # ------------------------------------------------------------------------------------------- queries
     @classmethod
@@ -206,6 +220,11 @@ def parse_technique(spec: str | Technique) -> Technique:
     cls = TECHNIQUES[name]
     if ":" in text and not rest.strip():  # `controlnet:` with its value forgotten, not a request for the default
         raise UserError(f"technique {text!r}: nothing after ':'; valid: {describe(cls)}")
+    # A technique registered as NAME:VALUE (`prompt:auto`) takes that spelling over NAME's positional value.
+    head, comma, tail = rest.partition(",") if not rest.startswith(",") else ("", "", "")
+    if f"{name}:{head.strip()}" in TECHNIQUES and (not comma or re.match(r"\s*[A-Za-z_][\w-]*=", tail)):
+        name = f"{name}:{head.strip()}"
+        cls, rest = TECHNIQUES[name], comma + tail
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     raw: dict[str, str] = {}
     last = None

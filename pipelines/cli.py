@@ -21,8 +21,8 @@ def _cmd_lora_train(args) -> None:
     from pipelines.lora_train import train_lora
     from pipelines.recipe_config import LoraTrainConfig
 
-    out = train_lora(config_from_args(LoraTrainConfig, args), progress=not args.quiet, overwrite=args.overwrite)
-    print(f"LoRA written to {out} (use it as --technique lora:{out})")
+    # The recipe prints where the LoRA went, how to use it, and the summary line.
+    train_lora(config_from_args(LoraTrainConfig, args), progress=not args.quiet, overwrite=args.overwrite)
 
 
 def _cmd_controlnet_train(args) -> None:
@@ -30,8 +30,8 @@ def _cmd_controlnet_train(args) -> None:
     from pipelines.recipe_config import ControlNetTrainConfig
     from pipelines.train_controlnet import train_controlnet
 
-    out = train_controlnet(args.run, args.out, config_from_args(ControlNetTrainConfig, args))
-    print(f"ControlNet written to {out} (use it as --technique controlnet:{out})")
+    # The recipe prints where the ControlNet went, how to use it, and the summary line.
+    train_controlnet(args.run, args.out, config_from_args(ControlNetTrainConfig, args), progress=not args.quiet)
 
 
 def add_commands(sub) -> None:

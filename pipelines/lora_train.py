@@ -78,20 +78,25 @@ def _folded_state_dict(model) -> dict:
 def train_lora(cfg: LoraTrainConfig, progress: bool = True, overwrite: bool = False) -> Path:
     """Fit the LoRA, write `cfg.out/pytorch_lora_weights.safetensors` (+ config and losses); returns the folder.
 
-    A finished run of the same config is not trained again; `overwrite` replaces a LoRA run of another config."""
+    A finished run of the same config is not trained again; `overwrite` replaces a LoRA run of another config.
+    `progress` shows a bar (rate and ETA); the last line printed sums the call up."""
     from tqdm.auto import tqdm
 
     from difffeat import load_pipeline
     from difffeat.data.images import BadImageError, resize_image, to_tensor
     from difffeat.data.sources import ImageSource
     from difffeat.layers import native_resolution
+    from difffeat.progress import Stopwatch
 
+    watch = Stopwatch()  # model loading included: the summary says how long the call took
     cfg.validate()
     refuse_pickled_checkpoints(cfg.out, LEGACY_CHECKPOINTS)
     folder = RunFolder(cfg.out, KIND, cfg, resume=True, overwrite=overwrite, owned=(WEIGHTS, "losses.csv"))
     out = folder.path
     checkpoints = folder.checkpoints
     if folder.continuing and (out / WEIGHTS).is_file() and checkpoints.latest() is None:
+        print(watch.finish_line(f"lora train: {out} is trained already (use it as --technique lora:{out})"),
+              flush=True)
         return out  # this run is finished
     folder.create()
     pipe = load_pipeline(cfg.model)
@@ -145,7 +150,7 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True, overwrite: bool = Fa
     unet.train()
     text_encoder.train()
     t0 = time.time()
-    bar = tqdm(range(start, steps), desc="lora", disable=not progress)
+    bar = tqdm(range(start, steps), total=steps, initial=start, desc="lora train", unit="it", disable=not progress)
     for step in bar:
         gen.manual_seed(cfg.seed * 1_000_003 + step)
         pick = torch.randint(len(samples), (cfg.batch_size,), generator=gen).tolist()
@@ -176,4 +181,7 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True, overwrite: bool = Fa
                                  text_encoder_lora_layers=text_layers, safe_serialization=True)
     os.chmod(out / WEIGHTS, FILE_MODE)  # safetensors makes it 0600; the rest of the run follows the umask
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the weights are written: the run is done
+    print(f"LoRA written to {out} (use it as --technique lora:{out})", flush=True)
+    print(watch.finish_line(f"lora train: {steps - start} steps on {len(images)} images to {out} ({WEIGHTS}, "
+                            "losses.csv)", count=steps - start, unit="it"), flush=True)
     return out

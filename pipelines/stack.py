@@ -1,9 +1,9 @@
 """`TechniqueStack`: techniques bound to one pipeline and composed in hook order; the one place that turns
-them into UNet calls, for extraction (`features`) and for generation (`eps`) alike. It implements the core's
-`difffeat.conditioning.ConditioningStack`.
+them into denoiser calls (a UNet's, or a diffusion transformer's: SD3, PixArt, FLUX), for extraction (`features`)
+and for generation (`eps`) alike. It implements the core's `difffeat.conditioning.ConditioningStack`.
 
 Per batch, `conditioning(...)` gives a `Conditioning`: the prompt embeddings (after the prompt techniques,
-with the LoRA weights active), the unconditional branch for guidance, and the control images. Its UNet call
+with the LoRA weights active), the unconditional branch for guidance, and the control inputs. Its denoiser call
 runs every residual technique (ControlNet) on the same latents and adds their residuals, then combines the
 guidance branches; `prepare_latents` runs a schedule technique's denoising steps with that same call before
 the feature pass.
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from difffeat import dit
 from difffeat.conditioning import BatchConditioning, ConditioningStack
 from difffeat.errors import UserError
 from pipelines.base import MissingInput, Technique, ordered
@@ -40,6 +41,9 @@ class TechniqueStack(ConditioningStack):
                 raise UserError(f"at most one {hook} technique at a time, got {', '.join(same)}")
         # What each technique loaded for this pipeline (a ControlNet module), by position in `techniques`.
         self.loaded: list = [t.bind(pipe) for t in self.techniques]
+        # Fields derived from each image (prompt:auto's caption), by key, as last computed by `image_fields`: a
+        # caller that has no images at hand (GATE's report of the prompts used) still gets the image's prompt.
+        self.derived: dict[str, dict[str, str]] = {}
 
     def using(self, hook: str) -> list[Technique]:
         """The stack's techniques that implement `hook`, in composition order."""
@@ -73,16 +77,31 @@ class TechniqueStack(ConditioningStack):
     # ------------------------------------------------------------------------------------------ prompts
     def prompt(self, base: str, fields: Mapping[str, str | None] | None = None, key: str = "") -> str:
         """The image's prompt after every prompt technique, in order."""
-        text = base
+        text, fields = base, {**self.derived.get(key, {}), **(fields or {})}
         for t in self.using("prepare_prompt"):
-            text = t.prepare_prompt(text, fields or {}, key)
+            text = t.prepare_prompt(text, fields, key)
         return text
+
+    def image_fields(self, images: torch.Tensor, keys: Sequence[str]) -> list[dict[str, str]]:
+        """Per image, the prompt fields the techniques derive from images [B, 3, H, W] in [0, 1] (technique spec →
+        caption for prompt:auto); remembered by key for `prompt`."""
+        out: list[dict[str, str]] = [{} for _ in keys]
+        for t, loaded in zip(self.techniques, self.loaded):
+            if t.implements("image_fields"):
+                for row, derived in zip(out, t.image_fields(loaded, images, list(keys))):
+                    row.update(derived)
+        for key, row in zip(keys, out):
+            if row:
+                self.derived[key] = row
+        return out
 
     def missing(self, key: str, fields: Mapping[str, str | None] | None = None) -> str | None:
         """Why image `key` cannot be processed under this stack (a missing control map or prompt field), or None."""
         for t in self.using("missing"):
             if (why := t.missing(key)) is not None:
                 return why
+        # Fields derived from the image itself are there whenever the image is (computed later, from its pixels).
+        fields = {**{t.spec: "" for t in self.using("image_fields")}, **(fields or {})}
         try:
             self.prompt("", fields, key)
         except MissingInput as e:
@@ -115,7 +134,13 @@ class TechniqueStack(ConditioningStack):
         with text embeddings from `encoder` (a `difffeat.prompts.PromptEncoder`); call inside `active()`."""
         from difffeat.prompts import sdxl_added_conditions
 
-        unet, rows = self.pipe.unet, list(rows)
+        model, rows = dit.denoiser(self.pipe), list(rows)
+        if dit.is_transformer(self.pipe):  # its encoder's extra conditions (pooled projections, PixArt's mask)
+            extra = lambda a: None if a is None else {
+                k: v.to(model.device, model.dtype) if v.is_floating_point() else v.to(model.device)
+                for k, v in a.items()}
+        else:  # SDXL's added conditions from its pooled embeddings
+            extra = lambda a: None if a is None else sdxl_added_conditions(self.pipe, a["text_embeds"], resolution)
         texts = [prompts[i] for i in rows]
         embeds, added = encoder(texts, self.weights_key)
         uncond = uncond_added = None
@@ -124,13 +149,12 @@ class TechniqueStack(ConditioningStack):
                                            length=embeds.shape[1])
             if uncond.shape[1] > embeds.shape[1]:  # a negative prompt longer than every prompt
                 embeds, _ = encoder(texts, self.weights_key, length=uncond.shape[1])
-            uncond = uncond.to(unet.device, unet.dtype)
-            if uncond_added is not None:
-                uncond_added = sdxl_added_conditions(self.pipe, uncond_added["text_embeds"], resolution)
-        if added is not None:
-            added = sdxl_added_conditions(self.pipe, added["text_embeds"], resolution)
-        return self.condition(embeds.to(unet.device, unet.dtype), added, uncond, uncond_added,
-                              [c[rows].to(unet.device, unet.dtype) for c in controls])
+            uncond = uncond.to(model.device, model.dtype)
+            uncond_added = extra(uncond_added)
+        # Control inputs as each network takes them (an SD3 ControlNet: VAE latents), once per batch.
+        controls = [t.prepare_control(loaded, self.pipe, c[rows]).to(model.device, model.dtype)
+                    for (t, loaded), c in zip(self.residuals, controls)]
+        return self.condition(embeds.to(model.device, model.dtype), extra(added), uncond, uncond_added, controls)
 
     def condition(self, embeds: torch.Tensor, added: dict | None = None, uncond: torch.Tensor | None = None,
                   uncond_added: dict | None = None, controls: Sequence[torch.Tensor] = ()) -> Conditioning:
@@ -175,10 +199,13 @@ class Conditioning(BatchConditioning):
                             None if self.uncond is None else self.uncond[rows], pick(self.uncond_added),
                             [c[rows] for c in self.controls])
 
-    def _branches(self, z, t):
-        """(latents, timesteps, kwargs) of the UNet call; with guidance the batch is [uncond; cond]."""
-        unet = self.stack.pipe.unet
-        t = torch.as_tensor(t, device=unet.device)
+    def _branches(self, z, t, sigma=None):
+        """(args, kwargs) of the denoiser call; with guidance the batch is [uncond; cond]. A transformer takes its
+        own inputs (`difffeat.dit.forward_kwargs`; `sigma`: a flow-matching sampler's noise level, a scalar or
+        [B]), and ControlNet residuals as `block_controlnet_hidden_states` (diffusers adds them after each block)."""
+        pipe = self.stack.pipe
+        model = dit.denoiser(pipe)
+        t = torch.as_tensor(t, device=model.device)
         t = t.expand(len(z)) if t.ndim == 0 else t
         embeds, added, controls = self.embeds, self.added, self.controls
         if self.stack.guidance is not None:
@@ -187,18 +214,29 @@ class Conditioning(BatchConditioning):
             if added is not None:
                 added = {k: torch.cat([self.uncond_added[k], v]) for k, v in added.items()}
             controls = [torch.cat([c, c]) for c in controls]
-        kwargs = {"encoder_hidden_states": embeds}
-        if added is not None:
-            kwargs["added_cond_kwargs"] = added
+            if sigma is not None and torch.as_tensor(sigma).ndim > 0:
+                sigma = torch.cat([torch.as_tensor(sigma)] * 2)
+        if dit.is_transformer(pipe):
+            args, kwargs = (), dit.forward_kwargs(pipe, z, t, embeds, added, sigma=sigma)
+            x, timestep = kwargs["hidden_states"], kwargs["timestep"]  # what the ControlNet sees too
+        else:
+            args, kwargs, x, timestep = (z, t), {"encoder_hidden_states": embeds}, z, t
+            if added is not None:
+                kwargs["added_cond_kwargs"] = added
         down = mid = None
         for (technique, loaded), control in zip(self.stack.residuals, controls):
-            d, m = technique.residuals(loaded, z, t, embeds, control, added)
+            d, m = technique.residuals(loaded, x, timestep, embeds, control, added)
+            if down is not None and len(d) != len(down):  # zip would silently drop the extra ones
+                raise UserError(f"{technique.spec}: {len(d)} residuals where the stack's other ControlNet gives "
+                                f"{len(down)}; ControlNets used together must have as many blocks")
             down = d if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
-        if down is not None:
+        if down is not None and dit.is_transformer(pipe):
+            kwargs["block_controlnet_hidden_states"] = down
+        elif down is not None:
             kwargs["down_block_additional_residuals"] = down
             kwargs["mid_block_additional_residual"] = mid
-        return z, t, kwargs
+        return args, kwargs
 
     def _combine(self, out: torch.Tensor) -> torch.Tensor:
         if self.stack.guidance is None:
@@ -207,27 +245,35 @@ class Conditioning(BatchConditioning):
         return self.stack.guidance.guidance(uncond, cond)
 
     @torch.no_grad()
-    def eps(self, z: torch.Tensor, t) -> torch.Tensor:
-        """The UNet's noise prediction for latents z at timestep(s) t, with every technique applied."""
-        z, t, kwargs = self._branches(z, t)
-        return self._combine(self.stack.pipe.unet(z, t, **kwargs).sample)
+    def eps(self, z: torch.Tensor, t, sigma=None) -> torch.Tensor:
+        """The denoiser's prediction for latents z at timestep(s) t, with every technique applied: the noise ε
+        (UNets, PixArt), or a flow-matching transformer's velocity (SD3, FLUX; at noise level `sigma` when given,
+        else at σ(t), `difffeat.dit.sigma_of_t`)."""
+        pipe = self.stack.pipe
+        args, kwargs = self._branches(z, t, sigma)
+        out = dit.denoiser(pipe)(*args, **kwargs).sample
+        return self._combine(dit.prediction(pipe, out, tuple(z.shape[-2:])) if dit.is_transformer(pipe) else out)
 
     @torch.no_grad()
     def features(self, capture, z: torch.Tensor, t) -> dict[str, torch.Tensor]:
-        """The captured activations (difffeat.capture.Capture) of one UNet call, guidance-combined."""
-        z, t, kwargs = self._branches(z, t)
-        return {name: self._combine(fmap) for name, fmap in capture.run(z, t, **kwargs).items()}
+        """The captured activations (difffeat.capture.Capture) of one denoiser call, guidance-combined."""
+        args, kwargs = self._branches(z, t)
+        return {name: self._combine(fmap) for name, fmap in capture.run(*args, **kwargs).items()}
 
     @torch.no_grad()
     def prepare_latents(self, z0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
         """The latents the feature pass sees at timestep t: z0 noised at t, or, under a schedule technique
-        (denoise-from), noised at its start and denoised down to t (DDIM, η = 0) with every technique applied."""
-        alphas = self.stack.pipe.scheduler.alphas_cumprod
+        (denoise-from), noised at its start and denoised down to t with every technique applied (DDIM, η = 0; a
+        flow-matching model: Euler steps z ← z + (σ(s') − σ(s))·v between the σ of the timesteps)."""
+        pipe = self.stack.pipe
         schedule = self.stack.schedule
         steps = schedule.schedule(t) if schedule is not None else [t]
-        a = alphas[steps[0]].to(z0)
-        z = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        z = dit.noise_latents(pipe, z0, noise, steps[0])
+        sigma = lambda s: dit.sigma_of_t(pipe, s, tuple(z0.shape[-2:]))
         for s, s_next in zip(steps[:-1], steps[1:]):
-            z = ddim_step(z, self.eps(z, s), alphas, s, s_next)
+            if dit.is_flow_matching(pipe.scheduler):
+                z = z + (sigma(s_next) - sigma(s)) * self.eps(z, s)
+            else:
+                z = ddim_step(z, self.eps(z, s), pipe.scheduler.alphas_cumprod, s, s_next)
         return z
 

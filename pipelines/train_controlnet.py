@@ -69,13 +69,17 @@ def _training_data(pipe, cfg: ControlNetTrainConfig):
 
 
 def train_controlnet(run: str | Path, out: str | Path | None = None, cfg: ControlNetTrainConfig | None = None,
-                     log_every: int = 25) -> Path:
-    """Train the canny ControlNet into `run` (resumable) and export it to `out` (default `run/controlnet`)."""
+                     log_every: int = 25, progress: bool = False) -> Path:
+    """Train the canny ControlNet into `run` (resumable) and export it to `out` (default `run/controlnet`).
+    `progress` shows a bar (rate and ETA); the last line printed sums the call up."""
     from diffusers import ControlNetModel
+    from tqdm.auto import tqdm
 
     from difffeat import load_pipeline
     from difffeat.layers import vae_scale_factor
+    from difffeat.progress import Stopwatch, log_line
 
+    watch = Stopwatch()  # model loading included: the summary says how long the call took
     cfg = (cfg or ControlNetTrainConfig()).validate()
     folder = start_model_training(run, out, KIND, cfg, ("losses.csv", "controlnet"), LEGACY_CHECKPOINTS)
     run = folder.path
@@ -103,39 +107,44 @@ def train_controlnet(run: str | Path, out: str | Path | None = None, cfg: Contro
     log = run / "losses.csv"
     if not log.exists():
         log.write_text("step,loss,lr,seconds\n")
-    for step in range(start, cfg.steps):
-        gen.manual_seed(cfg.seed * 1_000_003 + 700_000 + step)  # batches depend only on (seed, step)
-        idx = torch.randint(len(mean), (cfg.batch_size,), generator=gen)
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
-        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.p_empty
-        cond = torch.where(drop[:, None, None], empty, embeds[idx])
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
-        a = alphas[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        lr = _lr(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        down, mid = controlnet(zt, t, cond, controlnet_cond=control[idx], return_dict=False)
-        pred = unet(zt, t, cond, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
-        loss = F.mse_loss(pred, noise)
-        if not torch.isfinite(loss):
-            raise UserError(f"the ControlNet training loss became {loss.item()} at step {step}; "
-                            "lower the learning rate")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
-        opt.step()
-        if step % log_every == 0 or step == cfg.steps - 1:
-            with open(log, "a") as f:
-                f.write(f"{step},{loss.item():.6f},{lr:.3e},{time.time() - t0:.1f}\n")
-            print(f"controlnet step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
-        if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
-            folder.checkpoints.save(step + 1, model=controlnet.state_dict(), optimizer=opt.state_dict())
+    with tqdm(total=cfg.steps, initial=start, desc="controlnet", unit="it", disable=not progress) as bar:
+        for step in range(start, cfg.steps):
+            gen.manual_seed(cfg.seed * 1_000_003 + 700_000 + step)  # batches depend only on (seed, step)
+            idx = torch.randint(len(mean), (cfg.batch_size,), generator=gen)
+            z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
+            drop = torch.rand(cfg.batch_size, generator=gen) < cfg.p_empty
+            cond = torch.where(drop[:, None, None], empty, embeds[idx])
+            noise = torch.randn(z0.shape, generator=gen)
+            t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
+            a = alphas[t].view(-1, 1, 1, 1)
+            zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+            lr = _lr(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            down, mid = controlnet(zt, t, cond, controlnet_cond=control[idx], return_dict=False)
+            pred = unet(zt, t, cond, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+            loss = F.mse_loss(pred, noise)
+            if not torch.isfinite(loss):
+                raise UserError(f"the ControlNet training loss became {loss.item()} at step {step}; "
+                                "lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
+            opt.step()
+            if step % log_every == 0 or step == cfg.steps - 1:
+                with open(log, "a") as f:
+                    f.write(f"{step},{loss.item():.6f},{lr:.3e},{time.time() - t0:.1f}\n")
+                log_line(f"controlnet step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+            bar.update(1)
+            if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
+                folder.checkpoints.save(step + 1, model=controlnet.state_dict(), optimizer=opt.state_dict())
     out = Path(out) if out else run / "controlnet"
     controlnet.eval()
     controlnet.save_pretrained(out, safe_serialization=True)
-    print(f"exported ControlNet to {out}", flush=True)
+    print(f"exported ControlNet to {out} (use it as --technique controlnet:{out})", flush=True)
+    done = max(0, cfg.steps - start)
+    print(watch.finish_line(f"controlnet train: {done} steps to {run} (losses.csv, checkpoints/, ControlNet {out})",
+                            count=done, unit="it"), flush=True)
     return out
 
 

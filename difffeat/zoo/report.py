@@ -38,8 +38,10 @@ def plot_losses(losses_csv: str | Path, out_png: str | Path) -> None:
     plt.close(fig)
 
 
-def sample_grid(pipe, out_png: str | Path, n: int = 16, seed: int = 0, scale: int = 2) -> list[str]:
-    """Held-out scenes (top row of each pair) above samples from their fine captions; returns the captions."""
+def sample_grid(pipe, out_png: str | Path, n: int = 16, seed: int = 0, scale: int = 2,
+                progress: bool = False) -> list[str]:
+    """Held-out scenes (top row of each pair) above samples from their fine captions; returns the captions.
+    `progress` shows a bar over the denoising steps."""
     from PIL import Image
 
     from difffeat.zoo.quality import heldout_scenes
@@ -47,7 +49,7 @@ def sample_grid(pipe, out_png: str | Path, n: int = 16, seed: int = 0, scale: in
 
     scenes = heldout_scenes(n, seed)
     captions = [s.fine_caption for s in scenes]
-    samples = sample(pipe, captions, seed=seed)
+    samples = sample(pipe, captions, seed=seed, progress=progress)
     cols = 8
     tiles = []
     for start in range(0, n, cols):
@@ -59,15 +61,16 @@ def sample_grid(pipe, out_png: str | Path, n: int = 16, seed: int = 0, scale: in
     return captions
 
 
-def write_mini_report(run: str | Path, model: str, out_dir: str | Path, seed: int = 0) -> dict:
-    """Loss curve, sample grid and quality numbers of a mini model into `out_dir` (docs/)."""
+def write_mini_report(run: str | Path, model: str, out_dir: str | Path, seed: int = 0, progress: bool = False) -> dict:
+    """Loss curve, sample grid and quality numbers of a mini model into `out_dir` (docs/); `progress` shows a bar
+    for the samples and one for the quality checks."""
     from difffeat.zoo import load_pipeline
     from difffeat.zoo.quality import evaluate_quality
 
     out_dir = mkdir(out_dir)
     plot_losses(Path(run) / "losses.csv", out_dir / "mini_loss.png")
-    captions = sample_grid(load_pipeline(model), out_dir / "mini_samples.png", seed=seed)
+    captions = sample_grid(load_pipeline(model), out_dir / "mini_samples.png", seed=seed, progress=progress)
     write_atomic(out_dir / "mini_samples.txt", "\n".join(captions) + "\n")
-    report = evaluate_quality(model, seed=seed)
+    report = evaluate_quality(model, seed=seed, progress=progress)
     write_atomic(out_dir / "mini_quality.json", json.dumps(report, indent=1) + "\n")
     return report

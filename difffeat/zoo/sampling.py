@@ -40,18 +40,32 @@ def ddim_pipeline(pipe):
 
 
 def sample(pipe, prompts: list[str], steps: int = 50, guidance: float = 4.0, seed: int = 0, batch_size: int = 32,
-           progress: bool = False):
-    """PIL images for `prompts`; image i uses noise seeded by (seed, i), independent of batching."""
+           progress: bool = False, bar=None):
+    """PIL images for `prompts`; image i uses noise seeded by (seed, i), independent of batching.
+
+    `progress` shows one bar over the denoising steps of all batches (rate and ETA); a caller's tqdm `bar` is
+    moved on by one per step instead. Either only watches: the images are the same without them."""
     import torch
+    from tqdm.auto import tqdm
+
+    from difffeat.progress import step_callback
 
     ddim = ddim_pipeline(pipe)
-    ddim.set_progress_bar_config(disable=not progress)
+    ddim.set_progress_bar_config(disable=True)  # diffusers' own bar starts again for every batch
+    starts = range(0, len(prompts), batch_size)
+    own = tqdm(total=steps * len(starts), desc="sample", unit="step", disable=not progress) if bar is None else None
+    watched = bar if bar is not None else own
+    hooks = {} if watched.disable else {"callback_on_step_end": step_callback(watched)}
     images = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        gens = [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(len(chunk))]
-        out = ddim(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens)
-        images += out.images
+    try:
+        for start in starts:
+            chunk = prompts[start : start + batch_size]
+            gens = [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(len(chunk))]
+            out = ddim(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens, **hooks)
+            images += out.images
+    finally:
+        if own is not None:
+            own.close()
     return images
 
 

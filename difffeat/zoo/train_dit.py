@@ -147,16 +147,20 @@ class _Stop(Exception):
 
 
 def train_mini_dit(run: str | Path, out: str | Path | None = None, cfg: MiniDitTrainConfig | None = None,
-                   stop_after: int | None = None) -> Path | None:
+                   stop_after: int | None = None, progress: bool = False) -> Path | None:
     """Train the mini-dit transformer into `run` (resumable) and export the pipeline to `out` (default
     `run/pipeline`). `stop_after` ends this call after that many steps, with a checkpoint, as an interruption
-    would; training the run again goes on from there. Returns the export folder (None when stopped)."""
+    would; training the run again goes on from there. Returns the export folder (None when stopped).
+    `progress` shows a bar (rate and ETA); the last line printed sums the call up."""
     import torch
     import torch.nn.functional as F
     from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
 
+    from difffeat.progress import Stopwatch, log_line
     from difffeat.zoo import mmdit
 
+    watch = Stopwatch()  # model building included: the summary says how long the call took
     cfg = (cfg or MiniDitTrainConfig()).validate()
     if out is not None and not is_inside(out, run):
         check_new_folder(out, "export")
@@ -190,48 +194,57 @@ def train_mini_dit(run: str | Path, out: str | Path | None = None, cfg: MiniDitT
     gen = torch.Generator()
     t0, window = time.time(), []
     left = stop_after
-    for step in range(start, cfg.steps):
-        gen.manual_seed(cfg.seed * 1_000_003 + step)  # batches depend only on (seed, step): resumable
-        idx = torch.randint(len(mean), (cfg.batch_size,), generator=gen)
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen) - shift) * scale
-        u = torch.rand(cfg.batch_size, generator=gen).tolist()
-        captions = ["" if v < cfg.p_empty else coarse[i] if v < cfg.p_empty + cfg.p_coarse else fine[i]
-                    for v, i in zip(u, idx.tolist())]
-        noise = torch.randn(z0.shape, generator=gen)
-        sigma = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(cfg.batch_size, generator=gen))
-        s = sigma.view(-1, 1, 1, 1)
-        zt = (1 - s) * z0 + s * noise
-        embeds, pooled = mmdit.encode_text(pipe, captions)
-        lr = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        pred = transformer(hidden_states=zt, timestep=sigma * 1000, encoder_hidden_states=embeds,
-                           pooled_projections=pooled).sample
-        loss = F.mse_loss(pred, noise - z0)
-        if not torch.isfinite(loss):
-            raise UserError(f"the mini-dit training loss became {loss.item()} at step {step}; lower the learning rate")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.step(params)
-        window.append(loss.item())
-        if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:
-            log.add(step + 1, sum(window) / len(window), lr, time.time() - t0)
-            print(f"step {step + 1}/{cfg.steps} loss {sum(window) / len(window):.4f} ({time.time() - t0:.0f}s)",
-                  flush=True)
-            window = []
-        left = None if left is None else left - 1
-        if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1 or left == 0:
-            checkpoints.save(step + 1, transformer=transformer.state_dict(), optimizer=opt.state_dict(),
-                             ema=_ema_state(ema))
-        if left == 0 and step < cfg.steps - 1:
-            return None
+    with tqdm(total=cfg.steps, initial=start, desc="train-mini-dit", unit="it", disable=not progress) as bar:
+        for step in range(start, cfg.steps):
+            gen.manual_seed(cfg.seed * 1_000_003 + step)  # batches depend only on (seed, step): resumable
+            idx = torch.randint(len(mean), (cfg.batch_size,), generator=gen)
+            z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen) - shift) * scale
+            u = torch.rand(cfg.batch_size, generator=gen).tolist()
+            captions = ["" if v < cfg.p_empty else coarse[i] if v < cfg.p_empty + cfg.p_coarse else fine[i]
+                        for v, i in zip(u, idx.tolist())]
+            noise = torch.randn(z0.shape, generator=gen)
+            sigma = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(cfg.batch_size, generator=gen))
+            s = sigma.view(-1, 1, 1, 1)
+            zt = (1 - s) * z0 + s * noise
+            embeds, pooled = mmdit.encode_text(pipe, captions)
+            lr = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            pred = transformer(hidden_states=zt, timestep=sigma * 1000, encoder_hidden_states=embeds,
+                               pooled_projections=pooled).sample
+            loss = F.mse_loss(pred, noise - z0)
+            if not torch.isfinite(loss):
+                raise UserError(f"the mini-dit training loss became {loss.item()} at step {step}; "
+                                "lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            ema.step(params)
+            window.append(loss.item())
+            if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:
+                log.add(step + 1, sum(window) / len(window), lr, time.time() - t0)
+                log_line(f"step {step + 1}/{cfg.steps} loss {sum(window) / len(window):.4f} ({time.time() - t0:.0f}s)")
+                window = []
+            bar.update(1)
+            left = None if left is None else left - 1
+            if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1 or left == 0:
+                checkpoints.save(step + 1, transformer=transformer.state_dict(), optimizer=opt.state_dict(),
+                                 ema=_ema_state(ema))
+            if left == 0 and step < cfg.steps - 1:
+                bar.close()
+                done = step + 1 - start
+                print(watch.finish_line(f"train-mini-dit: stopped after {done} steps to {folder.path} (train again "
+                                        "to go on)", count=done, unit="it"), flush=True)
+                return None
     ema.copy_to(params)  # export the EMA weights
     transformer.eval()
     out = Path(out) if out else folder.path / "pipeline"
     mmdit.save_pipeline(pipe, out)
     print(f"exported mini-dit pipeline to {out}", flush=True)
+    done = cfg.steps - start
+    print(watch.finish_line(f"train-mini-dit: {done} steps to {folder.path} ({LOSSES}, checkpoints/, pipeline "
+                            f"{out})", count=done, unit="it"), flush=True)
     return out
 
 
@@ -255,13 +268,15 @@ def add_zoo_commands(zoo) -> None:
 def _cmd_train(args) -> None:
     from difffeat.config_cli import config_from_args
 
-    train_mini_dit(args.run, args.out, config_from_args(MiniDitTrainConfig, args))
+    train_mini_dit(args.run, args.out, config_from_args(MiniDitTrainConfig, args), progress=not args.quiet)
 
 
 def _cmd_eval(args) -> None:
     import json
+    import sys
 
     from difffeat.atomic import write_json_atomic
+    from difffeat.progress import Stopwatch
     from difffeat.run import check_new_file
     from difffeat.zoo.dit_quality import evaluate_dit_quality
 
@@ -269,7 +284,12 @@ def _cmd_eval(args) -> None:
         raise UserError(f"--n: at least 2 held-out scenes are needed (another image's caption), got {args.n}")
     if args.json:
         check_new_file(args.json, what="report")
-    report = evaluate_dit_quality(args.model, n=args.n, seed=args.seed)
+    watch = Stopwatch()
+    report = evaluate_dit_quality(args.model, n=args.n, seed=args.seed, progress=not args.quiet)
     if args.json:
         write_json_atomic(args.json, report)
     print(json.dumps(report, indent=1))
+    # On stderr: stdout is the JSON report, which a script may read as a whole.
+    print(watch.finish_line(f"eval-mini-dit: {args.model} on {args.n} held-out scenes"
+                            + (f", report in {args.json}" if args.json else ""), count=args.n, unit="images"),
+          file=sys.stderr)

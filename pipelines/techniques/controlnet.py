@@ -1,4 +1,5 @@
-"""ControlNet: residuals from a diffusers ControlNetModel added to the UNet's skip connections.
+"""ControlNet: residuals from a diffusers ControlNetModel added to the UNet's skip connections, or from an
+SD3ControlNetModel added to an SD3 transformer's blocks (its `block_controlnet_hidden_states`).
 
 `controlnet:MODEL,scale=1.0,control=canny`: MODEL is `canny` (the built-in canny ControlNet for the
 model's architecture: the shipped mini one for mini, the public canny ControlNets for SD-1.x / 2.x / XL),
@@ -6,6 +7,13 @@ a local diffusers folder, or a Hub id. The control image is computed per image (
 thresholds `low` / `high`, 100 / 200 as in the content-shift paper) or read from a folder of per-image maps
 (`control=DIR`: depth, segmentation maps, …, matched to images by key with any image suffix). Several
 ControlNets at once add their residuals, each times its scale (as diffusers' MultiControlNet does).
+
+An SD3 ControlNet takes its control image as VAE latents, as diffusers' StableDiffusion3ControlNetPipeline
+feeds it (posterior mean here, so that features stay deterministic; without the VAE shift for ControlNets that
+zero their pooled projection, InstantX's convention), and the transformer adds each block's residual after the
+block: a hook on `transformer_blocks.N` sees N's output before N's own residual, the next block sees it. The
+class in a folder's `config.json` must fit the backbone (a UNet ControlNet on a transformer, or back, is refused
+naming both).
 
 A loaded ControlNet is kept on the pipeline it was loaded for (`difffeat.conditioning.pipe_cache`), keyed by
 source, device and dtype: stacks of one pipeline share it, and it is freed with the pipeline.
@@ -39,17 +47,78 @@ def mini_canny_dir() -> Path:
     return Path(str(resources.files("difffeat.zoo") / "weights" / "mini-controlnet-canny"))
 
 
-def _load_controlnet(source: str):
-    from diffusers import ControlNetModel
+# The ControlNet classes difffeat runs, by the backbone they fit.
+FITS = {"ControlNetModel": "UNet2DConditionModel", "SD3ControlNetModel": "SD3Transformer2DModel"}
 
+
+def _controlnet_class(source: str, pipe) -> str:
+    """The ControlNet class `source` needs: a folder's own (its `config.json`), else the one fitting the backbone;
+    a UserError naming both classes when it does not fit the pipeline's backbone."""
+    import json
+
+    from difffeat import dit
+
+    backbone = type(dit.denoiser(pipe)).__name__
     path = Path(os.path.expanduser(source))
     if path.exists():
         if not (path / "config.json").exists():
             raise UserError(f"{path}: not a diffusers ControlNet folder (no config.json)")
-        return ControlNetModel.from_pretrained(path, local_files_only=True)
+        name = json.loads((path / "config.json").read_text()).get("_class_name", "ControlNetModel")
+    else:  # a Hub id: the class that fits the backbone
+        name = next((c for c, b in FITS.items() if b == backbone), None)
+        if name is None:
+            raise UserError(f"ControlNet {source}: ControlNets run on UNets and SD3 transformers only so far, not on "
+                            f"this model's {backbone}")
+    if name not in FITS:
+        raise UserError(f"ControlNet {source} is a {name}; difffeat runs "
+                        + " and ".join(f"{c} (on a {b})" for c, b in FITS.items()))
+    fits_unet = FITS[name].startswith("UNet")
+    if fits_unet == dit.is_transformer(pipe) or (not fits_unet and dit.family(dit.denoiser(pipe)) != "sd3"):
+        raise UserError(f"ControlNet {source} is a {name}, made for a {FITS[name]}, but this model's backbone is a "
+                        f"{backbone}" + ("" if backbone in FITS.values() else
+                                         "; ControlNets run on UNets and SD3 transformers only so far"))
+    return name
+
+
+def _load_controlnet(source: str, cls_name: str = "ControlNetModel"):
+    import diffusers
+
+    cls = getattr(diffusers, cls_name)
+    path = Path(os.path.expanduser(source))
+    if path.exists():
+        return cls.from_pretrained(path, local_files_only=True)
     from difffeat.zoo.registry import from_hub_model
 
-    return from_hub_model(ControlNetModel, source)
+    return from_hub_model(cls, source)
+
+
+def is_transformer_controlnet(net) -> bool:
+    """Whether `net` is an SD3ControlNetModel (block residuals for a transformer), not a UNet ControlNet."""
+    from diffusers import SD3ControlNetModel
+
+    return isinstance(net, SD3ControlNetModel)
+
+
+def check_fits_transformer(controlnet, transformer, latent_channels: int, where: str) -> None:
+    """Refuse an SD3 ControlNet whose inputs or block residuals do not fit this transformer, saying which differ."""
+    c, m = controlnet.config, transformer.config
+    problems = []
+    width, want = c.num_attention_heads * c.attention_head_dim, m.num_attention_heads * m.attention_head_dim
+    if width != want:
+        problems.append(f"width {width} vs the transformer's {want}")
+    if c.patch_size != m.patch_size:
+        problems.append(f"patch size {c.patch_size} vs {m.patch_size}")
+    if c.in_channels != m.in_channels:
+        problems.append(f"latent channels {c.in_channels} vs {m.in_channels}")
+    if c.joint_attention_dim is not None and c.joint_attention_dim != m.joint_attention_dim:
+        problems.append(f"text width {c.joint_attention_dim} vs {m.joint_attention_dim}")
+    if c.pooled_projection_dim != m.pooled_projection_dim:
+        problems.append(f"pooled text width {c.pooled_projection_dim} vs {m.pooled_projection_dim}")
+    if c.in_channels + c.extra_conditioning_channels != latent_channels:
+        problems.append(f"control latent channels {c.in_channels + c.extra_conditioning_channels} vs the VAE's "
+                        f"{latent_channels}")
+    if problems:
+        raise UserError(f"ControlNet {where} does not fit this model's transformer: " + "; ".join(problems))
 
 
 def check_compatible(controlnet, unet, vae_factor: int, where: str) -> None:
@@ -96,7 +165,12 @@ class ControlNet(Technique):
     def resolve_model(self, pipe) -> str:
         if self.model != "canny":
             return self.model
+        from difffeat import dit
         from difffeat.layers import vae_scale_factor
+
+        if dit.is_transformer(pipe):
+            raise UserError(f"no built-in canny ControlNet for a {type(dit.denoiser(pipe)).__name__}; pass "
+                            "controlnet:PATH_OR_HUB_ID of an SD3ControlNetModel")
 
         mini = mini_canny_dir()
         if (mini / "config.json").exists():
@@ -115,15 +189,22 @@ class ControlNet(Technique):
 
     def bind(self, pipe) -> torch.nn.Module:
         """The ControlNet module for `pipe` (loaded once per pipeline, source, device and dtype)."""
+        from difffeat import dit
         from difffeat.layers import vae_scale_factor
 
         source = self.resolve_model(pipe)
         loaded = pipe_cache(pipe, "controlnets")
-        cache_key = (source, str(pipe.unet.device), str(pipe.unet.dtype))
+        model = dit.denoiser(pipe)
+        cache_key = (source, str(model.device), str(model.dtype))
         if cache_key not in loaded:
-            net = _load_controlnet(source)
-            check_compatible(net, pipe.unet, vae_scale_factor(pipe), source)
-            device, dtype = pipe.unet.device, pipe.unet.dtype
+            net = _load_controlnet(source, _controlnet_class(source, pipe))
+            if is_transformer_controlnet(net):
+                check_fits_transformer(net, model, pipe.vae.config.latent_channels, source)
+                if net.pos_embed is None:  # SD3.5's large ControlNets share the transformer's, as diffusers' pipeline
+                    net.pos_embed = net._get_pos_embed_from_transformer(model)
+            else:
+                check_compatible(net, model, vae_scale_factor(pipe), source)
+            device, dtype = model.device, model.dtype
             net = net.to(device) if net.dtype == dtype else net.to(device, dtype)
             loaded[cache_key] = net.eval().requires_grad_(False)
         if self.control != "canny" and not Path(self.control).is_dir():
@@ -160,8 +241,29 @@ class ControlNet(Technique):
             maps.append(resize_image(to_rgb(load_image(path)), tuple(images.shape[-2:]), "stretch"))
         return to_tensor(maps)
 
+    @torch.no_grad()
+    def prepare_control(self, loaded, pipe, control: torch.Tensor) -> torch.Tensor:
+        """An SD3 ControlNet's control latents: the VAE posterior mean of the control images, shifted and scaled as
+        diffusers' SD3 ControlNet pipeline does; a UNet ControlNet's control images as they are."""
+        if not is_transformer_controlnet(loaded):
+            return control
+        vae = pipe.vae
+        shift = 0.0 if loaded.config.force_zeros_for_pooled_projection else (vae.config.get("shift_factor") or 0.0)
+        mean = vae.encode(control.to(vae.device, vae.dtype) * 2 - 1).latent_dist.mean
+        return (mean - shift) * vae.config.scaling_factor
+
     def residuals(self, loaded, z, t, embeds, control, added_cond_kwargs=None):
-        """(down residuals, mid residual) of the ControlNet `loaded` (what `bind` returned) for latents z at t."""
+        """(down residuals, mid residual) of the ControlNet `loaded` (what `bind` returned) for latents z at t; an
+        SD3 ControlNet's (per-block residuals, None), with the transformer's timestep t and pooled projections
+        (zeros where the ControlNet's config says so, as diffusers' pipeline does)."""
+        if is_transformer_controlnet(loaded):
+            pooled = added_cond_kwargs["pooled_projections"]
+            if loaded.config.force_zeros_for_pooled_projection:
+                pooled = torch.zeros_like(pooled)
+            blocks = loaded(hidden_states=z, controlnet_cond=control, conditioning_scale=self.scale,
+                            encoder_hidden_states=embeds if loaded.context_embedder is not None else None,
+                            pooled_projections=pooled, timestep=t, return_dict=False)[0]
+            return list(blocks), None
         kwargs = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs else {}
         return loaded(z, t, encoder_hidden_states=embeds, controlnet_cond=control.to(z),
                         conditioning_scale=self.scale, return_dict=False, **kwargs)

@@ -6,7 +6,9 @@ runs about ten one-timestep PNDM steps down to the feature timestep, all with th
 (η = 0, `pipelines.stack.ddim_step`): z_{s'} = √ᾱ_{s'}·ẑ₀ + √(1−ᾱ_{s'})·ε̂ with
 ẑ₀ = (z_s − √(1−ᾱ_s)·ε̂)/√ᾱ_s, over `steps` evenly spaced timesteps from `start` to the feature timestep
 (default: one step per timestep, at most 10 steps). The noise is the same seeded draw the plain extraction
-uses at the feature timestep, so variants with and without denoise-from share their noise.
+uses at the feature timestep, so variants with and without denoise-from share their noise. On a flow-matching
+transformer (SD3, FLUX) the steps are Euler steps on the predicted velocity between the σ of those timesteps
+(`pipelines.stack.Conditioning.prepare_latents`).
 """
 
 from __future__ import annotations

@@ -134,6 +134,11 @@ class LoRA(Technique):
         return adapter_name(os.path.expanduser(self.path))
 
     def bind(self, pipe) -> None:
+        from difffeat import dit
+
+        if dit.is_transformer(pipe):  # the key checks and the peft folders know UNets and CLIP encoders only
+            raise UserError(f"technique {self.spec!r} does not run on transformer backbones yet; prompt, cfg, "
+                            "controlnet and denoise-from techniques do")
         path = os.path.expanduser(self.path)
         if not Path(path).exists():
             raise UserError(f"{path}: LoRA file or folder not found")
