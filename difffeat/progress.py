@@ -47,9 +47,14 @@ class Stopwatch:
         return time.perf_counter() - self.start
 
     def finish_line(self, what: str, count: int | None = None, unit: str = "items") -> str:
-        """``"<what> in 12.3 s (4.1 images/s); peak memory 812.0 MiB"``."""
+        """``"<what> in 12.3 s (4.1 images/s); peak memory 812.0 MiB"``; below one per second the rate reads
+        ``(28.0 s/image)``, so a slow run never shows 0.0."""
         seconds = self.seconds
-        rate = f" ({count / seconds:.1f} {unit}/s)" if count and seconds > 0 else ""
+        rate = ""
+        if count and seconds > 0:
+            per_second = count / seconds
+            singular = unit[:-1] if unit.endswith("s") else unit
+            rate = f" ({per_second:.1f} {unit}/s)" if per_second >= 1 else f" ({seconds / count:.1f} s/{singular})"
         return f"{what} in {human_seconds(seconds)}{rate}; peak memory {human_bytes(peak_memory_bytes())}"
 
 

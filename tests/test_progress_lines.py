@@ -16,8 +16,9 @@ from PIL import Image
 
 from difffeat.cli import main
 
-# "<what> in 12.3 s (4.1 it/s); peak memory 812.0 MiB" (Stopwatch.finish_line); the rate only when work was counted
-SUMMARY = r"{what} in [\d.]+ s( \([\d.]+ {unit}/s\))?; peak memory [\d.]+ [KMG]iB$"
+# "<what> in 12.3 s (4.1 it/s); peak memory 812.0 MiB" (Stopwatch.finish_line; "(28.0 s/it)" below 1/s); the rate
+# only when work was counted
+SUMMARY = r"{what} in [\d.]+ s( \(([\d.]+ {unit}/s|[\d.]+ s/\w+)\))?; peak memory [\d.]+ [KMG]iB$"
 # tqdm's "[00:01<00:02, 1.52it/s]" (or "s/it" when slow): elapsed<ETA and rate
 BAR = r"{desc}: .*\[\d\d:\d\d<\d\d:\d\d, +[\d.]+(s/{unit}|{unit}/s)"
 
