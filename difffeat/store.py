@@ -11,8 +11,8 @@ metadata holds ``"keys"`` (JSON list of image keys, in order), ``"layers"`` (JSO
 the order the caller gave them, which safetensors itself does not keep), ``"stamps"`` (per image the
 [size, mtime_ns] of its input file when it was read, or null), ``"sha256"`` (the shard's checksum, see
 `shard_digest`) and, when a technique captioned the images (`prompt:auto`), ``"captions"`` (per image
-{technique spec: caption}, or null). A shard is written to a temporary name and renamed, so it exists whole or not at all: a
-reader or a resumed run learns what is done from shard headers alone, without reading tensor data. Each
+{technique spec: caption}, or null). A shard is written to a temporary name and renamed, so it exists whole or not
+at all: a reader or a resumed run learns what is done from shard headers alone, without reading tensor data. Each
 process (rank) writes its own shards and failures file, so several processes can fill one store; each
 holds the lock ``.lock-r{rank:03d}``, so two runs cannot fill one store at once.
 

@@ -24,6 +24,8 @@ from pipelines.base import MissingInput, Technique, ordered
 
 # Hooks of which a stack takes at most one technique: two guidances or two schedules have no one meaning.
 SINGLE = ("guidance", "schedule")
+# Images whose derived prompt fields (captions) a stack remembers by key, for `prompt` without the images.
+KEEP_DERIVED = 100_000
 
 
 class TechniqueStack(ConditioningStack):
@@ -92,7 +94,10 @@ class TechniqueStack(ConditioningStack):
                     row.update(derived)
         for key, row in zip(keys, out):
             if row:
+                self.derived.pop(key, None)  # newest last: the oldest go first beyond KEEP_DERIVED
                 self.derived[key] = row
+        while len(self.derived) > KEEP_DERIVED:
+            self.derived.pop(next(iter(self.derived)))
         return out
 
     def missing(self, key: str, fields: Mapping[str, str | None] | None = None) -> str | None:

@@ -22,15 +22,15 @@ WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "gree
 def captioner(tmp_path_factory):
     """A tiny random BLIP captioner saved with its processor (BERT word-piece tokenizer, 32×32 images)."""
     import torch
-    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                              BlipProcessor)
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
     root = tmp_path_factory.mktemp("captioner")
     (root / "vocab.txt").write_text("\n".join(WORDS) + "\n")
     processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
                               tokenizer=BertTokenizer(str(root / "vocab.txt")))
     # Weights drawn wider than BLIP's default (0.02) so that a random model's captions depend on the image.
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, initializer_range=0.5)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 initializer_range=0.5)
     config = BlipConfig(vision_config=dict(small, image_size=32, patch_size=8),
                         text_config=dict(small, vocab_size=len(WORDS), max_position_embeddings=64,
                                          encoder_hidden_size=32, pad_token_id=0, bos_token_id=2, sep_token_id=3,

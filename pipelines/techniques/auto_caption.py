@@ -32,6 +32,9 @@ from difffeat.errors import UserError
 from pipelines.base import Technique, register_technique
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-base"
+# Captions kept per loaded model: the oldest go first beyond this, so a run over millions of images stays small
+# (an extraction needs each caption only while its batch runs; GATE's image sets are far smaller).
+KEEP_CAPTIONS = 100_000
 
 
 def _offline() -> bool:
@@ -111,7 +114,10 @@ class Captioner:
                 ids = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, num_beams=1)
             for d, text in zip(todo, self.decode(ids, skip_special_tokens=True)):
                 self.captions[d, max_tokens] = " ".join(text.split())
-        return [self.captions[d, max_tokens] for d in digests]
+        out = [self.captions[d, max_tokens] for d in digests]
+        while len(self.captions) > KEEP_CAPTIONS:
+            self.captions.pop(next(iter(self.captions)))
+        return out
 
 
 def image_digest(pixels) -> str:
@@ -148,8 +154,8 @@ class AutoCaption(Technique):
 
     def image_fields(self, loaded: Captioner, images, keys: list[str]) -> list[dict[str, str]]:
         """{spec: caption} per image of images [B, 3, H, W] in [0, 1]."""
-        pixels = [p.numpy() for p in (images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1)
-                  .cpu()]
+        eight_bit = (images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).contiguous()
+        pixels = [p.numpy() for p in eight_bit.cpu()]
         captions = loaded.caption(pixels, [image_digest(p) for p in pixels], self.max_tokens)
         return [{self.spec: c} for c in captions]
 
