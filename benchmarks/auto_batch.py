@@ -56,13 +56,15 @@ def main() -> None:
                 speed[str(b)] = max(speed.get(str(b), 0.0), run(b)["images_per_second"])
     best = max((b for b in speed if b != "auto"), key=speed.get)
     ratio = speed["auto"] / speed[best]
+    sizing = auto["batch_sizing"]
     lines = [f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')} python benchmarks/auto_batch.py "
              f"--n {args.n} --repeats {args.repeats}`: mini, `dift`, 64², fake limit 850 MiB at 100 MiB per image; "
              f"load average {start_load} at the start", "",
              "| batch | images/s |", "|---|---|",
              *[f"| {b}{f' (auto chose {chosen})' if b == 'auto' else ''} | {v:.1f} |" for b, v in speed.items()], "",
-             f"- auto ({chosen}) / best fixed ({best}): {ratio:.3f} (target ≥ 0.9: {'met' if ratio >= 0.9 else 'not met'}); "
-             f"probe: {auto['batch_sizing'].get('tried')}, stopped: {auto['batch_sizing'].get('stopped')}"]
+             f"- auto ({chosen}) / best fixed ({best}): {ratio:.3f} "
+             f"(target ≥ 0.9: {'met' if ratio >= 0.9 else 'not met'}); "
+             f"probe tried batches {', '.join(sizing.get('tried', {}))}, stopped: {sizing.get('stopped')}"]
     text = "\n".join(lines)
     print(text)
     if args.results:
