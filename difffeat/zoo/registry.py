@@ -134,14 +134,15 @@ def _from_single_file(path: Path, config: str | None):
     for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline):
         try:
             return cls.from_single_file(str(path), config=config, local_files_only=config is not None
-                                        or _offline())
+                                        or offline())
         except Exception as e:  # diffusers raises many types here; we report them together
             errors.append(f"{cls.__name__}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     hint = "" if config else " (offline, pass config=DIR: a diffusers folder of the same architecture)"
     raise UserError(f"{path}: could not load as a single-file checkpoint{hint}; " + "; ".join(errors))
 
 
-def _offline() -> bool:
+def offline() -> bool:
+    """Whether the Hugging Face Hub is off limits (HF_HUB_OFFLINE set): then only the local cache is read."""
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
@@ -159,9 +160,9 @@ def _from_hub(model_id: str):
 def from_hub_model(cls, model_id: str):
     """`cls.from_pretrained(model_id)` from the Hub (or its cache when offline), one clear error otherwise."""
     try:
-        return cls.from_pretrained(model_id, local_files_only=_offline())
+        return cls.from_pretrained(model_id, local_files_only=offline())
     except Exception as e:
-        reason = "offline (HF_HUB_OFFLINE is set) and not in the local cache" if _offline() else \
+        reason = "offline (HF_HUB_OFFLINE is set) and not in the local cache" if offline() else \
             f"could not be fetched from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
         raise UserError(f"{model_id}: not a local folder, file or built-in name, and as a Hub id it {reason}") from None
 
@@ -193,7 +194,7 @@ def _use_xformers_if_installed(pipe) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_local_loading():
+def quiet_local_loading():
     """No "Loading weights" / "Loading pipeline components" bars while reading a local folder: they flash for a
     fraction of a second and break the one-line errors that follow on stderr (downloads keep their bars)."""
     import diffusers.utils.logging as diffusers_logging
@@ -223,10 +224,10 @@ def load_pipeline(model: str | os.PathLike = "mini", device: str = "cpu", dtype=
     name = str(model)
     path = Path(name).expanduser()
     if name in MODELS:
-        with _quiet_local_loading():
+        with quiet_local_loading():
             pipe = MODELS[name]()
     elif path.is_dir():
-        with _quiet_local_loading():
+        with quiet_local_loading():
             pipe = _from_folder(path)
     elif path.is_file():
         if path.suffix not in SINGLE_FILE_SUFFIXES:

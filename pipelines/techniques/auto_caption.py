@@ -20,15 +20,14 @@ UserError naming it, raised when the technique is bound, before any image is rea
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from difffeat.conditioning import pipe_cache
 from difffeat.errors import UserError
+from difffeat.zoo.registry import offline, quiet_local_loading
 from pipelines.base import Technique, register_technique
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-base"
@@ -37,27 +36,9 @@ DEFAULT_MODEL = "Salesforce/blip-image-captioning-base"
 KEEP_CAPTIONS = 100_000
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
-
-
-@contextlib.contextmanager
-def _no_progress_bars():
-    """No "Loading weights" bar: it would break the one-line error that may follow on stderr."""
-    import transformers.utils.logging as logging
-
-    was = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            logging.enable_progress_bar()
 
 
 def _cannot_load(model: str, why: str) -> UserError:
@@ -91,11 +72,11 @@ class Captioner:
             raise _cannot_load(model, f"{path} is not a transformers model folder: no config.json")
         local = path.is_dir()
         try:
-            with _no_progress_bars():
-                net, self.encode, self.decode = _load(str(path) if local else model, local or _offline())
+            with quiet_local_loading():
+                net, self.encode, self.decode = _load(str(path) if local else model, local or offline())
         except Exception as e:
             why = _first_line(e) if local else "offline (HF_HUB_OFFLINE is set) and not in the local cache; " \
-                "fetch it once online, or give model=FOLDER" if _offline() else \
+                "fetch it once online, or give model=FOLDER" if offline() else \
                 f"not fetched from the Hugging Face Hub ({_first_line(e)})"
             raise _cannot_load(model, why) from None
         self.model = net.to(device).eval().requires_grad_(False)
