@@ -56,8 +56,11 @@ class Capture:
     """
 
     def __init__(self, unet, layers: list[str], latent_hw: tuple[int, int], inputs: bool = False,
-                 attention: list[str] = (), early_exit: bool = True, to_map=None):
+                 attention: list[str] = (), early_exit: bool = True, to_map=None, probs_processor=None):
         self.unet = unet
+        # The processor recording an attention module's maps, `probs_processor(module, on_probs)`: by default the
+        # UNet's cross-attention one; a transformer passes `difffeat.attention_feature.probs_processor` (joint).
+        self.probs_processor = probs_processor or (lambda attn, on_probs: AttentionProbsProcessor(on_probs))
         # How a hooked output becomes a map, `to_map(layer, output)`: by default the UNet rule below; a transformer
         # passes `difffeat.ditf.TokenMaps` (image tokens only, patch grid, DiTF options after a ":" in the name).
         self.to_map = to_map or self.default_map
@@ -132,7 +135,7 @@ class Capture:
         for name in self.attention:
             attn = modules[name]
             self._saved_processors[name] = attn.processor
-            attn.set_processor(AttentionProbsProcessor(self._probs_callback(name)))
+            attn.set_processor(self.probs_processor(attn, self._probs_callback(name)))
         return self
 
     def __exit__(self, *exc):

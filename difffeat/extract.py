@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from difffeat import dit, ditf
-from difffeat.attention_feature import ATTENTION_PRESETS, attention_groups, attention_modules, merge_attention
+from difffeat.attention_feature import (
+    ATTENTION_PRESETS,
+    attention_groups,
+    attention_modules,
+    check_joint_attention,
+    merge_attention,
+    probs_processor,
+)
 from difffeat.capture import Capture
 from difffeat.conditioning import ConditioningStack, technique_stack
 from difffeat.errors import UserError
@@ -99,7 +106,8 @@ class FeatureExtractor:
         attention: attention modules (e.g. `up_blocks.1.attentions.0.transformer_blocks.0.attn2`) whose
             head-averaged probabilities to return as `f"{name}:probs"` maps [tokens, h, w]; or attention presets
             (`gdf-up-cross`, `difffeat.attention_feature`): their layers' maps merged into `f"{group}:probs"`
-            maps at the grid of the largest layer.
+            maps at the grid of the largest layer. On an SD3 transformer: joint attention modules
+            (`transformer_blocks.N.attn`), whose maps are the image→text probabilities (`difffeat.attention_feature`).
         attention_prompt: the prompt of the attention maps when it differs from the images' (GDF fixes one, so
             that a token channel means the same everywhere): they then come from a pass of their own with it.
         early_exit: stop the UNet after the deepest requested module (never changes values).
@@ -122,8 +130,8 @@ class FeatureExtractor:
         self.resolution = tuple(resolution) if resolution else native_resolution(pipe)
         self.layers = resolve_layers(pipe, layers, *self.resolution)
         modules = dict(dit.denoiser(pipe).named_modules())
-        if attention and dit.is_transformer(pipe):
-            raise UserError("attention maps are taken from UNets only so far, not from transformer backbones")
+        if attention and dit.is_transformer(pipe):  # image→text maps of SD3's joint attention (attention_feature)
+            check_joint_attention(pipe, attention)
         # Presets stand for groups of modules whose maps are merged (averaged, resized) into one feature each.
         self.attention_groups = None
         if any(a in ATTENTION_PRESETS for a in attention):
@@ -209,12 +217,14 @@ class FeatureExtractor:
         latent_hw = tuple(z0.shape[-2:])
         items = [(i, t, d) for i in range(n) for t in self.timesteps for d in range(self.ensemble)]
         out: dict[str, torch.Tensor] = {}
-        model, maps = dit.denoiser(self.pipe), contextlib.nullcontext()
+        model, maps, record = dit.denoiser(self.pipe), contextlib.nullcontext(), None
         if dit.is_transformer(self.pipe):  # image tokens on the patch grid, DiTF options (difffeat.ditf)
+            record = probs_processor  # joint attention's image→text maps
             maps = ditf.TokenMaps(model, layers, dit.token_index(self.pipe, *self.resolution), latent_hw)
         with stack.active(), maps, Capture(model, layers, latent_hw, inputs=self.capture_inputs,
                                            attention=attention, early_exit=self.early_exit,
-                                           to_map=maps if isinstance(maps, ditf.TokenMaps) else None) as cap:
+                                           to_map=maps if isinstance(maps, ditf.TokenMaps) else None,
+                                           probs_processor=record) as cap:
             timer = self.timer
             for s in range(0, len(items), self.batch_size):
                 batch = items[s : s + self.batch_size]
