@@ -9,6 +9,12 @@ Contenders, on the same model, layers, timestep, images and speed options:
 - **naive** (``--compare naive``): the per-image loop of ddpm-segmentation / the content-shift paper's
   code: batch 1, VAE posterior sample, full UNet pass with hooks, features kept in RAM, saved at the end.
 
+Diffusion transformers (SD3, PixArt, FLUX; e.g. ``--model mini-dit --layer dit-middle``) run the same contenders
+on their own inputs (`difffeat.dit`): the VAE's latents shifted and scaled, noise at σ(t) (flow matching) or
+DDPM's, the transformer's own conditioning from the empty prompt, and image tokens laid back on the patch grid;
+bare stops the transformer after the deepest requested block. The phase named "unet" is then the transformer's.
+A preset built on the meta device (``sd3-medium-random`` …) has no weights to run: one clear error.
+
 For each: images/s, peak memory (CUDA allocator peak; sampled RSS on the CPU) and seconds per image in each
 phase (decode, vae, text, unet, copy, write; "other" is the rest), phases synchronised with the GPU. With
 ``--repeats R`` the contenders run R times, alternated, and each keeps its best, so that a passing load on a
@@ -207,6 +213,104 @@ def run_naive(pipe, paths: list[Path], size: tuple[int, int], layers: list[str],
                 np.save(out / f"{i}_{n}.npy", v)
 
 
+def _dit_text(pipe, batch: int) -> tuple:
+    """The empty prompt's embedding [batch, T, D] and the transformer's extra conditions for it, repeated."""
+    from difffeat import dit
+
+    embeds, added = dit.encode_prompts(pipe, [""])
+    rep = lambda v: v[:1].expand(batch, *v.shape[1:])
+    return rep(embeds[0][None]), {k: rep(v) for k, v in added.items()}
+
+
+def _dit_maps(pipe, layers: list[str], size: tuple[int, int], latent_hw: tuple[int, int]):
+    """How a transformer's hooked outputs become maps: image tokens on the patch grid, DiTF options applied."""
+    from difffeat import dit, ditf
+
+    return ditf.TokenMaps(dit.denoiser(pipe), layers, dit.token_index(pipe, *size), latent_hw)
+
+
+def run_bare_dit(pipe, x, layers: list[str], size: tuple[int, int], t: int, ensemble: int, batch: int,
+                 timer) -> None:
+    """`run_bare` for a diffusion transformer: VAE encode (shifted, scaled) + noise at t + the transformer to the
+    deepest layer (its capture hooks' early exit), `batch` images at a time; images already on the device."""
+    import torch
+
+    from difffeat import dit
+    from difffeat.capture import Capture
+    from difffeat.extract import encode_latents
+
+    model = dit.denoiser(pipe)
+    generator = torch.Generator().manual_seed(0)
+    text, added = _dit_text(pipe, 1)  # once: the compute is what is measured
+    latent_hw = _latent_hw(pipe, x)
+    with torch.no_grad(), _dit_maps(pipe, layers, size, latent_hw) as maps, \
+            Capture(model, layers, latent_hw, to_map=maps) as cap:
+        for s in range(0, len(x), batch):
+            with timer.phase("vae"):
+                z = encode_latents(pipe, x[s : s + batch], batch_size=batch).repeat_interleave(ensemble, 0)
+            with timer.phase("unet"):
+                noise = torch.randn(z.shape, generator=generator).to(z)
+                zt = dit.noise_latents(pipe, z, noise, t)
+                rows = lambda v: v.expand(len(z), *v.shape[1:])
+                cap.run(**dit.forward_kwargs(pipe, zt, torch.full((len(z),), t, device=z.device), rows(text),
+                                             {k: rows(v) for k, v in added.items()}))
+
+
+def run_naive_dit(pipe, paths: list[Path], size: tuple[int, int], layers: list[str], t: int, ensemble: int,
+                  out: Path, timer) -> None:
+    """`run_naive` for a diffusion transformer: decode, VAE sample (shifted, scaled), the full transformer with
+    hooks (image tokens to maps), features kept in RAM, saved at the end."""
+    import numpy as np
+    import torch
+
+    from difffeat import dit
+    from difffeat.data.images import load_image, resize_image, to_tensor
+
+    model, vae = dit.denoiser(pipe), pipe.vae
+    latent_hw = _latent_hw(pipe, torch.empty(1, 3, *size))
+    modules = dict(model.named_modules())
+    current: dict = {}
+    kept = []
+    with _dit_maps(pipe, layers, size, latent_hw) as maps:
+        hooks = [modules[n.split(":")[0]].register_forward_hook(
+            lambda m, a, o, n=n: current.__setitem__(n, maps(n, o))) for n in layers]
+        try:
+            with torch.no_grad():
+                emb, added = _dit_text(pipe, 1)
+                shift = vae.config.get("shift_factor") or 0.0
+                for p in paths:
+                    with timer.phase("decode"):
+                        x = to_tensor([resize_image(load_image(p), size)]).to(vae.device, vae.dtype) * 2 - 1
+                    feats = []
+                    for _ in range(ensemble):
+                        with timer.phase("vae"):
+                            z = (vae.encode(x).latent_dist.sample() - shift) * vae.config.scaling_factor
+                        with timer.phase("unet"):
+                            zt = dit.noise_latents(pipe, z, torch.randn_like(z), t)
+                            model(**dit.forward_kwargs(pipe, zt, torch.tensor([t], device=z.device), emb, added))
+                        with timer.phase("copy"):
+                            feats.append({n: v.float().cpu() for n, v in current.items()})
+                    kept.append({n: torch.stack([f[n] for f in feats]).mean(0).numpy() for n in layers})
+        finally:
+            for h in hooks:
+                h.remove()
+    with timer.phase("write"):
+        for i, f in enumerate(kept):
+            for n, v in f.items():
+                np.save(out / f"{i}_{n.replace(':', '_')}.npy", v)
+
+
+def _check_materialised(pipe, model: str) -> None:
+    """A UserError when the model has no values (a real-size preset built on the meta device)."""
+    from difffeat import dit
+
+    if any(p.is_meta for p in dit.denoiser(pipe).parameters()):
+        from difffeat.errors import UserError
+
+        raise UserError(f"--model {model}: built on the meta device (layer names and shapes, no weights), so there "
+                        "is nothing to run; bench a model with weights (e.g. mini-dit)")
+
+
 # ------------------------------------------------------------------------------------------------ bench
 def _cpu_seconds() -> float:
     """CPU time of this process and of the children it waited for (decoding workers)."""
@@ -249,6 +353,7 @@ def bench(cfg: BenchConfig, warn=None, pipe=None) -> dict:
     cfg.validate()
     import torch
 
+    from difffeat.dit import denoiser, is_transformer
     from difffeat.fastpath import Compiled, channels_last, use_attention, warn_line
     from difffeat.layers import native_resolution, resolve_layers
     from difffeat.measure import device_sync
@@ -259,6 +364,8 @@ def bench(cfg: BenchConfig, warn=None, pipe=None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = device_sync(device)
     pipe = pipe if pipe is not None else load_pipeline(cfg.model, device=device, dtype=cfg.dtype)
+    _check_materialised(pipe, cfg.model)
+    transformer = is_transformer(pipe)  # its own bare and naive contenders (their inputs differ from a UNet's)
     size = tuple(cfg.resolution) if cfg.resolution else native_resolution(pipe)
     layers = resolve_layers(pipe, cfg.layers, *size)
     attention = use_attention(pipe, cfg.attention, device, warn)
@@ -317,19 +424,23 @@ def bench(cfg: BenchConfig, warn=None, pipe=None) -> dict:
 
         def bare_run(timer) -> None:
             with contextlib.ExitStack() as stack:
-                stack.enter_context(channels_last(pipe.unet, cfg.channels_last))
+                stack.enter_context(channels_last(denoiser(pipe), cfg.channels_last))
                 stack.enter_context(channels_last(pipe.vae, cfg.channels_last))
                 if cfg.compile:
-                    stack.enter_context(Compiled(pipe.unet, cfg.compile_backend,
+                    stack.enter_context(Compiled(denoiser(pipe), cfg.compile_backend,
                                                  None if cfg.compile_mode == "default" else cfg.compile_mode, warn))
-                run_bare(pipe, x, layers, cfg.timestep, cfg.ensemble, batch, timer)
+                if transformer:
+                    run_bare_dit(pipe, x, layers, size, cfg.timestep, cfg.ensemble, batch, timer)
+                else:
+                    run_bare(pipe, x, layers, cfg.timestep, cfg.ensemble, batch, timer)
 
         naive_paths = paths[: cfg.naive_n or n]
 
         def naive_run(timer) -> None:
             out = tmp / f"naive{runs}"
             out.mkdir(exist_ok=True)
-            run_naive(pipe, naive_paths, size, layers, cfg.timestep, cfg.ensemble, out, timer)
+            naive = run_naive_dit if transformer else run_naive
+            naive(pipe, naive_paths, size, layers, cfg.timestep, cfg.ensemble, out, timer)
 
         contenders = {"difffeat": (difffeat_run, n)}
         if "bare" in cfg.compare:

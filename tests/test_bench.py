@@ -84,3 +84,29 @@ def test_gpu_script_runs_in_its_tiny_cpu_configuration(tmp_path):
     assert rows[0]["config"]["compile"] is False and rows[0]["config"]["dtype"]
     assert rows[0]["config"]["layers"] == ["up_blocks.0.upsamplers.0", "up_blocks.1.upsamplers.0",
                                            "up_blocks.2.attentions.2"], "gdf-legacy"
+
+
+def test_bench_runs_its_contenders_on_a_diffusion_transformer(tmp_path, capsys):
+    """mini-dit: bare is VAE encode + the transformer stopped after the deepest block, naive the full per-image
+    loop; every contender has its time split (no timing assertions)."""
+    out = tmp_path / "bench.json"
+    assert main(["--quiet", "bench", "--model", "mini-dit", "--layer", "dit-middle", "--n", "4", "--batch-size", "2",
+                 "--compare", "bare", "--compare", "naive", "--json", str(out), "--tmp-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("mini-dit 64×64, layers transformer_blocks.2, t=50, fp32, batch 2")
+    assert "- bare / difffeat:" in printed and "- difffeat / naive:" in printed
+    result = json.loads(out.read_text())
+    assert set(result["contenders"]) == {"difffeat", "bare", "naive"}
+    for r in result["contenders"].values():
+        assert r["images"] == 4 and r["images_per_second"] > 0
+        assert set(r["ms_per_image"]) == {"decode", "vae", "text", "unet", "copy", "write", "other"}
+        assert r["ms_per_image"]["vae"] > 0 and r["ms_per_image"]["unet"] > 0, "the transformer's time is 'unet'"
+    assert result["contenders"]["bare"]["ms_per_image"]["decode"] == 0
+    assert result["ratios"]["bare_over_difffeat"] > 0 and result["ratios"]["difffeat_over_naive"] > 0
+    assert list(tmp_path.glob("difffeat-bench-*")) == [], "inputs and stores are cleaned up"
+
+
+def test_bench_refuses_a_preset_without_weights_in_one_line(capsys):
+    assert main(["bench", "--model", "sd3-medium-random", "--layer", "dit-middle", "--n", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("difffeat: error: --model sd3-medium-random: built on the meta device") and "\n" not in err
