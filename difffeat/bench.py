@@ -251,9 +251,9 @@ def run_bare_dit(pipe, x, layers: list[str], size: tuple[int, int], t: int, ense
             with timer.phase("unet"):
                 noise = torch.randn(z.shape, generator=generator).to(z)
                 zt = dit.noise_latents(pipe, z, noise, t)
-                rows = lambda v: v.expand(len(z), *v.shape[1:])
-                cap.run(**dit.forward_kwargs(pipe, zt, torch.full((len(z),), t, device=z.device), rows(text),
-                                             {k: rows(v) for k, v in added.items()}))
+                cap.run(**dit.forward_kwargs(pipe, zt, torch.full((len(z),), t, device=z.device),
+                                             text.expand(len(z), -1, -1),
+                                             {k: v.expand(len(z), *v.shape[1:]) for k, v in added.items()}))
 
 
 def run_naive_dit(pipe, paths: list[Path], size: tuple[int, int], layers: list[str], t: int, ensemble: int,
