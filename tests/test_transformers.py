@@ -282,7 +282,7 @@ def test_bad_sizes_layers_and_techniques_give_one_clear_error(mini_parts):
         resolve_layers(pipe, ["transformer_blocks.0:remodulate"])
     with pytest.raises(UserError, match="options apply to transformer blocks only"):
         resolve_layers(pipe, ["pos_embed:remod"])
-    with pytest.raises(UserError, match="does not run on transformer backbones"):
+    with pytest.raises(UserError, match="x: LoRA file or folder not found"):
         difffeat.FeatureExtractor(pipe, ["transformer_blocks.0"], techniques=["lora:x"])
 
 

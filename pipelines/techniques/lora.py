@@ -1,4 +1,5 @@
-"""LoRA: low-rank weight deltas on the UNet (and text encoder), loaded with diffusers' LoRA loader (peft).
+"""LoRA: low-rank weight deltas on the UNet (and text encoder), loaded with diffusers' LoRA loader (peft); on a
+diffusion transformer (SD3), diffusers-format LoRAs of the transformer only.
 
 `lora:PATH,scale=0.8`: PATH is a file or folder in diffusers format (what `difffeat lora train` writes), a
 kohya / A1111 file (diffusers converts its keys), or a peft `save_pretrained` adapter folder. Before
@@ -64,7 +65,8 @@ def _io(module) -> tuple[int, int] | None:
 
 def mismatched_keys(pipe, state_dict: dict) -> list[str]:
     """LoRA keys whose target module is missing from `pipe` or whose matrix shape does not fit it."""
-    roots = {"unet": pipe.unet, "text_encoder": getattr(pipe, "text_encoder", None),
+    roots = {"unet": getattr(pipe, "unet", None), "transformer": getattr(pipe, "transformer", None),
+             "text_encoder": getattr(pipe, "text_encoder", None),
              "text_encoder_2": getattr(pipe, "text_encoder_2", None)}
     bad = []
     for key, tensor in state_dict.items():
@@ -136,12 +138,16 @@ class LoRA(Technique):
     def bind(self, pipe) -> None:
         from difffeat import dit
 
-        if dit.is_transformer(pipe):  # the key checks and the peft folders know UNets and CLIP encoders only
-            raise UserError(f"technique {self.spec!r} does not run on transformer backbones yet; prompt, cfg, "
-                            "controlnet and denoise-from techniques do")
+        transformer = dit.is_transformer(pipe)
+        if transformer and dit.family(dit.denoiser(pipe)) != "sd3":  # loaded and tested on SD3 only
+            raise UserError(f"technique {self.spec!r} does not run on {type(dit.denoiser(pipe)).__name__} yet; "
+                            "on transformers LoRA runs on SD3 (SD3Transformer2DModel) only")
         path = os.path.expanduser(self.path)
         if not Path(path).exists():
             raise UserError(f"{path}: LoRA file or folder not found")
+        if transformer and (Path(path) / "adapter_config.json").exists():  # peft folders: UNet / CLIP keys only
+            raise UserError(f"{path}: peft adapter folders are not supported on transformer backbones; save the LoRA "
+                            "in diffusers format (save_lora_weights)")
         loaded = set(sum((v for v in pipe.get_list_adapters().values()), [])) if hasattr(pipe, "get_list_adapters") \
             else set()
         if self.adapter in loaded:
@@ -150,9 +156,15 @@ class LoRA(Technique):
             raise UserError(f"{type(pipe).__name__} cannot load LoRA weights")
         source = peft_folder_state_dict(pipe, Path(path)) if (Path(path) / "adapter_config.json").exists() else path
         try:
-            state = source if isinstance(source, dict) else pipe.lora_state_dict(path)[0]
+            state = source if isinstance(source, dict) else pipe.lora_state_dict(path)
+            state = state[0] if isinstance(state, tuple) else state  # UNet loaders also return network alphas
         except (ValueError, OSError, KeyError) as e:
             raise UserError(f"{path}: not a LoRA file diffusers can read ({str(e).splitlines()[0][:160]})") from None
+        if transformer:  # diffusers-format transformer LoRAs only (kohya and text-encoder LoRAs: not yet)
+            other = [k for k in state if not k.startswith("transformer.")]
+            if other or not state:
+                raise UserError(f"{path}: on transformer backbones only diffusers-format LoRAs of the transformer "
+                                f"(keys 'transformer.…') are supported, not {other[0] if other else 'an empty file'!r}")
         bad = mismatched_keys(pipe, state)
         if bad:
             more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
