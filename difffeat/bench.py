@@ -175,42 +175,65 @@ def _latent_hw(pipe, x) -> tuple[int, int]:
 def run_naive(pipe, paths: list[Path], size: tuple[int, int], layers: list[str], t: int, ensemble: int, out: Path,
               timer) -> None:
     """The per-image loop: decode, VAE sample, full UNet pass with hooks, features kept in RAM, saved at the end."""
-    import numpy as np
     import torch
 
-    from difffeat.data.images import load_image, resize_image, to_tensor
     from difffeat.layers import first_tensor, unet_conditions
 
-    unet, vae = pipe.unet, pipe.vae
+    unet = pipe.unet
     modules = dict(unet.named_modules())
     current: dict = {}
     hooks = [modules[n].register_forward_hook(lambda m, a, o, n=n: current.__setitem__(n, first_tensor(o)))
              for n in layers]
-    kept = []
     try:
         with torch.no_grad():
             emb = _empty_text(pipe, 1, unet.device, unet.dtype)
             extra = unet_conditions(unet, 1, _latent_hw(pipe, torch.empty(1, 3, *size)), unet.device, unet.dtype)
-            for p in paths:
-                with timer.phase("decode"):
-                    x = to_tensor([resize_image(load_image(p), size)]).to(vae.device, vae.dtype) * 2 - 1
-                feats = []
-                for _ in range(ensemble):
-                    with timer.phase("vae"):
-                        z = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
-                    with timer.phase("unet"):
-                        ts = torch.tensor([t], device=z.device)
-                        unet(pipe.scheduler.add_noise(z, torch.randn_like(z), ts), ts, emb, **extra)
-                    with timer.phase("copy"):
-                        feats.append({n: v.float().cpu() for n, v in current.items()})
-                kept.append({n: torch.stack([f[n] for f in feats]).mean(0).numpy() for n in layers})
+
+            def one_pass(z):
+                ts = torch.tensor([t], device=z.device)
+                unet(pipe.scheduler.add_noise(z, torch.randn_like(z), ts), ts, emb, **extra)
+
+            kept = _per_image(pipe.vae, paths, size, layers, ensemble, current, one_pass, timer)
     finally:
         for h in hooks:
             h.remove()
+    _save_naive(kept, out, timer)
+
+
+def _per_image(vae, paths: list[Path], size: tuple[int, int], layers: list[str], ensemble: int, current: dict,
+               one_pass, timer) -> list[dict]:
+    """The naive loops' body (UNet and transformer alike): per image, decode, then `ensemble` times a VAE sample
+    (shifted and scaled as the model's latents are) and `one_pass(latents)`, whose hooks fill `current`; the
+    hooked outputs copied to the host and averaged over the ensemble, kept in RAM."""
+    import torch
+
+    from difffeat.data.images import load_image, resize_image, to_tensor
+
+    shift = vae.config.get("shift_factor") or 0.0  # SD3 / FLUX latents are shifted before scaling
+    kept = []
+    for p in paths:
+        with timer.phase("decode"):
+            x = to_tensor([resize_image(load_image(p), size)]).to(vae.device, vae.dtype) * 2 - 1
+        feats = []
+        for _ in range(ensemble):
+            with timer.phase("vae"):
+                z = (vae.encode(x).latent_dist.sample() - shift) * vae.config.scaling_factor
+            with timer.phase("unet"):
+                one_pass(z)
+            with timer.phase("copy"):
+                feats.append({n: v.float().cpu() for n, v in current.items()})
+        kept.append({n: torch.stack([f[n] for f in feats]).mean(0).numpy() for n in layers})
+    return kept
+
+
+def _save_naive(kept: list[dict], out: Path, timer) -> None:
+    """The naive loops' features, one .npy per image and layer (as a per-image script saves them)."""
+    import numpy as np
+
     with timer.phase("write"):
         for i, f in enumerate(kept):
             for n, v in f.items():
-                np.save(out / f"{i}_{n}.npy", v)
+                np.save(out / f"{i}_{n.replace(':', '_')}.npy", v)
 
 
 def _dit_text(pipe, batch: int) -> tuple:
@@ -260,44 +283,30 @@ def run_naive_dit(pipe, paths: list[Path], size: tuple[int, int], layers: list[s
                   out: Path, timer) -> None:
     """`run_naive` for a diffusion transformer: decode, VAE sample (shifted, scaled), the full transformer with
     hooks (image tokens to maps), features kept in RAM, saved at the end."""
-    import numpy as np
     import torch
 
     from difffeat import dit
-    from difffeat.data.images import load_image, resize_image, to_tensor
 
-    model, vae = dit.denoiser(pipe), pipe.vae
+    model = dit.denoiser(pipe)
     latent_hw = _latent_hw(pipe, torch.empty(1, 3, *size))
     modules = dict(model.named_modules())
     current: dict = {}
-    kept = []
     with _dit_maps(pipe, layers, size, latent_hw) as maps:
         hooks = [modules[n.split(":")[0]].register_forward_hook(
             lambda m, a, o, n=n: current.__setitem__(n, maps(n, o))) for n in layers]
         try:
             with torch.no_grad():
                 emb, added = _dit_text(pipe, 1)
-                shift = vae.config.get("shift_factor") or 0.0
-                for p in paths:
-                    with timer.phase("decode"):
-                        x = to_tensor([resize_image(load_image(p), size)]).to(vae.device, vae.dtype) * 2 - 1
-                    feats = []
-                    for _ in range(ensemble):
-                        with timer.phase("vae"):
-                            z = (vae.encode(x).latent_dist.sample() - shift) * vae.config.scaling_factor
-                        with timer.phase("unet"):
-                            zt = dit.noise_latents(pipe, z, torch.randn_like(z), t)
-                            model(**dit.forward_kwargs(pipe, zt, torch.tensor([t], device=z.device), emb, added))
-                        with timer.phase("copy"):
-                            feats.append({n: v.float().cpu() for n, v in current.items()})
-                    kept.append({n: torch.stack([f[n] for f in feats]).mean(0).numpy() for n in layers})
+
+                def one_pass(z):
+                    zt = dit.noise_latents(pipe, z, torch.randn_like(z), t)
+                    model(**dit.forward_kwargs(pipe, zt, torch.tensor([t], device=z.device), emb, added))
+
+                kept = _per_image(pipe.vae, paths, size, layers, ensemble, current, one_pass, timer)
         finally:
             for h in hooks:
                 h.remove()
-    with timer.phase("write"):
-        for i, f in enumerate(kept):
-            for n, v in f.items():
-                np.save(out / f"{i}_{n.replace(':', '_')}.npy", v)
+    _save_naive(kept, out, timer)
 
 
 def _check_materialised(pipe, model: str) -> None:
