@@ -12,12 +12,13 @@ one fixed prompt for every image, so that a channel means the same token everywh
     FeatureExtractor(pipe, layers, attention=attention_modules(groups))  # records f"{module}:probs" maps
     merge_attention(features, groups, size)  # {"gdf-up-cross.16x16:probs": [B, T, *size], …}
 
-Joint attention (SD3's ``transformer_blocks.N.attn``) has no cross-attention: image and text tokens attend over
-one concatenated sequence. Its attention feature is the image→text part: for image query i and text key j,
-softmax over *all* keys (image and text, as the joint attention computes it) of q_i·k_j/√d, averaged over
-heads, restricted to the text keys: one channel per text token on the patch grid. `JointAttentionProbs` wraps
-the module's own processor (whatever it is, SDPA by default) and reads q and k by forward hooks on its
-projections and q/k norms, so the module's output is the stock one.
+Joint attention (SD3's and FLUX's ``transformer_blocks.N.attn``, FLUX's ``single_transformer_blocks.N.attn``) has
+no cross-attention: image and text tokens attend over one concatenated sequence. Its attention feature is the
+image→text part: for image query i and text key j, softmax over *all* keys (image and text, as the joint attention
+computes it) of q_i·k_j/√d, averaged over heads, restricted to the text keys: one channel per text token on the
+patch grid. PixArt's cross-attention (``transformer_blocks.N.attn2``) gives the same with the text keys alone.
+The recorders (`difffeat.dit_attention`) wrap the module's own processor and read q and k by forward hooks, so the
+module's output is the stock one; `check_joint_attention` names the modules each family has.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from difffeat import dit
-from difffeat.capture import AttentionProbsProcessor
+from difffeat.dit_attention import (  # noqa: F401  (the transformers' recorders, importable from here as before)
+    JointAttentionProbs,
+    image_to_text_probs,
+    probs_processor,
+    probs_processor_for,
+)
 from difffeat.errors import UserError
 from difffeat.layers import list_layers
 
@@ -103,78 +109,34 @@ def merge_attention(features: Mapping[str, torch.Tensor], groups: Mapping[str, S
     return out
 
 
-# --------------------------------------------------------------------------------- joint attention (SD3)
+# ---------------------------------------------------------------------------- transformers (SD3, FLUX, PixArt)
 def joint_attention_modules(model) -> list[str]:
     """The joint (text–image) attention modules of a transformer: those with text-key projections (`add_k_proj`)."""
     return [n for n, m in model.named_modules()
             if hasattr(m, "processor") and getattr(m, "add_k_proj", None) is not None]
 
 
+def text_attention_modules(model) -> tuple[list[str], str]:
+    """The attention modules of a transformer that image→text maps come from (`difffeat.dit_attention`), and what
+    they are: SD3's joint ones, FLUX's double- and single-stream ones (every attention module it has), PixArt's
+    cross-attention ones (``attn2``)."""
+    fam = dit.family(model)
+    if fam == "pixart":
+        return [n for n, m in model.named_modules() if getattr(m, "is_cross_attention", False)], "cross-attention"
+    if fam == "flux":
+        return [n for n, m in model.named_modules() if hasattr(m, "processor")], "joint attention"
+    return joint_attention_modules(model), "joint attention"
+
+
 def check_joint_attention(pipe, names: Sequence[str]) -> None:
-    """A UserError unless every name is a joint attention module of the pipeline's SD3 transformer (presets and
-    other names get the nearest module names)."""
+    """A UserError unless every name is an attention module of the pipeline's transformer that image→text maps come
+    from (`text_attention_modules`; presets and other names get the nearest module names)."""
     model = dit.denoiser(pipe)
-    if dit.family(model) != "sd3":  # FLUX rotates q and k (RoPE) inside its processor; PixArt is not built yet
-        raise UserError(f"attention maps from a {type(model).__name__}: only SD3's joint attention so far")
-    valid = joint_attention_modules(model)
+    valid, kind = text_attention_modules(model)
     for name in names:
         if name not in valid:
             close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6) or \
                 difflib.get_close_matches(name, valid, n=3, cutoff=0.0)
-            what = "a UNet attention preset" if name in ATTENTION_PRESETS else "not a joint attention module"
+            what = "a UNet attention preset" if name in ATTENTION_PRESETS else f"not a {kind} module"
             raise UserError(f"attention {name!r}: {what} of this {type(model).__name__}"
                             + (f"; did you mean {', '.join(close)}?" if close else ""))
-
-
-def image_to_text_probs(q: torch.Tensor, k_image: torch.Tensor, k_text: torch.Tensor) -> torch.Tensor:
-    """softmax(q·kᵀ/√d) over the concatenated keys [image; text], its text columns, mean over heads.
-
-    q, k_image: [B, H, N, d]; k_text: [B, H, T, d] → [B, N, T] (float32). One head at a time, so that the
-    [N, N + T] scores of all heads never exist at once."""
-    n, heads = k_image.shape[2], q.shape[1]
-    keys = torch.cat([k_image, k_text], 2).float()
-    out = None
-    for h in range(heads):
-        p = (q[:, h].float() @ keys[:, h].transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)[..., n:]
-        out = p if out is None else out + p
-    return out / heads
-
-
-class JointAttentionProbs:
-    """A processor for a joint attention module that runs the module's own processor `inner` unchanged and hands
-    `on_probs` the image→text probabilities [B, N, T] (`image_to_text_probs`) of the q and k it computed, read by
-    forward hooks (after the q/k norms where the module has them, as the processor applies them)."""
-
-    def __init__(self, inner, on_probs):
-        self.inner, self.on_probs = inner, on_probs
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
-        if encoder_hidden_states is None:
-            raise RuntimeError("joint attention probabilities: the module was called without text tokens")
-        seen: dict[str, torch.Tensor] = {}
-        sources = {"q": attn.norm_q if attn.norm_q is not None else attn.to_q,
-                   "k": attn.norm_k if attn.norm_k is not None else attn.to_k,
-                   "k_text": attn.norm_added_k if attn.norm_added_k is not None else attn.add_k_proj}
-        handles = [m.register_forward_hook(lambda mod, a, out, key=key: seen.__setitem__(key, out))
-                   for key, m in sources.items()]
-        try:
-            out = self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-        if len(seen) != len(sources):  # e.g. fused qkv projections: the hooked modules never ran
-            raise RuntimeError(f"joint attention probabilities: {type(self.inner).__name__} did not run "
-                               f"{', '.join(k for k in sources if k not in seen)} projections")
-        # [B, N, H·d] projections (no norm) → [B, H, N, d], as the processor views them
-        q, k, k_text = (t if t.ndim == 4 else t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
-                        for t in (seen["q"], seen["k"], seen["k_text"]))
-        self.on_probs(image_to_text_probs(q, k, k_text))
-        return out
-
-
-def probs_processor(attn, on_probs):
-    """The recording processor for attention module `attn` (`difffeat.capture.Capture`'s `probs_processor`): the
-    joint one for joint attention, the UNet's cross-attention one otherwise."""
-    if getattr(attn, "add_k_proj", None) is not None:
-        return JointAttentionProbs(attn.processor, on_probs)
-    return AttentionProbsProcessor(on_probs)

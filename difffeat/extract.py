@@ -22,7 +22,7 @@ from difffeat.attention_feature import (
     attention_modules,
     check_joint_attention,
     merge_attention,
-    probs_processor,
+    probs_processor_for,
 )
 from difffeat.capture import Capture
 from difffeat.conditioning import ConditioningStack, technique_stack
@@ -106,8 +106,10 @@ class FeatureExtractor:
         attention: attention modules (e.g. `up_blocks.1.attentions.0.transformer_blocks.0.attn2`) whose
             head-averaged probabilities to return as `f"{name}:probs"` maps [tokens, h, w]; or attention presets
             (`gdf-up-cross`, `difffeat.attention_feature`): their layers' maps merged into `f"{group}:probs"`
-            maps at the grid of the largest layer. On an SD3 transformer: joint attention modules
-            (`transformer_blocks.N.attn`), whose maps are the image→text probabilities (`difffeat.attention_feature`).
+            maps at the grid of the largest layer. On a transformer: its joint attention modules (SD3, FLUX:
+            `transformer_blocks.N.attn`, FLUX's `single_transformer_blocks.N.attn`) or cross-attention modules
+            (PixArt: `transformer_blocks.N.attn2`), whose maps are the image→text probabilities
+            (`difffeat.dit_attention`).
         attention_prompt: the prompt of the attention maps when it differs from the images' (GDF fixes one, so
             that a token channel means the same everywhere): they then come from a pass of their own with it.
         early_exit: stop the UNet after the deepest requested module (never changes values).
@@ -130,7 +132,7 @@ class FeatureExtractor:
         self.resolution = tuple(resolution) if resolution else native_resolution(pipe)
         self.layers = resolve_layers(pipe, layers, *self.resolution)
         modules = dict(dit.denoiser(pipe).named_modules())
-        if attention and dit.is_transformer(pipe):  # image→text maps of SD3's joint attention (attention_feature)
+        if attention and dit.is_transformer(pipe):  # image→text maps of a transformer's attention (dit_attention)
             check_joint_attention(pipe, attention)
         # Presets stand for groups of modules whose maps are merged (averaged, resized) into one feature each.
         self.attention_groups = None
@@ -219,7 +221,7 @@ class FeatureExtractor:
         out: dict[str, torch.Tensor] = {}
         model, maps, record = dit.denoiser(self.pipe), contextlib.nullcontext(), None
         if dit.is_transformer(self.pipe):  # image tokens on the patch grid, DiTF options (difffeat.ditf)
-            record = probs_processor  # joint attention's image→text maps
+            record = probs_processor_for(model, latent_hw)  # image→text maps (difffeat.dit_attention)
             maps = ditf.TokenMaps(model, layers, dit.token_index(self.pipe, *self.resolution), latent_hw)
         with stack.active(), maps, Capture(model, layers, latent_hw, inputs=self.capture_inputs,
                                            attention=attention, early_exit=self.early_exit,

@@ -65,9 +65,10 @@ class ExtractRunConfig(Config):
                                 help="how --concat resizes maps (nearest reproduces GDF's gdf-legacy output)")
     capture: str = option("output", choices=("output", "input"))
     attention: list[str] = option(default_factory=list,
-                                  help="attention module whose maps to keep (UNet cross-attention; SD3 joint attention "
-                                       "transformer_blocks.N.attn: image→text), or a preset (gdf-up-cross: GDF's "
-                                       "attention feature); repeat")
+                                  help="attention module whose maps to keep (UNet cross-attention; a transformer's "
+                                       "image→text: SD3/FLUX transformer_blocks.N.attn, FLUX "
+                                       "single_transformer_blocks.N.attn, PixArt transformer_blocks.N.attn2), "
+                                       "or a preset (gdf-up-cross: GDF's attention feature); repeat")
     attention_prompt: str | None = option(None, help="one fixed prompt for the attention maps (as GDF), from a "
                                                      "pass of their own; default: each image's prompt")
     techniques: list[str] = option(default_factory=list, flag="--technique", metavar="SPEC",
