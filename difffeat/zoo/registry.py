@@ -81,8 +81,10 @@ def _register_presets() -> None:
 _register_presets()
 
 
-def check_pipeline_folder(path: Path) -> dict:
-    """Raise a UserError naming what is missing from a diffusers pipeline folder; return its index."""
+def check_pipeline_folder(path: Path, given: tuple[str, ...] = ()) -> dict:
+    """Raise a UserError naming what is missing from a diffusers pipeline folder; return its index.
+
+    Components named in `given` are passed in already loaded: only their config is needed, not their weights."""
     index_path = path / "model_index.json"
     if not index_path.exists():
         raise UserError(f"{path}: not a diffusers pipeline folder (model_index.json is missing)")
@@ -106,39 +108,93 @@ def check_pipeline_folder(path: Path) -> dict:
         elif name not in ("feature_extractor", "image_processor"):
             if not (sub / "config.json").exists():
                 missing.append(f"{name}/config.json")
-            if not any((sub / w).exists() for w in WEIGHT_FILES):
+            if name not in given and not any((sub / w).exists() for w in WEIGHT_FILES):
                 missing.append(f"{name}/ weights ({WEIGHT_FILES[0]} or {WEIGHT_FILES[1]})")
     if missing:
         raise UserError(f"{path}: incomplete pipeline folder, missing " + ", ".join(missing))
     return index
 
 
-def _from_folder(path: Path):
+def _from_folder(path: Path, dtype=None, **components):
+    """The pipeline in a diffusers folder; `components` (e.g. ``transformer=``) replace the folder's own."""
     from diffusers import DiffusionPipeline
 
-    index = check_pipeline_folder(path)
+    index = check_pipeline_folder(path, given=tuple(components))
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
     # Components the folder declares absent ([null, null], e.g. SD3 without T5) must be passed as None to load.
     kwargs.update({k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None})
+    kwargs.update(components)
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
     pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, **kwargs)
     if "_difffeat_max_sequence_length" in index:  # the T5 token count the model was trained with (mini-dit: 0)
         vars(pipe)["difffeat_max_sequence_length"] = int(index["_difffeat_max_sequence_length"])
     return pipe
 
 
-def _from_single_file(path: Path, config: str | None):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def _from_single_file(path: Path, config: str | os.PathLike | None, dtype=None):
+    """A single-file checkpoint. With `config` a pipeline folder that has a transformer, the file is that
+    transformer's weights (the other components come from the folder); otherwise a whole pipeline, tried as
+    SD-1/2, SDXL, SD3 then FLUX."""
+    config = None if config is None else os.fspath(config)
+    transformer = _transformer_class(Path(config).expanduser()) if config else None
+    if transformer is not None:
+        return _transformer_from_single_file(path, Path(config).expanduser(), transformer, dtype)
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    errors = []
-    # Try SD-1/2 then SDXL; diffusers infers the variant from the keys, but needs the pipeline class.
-    for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline):
+    errors: dict[str, list[str]] = {}  # reason → the classes that gave it
+    # diffusers infers the variant from the keys, but needs the pipeline class.
+    for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline):
         try:
             return cls.from_single_file(str(path), config=config, local_files_only=config is not None
                                         or offline())
         except Exception as e:  # diffusers raises many types here; we report them together
-            errors.append(f"{cls.__name__}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            errors.setdefault(_first_line(e), []).append(cls.__name__)
     hint = "" if config else " (offline, pass config=DIR: a diffusers folder of the same architecture)"
-    raise UserError(f"{path}: could not load as a single-file checkpoint{hint}; " + "; ".join(errors))
+    raise UserError(f"{path}: could not load as a single-file checkpoint{hint}; "
+                    + "; ".join(f"{', '.join(names)}: {reason}" for reason, names in errors.items()))
+
+
+def _first_line(e: Exception, limit: int = 200) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:limit] if lines else ''}"
+
+
+def _transformer_class(folder: Path) -> tuple[str, str] | None:
+    """(library, class name) of the transformer a pipeline folder declares, or None (no such folder, a UNet)."""
+    try:
+        spec = json.loads((folder / "model_index.json").read_text()).get("transformer")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return tuple(spec) if isinstance(spec, list) and len(spec) == 2 and spec[0] is not None else None
+
+
+def _transformer_from_single_file(path: Path, folder: Path, spec: tuple[str, str], dtype=None):
+    """`folder`'s pipeline with its transformer read from `path` by diffusers' `from_single_file`, which takes
+    diffusers' key layout as it is and converts the original ones (of a whole-pipeline file only the transformer)."""
+    import importlib
+
+    library, name = spec
+    try:
+        cls = getattr(importlib.import_module(library), name, None)
+    except ImportError:
+        cls = None
+    if not hasattr(cls, "from_single_file"):
+        raise UserError(f"{path}: diffusers cannot load a {name} from a single file (the transformer {folder} "
+                        "declares); load a diffusers folder instead")
+    check_pipeline_folder(folder, given=("transformer",))
+    with quiet_local_loading():
+        try:
+            transformer = cls.from_single_file(str(path), config=str(folder), subfolder="transformer",
+                                               local_files_only=True, torch_dtype=dtype)
+        except Exception as e:  # diffusers raises many types for a file of another architecture
+            raise UserError(f"{path}: not a {name} checkpoint of the architecture in {folder} "
+                            f"(diffusers: {_first_line(e)})") from None
+        empty = [n for n, t in [*transformer.named_parameters(), *transformer.named_buffers()] if t.is_meta]
+        if empty:
+            raise UserError(f"{path}: not a complete {name} checkpoint of the architecture in {folder} "
+                            f"(no weights for {empty[0]}" + (f" and {len(empty) - 1} more)" if len(empty) > 1 else ")"))
+        return _from_folder(folder, dtype=dtype, transformer=transformer)
 
 
 def offline() -> bool:
@@ -212,12 +268,15 @@ def quiet_local_loading():
             diffusers_logging.enable_progress_bar()
 
 
-def load_pipeline(model: str | os.PathLike = "mini", device: str = "cpu", dtype=None, config: str | None = None):
+def load_pipeline(model: str | os.PathLike = "mini", device: str = "cpu", dtype=None,
+                  config: str | os.PathLike | None = None):
     """A diffusers pipeline with `.unet`, `.vae`, `.text_encoder`, `.tokenizer`, `.scheduler`.
 
     `model` is a registered name (`"mini"`, `"mini-random"`, `"sd15-random"`, …; see `MODELS`), a local
-    diffusers folder, a single-file checkpoint (`config` names a diffusers folder to take the
-    architecture from when offline), or a Hub id (offline it fails with one clear error naming the id).
+    diffusers folder, a single-file checkpoint, or a Hub id (offline it fails with one clear error naming the id).
+    A single file is a whole SD-1/2, SDXL, SD3 or FLUX pipeline (`config` names a diffusers folder to take the
+    architecture from when offline), or, when `config` is a folder of a transformer pipeline (SD3, FLUX), that
+    transformer's weights alone, the other components coming from the folder (diffusers reads no PixArt file).
     `dtype` is a torch dtype or one of "fp32", "fp16", "bf16"; None keeps the stored precision.
     """
     dtype = _as_dtype(dtype)
@@ -232,7 +291,7 @@ def load_pipeline(model: str | os.PathLike = "mini", device: str = "cpu", dtype=
     elif path.is_file():
         if path.suffix not in SINGLE_FILE_SUFFIXES:
             raise UserError(f"{path}: not a checkpoint file (expected one of {', '.join(SINGLE_FILE_SUFFIXES)})")
-        pipe = _from_single_file(path, config)
+        pipe = _from_single_file(path, config, dtype)
     elif _looks_like_hub_id(name) and not name.endswith(SINGLE_FILE_SUFFIXES):
         pipe = _from_hub(name)
     else:
