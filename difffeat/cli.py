@@ -208,9 +208,15 @@ def _remove_new_store(out: Path) -> None:
 
 
 def _cmd_inspect(args) -> None:
+    from difffeat.progress import Stopwatch
     from difffeat.store import FeatureStore, summarize
 
-    print(summarize(FeatureStore(args.store), verify=args.verify))
+    watch = Stopwatch()
+    store = FeatureStore(args.store)
+    print(summarize(store, verify=args.verify, progress=not args.quiet))
+    if args.verify:  # reading every shard takes a while on a big store: say how long and how fast
+        print(watch.finish_line(f"inspect --verify: {len(store)} images of {args.store} checked", count=len(store),
+                                unit="images"), file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:

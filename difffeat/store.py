@@ -616,11 +616,14 @@ class FeatureStore:
             out[n] = array
         return out
 
-    def verify(self) -> list[dict]:
+    def verify(self, progress: bool = False) -> list[dict]:
         """Every shard read in full and checked against its checksum: one {"shard", "reason"} per damaged one
-        (shards of an older difffeat carry no checksum and count as sound)."""
+        (shards of an older difffeat carry no checksum and count as sound). `progress` shows a bar over the
+        shards (a big store is gigabytes to read)."""
+        from tqdm.auto import tqdm
+
         damaged = []
-        for _, _, file in _list_shards(self.path / SHARDS):
+        for _, _, file in tqdm(_list_shards(self.path / SHARDS), desc="verify", unit="shard", disable=not progress):
             reason = check_shard(file)
             if reason is not None:
                 damaged.append({"shard": file.relative_to(self.path).as_posix(), "reason": reason})
@@ -650,12 +653,13 @@ class FeatureStore:
         )
 
 
-    def to_parquet(self, folder: str | os.PathLike, shard_rows: int | None = None) -> list[Path]:
+    def to_parquet(self, folder: str | os.PathLike, shard_rows: int | None = None,
+                   progress: bool = False) -> list[Path]:
         """The store as Parquet files in `folder` (new or empty), for ``datasets.load_dataset("parquet",
-        data_dir=folder)`` and ``push_to_hub``; see `difffeat.store_export.to_parquet`."""
+        data_dir=folder)`` and ``push_to_hub``; see `difffeat.store_export.to_parquet` (`progress`: a bar)."""
         from difffeat.store_export import to_parquet
 
-        return to_parquet(self, folder, shard_rows=shard_rows)
+        return to_parquet(self, folder, shard_rows=shard_rows, progress=progress)
 
 
 def _hf_rows(path: str, layers: tuple[str, ...], signature: str) -> Iterator[dict]:
@@ -685,11 +689,12 @@ def _run_lines(path: Path) -> list[str]:
     return [f"  last run:   {', '.join(parts)}"] if parts else []
 
 
-def summarize(store: FeatureStore, max_failures: int = 5, verify: bool = False) -> str:
+def summarize(store: FeatureStore, max_failures: int = 5, verify: bool = False, progress: bool = False) -> str:
     """A few lines describing a store, for `difffeat inspect DIR`; with `verify` every shard is checked
-    against its checksum first (`FeatureStore.verify`), and a damaged one is a UserError naming it."""
+    against its checksum first (`FeatureStore.verify`, with a bar when `progress`), and a damaged one is a
+    UserError naming it."""
     if verify:
-        damaged = store.verify()
+        damaged = store.verify(progress=progress)
         if damaged:
             more = f" (and {len(damaged) - 1} more damaged shard(s))" if len(damaged) > 1 else ""
             raise UserError(f"{store.path / damaged[0]['shard']}: {damaged[0]['reason']}{more}")

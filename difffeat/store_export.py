@@ -25,9 +25,11 @@ def default_shard_rows(store) -> int:
     return max(1, TARGET_FILE_BYTES // row)
 
 
-def to_parquet(store, folder: str | os.PathLike, shard_rows: int | None = None) -> list[Path]:
-    """Write `store` (a `FeatureStore`) as Parquet files into `folder` (new or empty); returns the files."""
+def to_parquet(store, folder: str | os.PathLike, shard_rows: int | None = None, progress: bool = False) -> list[Path]:
+    """Write `store` (a `FeatureStore`) as Parquet files into `folder` (new or empty); returns the files.
+    `progress` shows a bar over the images."""
     import datasets
+    from tqdm.auto import tqdm
 
     from difffeat.atomic import atomic_path
     from difffeat.errors import UserError
@@ -47,6 +49,7 @@ def to_parquet(store, folder: str | os.PathLike, shard_rows: int | None = None) 
     rows = shard_rows or default_shard_rows(store)
     count = math.ceil(len(keys) / rows)
     files = []
+    bar = tqdm(total=len(keys), desc="parquet", unit="image", disable=not progress)
     for i in range(count):
         part = keys[i * rows : (i + 1) * rows]
         columns: dict[str, list] = {"key": part, **{layer: [] for layer in store.layers}}
@@ -54,8 +57,10 @@ def to_parquet(store, folder: str | os.PathLike, shard_rows: int | None = None) 
             arrays = store[key]
             for layer in store.layers:
                 columns[layer].append(arrays[layer])
+            bar.update(1)
         file = folder / f"train-{i:05d}-of-{count:05d}.parquet"
         with atomic_path(file, what=f"Parquet file {file.name}") as tmp:
             datasets.Dataset.from_dict(columns, features=features).to_parquet(str(tmp))
         files.append(file)
+    bar.close()
     return files

@@ -103,8 +103,11 @@ def _sources_report(store: Path) -> dict | None:
 
 
 def merge_stores(out: str | os.PathLike, stores: Sequence[str | os.PathLike], overwrite: bool = False,
-                 symlink: bool = False, verify: bool = False) -> dict:
-    """Merge `stores` into the new store `out` (see the module doc); returns what was done (also OUT/report.json)."""
+                 symlink: bool = False, verify: bool = False, progress: bool = False) -> dict:
+    """Merge `stores` into the new store `out` (see the module doc); returns what was done (also OUT/report.json).
+    `progress` shows a bar over the source shards as their keys are read (and, with `verify`, their bytes)."""
+    from tqdm.auto import tqdm
+
     from difffeat.atomic import write_json_atomic
     from difffeat.lock import FolderLock
     from difffeat.run import RunFolder, is_inside, mkdir
@@ -141,17 +144,17 @@ def merge_stores(out: str | os.PathLike, stores: Sequence[str | os.PathLike], ov
     # Every key once: read from shard headers before anything is written.
     owner: dict[str, Path] = {}
     plan: list[tuple[Path, int, int, Path]] = []  # (source store, source rank, index, shard file)
-    for store in sources:
-        for rank, index, file in list_shards(store):
-            if verify and (why := check_shard(file)) is not None:
-                raise UserError(f"{file}: {why}")
-            for key in shard_keys(file):
-                if key in owner:
-                    other = owner[key]
-                    where = f"both {other} and {store}" if other != store else f"two shards of {store}"
-                    raise UserError(f"key {key!r} is in {where}; stores to merge must hold disjoint images")
-                owner[key] = store
-            plan.append((store, rank, index, file))
+    listed = [(store, shard) for store in sources for shard in list_shards(store)]
+    for store, (rank, index, file) in tqdm(listed, desc="merge", unit="shard", disable=not progress):
+        if verify and (why := check_shard(file)) is not None:
+            raise UserError(f"{file}: {why}")
+        for key in shard_keys(file):
+            if key in owner:
+                other = owner[key]
+                where = f"both {other} and {store}" if other != store else f"two shards of {store}"
+                raise UserError(f"key {key!r} is in {where}; stores to merge must hold disjoint images")
+            owner[key] = store
+        plan.append((store, rank, index, file))
 
     folder = RunFolder(out, KIND, config, overwrite=overwrite, owned=OWNED, marker=MANIFEST, ignore=(), format=FORMAT,
                        extra={"merged_from": [str(s.resolve()) for s in sources]})
@@ -204,19 +207,27 @@ def merge_stores(out: str | os.PathLike, stores: Sequence[str | os.PathLike], ov
 
 # ----------------------------------------------------------------------------------------------- commands
 def _cmd_merge(args) -> None:
-    report = merge_stores(args.out, args.stores, overwrite=args.overwrite, symlink=args.symlink, verify=args.verify)
+    from difffeat.progress import Stopwatch
+
+    watch = Stopwatch()
+    report = merge_stores(args.out, args.stores, overwrite=args.overwrite, symlink=args.symlink, verify=args.verify,
+                          progress=not args.quiet)
     links = " and ".join(report["links"])
-    print(f"merged {len(args.stores)} stores ({report['images']} images) into {args.out} with {links} links, "
-          f"no array copied, in {report['merge_seconds']:.2f} s")
     for note in report["notes"]:
         print(f"  note: {note}")
+    print(watch.finish_line(f"store merge: {len(args.stores)} stores ({report['images']} images) into {args.out} "
+                            f"with {links} links, no array copied", count=report["images"], unit="images"))
 
 
 def _cmd_parquet(args) -> None:
+    from difffeat.progress import Stopwatch
     from difffeat.store import FeatureStore
 
-    files = FeatureStore(args.store).to_parquet(args.out, shard_rows=args.shard_rows)
-    print(f"wrote {len(files)} Parquet file(s) to {args.out} (datasets.load_dataset('parquet', data_dir=...))")
+    watch = Stopwatch()
+    store = FeatureStore(args.store)
+    files = store.to_parquet(args.out, shard_rows=args.shard_rows, progress=not args.quiet)
+    print(watch.finish_line(f"store parquet: {len(store)} images in {len(files)} Parquet file(s) to {args.out} "
+                            "(datasets.load_dataset('parquet', data_dir=...))", count=len(store), unit="images"))
 
 
 def add_store_commands(sub) -> None:

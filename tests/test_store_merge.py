@@ -58,7 +58,7 @@ def test_merged_store_equals_the_one_job_store(stores, tmp_path, capsys):
     parts = [stores / f"part{i}" for i in range(3)]
     assert main(["store", "merge", str(out), *map(str, parts)]) == 0
     said = capsys.readouterr().out
-    assert "merged 3 stores (16 images)" in said and "hard links, no array copied" in said
+    assert "store merge: 3 stores (16 images)" in said and "hard links, no array copied in " in said
     merged, one = FeatureStore(out), FeatureStore(stores / "one")
     _identical(merged, one)
     assert merged.manifest["config"] == one.manifest["config"]
@@ -168,3 +168,28 @@ def test_parquet_export_reads_back_with_datasets(stores, tmp_path, capsys):
     assert main(["store", "parquet", str(stores / "one"), str(tmp_path / "pq")]) == 2, "not an empty folder"
     assert "not an empty folder" in capsys.readouterr().err
     assert main(["store", "parquet", str(stores / "one"), str(tmp_path / "pq2")]) == 0
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_store_commands_show_a_bar_and_end_with_their_summary(stores, tmp_path, capsys, quiet):
+    """merge, parquet and inspect --verify read every shard (gigabytes on a big store): a bar over the work (not
+    under --quiet) and one summary line with time, rate and peak memory."""
+    import re
+
+    flag = ["--quiet"] if quiet else []
+    summary = r" in [\d.]+ s \([\d.]+ images/s\); peak memory [\d.]+ [KMG]iB$"
+    parts = [str(stores / f"part{i}") for i in range(3)]
+    merged = tmp_path / f"merged{quiet}"
+    runs = [(["store", "merge", str(merged), *parts, "--verify"], "merge", "shard", "out",
+             rf"store merge: 3 stores \(16 images\) into {re.escape(str(merged))} with hard links, no array copied"),
+            (["store", "parquet", str(merged), str(tmp_path / f"pq{quiet}")], "parquet", "image", "out",
+             r"store parquet: 16 images in 1 Parquet file\(s\) to .*"),
+            (["inspect", str(merged), "--verify"], "verify", "shard", "err",
+             rf"inspect --verify: 16 images of {re.escape(str(merged))} checked")]
+    for argv, desc, unit, stream, what in runs:
+        assert main([*flag, *argv]) == 0
+        said = capsys.readouterr()
+        last = getattr(said, stream).rstrip("\n").splitlines()[-1]
+        assert re.match(what + summary, last), last
+        bar = re.search(rf"{desc}: 100%.*\[\d\d:\d\d<\d\d:\d\d, +[\d.]+({unit}/s|s/{unit})", said.err)
+        assert (bar is None) == quiet, said.err[-300:]
