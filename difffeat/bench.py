@@ -74,6 +74,9 @@ class BenchConfig(Config):
     tmp_dir: str | None = option(None, help="where the inputs and stores go while measured (default: the system's "
                                             "temporary folder; /dev/shm keeps a slow disk out of the numbers)")
     repeats: int = option(1, min=1, help="runs of each contender, alternated; each keeps its best")
+    materialize: bool = option(False, help="give a real-size preset built on the meta device (sd3-medium-random, "
+                                           "pixart-sigma-random, flux-random) random weights, so that it runs at the "
+                                           "real cost; needs the real model's memory")
     json_out: str | None = option(None, flag="--json", help="also write the results (JSON) to this file")
 
     def __post_init__(self):
@@ -317,7 +320,8 @@ def _check_materialised(pipe, model: str) -> None:
         from difffeat.errors import UserError
 
         raise UserError(f"--model {model}: built on the meta device (layer names and shapes, no weights), so there "
-                        "is nothing to run; bench a model with weights (e.g. mini-dit)")
+                        "is nothing to run; give it random weights with --materialize (the real model's memory), "
+                        "or bench a model with weights (e.g. mini-dit)")
 
 
 # ------------------------------------------------------------------------------------------------ bench
@@ -373,6 +377,12 @@ def bench(cfg: BenchConfig, warn=None, pipe=None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = device_sync(device)
     pipe = pipe if pipe is not None else load_pipeline(cfg.model, device=device, dtype=cfg.dtype)
+    if cfg.materialize:
+        from difffeat.zoo.dit_presets import materialize
+        from difffeat.zoo.registry import as_dtype
+
+        if materialize(pipe, as_dtype(cfg.dtype)):
+            pipe.to(device)
     _check_materialised(pipe, cfg.model)
     transformer = is_transformer(pipe)  # its own bare and naive contenders (their inputs differ from a UNet's)
     size = tuple(cfg.resolution) if cfg.resolution else native_resolution(pipe)

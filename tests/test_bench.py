@@ -111,3 +111,37 @@ def test_bench_refuses_a_preset_without_weights_in_one_line(capsys):
     assert main(["bench", "--model", "sd3-medium-random", "--layer", "dit-middle", "--n", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("difffeat: error: --model sd3-medium-random: built on the meta device") and "\n" not in err
+    assert "--materialize" in err
+
+
+def test_materialize_gives_meta_components_random_weights_and_bench_runs_them(tmp_path):
+    """`materialize` rebuilds each meta component from its config (so CLIP's position ids hold values), and
+    `bench(materialize=True)` runs a pipeline whose transformer and text encoder were on the meta device."""
+    import torch
+
+    import difffeat
+    from difffeat.bench import BenchConfig, bench
+    from difffeat.zoo.dit_presets import materialize
+
+    pipe = difffeat.load_pipeline("mini-dit")
+    real = {name: getattr(pipe, name) for name in ("transformer", "text_encoder")}
+    with torch.device("meta"):
+        pipe.transformer = type(real["transformer"]).from_config(real["transformer"].config)
+        pipe.text_encoder = type(real["text_encoder"])(real["text_encoder"].config)
+    assert any(p.is_meta for p in pipe.transformer.parameters())
+    assert sorted(materialize(pipe)) == ["text_encoder", "transformer"]
+    for name, module in real.items():
+        fresh = getattr(pipe, name)
+        assert not any(p.is_meta for p in fresh.parameters()) and not any(b.is_meta for b in fresh.buffers())
+        assert dict(fresh.config.to_dict() if hasattr(fresh.config, "to_dict") else fresh.config) == \
+            dict(module.config.to_dict() if hasattr(module.config, "to_dict") else module.config)
+        assert not fresh.training and not any(p.requires_grad for p in fresh.parameters())
+    positions = pipe.text_encoder.text_model.embeddings.position_ids
+    assert torch.equal(positions, torch.arange(positions.shape[-1]).expand_as(positions))
+    assert materialize(pipe) == [], "nothing left on the meta device"
+
+    with torch.device("meta"):  # once more on the meta device, now through bench
+        pipe.transformer = type(real["transformer"]).from_config(real["transformer"].config)
+    result = bench(BenchConfig(model="mini-dit", layers=["dit-middle"], n=2, batch_size=2, materialize=True,
+                               tmp_dir=str(tmp_path)), pipe=pipe)
+    assert result["contenders"]["difffeat"]["images"] == 2 and result["contenders"]["difffeat"]["images_per_second"] > 0

@@ -5,7 +5,8 @@ downloaded; the transformers' parameter counts equal the published ones (tests/t
 real sizes (2.0 B, 0.6 B and 11.9 B parameters, plus T5-XXL text encoders of 4.8 B) do not fit a test machine,
 so a preset pipeline is built on the ``meta`` device: no memory, every layer and shape there
 (`difffeat layers --model flux-random` lists every block), no values. `build_transformer(name)` makes the
-transformer alone, with real random weights unless called inside ``torch.device("meta")``.
+transformer alone, with real random weights unless called inside ``torch.device("meta")``; `materialize(pipe)`
+gives every meta component of a pipeline random weights (a benchmark's cost is the same as with real ones).
 
 Tokenizers are the mini model's word-level one (real vocabularies are not on disk); T5 slots that a
 pipeline allows to be empty (SD3's third encoder) are left empty.
@@ -96,3 +97,23 @@ def build_preset_pipeline(name: str):
                                                       max_image_seq_len=4096),
             text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L, **ids)), tokenizer=tokenizer,
             text_encoder_2=T5EncoderModel(T5Config(**T5_XXL)), tokenizer_2=tokenizer)
+
+
+def materialize(pipe, dtype=None) -> list[str]:
+    """Give every component of `pipe` that lives on the meta device random weights, in place; returns their names.
+
+    Each is built again from its own config (diffusers models by ``from_config``, transformers models by their
+    class), so buffers that hold values (CLIP's position ids, rotary tables) are right, not uninitialised memory.
+    `dtype` (a torch dtype) casts the new components; the memory is the real model's."""
+    import torch
+
+    built = []
+    for name, module in pipe.components.items():
+        if not isinstance(module, torch.nn.Module) or not any(p.is_meta for p in module.parameters()):
+            continue
+        cls = type(module)
+        fresh = cls.from_config(module.config) if hasattr(cls, "from_config") else cls(module.config)
+        fresh = fresh.eval().requires_grad_(False)
+        setattr(pipe, name, fresh.to(dtype) if dtype is not None else fresh)
+        built.append(name)
+    return built

@@ -223,7 +223,8 @@ def from_hub_model(cls, model_id: str):
         raise UserError(f"{model_id}: not a local folder, file or built-in name, and as a Hub id it {reason}") from None
 
 
-def _as_dtype(dtype):
+def as_dtype(dtype):
+    """A torch dtype from a torch dtype, None, or a name ("fp32", "fp16", "bf16" and their long forms)."""
     import torch
 
     if dtype is None or isinstance(dtype, torch.dtype):
@@ -279,7 +280,7 @@ def load_pipeline(model: str | os.PathLike = "mini", device: str = "cpu", dtype=
     transformer's weights alone, the other components coming from the folder (diffusers reads no PixArt file).
     `dtype` is a torch dtype or one of "fp32", "fp16", "bf16"; None keeps the stored precision.
     """
-    dtype = _as_dtype(dtype)
+    dtype = as_dtype(dtype)
     name = str(model)
     path = Path(name).expanduser()
     if name in MODELS:
