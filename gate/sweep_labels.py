@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from difffeat.data.label_csv import read_label_csv
 from difffeat.errors import UserError
 from difffeat.run import confine
 
@@ -52,31 +53,6 @@ def _examples(keys) -> str:
     keys = list(keys)
     more = f" … ({len(keys)} in all)" if len(keys) > EXAMPLES else ""
     return ", ".join(repr(k) for k in keys[:EXAMPLES]) + more
-
-
-def read_label_csv(path: str | os.PathLike) -> dict[str, str]:
-    """key → label from a CSV with ``key`` and ``label`` columns (header case-insensitive)."""
-    path = Path(path)
-    labels: dict[str, str] = {}
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = {(name or "").strip().lower(): name for name in reader.fieldnames or []}
-            if "key" not in header or "label" not in header:
-                raise UserError(f"{path}: a labels CSV needs 'key' and 'label' columns "
-                                f"(found: {', '.join(reader.fieldnames or []) or 'none'})")
-            for line, row in enumerate(reader, start=2):
-                key, label = (row.get(header["key"]) or "").strip(), (row.get(header["label"]) or "").strip()
-                if not key or not label:
-                    raise UserError(f"{path}: line {line} has an empty key or label")
-                if labels.get(key, label) != label:
-                    raise UserError(f"{path}: key {key!r} has two labels ({labels[key]!r}, {label!r})")
-                labels[key] = label
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"{path}: cannot read the labels CSV ({e})") from None
-    if not labels:
-        raise UserError(f"{path}: no labelled keys")
-    return labels
 
 
 def _mask_tables(root: Path) -> dict[Path, Path]:
@@ -121,7 +97,7 @@ def match_labels(labels: str | os.PathLike, source, images: str = "IMAGES") -> L
     path = Path(labels)
     keys = [item.key for item in source.items]
     if path.is_file():
-        table = read_label_csv(path)
+        table, _ = read_label_csv(path)
         found = {k: table[k] for k in keys if k in table}
         if not found:
             raise UserError(f"{path}: no label key matches an image of {images} (labels: {_examples(table)}; "

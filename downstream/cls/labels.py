@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from difffeat.data.label_csv import read_label_csv
 from difffeat.errors import UserError
 
 EXAMPLES = 3  # keys named in an error message
@@ -64,29 +65,8 @@ class Labels:
 
 def read_labels(path: str | os.PathLike) -> Labels:
     """The ``key`` and ``label`` columns (case-insensitive header) of a CSV, checked: no empty cell, one label
-    per key, and not names and integer ids mixed."""
-    path = Path(path)
-    labels: dict[str, str] = {}
-    lines: dict[str, int] = {}
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = {(name or "").strip().lower(): name for name in reader.fieldnames or []}
-            if "key" not in header or "label" not in header:
-                raise UserError(f"{path}: a labels CSV needs 'key' and 'label' columns "
-                                f"(found: {', '.join(reader.fieldnames or []) or 'none'})")
-            for line, row in enumerate(reader, start=2):
-                key, label = (row.get(header["key"]) or "").strip(), (row.get(header["label"]) or "").strip()
-                if not key or not label:
-                    raise UserError(f"{path}: line {line} has an empty key or label")
-                if labels.get(key, label) != label:
-                    raise UserError(f"{path}: key {key!r} has two labels ({labels[key]!r}, {label!r})")
-                labels[key] = label
-                lines.setdefault(key, line)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"{path}: cannot read the labels CSV ({e})") from None
-    if not labels:
-        raise UserError(f"{path}: no labelled keys")
+    per key (`difffeat.data.label_csv`), and not names and integer ids mixed."""
+    labels, lines = read_label_csv(path)
     result = Labels(str(path), labels, lines)
     _check_one_kind(result)
     return result
