@@ -57,7 +57,6 @@ def load_inputs(spec: str, resolution: tuple[int, int], n: int | None = None, se
 
     Returns (inputs, the `ImageSource`, its `PromptSource`): the probe reads labels through them.
     """
-    from difffeat.data.images import BadImageError, resize_image, to_tensor
     from difffeat.data.sources import ImageSource
     from difffeat.runner import ExtractRunConfig, PromptSource
 
@@ -66,11 +65,23 @@ def load_inputs(spec: str, resolution: tuple[int, int], n: int | None = None, se
         raise UserError(f"{spec}: no images found")
     prompts = PromptSource(ExtractRunConfig(images=spec, out="", prompt=prompt, prompt_source=prompt_source,
                                             caption_column=caption_column), source)
-    images, keys, texts, fields, dropped = [], [], [], [], []
-    for item in sample_items(source.items, n, seed):
+    inputs, _ = read_items(source, prompts, sample_items(source.items, n, seed), resolution, resize)
+    return inputs, source, prompts
+
+
+def read_items(source, prompts, items: list, resolution: tuple[int, int], resize: str = "center-crop",
+               target=None) -> tuple[GateInputs, list]:
+    """`items` of `source` decoded and resized, with their prompts and prompt fields, as `GateInputs`; an item
+    whose image is bad, whose prompt source has nothing for it, or whose `target(item)` (a label, a mask) fails
+    is dropped with the reason. Returns the inputs and the targets of the items kept ([] without `target`)."""
+    from difffeat.data.images import BadImageError, resize_image, to_tensor
+
+    images, keys, texts, fields, values, dropped = [], [], [], [], [], []
+    for item in items:
         try:
             image = resize_image(source.load(item), resolution, resize)
             text, item_fields = prompts(item), prompts.fields(item)
+            value = target(item) if target is not None else None
         except BadImageError as e:
             dropped.append({"key": item.key, "reason": e.reason})
             continue
@@ -81,8 +92,10 @@ def load_inputs(spec: str, resolution: tuple[int, int], n: int | None = None, se
         keys.append(item.key)
         texts.append(text)
         fields.append(item_fields)
+        if target is not None:
+            values.append(value)
     x = to_tensor(images) if images else torch.zeros(0, 3, *resolution)
-    return GateInputs(x, keys, texts, fields, dropped), source, prompts
+    return GateInputs(x, keys, texts, fields, dropped), values
 
 
 def drop_unusable(inputs: GateInputs, stacks: Mapping[str, object]) -> GateInputs:

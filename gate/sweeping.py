@@ -195,9 +195,8 @@ def load_sweep_inputs(cfg: SweepConfig, source, labelset, resolution: tuple[int,
     """Images (resized), prompts, fields and targets of the labelled images drawn; bad ones dropped and named."""
     import numpy as np
 
-    from difffeat.data.images import BadImageError, resize_image, to_tensor
     from difffeat.runner import ExtractRunConfig, PromptSource
-    from gate.inputs import GateInputs, drop_unusable, sample_items
+    from gate.inputs import drop_unusable, read_items, sample_items
     from gate.sweep_labels import IGNORE, load_mask
     from gate.sweep_probe import Targets
 
@@ -206,29 +205,14 @@ def load_sweep_inputs(cfg: SweepConfig, source, labelset, resolution: tuple[int,
     prompts = PromptSource(ExtractRunConfig(images=cfg.images, out="", prompt=cfg.prompt,
                                             prompt_source=cfg.prompt_source, caption_column=cfg.caption_column),
                            source)
-    images, keys, texts, fields, values, dropped = [], [], [], [], [], []
-    for item in items:
-        try:
-            image = resize_image(source.load(item), resolution)
-            text, item_fields = prompts(item), prompts.fields(item)
-            value = load_mask(labelset.masks[item.key], resolution) if labelset.task == "seg" else \
-                labelset.labels[item.key]
-        except BadImageError as e:
-            dropped.append({"key": item.key, "reason": e.reason})
-            continue
-        except UserError as e:  # a prompt source without this image's caption or label
-            dropped.append({"key": item.key, "reason": str(e).removeprefix(f"{item.key}: ")})
-            continue
-        images.append(image)
-        keys.append(item.key)
-        texts.append(text)
-        fields.append(item_fields)
-        values.append(value)
-    import torch
 
-    x = to_tensor(images) if images else torch.zeros(0, 3, *resolution)
-    inputs = drop_unusable(GateInputs(x, keys, texts, fields, dropped), stacks)
-    values = [values[keys.index(k)] for k in inputs.keys]
+    def target(item):
+        return load_mask(labelset.masks[item.key], resolution) if labelset.task == "seg" else \
+            labelset.labels[item.key]
+
+    read, values = read_items(source, prompts, items, resolution, target=target)
+    inputs = drop_unusable(read, stacks)
+    values = [values[read.keys.index(k)] for k in inputs.keys]
     if len(inputs) < 4:
         reasons = "; ".join(f"{d['key']}: {d['reason']}" for d in inputs.dropped[:3])
         raise UserError(f"{cfg.images}: {len(inputs)} usable labelled image(s); the probe needs at least 4 "
@@ -249,7 +233,6 @@ def load_sweep_inputs(cfg: SweepConfig, source, labelset, resolution: tuple[int,
             raise UserError(f"{labelset.path}: the drawn images have one class ({classes[0]!r}); a probe needs two")
         targets = Targets("cls", [classes.index(v) for v in values], len(classes))
     return SweepInputs(inputs, targets, classes, labelset.unlabelled)
-
 
 
 # ---------------------------------------------------------------------------------------- the result
