@@ -25,6 +25,8 @@ from difffeat.errors import UserError
 from difffeat.layers import first_tensor, register_layer_preset, token_grid
 
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+# The guidance FLUX-dev is conditioned with (its distilled guidance embedding; FluxPipeline's default).
+FLUX_GUIDANCE = 3.5
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -156,7 +158,7 @@ def flux_image_ids(latent_hw: tuple[int, int], device=None, dtype=None) -> torch
 
 
 def forward_kwargs(pipe, z: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, added: dict | None,
-                   guidance: float = 3.5, sigma: torch.Tensor | None = None) -> dict:
+                   guidance: float = FLUX_GUIDANCE, sigma: torch.Tensor | None = None) -> dict:
     """The keyword arguments of one transformer call on latents z [B, C, h, w] at integer timesteps t [B]; for a
     flow-matching model `sigma` [B] (a sampler's own noise levels) replaces the σ(t) of the training table."""
     model = denoiser(pipe)

@@ -95,9 +95,10 @@ class Technique:
         return ""
 
     def residuals(self, loaded, z, t, embeds, control, added_cond_kwargs=None):
-        """(down residuals, mid residual) for latents z at timesteps t (a transformer: (per-block residuals, None),
-        z and t as the transformer takes them); `loaded` is what `bind` returned and `control` the batch's rows of
-        `control_images` after `prepare_control`."""
+        """(down residuals, mid residual) for latents z at timesteps t; on a transformer, the keyword arguments that
+        carry the residuals into its call (`{"block_controlnet_hidden_states": [...]}`), with z and t as the
+        transformer takes them and `added_cond_kwargs` the whole call. `loaded` is what `bind` returned and
+        `control` the batch's rows of `control_images` after `prepare_control`."""
         return None
 
     def control_images(self, images, keys: list[str]):

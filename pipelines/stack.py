@@ -179,6 +179,25 @@ def activate_adapters(pipe, adapters: list[tuple[str, float]]) -> None:
     pipe.set_adapters([name for name, _ in adapters], [scale for _, scale in adapters])
 
 
+def add_residuals(into: dict, more: dict, spec: str) -> None:
+    """Add one ControlNet's residual keyword arguments `more` (of technique `spec`) to `into`, the stack's so far:
+    per-block residual lists summed block by block (as diffusers' multi-ControlNets do), tensors summed, other
+    values (FLUX's `controlnet_blocks_repeat`) kept where the ControlNets agree."""
+    for key, value in more.items():
+        if key not in into:
+            into[key] = value
+        elif isinstance(value, torch.Tensor):
+            into[key] = into[key] + value
+        elif isinstance(value, (list, tuple)):
+            if len(value) != len(into[key]):  # zip would silently drop the extra ones
+                raise UserError(f"{spec}: {len(value)} residuals where the stack's other ControlNet gives "
+                                f"{len(into[key])}; ControlNets used together must have as many blocks")
+            into[key] = [a + b for a, b in zip(into[key], value)]
+        elif value != into[key]:
+            raise UserError(f"{spec}: {key}={value} where the stack's other ControlNet has {into[key]}; ControlNets "
+                            "used together must agree (XLabs-style FLUX ControlNets do not mix with InstantX-style)")
+
+
 def ddim_step(z: torch.Tensor, eps: torch.Tensor, alphas_cumprod: torch.Tensor, t: int, t_next: int) -> torch.Tensor:
     """One deterministic DDIM step (η = 0) from timestep t to t_next < t."""
     a, a_next = alphas_cumprod[t].to(z), alphas_cumprod[t_next].to(z)
@@ -207,7 +226,9 @@ class Conditioning(BatchConditioning):
     def _branches(self, z, t, sigma=None):
         """(args, kwargs) of the denoiser call; with guidance the batch is [uncond; cond]. A transformer takes its
         own inputs (`difffeat.dit.forward_kwargs`; `sigma`: a flow-matching sampler's noise level, a scalar or
-        [B]), and ControlNet residuals as `block_controlnet_hidden_states` (diffusers adds them after each block)."""
+        [B]), and ControlNet residuals as the keyword arguments each ControlNet gives for that call (SD3's
+        `block_controlnet_hidden_states`, FLUX's `controlnet_block_samples`, …; diffusers adds them after each
+        block)."""
         pipe = self.stack.pipe
         model = dit.denoiser(pipe)
         t = torch.as_tensor(t, device=model.device)
@@ -228,19 +249,15 @@ class Conditioning(BatchConditioning):
             args, kwargs, x, timestep = (z, t), {"encoder_hidden_states": embeds}, z, t
             if added is not None:
                 kwargs["added_cond_kwargs"] = added
-        down = mid = None
+        residuals: dict = {}  # the denoiser's residual keyword arguments, summed over the ControlNets
         for (technique, loaded), control in zip(self.stack.residuals, controls):
-            d, m = technique.residuals(loaded, x, timestep, embeds, control, added)
-            if down is not None and len(d) != len(down):  # zip would silently drop the extra ones
-                raise UserError(f"{technique.spec}: {len(d)} residuals where the stack's other ControlNet gives "
-                                f"{len(down)}; ControlNets used together must have as many blocks")
-            down = d if down is None else [a + b for a, b in zip(down, d)]
-            mid = m if mid is None else mid + m
-        if down is not None and dit.is_transformer(pipe):
-            kwargs["block_controlnet_hidden_states"] = down
-        elif down is not None:
-            kwargs["down_block_additional_residuals"] = down
-            kwargs["mid_block_additional_residual"] = mid
+            if dit.is_transformer(pipe):  # a transformer ControlNet sees the transformer's call, gives its arguments
+                more = technique.residuals(loaded, x, timestep, embeds, control, kwargs)
+            else:
+                down, mid = technique.residuals(loaded, x, timestep, embeds, control, added)
+                more = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            add_residuals(residuals, more, technique.spec)
+        kwargs.update(residuals)
         return args, kwargs
 
     def _combine(self, out: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""ControlNet: residuals from a diffusers ControlNetModel added to the UNet's skip connections, or from an
-SD3ControlNetModel added to an SD3 transformer's blocks (its `block_controlnet_hidden_states`).
+"""ControlNet: residuals from a diffusers ControlNetModel added to the UNet's skip connections, from an
+SD3ControlNetModel added to an SD3 transformer's blocks (its `block_controlnet_hidden_states`), or from a
+FluxControlNetModel added to a FLUX transformer's double- and single-stream blocks.
 
 `controlnet:MODEL,scale=1.0,control=canny`: MODEL is `canny` (the built-in canny ControlNet for the
 model's architecture: the shipped mini one for mini, the public canny ControlNets for SD-1.x / 2.x / XL),
@@ -14,6 +15,12 @@ zero their pooled projection, InstantX's convention), and the transformer adds e
 block: a hook on `transformer_blocks.N` sees N's output before N's own residual, the next block sees it. The
 class in a folder's `config.json` must fit the backbone (a UNet ControlNet on a transformer, or back, is refused
 naming both).
+
+A FLUX ControlNet runs as diffusers' FluxControlNetPipeline runs it at one step: the control image VAE-encoded
+(posterior mean), shifted, scaled and packed into 2×2 patches like FLUX's latents (InstantX style, no input hint
+block), or in pixels (XLabs style, with an input hint block; its residuals repeat over the transformer's blocks),
+and the ControlNet called with the transformer's own hidden states, timestep, guidance, text and ids. Union
+ControlNets (a `controlnet_mode` per call) are refused.
 
 A loaded ControlNet is kept on the pipeline it was loaded for (`difffeat.conditioning.pipe_cache`), keyed by
 source, device and dtype: stacks of one pipeline share it, and it is freed with the pipeline.
@@ -48,7 +55,11 @@ def mini_canny_dir() -> Path:
 
 
 # The ControlNet classes difffeat runs, by the backbone they fit.
-FITS = {"ControlNetModel": "UNet2DConditionModel", "SD3ControlNetModel": "SD3Transformer2DModel"}
+FITS = {"ControlNetModel": "UNet2DConditionModel", "SD3ControlNetModel": "SD3Transformer2DModel",
+        "FluxControlNetModel": "FluxTransformer2DModel"}
+# The transformer family (`difffeat.dit.family`) each transformer ControlNet fits.
+FAMILY = {"SD3ControlNetModel": "sd3", "FluxControlNetModel": "flux"}
+ONLY_SO_FAR = "ControlNets run on UNets, SD3 and FLUX transformers only so far"
 
 
 def _controlnet_class(source: str, pipe) -> str:
@@ -67,16 +78,14 @@ def _controlnet_class(source: str, pipe) -> str:
     else:  # a Hub id: the class that fits the backbone
         name = next((c for c, b in FITS.items() if b == backbone), None)
         if name is None:
-            raise UserError(f"ControlNet {source}: ControlNets run on UNets and SD3 transformers only so far, not on "
-                            f"this model's {backbone}")
+            raise UserError(f"ControlNet {source}: {ONLY_SO_FAR}, not on this model's {backbone}")
     if name not in FITS:
-        raise UserError(f"ControlNet {source} is a {name}; difffeat runs "
-                        + " and ".join(f"{c} (on a {b})" for c, b in FITS.items()))
-    fits_unet = FITS[name].startswith("UNet")
-    if fits_unet == dit.is_transformer(pipe) or (not fits_unet and dit.family(dit.denoiser(pipe)) != "sd3"):
+        runs = [f"{c} (on a {b})" for c, b in FITS.items()]
+        raise UserError(f"ControlNet {source} is a {name}; difffeat runs {', '.join(runs[:-1])} and {runs[-1]}")
+    fits_unet = name not in FAMILY
+    if fits_unet == dit.is_transformer(pipe) or (not fits_unet and dit.family(dit.denoiser(pipe)) != FAMILY[name]):
         raise UserError(f"ControlNet {source} is a {name}, made for a {FITS[name]}, but this model's backbone is a "
-                        f"{backbone}" + ("" if backbone in FITS.values() else
-                                         "; ControlNets run on UNets and SD3 transformers only so far"))
+                        f"{backbone}" + ("" if backbone in FITS.values() else f"; {ONLY_SO_FAR}"))
     return name
 
 
@@ -93,10 +102,16 @@ def _load_controlnet(source: str, cls_name: str = "ControlNetModel"):
 
 
 def is_transformer_controlnet(net) -> bool:
-    """Whether `net` is an SD3ControlNetModel (block residuals for a transformer), not a UNet ControlNet."""
-    from diffusers import SD3ControlNetModel
+    """Whether `net` is an SD3 or FLUX ControlNet (block residuals for a transformer), not a UNet ControlNet."""
+    from diffusers import FluxControlNetModel, SD3ControlNetModel
 
-    return isinstance(net, SD3ControlNetModel)
+    return isinstance(net, (SD3ControlNetModel, FluxControlNetModel))
+
+
+def is_flux_controlnet(net) -> bool:
+    from diffusers import FluxControlNetModel
+
+    return isinstance(net, FluxControlNetModel)
 
 
 def check_fits_transformer(controlnet, transformer, latent_channels: int, where: str) -> None:
@@ -119,6 +134,43 @@ def check_fits_transformer(controlnet, transformer, latent_channels: int, where:
                         f"{latent_channels}")
     if problems:
         raise UserError(f"ControlNet {where} does not fit this model's transformer: " + "; ".join(problems))
+
+
+def check_fits_flux(controlnet, transformer, latent_channels: int, vae_factor: int, where: str) -> None:
+    """Refuse a FLUX ControlNet whose inputs or block residuals do not fit this FLUX transformer (more blocks than
+    it has would be dropped silently by diffusers), or a union one, saying which differ."""
+    c, m = controlnet.config, transformer.config
+    name, backbone = type(controlnet).__name__, type(transformer).__name__
+    if c.num_mode is not None:
+        raise UserError(f"ControlNet {where} is a union {name} ({c.num_mode} control modes, one chosen per call by "
+                        "`controlnet_mode`); union ControlNets are not supported yet")
+    problems = []
+    width, want = c.num_attention_heads * c.attention_head_dim, m.num_attention_heads * m.attention_head_dim
+    if width != want:
+        problems.append(f"inner dim {width} vs the transformer's {want}")
+    if c.num_layers > m.num_layers:
+        problems.append(f"{c.num_layers} double-stream blocks vs the transformer's {m.num_layers}")
+    if c.num_single_layers > m.num_single_layers:
+        problems.append(f"{c.num_single_layers} single-stream blocks vs the transformer's {m.num_single_layers}")
+    if c.in_channels != m.in_channels:
+        problems.append(f"input channels {c.in_channels} vs {m.in_channels}")
+    if c.joint_attention_dim != m.joint_attention_dim:
+        problems.append(f"text width {c.joint_attention_dim} vs {m.joint_attention_dim}")
+    if c.pooled_projection_dim != m.pooled_projection_dim:
+        problems.append(f"pooled text width {c.pooled_projection_dim} vs {m.pooled_projection_dim}")
+    if controlnet.input_hint_block is None:  # InstantX: VAE latents packed 2×2, as FLUX's
+        if 4 * latent_channels != c.in_channels:
+            problems.append(f"control latent channels {4 * latent_channels} (the VAE's {latent_channels}, packed "
+                            f"2×2) vs the ControlNet's input channels {c.in_channels}")
+    else:  # XLabs: pixels through the hint block (stride 8), then patches of patch_size
+        p = c.patch_size
+        if 8 * p != 2 * vae_factor:
+            problems.append(f"control-image stride {8 * p} vs the transformer's token stride {2 * vae_factor}")
+        if c.conditioning_embedding_channels * p * p != c.in_channels:
+            problems.append(f"hint channels {c.conditioning_embedding_channels * p * p} vs the ControlNet's input "
+                            f"channels {c.in_channels}")
+    if problems:
+        raise UserError(f"ControlNet {where} (a {name}) does not fit this model's {backbone}: " + "; ".join(problems))
 
 
 def check_compatible(controlnet, unet, vae_factor: int, where: str) -> None:
@@ -169,8 +221,10 @@ class ControlNet(Technique):
         from difffeat.layers import vae_scale_factor
 
         if dit.is_transformer(pipe):
-            raise UserError(f"no built-in canny ControlNet for a {type(dit.denoiser(pipe)).__name__}; pass "
-                            "controlnet:PATH_OR_HUB_ID of an SD3ControlNetModel")
+            backbone = type(dit.denoiser(pipe)).__name__
+            fitting = next((c for c, b in FITS.items() if b == backbone), None)
+            raise UserError(f"no built-in canny ControlNet for a {backbone}; " + (
+                f"pass controlnet:PATH_OR_HUB_ID of a {fitting}" if fitting else ONLY_SO_FAR))
 
         mini = mini_canny_dir()
         if (mini / "config.json").exists():
@@ -198,7 +252,9 @@ class ControlNet(Technique):
         cache_key = (source, str(model.device), str(model.dtype))
         if cache_key not in loaded:
             net = _load_controlnet(source, _controlnet_class(source, pipe))
-            if is_transformer_controlnet(net):
+            if is_flux_controlnet(net):
+                check_fits_flux(net, model, pipe.vae.config.latent_channels, dit.vae_factor(pipe), source)
+            elif is_transformer_controlnet(net):
                 check_fits_transformer(net, model, pipe.vae.config.latent_channels, source)
                 if net.pos_embed is None:  # SD3.5's large ControlNets share the transformer's, as diffusers' pipeline
                     net.pos_embed = net._get_pos_embed_from_transformer(model)
@@ -244,18 +300,33 @@ class ControlNet(Technique):
     @torch.no_grad()
     def prepare_control(self, loaded, pipe, control: torch.Tensor) -> torch.Tensor:
         """An SD3 ControlNet's control latents: the VAE posterior mean of the control images, shifted and scaled as
-        diffusers' SD3 ControlNet pipeline does; a UNet ControlNet's control images as they are."""
+        diffusers' SD3 ControlNet pipeline does; a FLUX ControlNet's as FluxControlNetPipeline prepares them (those
+        latents packed into FLUX's 2×2 tokens, or the pixels in [-1, 1] for one with an input hint block); a UNet
+        ControlNet's control images as they are."""
         if not is_transformer_controlnet(loaded):
             return control
         vae = pipe.vae
+        if is_flux_controlnet(loaded):
+            from difffeat import dit
+
+            pixels = control.to(vae.device, vae.dtype) * 2 - 1
+            if loaded.input_hint_block is not None:  # XLabs: the hint block takes the image itself
+                return pixels
+            mean = vae.encode(pixels).latent_dist.mean
+            return dit.pack_flux((mean - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor)
         shift = 0.0 if loaded.config.force_zeros_for_pooled_projection else (vae.config.get("shift_factor") or 0.0)
         mean = vae.encode(control.to(vae.device, vae.dtype) * 2 - 1).latent_dist.mean
         return (mean - shift) * vae.config.scaling_factor
 
     def residuals(self, loaded, z, t, embeds, control, added_cond_kwargs=None):
-        """(down residuals, mid residual) of the ControlNet `loaded` (what `bind` returned) for latents z at t; an
-        SD3 ControlNet's (per-block residuals, None), with the transformer's timestep t and pooled projections
-        (zeros where the ControlNet's config says so, as diffusers' pipeline does)."""
+        """(down residuals, mid residual) of the UNet ControlNet `loaded` (what `bind` returned) for latents z at t.
+        A transformer ControlNet's are the transformer's keyword arguments that carry them (`added_cond_kwargs`
+        is then the transformer's call): an SD3 ControlNet's `block_controlnet_hidden_states`, with the
+        transformer's timestep and pooled projections (zeros where the ControlNet's config says so, as diffusers'
+        pipeline does); a FLUX ControlNet's `controlnet_block_samples` / `controlnet_single_block_samples` (and
+        `controlnet_blocks_repeat` for one with an input hint block), called as FluxControlNetPipeline calls it."""
+        if is_flux_controlnet(loaded):
+            return self._flux_residuals(loaded, z, t, embeds, control, added_cond_kwargs)
         if is_transformer_controlnet(loaded):
             pooled = added_cond_kwargs["pooled_projections"]
             if loaded.config.force_zeros_for_pooled_projection:
@@ -263,7 +334,27 @@ class ControlNet(Technique):
             blocks = loaded(hidden_states=z, controlnet_cond=control, conditioning_scale=self.scale,
                             encoder_hidden_states=embeds if loaded.context_embedder is not None else None,
                             pooled_projections=pooled, timestep=t, return_dict=False)[0]
-            return list(blocks), None
+            return {"block_controlnet_hidden_states": list(blocks)}
         kwargs = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs else {}
         return loaded(z, t, encoder_hidden_states=embeds, controlnet_cond=control.to(z),
                         conditioning_scale=self.scale, return_dict=False, **kwargs)
+
+    def _flux_residuals(self, loaded, tokens, t, embeds, control, call: dict) -> dict:
+        """A FLUX ControlNet's residuals for the transformer call `call` (its packed tokens, σ as timestep, ids)."""
+        from difffeat import dit
+
+        guidance = None
+        if loaded.config.guidance_embeds:  # the transformer's guidance, as the pipeline gives both the same scale
+            guidance = call.get("guidance")
+            if guidance is None:
+                guidance = torch.full((len(tokens),), dit.FLUX_GUIDANCE, device=tokens.device, dtype=tokens.dtype)
+        double, single = loaded(hidden_states=tokens, controlnet_cond=control, conditioning_scale=self.scale,
+                                encoder_hidden_states=embeds, pooled_projections=call["pooled_projections"],
+                                timestep=t, img_ids=call["img_ids"], txt_ids=call["txt_ids"], guidance=guidance,
+                                return_dict=False)
+        out = {"controlnet_blocks_repeat": loaded.input_hint_block is not None}  # XLabs' residuals cycle
+        if double is not None:
+            out["controlnet_block_samples"] = list(double)
+        if single is not None:
+            out["controlnet_single_block_samples"] = list(single)
+        return out
