@@ -169,7 +169,13 @@ class TechniqueStack(ConditioningStack):
 
 
 def activate_adapters(pipe, adapters: list[tuple[str, float]]) -> None:
-    """Make exactly `adapters` ((name, scale) pairs) active on `pipe` (none: every loaded adapter off)."""
+    """Make exactly `adapters` ((name, scale) pairs) active on `pipe` (none: every loaded adapter off); on a
+    pipeline without diffusers' LoRA loader (PixArt), on the adapters peft put into its transformer."""
+    if not hasattr(pipe, "get_list_adapters") and getattr(pipe, "transformer", None) is not None:
+        from pipelines.techniques.lora import activate_injected
+
+        activate_injected(pipe.transformer, adapters)
+        return
     if not hasattr(pipe, "get_list_adapters") or not any(pipe.get_list_adapters().values()):
         return
     if not adapters:

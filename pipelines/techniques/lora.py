@@ -1,11 +1,17 @@
 """LoRA: low-rank weight deltas on the UNet (and text encoder), loaded with diffusers' LoRA loader (peft); on a
-diffusion transformer (SD3), diffusers-format LoRAs of the transformer only.
+diffusion transformer, LoRAs of the transformer (and on FLUX of its CLIP text encoder).
 
 `lora:PATH,scale=0.8`: PATH is a file or folder in diffusers format (what `difffeat lora train` writes), a
 kohya / A1111 file (diffusers converts its keys), or a peft `save_pretrained` adapter folder. Before
 loading, every LoRA matrix is checked against the module it targets, so a file made for another
 architecture is refused naming the keys that do not fit, instead of failing deep in peft or, worse,
 loading half of it.
+
+On transformers: SD3 and FLUX load through their pipeline's `load_lora_weights` (diffusers-format files and peft
+folders; on FLUX also kohya files of the transformer, which diffusers converts, and diffusers-format LoRAs of the
+CLIP text encoder). PixArt's pipeline has
+no LoRA loader: its diffusers-format files and peft folders (what PixArt-Σ's LoRA training writes) go into the
+transformer with peft directly (`inject`), alpha / r folded into lora_B.
 
 Loading happens once per pipeline and file (a named adapter); the stack switches adapters and scales
 (`pipelines.stack.activate_adapters`), so variants with and without a LoRA share one pipeline and never reload.
@@ -14,8 +20,10 @@ Loading happens once per pipeline and file (a named adapter); the stack switches
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +40,13 @@ _LAYOUTS = [
     (re.compile(r"^(.*)\.lora[._]down\.weight$"), "A"),
     (re.compile(r"^(.*)\.lora[._]up\.weight$"), "B"),
 ]
+# Key prefixes of the diffusers-format LoRAs each transformer family loads: diffusers' FLUX loader also takes its
+# CLIP text encoder (not T5); SD3's text-encoder LoRAs are not tested here yet.
+TRANSFORMER_PREFIXES = {"sd3": ("transformer.",), "flux": ("transformer.", "text_encoder."),
+                        "pixart": ("transformer.",)}
+# A kohya (sd-scripts) FLUX file that diffusers' converter maps in full: LoRA pairs and alphas of the transformer
+# only. It drops DoRA scales, T5 and norm "diff" keys with a log line, which would load part of the file.
+_KOHYA_FLUX_KEY = re.compile(r"^lora_unet_\w+\.(?:lora_down\.weight|lora_up\.weight|alpha)$")
 
 
 def _target(key: str) -> tuple[str, str] | None:
@@ -90,10 +105,8 @@ def mismatched_keys(pipe, state_dict: dict) -> list[str]:
 
 def peft_folder_state_dict(pipe, folder: Path) -> dict:
     """A peft `save_pretrained` folder (adapter_config.json + adapter_model.safetensors) as a diffusers LoRA state
-    dict: keys get the component prefix (the UNet, or the text encoder when the keys fit it), and lora_B is scaled
-    by alpha / r, since diffusers reads such dicts with alpha = r."""
-    import json
-
+    dict: keys get the component prefix (the UNet or transformer, or the text encoder when the keys fit it), and
+    lora_B is scaled by alpha / r, since diffusers reads such dicts with alpha = r."""
     from safetensors.torch import load_file
 
     config = json.loads((folder / "adapter_config.json").read_text())
@@ -105,11 +118,121 @@ def peft_folder_state_dict(pipe, folder: Path) -> dict:
     scale = float(config.get("lora_alpha", config["r"])) / float(config["r"])
     raw = {k.removeprefix("base_model.model."): v * scale if ".lora_B" in k else v
            for k, v in load_file(str(weights)).items()}
-    for component in ("unet", "text_encoder"):
+    for component in ("unet", "transformer", "text_encoder"):
         state = {f"{component}.{k}": v for k, v in raw.items()}
         if getattr(pipe, component, None) is not None and not mismatched_keys(pipe, state):
             return state
-    return {f"unet.{k}": v for k, v in raw.items()}  # mismatched: refused with the UNet's names
+    denoiser = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    return {f"{denoiser}.{k}": v for k, v in raw.items()}  # mismatched: refused with the denoiser's names
+
+
+def lora_file(path: Path) -> Path | None:
+    """The safetensors file diffusers reads for `path` (a folder: its pytorch_lora_weights.safetensors, or its one
+    .safetensors file); None when there is none."""
+    if path.is_file():
+        return path if path.suffix == ".safetensors" else None
+    files = [path / "pytorch_lora_weights.safetensors"] if (path / "pytorch_lora_weights.safetensors").exists() \
+        else sorted(path.glob("*.safetensors"))
+    return files[0] if len(files) == 1 else None
+
+
+def check_transformer_format(path: Path, family: str) -> None:
+    """Refuse, before diffusers reads it, a LoRA file that would load only in part or not per stack on a `family`
+    transformer: DoRA scales (diffusers drops them), keys other than the family's diffusers-format prefixes, or on
+    FLUX a kohya file with more than LoRA pairs and alphas, or another FLUX format (XLabs, BFL Control LoRAs, whose
+    norm weights diffusers writes into the transformer itself)."""
+    from safetensors import safe_open
+
+    file = lora_file(path)
+    if file is None:
+        return  # a .bin file: checked after diffusers read it
+    with safe_open(str(file), "pt") as f:
+        keys = list(f.keys())
+    if dora := next((k for k in keys if "dora_scale" in k), None):
+        raise UserError(f"{path}: a DoRA file ({dora!r}); diffusers drops its magnitudes and would load a plain LoRA")
+    if family == "flux" and any(k.endswith(".lora_down.weight") for k in keys):  # kohya: diffusers converts it
+        if te := next((k for k in keys if k.startswith("lora_te")), None):  # to old-style keys (to_q_lora.down)
+            raise UserError(f"{path}: kohya text-encoder LoRAs ({te!r}) are not supported on FLUX: diffusers' "
+                            "converter gives keys its own text-encoder loader cannot always read")
+        if odd := next((k for k in keys if not _KOHYA_FLUX_KEY.match(k)), None):
+            raise UserError(f"{path}: {odd!r} is not a LoRA pair or alpha of a kohya (sd-scripts) FLUX file; "
+                            "diffusers' converter would drop it")
+        return
+    if odd := next((k for k in keys if not k.startswith(TRANSFORMER_PREFIXES[family])), None):
+        kohya = ", kohya files" if family == "flux" else ""
+        raise UserError(f"{path}: on transformer backbones ({family}) only diffusers-format LoRAs of the transformer "
+                        f"(keys {', '.join(p + '…' for p in TRANSFORMER_PREFIXES[family])}){kohya} and peft folders "
+                        f"are supported, not {odd!r}")
+
+
+def diffusers_file_state_dict(path: Path) -> dict:
+    """A diffusers-format LoRA file (or folder) as a state dict with lora_B scaled by alpha / r, alpha and r from
+    the file's adapter metadata per component (as `save_lora_weights` writes them; none: alpha = r)."""
+    from safetensors import safe_open
+
+    file = lora_file(path)
+    if file is None:
+        raise UserError(f"{path}: no LoRA .safetensors file (pytorch_lora_weights.safetensors) there")
+    with safe_open(str(file), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata") or "{}")
+    out = {}
+    for key, tensor in state.items():
+        component = key.partition(".")[0]
+        if meta.get(f"{component}.rank_pattern") or meta.get(f"{component}.alpha_pattern") \
+                or meta.get(f"{component}.use_dora"):
+            raise UserError(f"{path}: LoRAs with per-module ranks or alphas, or DoRA, are not supported here")
+        r = meta.get(f"{component}.r")
+        scale = float(meta.get(f"{component}.lora_alpha", r)) / float(r) if r else 1.0
+        out[key] = tensor * scale if ".lora_B." in key else tensor
+    return out
+
+
+def inject(model, state: dict, adapter: str) -> None:
+    """Put a LoRA state dict ({module path}.lora_A / lora_B.weight, alpha / r already in lora_B) into `model` as
+    peft adapter `adapter`, for a model without diffusers' LoRA loader (PixArt's transformer). Lower ranks are
+    padded with zeros to the highest (B·A unchanged), since peft's per-module rank patterns match by suffix."""
+    import torch.nn.functional as F
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    r = max(v.shape[0] for k, v in state.items() if k.endswith(".lora_A.weight"))
+    state = {k: F.pad(v, (0, 0, 0, r - v.shape[0])) if ".lora_A." in k else F.pad(v, (0, r - v.shape[1]))
+             for k, v in state.items()}
+    targets = sorted(k.removesuffix(".lora_A.weight") for k in state if k.endswith(".lora_A.weight"))
+    config = LoraConfig(r=r, lora_alpha=r, target_modules=targets)
+    with warnings.catch_warnings():  # several adapters in one model are what the stack switches between
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(config, model, adapter_name=adapter)
+    result = set_peft_model_state_dict(model, state, adapter_name=adapter)
+    if getattr(result, "unexpected_keys", None):
+        raise UserError(f"peft did not load {len(result.unexpected_keys)} LoRA keys, e.g. {result.unexpected_keys[0]}")
+
+
+def injected_adapters(model) -> set[str]:
+    """Names of the LoRA adapters `inject` put into `model`."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name for m in model.modules() if isinstance(m, LoraLayer) for name in m.lora_A}
+
+
+def activate_injected(model, adapters: list[tuple[str, float]]) -> None:
+    """Make exactly `adapters` ((name, scale) pairs) of `model`'s injected ones active, as diffusers' `set_adapters`
+    and `enable_lora` / `disable_lora` do on models with its loader."""
+    from diffusers.utils.peft_utils import set_adapter_layers, set_weights_and_activate_adapters
+
+    if not getattr(model, "peft_config", None) or not injected_adapters(model):  # peft sets peft_config
+        return
+    set_adapter_layers(model, enabled=bool(adapters))
+    if adapters:
+        set_weights_and_activate_adapters(model, [name for name, _ in adapters], [scale for _, scale in adapters])
+
+
+def loaded_adapters(pipe) -> set[str]:
+    """Names of the LoRA adapters loaded into `pipe` (by diffusers' loader, or by `inject` on PixArt)."""
+    if hasattr(pipe, "get_list_adapters"):
+        return set(sum((v for v in pipe.get_list_adapters().values()), []))
+    model = getattr(pipe, "transformer", None)
+    return injected_adapters(model) if model is not None else set()
 
 
 def adapter_name(path: str) -> str:
@@ -138,39 +261,54 @@ class LoRA(Technique):
     def bind(self, pipe) -> None:
         from difffeat import dit
 
-        transformer = dit.is_transformer(pipe)
-        if transformer and dit.family(dit.denoiser(pipe)) != "sd3":  # loaded and tested on SD3 only
-            raise UserError(f"technique {self.spec!r} does not run on {type(dit.denoiser(pipe)).__name__} yet; "
-                            "on transformers LoRA runs on SD3 (SD3Transformer2DModel) only")
+        family = dit.family(dit.denoiser(pipe)) if dit.is_transformer(pipe) else None
         path = os.path.expanduser(self.path)
         if not Path(path).exists():
             raise UserError(f"{path}: LoRA file or folder not found")
-        if transformer and (Path(path) / "adapter_config.json").exists():  # peft folders: UNet / CLIP keys only
-            raise UserError(f"{path}: peft adapter folders are not supported on transformer backbones; save the LoRA "
-                            "in diffusers format (save_lora_weights)")
-        loaded = set(sum((v for v in pipe.get_list_adapters().values()), [])) if hasattr(pipe, "get_list_adapters") \
-            else set()
-        if self.adapter in loaded:
+        folder = (Path(path) / "adapter_config.json").exists()
+        if self.adapter in loaded_adapters(pipe):
+            return
+        if family == "pixart":  # no LoRA loader in its pipeline: peft on the transformer itself
+            state = peft_folder_state_dict(pipe, Path(path)) if folder else diffusers_file_state_dict(Path(path))
+            if odd := next((k for k in state if not k.endswith((".lora_A.weight", ".lora_B.weight"))), None):
+                raise UserError(f"{path}: on PixArt only plain LoRA pairs (….lora_A.weight / ….lora_B.weight) of "
+                                f"diffusers-format files and peft folders load, not {odd!r}")
+            self._check(path, state, family, pipe)
+            inject(pipe.transformer, {k.removeprefix("transformer."): v for k, v in state.items()}, self.adapter)
             return
         if not hasattr(pipe, "load_lora_weights"):
             raise UserError(f"{type(pipe).__name__} cannot load LoRA weights")
-        source = peft_folder_state_dict(pipe, Path(path)) if (Path(path) / "adapter_config.json").exists() else path
+        if family and not folder:
+            check_transformer_format(Path(path), family)
+        source = peft_folder_state_dict(pipe, Path(path)) if folder else path
         try:
             state = source if isinstance(source, dict) else pipe.lora_state_dict(path)
             state = state[0] if isinstance(state, tuple) else state  # UNet loaders also return network alphas
-        except (ValueError, OSError, KeyError) as e:
-            raise UserError(f"{path}: not a LoRA file diffusers can read ({str(e).splitlines()[0][:160]})") from None
-        if transformer:  # diffusers-format transformer LoRAs only (kohya and text-encoder LoRAs: not yet)
-            other = [k for k in state if not k.startswith("transformer.")]
-            if other or not state:
-                raise UserError(f"{path}: on transformer backbones only diffusers-format LoRAs of the transformer "
-                                f"(keys 'transformer.…') are supported, not {other[0] if other else 'an empty file'!r}")
+        except (ValueError, OSError, KeyError, AssertionError) as e:  # FLUX's kohya converter asserts FLUX.1's widths
+            why = str(e).splitlines()[0][:160] if str(e).strip() else f"{type(e).__name__} in diffusers' converter"
+            raise UserError(f"{path}: not a LoRA file diffusers can read ({why})") from None
+        self._check(path, state, family, pipe)
+        pipe.load_lora_weights(source, adapter_name=self.adapter)
+
+    @staticmethod
+    def _check(path: str, state: dict, family: str | None, pipe) -> None:
+        """Refuse a LoRA state dict (as diffusers reads the file) that would not load in full into `pipe`."""
+        if family:  # keys outside the components this family loads would be dropped without a word
+            other = [k for k in state if not k.startswith(TRANSFORMER_PREFIXES[family])]
+            if not state:
+                raise UserError(f"{path}: no LoRA weights in it")
+            if other:
+                raise UserError(f"{path}: {other[0]!r} (of {len(other)} such keys) is outside what LoRAs load into on "
+                                f"{family} (keys {', '.join(p + '…' for p in TRANSFORMER_PREFIXES[family])}), so it "
+                                "would not load")
+            if norm := next((k for k in state if "lora" not in k), None):  # FLUX Control LoRAs' norm_q, …
+                raise UserError(f"{path}: {norm!r} is not a LoRA matrix; diffusers would write it into the model's own "
+                                "weights, not per stack")
         bad = mismatched_keys(pipe, state)
         if bad:
             more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
             raise UserError(f"{path}: LoRA made for another architecture; {len(bad)} of {len(state)} keys do not "
                             f"fit this model: {'; '.join(bad[:5])}{more}")
-        pipe.load_lora_weights(source, adapter_name=self.adapter)
 
     def weights(self) -> tuple[str, float]:
         return self.adapter, self.scale
