@@ -497,6 +497,12 @@ def bench(cfg: BenchConfig, warn=None, pipe=None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ output
+def rate(per_second: float) -> str:
+    """A rate with three significant digits below 10 (a real-size model on a CPU runs at 0.025 images/s, which
+    one decimal would print as 0.0), one decimal above."""
+    return f"{per_second:.3g}" if per_second < 10 else f"{per_second:.1f}"
+
+
 def table(result: dict) -> str:
     """The results as a Markdown table with a header line (what the run was, on what)."""
     from difffeat.progress import human_bytes
@@ -517,7 +523,7 @@ def table(result: dict) -> str:
     for name, r in result["contenders"].items():
         split = " | ".join(f"{r['ms_per_image'][k]:.2f}" for k in (*SPLIT, "other"))
         cpu = r.get("best_images_per_cpu_second") or 0
-        rows.append(f"| {name} | {r['images']} | {r['images_per_second']:.1f} | {cpu:.1f} | "
+        rows.append(f"| {name} | {r['images']} | {rate(r['images_per_second'])} | {rate(cpu)} | "
                     f"{human_bytes(r['peak_memory_bytes'])} | {split} |")
     ratios = result["ratios"]
     if ratios:

@@ -114,6 +114,7 @@ def materialize(pipe, dtype=None) -> list[str]:
         cls = type(module)
         fresh = cls.from_config(module.config) if hasattr(cls, "from_config") else cls(module.config)
         fresh = fresh.eval().requires_grad_(False)
-        setattr(pipe, name, fresh.to(dtype) if dtype is not None else fresh)
+        # Built in float32; cast only to another dtype (diffusers warns on any `to(dtype)` of a VAE).
+        setattr(pipe, name, fresh.to(dtype) if dtype not in (None, torch.float32) else fresh)
         built.append(name)
     return built

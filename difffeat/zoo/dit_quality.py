@@ -3,6 +3,8 @@
 - `conditioning_velocity_mse`: does the transformer use the caption? Velocity MSE
   ``mean ‖v̂(z_σ, σ, c) − (ε − z0)‖²`` with the image's own fine caption, the empty caption and another
   image's caption, at fixed noise levels σ and the same seeded noise for all three.
+- `bar_sigma`: the noise level of the bar, "mid noise" as mini's: the σ whose signal-to-noise ratio equals that
+  of mini's DDPM schedule at t = 500 (both models share one VAE and latent scale, so equal SNR is equally hard).
 - `sample_images` / `img2img_images`: what the model draws from a caption, and how it reconstructs an
   image noised to a given strength (flow-matching Euler, the pipeline's own scheduler).
 """
@@ -21,6 +23,23 @@ def clean_latents(pipe, images: list[np.ndarray]) -> torch.Tensor:
     x = to_tensor(images).to(pipe.device, pipe.vae.dtype)
     cfg = pipe.vae.config
     return (pipe.vae.encode(x).latent_dist.mean - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+
+
+def sigma_at_snr(snr: float) -> float:
+    """The flow-matching σ at which ``z_σ = (1 − σ)·z0 + σ·ε`` has signal-to-noise ratio `snr`:
+    SNR = ((1 − σ)/σ)², so σ = 1 / (1 + √SNR)."""
+    return 1.0 / (1.0 + snr ** 0.5)
+
+
+def bar_sigma(t: int = 500) -> float:
+    """σ of the same SNR as mini's noise at DDPM step `t` (ᾱ_t / (1 − ᾱ_t), from mini's shipped scheduler): 0.616 for
+    t = 500, where mini's own bar is measured (`difffeat.zoo.quality`)."""
+    from diffusers import DDPMScheduler
+
+    from difffeat.zoo.mini import weights_dir
+
+    alpha_bar = float(DDPMScheduler.from_pretrained(weights_dir() / "scheduler").alphas_cumprod[t])
+    return round(sigma_at_snr(alpha_bar / (1 - alpha_bar)), 4)
 
 
 @torch.no_grad()
@@ -94,8 +113,10 @@ def evaluate_dit_quality(model: str = "mini-dit", n: int = 64, seed: int = 0, n_
 
     pipe = load_pipeline(model)
     scenes = heldout_scenes(n, seed)
-    # The functions' own defaults, spelled out so the bar can count their steps before they run.
-    sigmas, draws, steps, strength = (0.5, 0.75), 2, 28, 0.5
+    # σ = 0.5 (t = 500 by difffeat's --t), the bar's σ (mini's SNR at t = 500) and 0.75; the functions' own
+    # defaults spelled out so the progress bar can count their steps before they run.
+    mid = bar_sigma()
+    sigmas, draws, steps, strength = (0.5, mid, 0.75), 2, 28, 0.5
     with tqdm(total=len(sigmas) * draws + 2 * img2img_steps(steps, strength), desc="eval-mini-dit", unit="step",
               disable=not progress) as bar:
         cond = conditioning_velocity_mse(pipe, scenes, sigmas, seed=seed, draws=draws, bar=bar)
@@ -112,6 +133,8 @@ def evaluate_dit_quality(model: str = "mini-dit", n: int = 64, seed: int = 0, n_
         "conditioning_velocity_mse": cond,
         "own_below_empty": {s: 1 - v["own"] / v["empty"] for s, v in cond.items()},
         "own_below_other": {s: 1 - v["own"] / v["other"] for s, v in cond.items()},
+        "bar_sigma": mid,
+        "bar_met": bool(cond[str(mid)]["own"] <= 0.95 * min(cond[str(mid)]["empty"], cond[str(mid)]["other"])),
         "img2img_psnr_strength_0.5": float(np.mean(recon)),
         "img2img_psnr_random_transformer": float(np.mean(base)),
         "n_img2img": len(few),

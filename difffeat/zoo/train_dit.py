@@ -43,7 +43,7 @@ class MiniDitTrainConfig(Config):
     seed: int = option(0, min=0)
     n_train: int = option(4000, min=1, help="Shapes-LT train scenes (made in memory from the seed)")
     imbalance: float = option(100.0, min=1)
-    steps: int = option(800, min=1, help="optimizer steps")
+    steps: int = option(6000, min=1, help="optimizer steps")
     lr: float = option(7e-4, above=0)
     warmup: int = option(50, min=0)
     batch_size: int = option(16, min=1)
