@@ -76,6 +76,19 @@ def save_peft_folder(folder, state, config):
               str(folder / "adapter_model.safetensors"))
 
 
+def check_against_hand_merge(pipe, rebuilt, lora, state, layer, scale=0.7):
+    """`lora:{lora},scale=…` on `pipe` changes `layer`, is off again after its stack, is plain at scale 0, and equals
+    `rebuilt` (a fresh copy of the stock pipeline) with the LoRA merged by hand; returns the LoRA's features."""
+    plain = features(pipe, layer)
+    got = features(pipe, layer, [f"lora:{lora},scale={scale}"])
+    assert not torch.allclose(got, plain, atol=1e-4)
+    assert torch.equal(features(pipe, layer), plain)  # off again after its stack
+    assert torch.equal(features(pipe, layer, [f"lora:{lora},scale=0"]), plain)
+    merge(rebuilt.transformer, state, scale)
+    torch.testing.assert_close(got, features(rebuilt, layer), atol=1e-5, rtol=1e-5)
+    return got
+
+
 # ---------------------------------------------------------------------------------------------------- FLUX
 @pytest.fixture(scope="module")
 def flux_lora(flux, tmp_path_factory):
@@ -91,15 +104,7 @@ def flux_lora(flux, tmp_path_factory):
 
 def test_flux_lora_equals_hand_merged_weights_and_only_inside_its_stack(flux, flux_lora, mini_parts):
     folder, state = flux_lora
-    layer = "single_transformer_blocks.1"
-    plain = features(flux, layer)
-    got = features(flux, layer, [f"lora:{folder},scale=0.7"])
-    assert not torch.allclose(got, plain, atol=1e-4)
-    assert torch.equal(features(flux, layer), plain)  # off again after its stack
-    assert torch.equal(features(flux, layer, [f"lora:{folder},scale=0"]), plain)
-    merged = tiny_flux(mini_parts)
-    merge(merged.transformer, state, 0.7)
-    torch.testing.assert_close(got, features(merged, layer), atol=1e-5, rtol=1e-5)
+    check_against_hand_merge(flux, tiny_flux(mini_parts), folder, state, "single_transformer_blocks.1")
 
 
 def test_flux_kohya_clip_and_diffusers_loras_add_up(flux, flux_lora, mini_parts, tmp_path):
@@ -168,14 +173,7 @@ def test_pixart_lora_file_and_peft_folder_equal_hand_merged_weights(pixart, mini
                                           transformer_lora_adapter_metadata=config.to_dict())
     save_peft_folder(tmp_path / "peft", state, config)
     layer = "transformer_blocks.1"
-    plain = features(pixart, layer)
-    got = features(pixart, layer, [f"lora:{tmp_path / 'file'},scale=0.7"])
-    assert not torch.allclose(got, plain, atol=1e-4)
-    assert torch.equal(features(pixart, layer), plain)  # off again after its stack
-    assert torch.equal(features(pixart, layer, [f"lora:{tmp_path / 'file'},scale=0"]), plain)
-    merged = tiny_pixart(mini_parts)
-    merge(merged.transformer, state, 0.7)
-    torch.testing.assert_close(got, features(merged, layer), atol=1e-5, rtol=1e-5)
+    got = check_against_hand_merge(pixart, tiny_pixart(mini_parts), tmp_path / "file", state, layer)
     torch.testing.assert_close(features(pixart, layer, [f"lora:{tmp_path / 'peft'},scale=0.7"]), got,
                                atol=1e-6, rtol=1e-6)
     both = features(pixart, layer, [f"lora:{tmp_path / 'file'},scale=0.3", f"lora:{tmp_path / 'peft'},scale=0.4"])
