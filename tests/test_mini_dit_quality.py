@@ -20,9 +20,8 @@ def test_sigma_at_snr_inverts_flow_matchings_signal_to_noise_ratio():
         assert sigma_at_snr(((1 - sigma) / sigma) ** 2) == pytest.approx(sigma)
 
 
-def test_bar_sigma_has_minis_signal_to_noise_ratio_at_t_500():
-    pipe = load_pipeline("mini")
-    alpha_bar = float(pipe.scheduler.alphas_cumprod[500])
+def test_bar_sigma_has_minis_signal_to_noise_ratio_at_t_500(mini_pipe):
+    alpha_bar = float(mini_pipe.scheduler.alphas_cumprod[500])
     sigma = bar_sigma()
     assert ((1 - sigma) / sigma) ** 2 == pytest.approx(alpha_bar / (1 - alpha_bar), rel=1e-3)
     assert 0.5 < sigma < 0.75  # noisier than σ = 0.5 (SNR 1): mini's t = 500 has SNR ≈ 0.38
