@@ -24,15 +24,35 @@ COMMAND_GROUP = "difffeat.commands"
 
 
 def _cmd_data_synth(args) -> None:
-    from difffeat.data.shapes_lt import synthesize
     from difffeat.progress import Stopwatch
 
     watch = Stopwatch()
-    out = synthesize(args.out, n=args.n, seed=args.seed, imbalance=args.imbalance, overwrite=args.overwrite,
-                     progress=not args.quiet)
-    classes = json.loads((out / "classes.json").read_text())
-    print(f"wrote {args.n} Shapes-LT scenes to {out} (splits {classes['config']['splits']})")
-    print(watch.finish_line(f"data synth: {args.n} scenes to {out}", count=args.n, unit="images"))
+    if args.layout is None:
+        from difffeat.data.shapes_lt import synthesize
+
+        if args.sizes is not None:
+            raise UserError("--sizes needs --layout (a plain Shapes-LT set is 64×64)")
+        out = synthesize(args.out, n=args.n, seed=args.seed, imbalance=args.imbalance, overwrite=args.overwrite,
+                         progress=not args.quiet)
+        classes = json.loads((out / "classes.json").read_text())
+        print(f"wrote {args.n} Shapes-LT scenes to {out} (splits {classes['config']['splits']})")
+        print(watch.finish_line(f"data synth: {args.n} scenes to {out}", count=args.n, unit="images"))
+        return
+    from difffeat.data.synth_layouts import synthesize_layout
+
+    out = synthesize_layout(args.out, args.layout, n=args.n, seed=args.seed, imbalance=args.imbalance,
+                            sizes=args.sizes, overwrite=args.overwrite, progress=not args.quiet)
+    config = json.loads((out / "classes.json").read_text())["config"]
+    print(f"wrote the Shapes-LT world ({args.n} scenes, sizes {config['sizes']}) to {out} in the {args.layout} "
+          f"layout (world splits {config['splits']})")
+    print(watch.finish_line(f"data synth --layout {args.layout}: {args.n} scenes to {out}", count=args.n,
+                            unit="images"))
+
+
+def _synth_layouts() -> list[str]:
+    from difffeat.data.synth_layouts import LAYOUT_WRITERS
+
+    return list(LAYOUT_WRITERS)
 
 
 def _cmd_zoo_list(args) -> None:
@@ -231,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--imbalance", type=float, default=100.0, help="head/tail image-label ratio R")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--layout", choices=_synth_layouts(), default=None,
+                   help="write the Shapes-LT world in this real data set's native layout and label encoding "
+                        "(default: the plain Shapes-LT set)")
+    p.add_argument("--sizes", choices=("mixed", "square", "native"), default=None,
+                   help="image sizes with --layout (default mixed; square for ddpm-seg; native = 64×64)")
     p.set_defaults(func=_cmd_data_synth)
 
     zoo = sub.add_parser("zoo", help="built-in models").add_subparsers(dest="zoo_command", required=True)

@@ -38,6 +38,7 @@ class Batch:
     texts: list[str]
     fields: list[dict]
     stamps: list
+    sizes: list = field(default_factory=list)  # each decoded image's own (height, width), before the resize
     failed: list[tuple[ImageItem, str]] = field(default_factory=list)
     size: int = 0  # inputs in the chunk, decoded or not
     decode_seconds: float = 0.0  # time spent decoding this chunk (in a worker: not time the model waited)
@@ -60,7 +61,8 @@ def decode_chunk(source, prompts, chunk: Sequence[ImageItem], resolution: tuple[
     images = []
     for item in chunk:
         try:
-            image = resize_image(source.load(item), resolution, resize)
+            loaded = source.load(item)
+            image = resize_image(loaded, resolution, resize)
             text, item_fields = prompts(item), prompts.fields(item)
         except BadImageError as e:
             batch.failed.append((item, e.reason))
@@ -73,6 +75,7 @@ def decode_chunk(source, prompts, chunk: Sequence[ImageItem], resolution: tuple[
         batch.texts.append(text)
         batch.fields.append(item_fields)
         batch.stamps.append(source.stamp(item))
+        batch.sizes.append((loaded.height, loaded.width))
     if images and batch.error is None:
         batch.pixels = to_tensor(images)
     batch.decode_seconds = time.perf_counter() - t0

@@ -221,6 +221,7 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
     from tqdm.auto import tqdm
 
     from difffeat import dit
+    from difffeat.data.geometry import placement
     from difffeat.data.sources import ImageSource
     from difffeat.extract import FeatureExtractor
     from difffeat.fastpath import Compiled, channels_last, use_attention, warn_line
@@ -261,6 +262,8 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
     store_cfg.update(layers=extractor.layers, resolution=list(extractor.resolution),
                      techniques=[parse_spec(x) for x in cfg.techniques],
                      variants={name: [parse_spec(x) for x in specs] for name, specs in cfg.variants.items()})
+    if source.data is not None:  # which data set, layout and split: train-seg finds the masks from it
+        store_cfg["data"] = source.data
     # Rank 0 creates (or checks) the store before the others open it.
     writer = None
     if rank == 0:
@@ -343,8 +346,9 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
                         raise
                     raise _ran_out(batch_size, device, sizing, cfg.max_memory) from None
                 keys = keys[: len(rows)]
+                places = [placement(batch.sizes[j], extractor.resolution, cfg.resize) for j in rows]
                 out.add(keys, {name: f[: len(rows)] for name, f in feats.items()}, [batch.stamps[j] for j in rows],
-                        captions[: len(rows)])
+                        captions[: len(rows)], [None if p.identity else p.to_dict() for p in places])
                 extracted += len(rows)
                 captioned += sum(1 for c in captions[: len(rows)] if c)
             bar.update(batch.size)

@@ -252,8 +252,8 @@ class FeatureStoreWriter:
         self.dtype = dtype
         self.rank = rank
         self.notes: list[dict] = []  # shards set aside, images dropped: for the run's report
-        # Per buffered image: (key, layer → array, input stamp, captions or None).
-        self._buffer: list[tuple[str, dict[str, np.ndarray], list[int] | None, dict | None]] = []
+        # Per buffered image: (key, layer → array, input stamp, captions or None, placement or None).
+        self._buffer: list[tuple[str, dict[str, np.ndarray], list[int] | None, dict | None, dict | None]] = []
         self._header_cache: dict[Path, tuple[list[str], list]] = {}
         self._closed = False
         self._broken = False
@@ -356,20 +356,22 @@ class FeatureStoreWriter:
         with safe_open(str(file), framework="np") as f:
             order = json.loads((f.metadata() or {}).get("layers", "[]"))
             captions = json.loads((f.metadata() or {}).get("captions", "[]")) or [None] * len(keys)
+            geometry = json.loads((f.metadata() or {}).get("geometry", "[]")) or [None] * len(keys)
             for i in keep:
                 layers = sorted((n.partition("/")[2] for n in names if n.partition("/")[0] == str(i)),
                                 key=lambda layer: order.index(layer) if layer in order else len(order))
                 buffer.append((keys[i], {layer: f.get_tensor(f"{i}/{layer}") for layer in layers}, stamps[i],
-                               captions[i]))
+                               captions[i], geometry[i]))
         self._write_shard(file, buffer)
 
     def add(self, key: str, features: Mapping[str, Any], stamp: tuple[int, int] | None = None,
-            captions: Mapping[str, str] | None = None) -> None:
+            captions: Mapping[str, str] | None = None, placement: Mapping[str, Any] | None = None) -> None:
         """Buffer the features of image `key` (layer → [C, h, w] array or tensor); write a full shard.
 
         `stamp` is the input file's ``(size, mtime_ns)`` when it was read: a resumed run compares it with the
         file's now (`stale_keys`). `captions` are the image's captions by technique spec (`prompt:auto`), kept in
-        the shard beside its features."""
+        the shard beside its features. `placement` is where the image lay in the frame the model saw (its own size
+        and the box: `difffeat.data.geometry.Placement.to_dict`), None when it was that frame already."""
         if self._closed:
             raise ValueError("add() on a closed FeatureStoreWriter")
         if not features:
@@ -381,7 +383,8 @@ class FeatureStoreWriter:
                 raise ValueError(f"{key}: layer {layer!r} has shape {array.shape}, expected [C, h, w]")
             arrays[str(layer)] = array
         self._buffer.append((str(key), arrays, None if stamp is None else [int(v) for v in stamp],
-                             {str(k): str(v) for k, v in captions.items()} if captions else None))
+                             {str(k): str(v) for k, v in captions.items()} if captions else None,
+                             dict(placement) if placement else None))
         if len(self._buffer) >= self.shard_size:
             self.flush()
 
@@ -405,25 +408,28 @@ class FeatureStoreWriter:
         except UserError:
             self._broken = True  # the disk is full or gone: nothing more is tried, not even at close
             raise
-        self._header_cache[final] = ([k for k, *_ in self._buffer], [s for _, _, s, _ in self._buffer])
+        self._header_cache[final] = ([k for k, *_ in self._buffer], [s for _, _, s, *_ in self._buffer])
         self._buffer.clear()
         self._next_index += 1
 
     def _write_shard(self, final: Path,
-                     images: list[tuple[str, dict[str, np.ndarray], list[int] | None, dict | None]]) -> None:
+                     images: list[tuple[str, dict[str, np.ndarray], list[int] | None, dict | None, dict | None]]
+                     ) -> None:
         from safetensors import SafetensorError
         from safetensors.numpy import save_file
 
         tensors: dict[str, np.ndarray] = {}
         layers: dict[str, None] = {}  # ordered union of layer names, as the caller gave them
-        for i, (_, arrays, _, _) in enumerate(images):
+        for i, (_, arrays, *_) in enumerate(images):
             for layer, array in arrays.items():
                 tensors[f"{i}/{layer}"] = array
                 layers[layer] = None
         metadata = {"keys": json.dumps([k for k, *_ in images]), "layers": json.dumps(list(layers)),
-                    "stamps": json.dumps([s for _, _, s, _ in images])}
-        if any(c for *_, c in images):  # stores without captions stay byte for byte as they were
-            metadata["captions"] = json.dumps([c or None for *_, c in images])
+                    "stamps": json.dumps([s for _, _, s, *_ in images])}
+        if any(c for *_, c, _ in images):  # stores without captions stay byte for byte as they were
+            metadata["captions"] = json.dumps([c or None for *_, c, _ in images])
+        if any(g for *_, g in images):  # likewise stores of images the model saw at their own size
+            metadata["geometry"] = json.dumps([g or None for *_, g in images])
         metadata["sha256"] = shard_digest(tensors, tensors.__getitem__, metadata)
         try:
             with atomic_path(final, what=f"feature shard {final.name}") as tmp:
@@ -481,6 +487,7 @@ class FeatureStore:
         self._keys = sorted(self._index)
         self._handles: dict[Path, Any] = {}
         self._captions: dict[Path, list] = {}  # per shard, read on first use
+        self._geometry: dict[Path, list] = {}  # per shard, read on first use
 
     def _handle(self, file: Path):
         if file not in self._handles:
@@ -541,6 +548,26 @@ class FeatureStore:
             self._captions[file] = json.loads((self._handle(file).metadata() or {}).get("captions", "[]"))
         found = self._captions[file]
         return dict(found[i] or {}) if i < len(found) else {}
+
+    def placement(self, key: str):
+        """Where image `key` lay in the frame the model saw (`difffeat.data.geometry.Placement`): its own size and the
+        resize / crop / pad box, from its shard's header; the frame itself for an image of that size (or a store made
+        before placements were recorded)."""
+        from difffeat.data.geometry import Placement, placement
+
+        file, i, _ = self._locate(key)
+        if file not in self._geometry:
+            self._geometry[file] = json.loads((self._handle(file).metadata() or {}).get("geometry", "[]"))
+        found = self._geometry[file]
+        config = self.manifest.get("config", {})
+        res = self.manifest.get("resolution") or config.get("resolution")
+        frame = (int(res), int(res)) if isinstance(res, int) else (int(res[0]), int(res[1])) if res else None
+        mode = str(config.get("resize", "center-crop"))
+        record = found[i] if i < len(found) else None
+        if record is None:
+            return None if frame is None else placement(frame, frame, mode)
+        got = placement(record["size"], frame, mode)
+        return Placement(got.size, got.frame, mode, tuple(float(v) for v in record["box"]))
 
     def _slice(self, key: str, layer: str):
         file, i, layers = self._locate(key)

@@ -58,9 +58,11 @@ class WriteBehind:
     def _do(self, job: tuple) -> None:
         t0 = time.perf_counter()
         if job[0] == "add":
-            _, keys, features, stamps, captions = job
+            _, keys, features, stamps, captions, placements = job
             for row, key in enumerate(keys):
                 extra = {"captions": captions[row]} if captions[row] else {}  # writers without captions work on
+                if placements[row]:
+                    extra["placement"] = placements[row]
                 self.writer.add(key, {name: f[row] for name, f in features.items()}, stamp=stamps[row], **extra)
         elif job[0] == "fail":
             _, key, reason = job
@@ -85,12 +87,15 @@ class WriteBehind:
         self.timer.add("write", time.perf_counter() - t0)
 
     def add(self, keys: Sequence[str], features: Mapping[str, Any], stamps: Sequence | None = None,
-            captions: Sequence[Mapping[str, str] | None] | None = None) -> None:
+            captions: Sequence[Mapping[str, str] | None] | None = None,
+            placements: Sequence[Mapping | None] | None = None) -> None:
         """Features of a batch: `features` maps each stored name to a [B, …] tensor whose row i is `keys[i]`'s;
-        `captions`, per image, those techniques gave it (`FeatureStoreWriter.add`).
+        `captions`, per image, those techniques gave it, and `placements` where it lay in the frame
+        (`FeatureStoreWriter.add`).
         The tensors must not be changed afterwards (the thread reads them later)."""
         self._submit(("add", list(keys), dict(features), list(stamps) if stamps else [None] * len(keys),
-                      list(captions) if captions else [None] * len(keys)))
+                      list(captions) if captions else [None] * len(keys),
+                      list(placements) if placements else [None] * len(keys)))
 
     def fail(self, key: str, reason: str) -> None:
         """Record a skipped input (in order with the batches)."""

@@ -4,7 +4,11 @@
 - an imagefolder (a folder holding `metadata.csv` files with a `file_name` column, as Shapes-LT and
   `datasets`' imagefolder use): exactly the images its rows name, so mask files beside them are not
   taken for images, and each image keeps its metadata row (captions, labels);
-- `hf:NAME[:SPLIT]`: a `datasets` dataset by name or local path (offline: only what is cached).
+- `hf:NAME[:SPLIT]`: a `datasets` dataset by name or local path (offline: only what is cached);
+- a data spec ``LAYOUT:ROOT[:SPLIT]`` (`difffeat.data.layouts`: ade20k, cityscapes, voc, coco-stuff, ddpm-seg, a
+  local `hf` folder, shapes-lt …), or the root of such a tree given as a plain folder: exactly the images of the
+  layout (of one split, or of all), never its annotation images, keyed as the layout keys them; `data` then
+  describes the data set for the store's manifest.
 
 Folders that difffeat wrote (a feature store, a run folder) and the folders in `exclude` (the run's own
 output) are never searched for images or tables.
@@ -39,13 +43,33 @@ class ImageSource:
         self.spec = spec
         self.rows: dict[str, dict] = {}
         self.dataset = None
+        self.layout = None
         self.exclude = {os.path.realpath(os.fspath(e)) for e in exclude}
-        if spec.startswith("hf:"):
+        from difffeat.data.layouts import detect_layout, open_data, parse_data_spec
+
+        parsed = parse_data_spec(spec)
+        if parsed is not None and parsed[0] == "hf" and not Path(parsed[2]).is_dir():
+            parsed = None  # hf:NAME of the Hub (or its cache): the `datasets` loader below
+        detected = detect_layout(spec) if parsed is None and Path(spec).is_dir() else None
+        if parsed is not None or detected is not None:
+            self.items = self._open_layout(open_data(spec if parsed else f"{detected}:{spec}"))
+        elif spec.startswith("hf:"):
             self.items = self._open_hf(spec[3:])
         elif Path(spec).is_dir() and (tables := self._metadata_files(Path(spec))):
             self.items = self._open_imagefolder(Path(spec), tables)
         else:
             self.items = discover_images(spec, exclude=self.exclude)
+
+    @property
+    def data(self) -> dict | None:
+        """The data set the images come from (layout, root, split), or None for a plain folder."""
+        return None if self.layout is None else self.layout.describe()
+
+    def _open_layout(self, layout) -> list[ImageItem]:
+        self.layout = layout
+        self._samples = {s.key: s for s in layout.samples}
+        self.rows = dict(getattr(layout, "rows", {}))
+        return [ImageItem(key=s.key, path=s.image, index=s.index) for s in layout.samples]
 
     def _metadata_files(self, root: Path) -> list[Path]:
         found = []
@@ -92,6 +116,8 @@ class ImageSource:
 
     def load(self, item: ImageItem) -> Image.Image:
         """The item as an RGB image; raises BadImageError naming it and the reason."""
+        if self.layout is not None:
+            return self.layout.load_image(self._samples[item.key])
         if self.dataset is not None:
             return load_hf_image(self.dataset, item)
         if item.path is None or not item.path.exists():
@@ -103,7 +129,7 @@ class ImageSource:
 
     def stamp(self, item: ImageItem) -> tuple[int, int] | None:
         """The item's file (size, mtime_ns) now; None for a data set row (rows carry no such stamp)."""
-        return None if self.dataset is not None or item.path is None else file_stamp(item.path)
+        return None if item.path is None else file_stamp(item.path)
 
     def stamps(self) -> dict[str, tuple[int, int] | None]:
         """`stamp` of every item, by key: what a resumed run checks its done images against."""

@@ -5,9 +5,10 @@ Collected by difffeat's CLI through the `difffeat.commands` entry point. The fla
 flag by the CLI); at load this module imports only argparse and light difffeat modules, the training code
 when a command runs.
 
-    difffeat train-seg --features DIR [--features DIR2]… --masks DIR --loss ce|aucseg [--memory-bank]
-        --head mlp|conv --out RUN [--resume | --overwrite] [--stop-after N] [--config RUN/config.json]
-    difffeat eval-seg --run RUN --features DIR --masks DIR [--split test] [--out DIR]
+    difffeat train-seg --features DIR [--features DIR2]… [--data LAYOUT:ROOT | --masks DIR] --loss ce|aucseg
+        [--memory-bank] --head mlp|conv --out RUN [--resume | --overwrite] [--stop-after N] [--config RUN/config.json]
+    difffeat eval-seg --run RUN --features DIR [--data LAYOUT:ROOT | --masks DIR] [--split test]
+        [--resolution original|frame] [--out DIR]
 """
 
 from __future__ import annotations
@@ -81,5 +82,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train_seg)
 
     p = sub.add_parser("eval-seg", help="mIoU (overall, head, middle, tail) of a train-seg run on features and masks")
-    add_config_arguments(p, SegEvalConfig, required=("run", "features", "masks"))
+    add_config_arguments(p, SegEvalConfig, required=("run", "features"))
     p.set_defaults(func=cmd_eval_seg)

@@ -70,12 +70,18 @@ class SegTrainConfig(Config):
     """Everything that defines a training run; written to RUN/config.json, from which a run can be repeated."""
 
     features: list[str] = option(help="feature store; repeat for several variants", metavar="DIR")
-    masks: str = option(help="mask root: Shapes-LT / imagefolder root, or a folder of masks", metavar="DIR")
     out: str = option(help="run folder", metavar="RUN")
+    data: str | None = option(None, metavar="LAYOUT:ROOT", help="the data set of the masks in its native layout "
+                                                                "(ade20k, cityscapes, voc, coco-stuff, ddpm-seg, hf, "
+                                                                "shapes-lt; docs/datasets.md); default: the one the "
+                                                                "store was extracted from")
+    masks: str | None = option(None, metavar="DIR", help="mask root (a Shapes-LT / imagefolder root, a data set's "
+                                                          "root, or a folder of masks), instead of --data")
     classes: str | list[str] | None = option(None, help="classes.json, a names file or a,b,c "
-                                                        "(default: MASKS/classes.json)")
-    split: str | None = option(None, help="train on keys under this folder (e.g. train)")
-    val_split: str | None = option(None, help="evaluate on keys under this folder (e.g. val) every "
+                                                        "(default: the data set's, or MASKS/classes.json)")
+    split: str | None = option(None, help="train on this split of the data set (a key folder, e.g. train, for a "
+                                          "mask root)")
+    val_split: str | None = option(None, help="evaluate on this split (e.g. val) every "
                                               "--eval-every iterations and at the end")
     layers: list[str] | None = option(None, flag="--layer", metavar="NAME", help="use only these layers; repeat")
     mask_size: str = option("resize", choices=MASK_SIZE_MODES,
@@ -135,8 +141,8 @@ class SegTrainConfig(Config):
     def check(self) -> None:
         if not self.features:
             raise ConfigError("features", "give at least one feature store")
-        if not self.masks:
-            raise ConfigError("masks", "give the mask root (a Shapes-LT / imagefolder root or a folder of masks)")
+        if self.data and self.masks:
+            raise ConfigError("masks", "give --data or --masks, not both")
 
     def head_config(self) -> HeadConfig:
         return HeadConfig(kind=self.head, variants=self.variants, assigners=self.assigners, assigner=self.assigner,
@@ -152,8 +158,13 @@ class SegEvalConfig(Config):
 
     run: str = option(help="train-seg run folder", metavar="RUN")
     features: list[str] = option(help="feature store(s), as in training", metavar="DIR")
-    masks: str = option(help="mask root, as in training", metavar="DIR")
-    split: str | None = option(None, help="evaluate keys under this folder (e.g. test)")
+    data: str | None = same_option(SegTrainConfig, "data")
+    masks: str | None = same_option(SegTrainConfig, "masks")
+    split: str | None = option(None, help="evaluate this split of the data set (a key folder, e.g. test, for a "
+                                          "mask root)")
+    resolution: str = option("original", choices=("original", "frame"),
+                             help="original: at each mask's own size, as mmsegmentation scores; frame: at the "
+                                  "extraction size")
     out: str | None = option(None, help="where to write metrics.json and confusion.png (default RUN/eval-SPLIT)")
     mask_size: str | None = option(None, choices=MASK_SIZE_MODES, help="default: as in training")
     batch_size: int = same_option(SegTrainConfig, "eval_batch_size", flag=None)

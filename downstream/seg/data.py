@@ -1,13 +1,16 @@
 """Segmentation data: stored features paired with per-pixel masks, matched by image key.
 
 A `SegDataset` reads one or several feature stores (feature *variants*, e.g. with and without a
-generation technique; one store may also hold several as ``NAME/LAYER`` layers) and a mask root
-(`downstream.seg.masks`), and yields per image the list of its feature maps (one per store and layer,
-each at its own grid, float32) and its mask (class ids at the resolution of the images the features came
-from, 255 = ignore). Features are read on demand from the memory-mapped shards (or held in RAM when they
-fit `cache_bytes`) and refused when they hold NaN or Inf; masks are read and checked once, up front, so a
-bad mask fails before any training starts, naming the file. Keys without a mask, without features in
+generation technique; one store may also hold several as ``NAME/LAYER`` layers) and the masks of their images
+(`downstream.seg.targets`: a data set in its native layout, or a mask root), and yields per image the list of its
+feature maps (one per store and layer, each at its own grid, float32) and its mask (class ids in the frame the
+features were extracted at, 255 = ignore). Features are read on demand from the memory-mapped shards (or held in
+RAM when they fit `cache_bytes`) and refused when they hold NaN or Inf; masks are read and checked once, up front,
+so a bad mask fails before any training starts, naming the file. Keys without a mask, without features in
 every store, or whose listed mask file is missing are skipped and listed in `report`.
+
+`original(i)` gives an image's mask at its own size with its placement in the frame: what scoring at the original
+resolution reads, one image at a time (nothing of the split is held).
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,7 +28,7 @@ from difffeat.errors import UserError
 from difffeat.store import FeatureStore
 from downstream.seg.classes import SegClasses
 from downstream.seg.config import MASK_SIZE_MODES
-from downstream.seg.masks import MaskFinder, read_mask
+from downstream.seg.targets import open_targets, to_frame
 
 
 @dataclass(frozen=True)
@@ -78,9 +80,9 @@ class SegDataset(torch.utils.data.Dataset):
     of every store).
     """
 
-    def __init__(self, stores: Sequence[str | os.PathLike | FeatureStore], masks: str | os.PathLike,
-                 classes: SegClasses, *, split: str | None = None, layers: Sequence[str] | None = None,
-                 mask_size: str = "resize", cache_bytes: int = 1 << 30, keys: Sequence[str] | None = None):
+    def __init__(self, stores: Sequence[str | os.PathLike | FeatureStore], masks, classes: SegClasses, *,
+                 split: str | None = None, layers: Sequence[str] | None = None, mask_size: str = "resize",
+                 cache_bytes: int = 1 << 30, keys: Sequence[str] | None = None, read_masks: bool = True):
         if mask_size not in MASK_SIZE_MODES:
             raise UserError(f"mask size mode must be one of {', '.join(MASK_SIZE_MODES)}, got {mask_size!r}")
         if not stores:
@@ -102,38 +104,36 @@ class SegDataset(torch.utils.data.Dataset):
             raise UserError("the feature stores come from images of different sizes "
                             f"({', '.join(f'{s.path}: {store_resolution(s)}' for s in self.stores)}); masks fit one")
         self.resolution = resolutions.pop()
-        self.keys, self.mask_files, self.report = self._pair(masks, keys)
-        self._read_masks(mask_size, cache_bytes)
+        self._resize_mode = str(self.stores[0].manifest.get("config", {}).get("resize", "stretch"))
+        self._mask_mode = mask_size
+        self.targets = open_targets(masks, self.stores[0], classes, split)
+        self.keys, self.mask_files, self.report = self._pair(keys)
+        self.frame_masks = read_masks
+        if read_masks:
+            self._read_masks(cache_bytes)
+        else:  # scoring at the original size reads each mask when it scores it
+            self.mask_size, self._masks, self.pixel_counts = self.resolution, None, None
         per_item = sum(math.prod(s.shape) * 4 for s in self.specs)
         self._cache: list[list[torch.Tensor]] | None = None
         if per_item * len(self.keys) <= cache_bytes:
             self._cache = [self._read_features(k) for k in self.keys]
 
-    def _pair(self, masks: str | os.PathLike, keys: Sequence[str] | None) -> tuple[list[str], list[Path], dict]:
-        """(keys, their mask files, the report of skipped keys)."""
+    def _pair(self, keys: Sequence[str] | None) -> tuple[list[str], list, dict]:
+        """(keys, their mask references, the report of skipped keys)."""
         first = self.stores[0]
         wanted = list(keys) if keys is not None else first.keys()
-        if self.split:
-            prefix = self.split.strip("/") + "/"
-            wanted = [k for k in wanted if k.startswith(prefix)]
-            if not wanted:
-                raise UserError(f"{first.path}: no keys in split {self.split!r} (keys look like {first.keys()[0]!r})")
-        missing_features = [k for k in wanted if not all(k in s for s in self.stores[1:])]
-        wanted = [k for k in wanted if all(k in s for s in self.stores[1:])]
-        finder = MaskFinder(masks, first.manifest.get("config", {}).get("images"))
-        found, files, missing_masks, missing_files = [], [], [], []
-        for k in wanted:
-            file = finder.find(k)
-            if file is None:
-                missing_masks.append(k)
-            elif not file.is_file():  # listed in a metadata.csv but not there: skip the image, keep going
-                missing_files.append({"key": k, "file": str(file)})
-            else:
-                found.append(k)
-                files.append(file)
+        found, files, missing_masks, missing_files = self.targets.pair(wanted)
+        if self.split and not (found or missing_masks or missing_files):
+            raise UserError(f"{first.path}: no keys in split {self.split!r} of {self.targets.describe} (keys look "
+                            f"like {first.keys()[0]!r})")
+        missing_features = [k for k in found if not all(k in s for s in self.stores[1:])]
+        if missing_features:
+            keep = [i for i, k in enumerate(found) if all(k in s for s in self.stores[1:])]
+            found, files = [found[i] for i in keep], [files[i] for i in keep]
         if not found:
-            first_missing = (missing_masks or [f["key"] for f in missing_files] or ["-"])[0]
-            raise UserError(f"{masks}: no masks found for the {len(wanted)} feature keys (first: {first_missing!r})")
+            first_missing = (missing_masks or [f["key"] for f in missing_files] or missing_features or ["-"])[0]
+            raise UserError(f"{self.targets.describe}: no masks found for the {len(wanted)} feature keys (first: "
+                            f"{first_missing!r})")
         report = {"keys": len(found), "missing_masks": missing_masks, "missing_mask_files": missing_files,
                   "missing_features": missing_features}
         what = []
@@ -147,16 +147,41 @@ class SegDataset(torch.utils.data.Dataset):
             warnings.warn(f"skipped feature keys: {'; '.join(what)}", stacklevel=3)
         return found, files, report
 
-    def _read_masks(self, mask_size: str, cache_bytes: int) -> None:
+    def _frame_mask(self, i: int, size: tuple[int, int] | None) -> tuple[np.ndarray, bool]:
+        ref = self.mask_files[i]
+        where = self.targets.where(ref)
+        return to_frame(self.targets.read(ref), self.stores[0].placement(self.keys[i]), size, self._resize_mode,
+                        self._mask_mode, self.classes.ignore_index, where)
+
+    def original(self, i: int):
+        """(mask [H0, W0] at the image's own size as a LongTensor, the image's `Placement` in the frame)."""
+        ref = self.mask_files[i]
+        array = self.targets.read(ref)
+        place = self.stores[0].placement(self.keys[i])
+        if place is None:  # a store with no frame size: its masks are the frame
+            from difffeat.data.geometry import placement
+
+            place = placement(array.shape, array.shape, self._resize_mode)
+        if place.identity and tuple(array.shape) != tuple(place.frame):  # a store from before placements
+            from difffeat.data.geometry import placement
+
+            place = placement(array.shape, place.frame, self._resize_mode)
+        elif tuple(array.shape) != tuple(place.size):
+            raise UserError(f"{self.targets.where(ref)}: mask is {array.shape[0]}×{array.shape[1]} but its image is "
+                            f"{place.size[0]}×{place.size[1]}")
+        return torch.from_numpy(array.astype(np.int64)), place
+
+    def _read_masks(self, cache_bytes: int) -> None:
         """Read every mask once: bad ones fail now, naming the file; counts feed the tail grouping."""
         classes, size = self.classes, self.resolution
-        self._resize_mode = str(self.stores[0].manifest.get("config", {}).get("resize", "stretch"))
-        self._mask_mode = mask_size
         counts = np.zeros(classes.num_classes, np.int64)
         mask_bytes, resized, in_ram = 0, 0, []
-        for file in self.mask_files:
-            array, was_resized = read_mask(file, size, classes.num_classes, classes.ignore_index, mask_size,
-                                           self._resize_mode)
+        for i, file in enumerate(self.mask_files):
+            array, was_resized = self._frame_mask(i, size)
+            bad = (array >= classes.num_classes) & (array != classes.ignore_index)
+            if bad.any():
+                raise UserError(f"{self.targets.where(file)}: label value {int(array[bad].flat[0])} is not a class id "
+                                f"(0..{classes.num_classes - 1}) or the ignore label {classes.ignore_index}")
             if size is None:
                 size = array.shape
             elif array.shape != tuple(size):  # masks of a store with no resolution must agree with each other
@@ -188,8 +213,7 @@ class SegDataset(torch.utils.data.Dataset):
         if self._masks is not None:
             array = self._masks[i]
         else:
-            array, _ = read_mask(self.mask_files[i], self.mask_size, self.classes.num_classes,
-                                 self.classes.ignore_index, self._mask_mode, self._resize_mode)
+            array, _ = self._frame_mask(i, self.mask_size)
         return torch.from_numpy(array.astype(np.int64))
 
     def features(self, i: int) -> list[torch.Tensor]:
@@ -198,4 +222,5 @@ class SegDataset(torch.utils.data.Dataset):
         return self._read_features(self.keys[i])
 
     def __getitem__(self, i: int) -> dict:
-        return {"features": self.features(i), "mask": self.mask(i), "index": i}
+        mask = self.mask(i) if self.frame_masks else torch.zeros(0, dtype=torch.long)
+        return {"features": self.features(i), "mask": mask, "index": i}

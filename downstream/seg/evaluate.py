@@ -1,6 +1,11 @@
 """Scores of a segmentation model: `evaluate` (a model on a dataset, over every process of a launch),
 `eval_seg` (a trained run on features and masks, `difffeat eval-seg`), `load_run` and `group_summary`.
 
+Two resolutions: "frame" scores in the frame the features were extracted at (masks brought to it, as training
+sees them); "original" scores as mmsegmentation does, at each mask's own size: frame logits (bilinear) have the
+extraction's padding stripped and are resized to the mask's H × W (`difffeat.data.geometry.to_original`), then
+argmax; intersections and unions are summed over the whole split. It streams: one image's mask at a time.
+
 An evaluation writes ``metrics.json`` (scores, confusion matrix, what was evaluated) and ``confusion.png``
 into its own folder, ``RUN/eval-<split>`` by default, with its config; running it again replaces them.
 """
@@ -13,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from difffeat.data.geometry import to_original
 from difffeat.errors import UserError
 from difffeat.run import RunFolder, read_json
 from downstream.engine import load_trained_weights, make_accelerator
@@ -21,7 +27,7 @@ from downstream.seg.classes import SegClasses
 from downstream.seg.config import SegEvalConfig, SegTrainConfig
 from downstream.seg.data import FeatureSpec, SegDataset, collate
 from downstream.seg.metrics import SegMetrics
-from downstream.seg.model import SegModel
+from downstream.seg.model import SegModel, vote
 from downstream.seg.profile import listed_tail_scores
 
 EVAL_FILES = ("metrics.json", "confusion.png")
@@ -29,8 +35,9 @@ EVAL_FILES = ("metrics.json", "confusion.png")
 
 @torch.no_grad()
 def evaluate(model: SegModel, dataset: SegDataset, accelerator=None, batch_size: int = 16,
-             progress: bool = False) -> tuple[dict, torch.Tensor]:
-    """Scores of `model` on `dataset` (see `downstream.seg.metrics`) and the confusion matrix, over all processes."""
+             progress: bool = False, resolution: str = "frame") -> tuple[dict, torch.Tensor]:
+    """Scores of `model` on `dataset` (see `downstream.seg.metrics`) and the confusion matrix, over all processes,
+    at the `resolution` of the module doc."""
     from tqdm.auto import tqdm
 
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
@@ -42,13 +49,33 @@ def evaluate(model: SegModel, dataset: SegDataset, accelerator=None, batch_size:
     metrics = SegMetrics(dataset.classes, device=device)
     was_training = model.training
     model.eval()
+    uncovered = torch.zeros((), dtype=torch.long, device=device)
     for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress or rank != 0, leave=False):
         feats = [f.to(device) for f in batch["features"]]
-        metrics.update(model.predict(feats, dataset.mask_size), batch["mask"].to(device))
+        if resolution == "frame":
+            metrics.update(model.predict(feats, dataset.mask_size), batch["mask"].to(device))
+            continue
+        members = model.frame_logits(feats, dataset.mask_size)
+        for row, index in enumerate(batch["index"].tolist()):
+            mask, place = dataset.original(index)
+            mask = mask.to(device)
+            votes = []
+            for logits in members:
+                at_size, covered = to_original(logits[row : row + 1], place)
+                votes.append(at_size.argmax(1)[0])
+            if covered is not None:  # what a centre crop never showed the model is not scored (counted)
+                uncovered += ((~covered) & (mask != dataset.classes.ignore_index)).sum()
+                mask = torch.where(covered, mask, torch.full_like(mask, dataset.classes.ignore_index))
+            metrics.update(vote(votes), mask)
     model.train(was_training)
     if world > 1:
         metrics.matrix = accelerator.reduce(metrics.matrix, reduction="sum")
-    return metrics.compute(), metrics.matrix.cpu()
+        uncovered = accelerator.reduce(uncovered, reduction="sum")
+    scores = metrics.compute()
+    scores["resolution"] = resolution
+    if resolution == "original":
+        scores["uncovered_pixels"] = int(uncovered)
+    return scores, metrics.matrix.cpu()
 
 
 def write_scores(folder: RunFolder, scores: dict, matrix: torch.Tensor, classes: SegClasses, info: dict) -> None:
@@ -82,21 +109,24 @@ def load_run(run: str | os.PathLike) -> tuple[dict, SegModel, SegClasses]:
     return saved, model.eval(), classes
 
 
-def eval_seg(run: str | os.PathLike, features: list[str], masks: str, *, accelerator=None, progress: bool = True,
-             **options) -> dict:
-    """Scores of a trained run on features and masks (mIoU overall / head / middle / tail, per-class IoU,
-    pixel accuracy); writes metrics.json and confusion.png to `out` (default RUN/eval-<split or all>).
-    `options` are `SegEvalConfig`'s: split, out, mask_size, batch_size."""
+def eval_seg(run: str | os.PathLike, features: list[str], masks: str | None = None, *, accelerator=None,
+             progress: bool = True, **options) -> dict:
+    """Scores of a trained run on features and masks (mIoU overall / head / middle / tail, per-class IoU, pixel and
+    mean accuracy); writes metrics.json and confusion.png to `out` (default RUN/eval-<split or all>).
+    `masks` is a mask root or a data spec (None: `data`, else the data set the store was extracted from);
+    `options` are `SegEvalConfig`'s: data, split, resolution, out, mask_size, batch_size."""
     given = {k: v for k, v in options.items() if v is not None}  # None: the config's default
-    config = SegEvalConfig.from_dict({"run": str(run), "features": [str(f) for f in features], "masks": str(masks),
-                                      **given})
+    config = SegEvalConfig.from_dict({"run": str(run), "features": [str(f) for f in features],
+                                      "masks": None if masks is None else str(masks), **given})
     saved, model, classes = load_run(config.run)
     trained = saved["config"]
     out = Path(config.out) if config.out else Path(run) / f"eval-{(config.split or 'all').strip('/').replace('/', '-')}"
     # An evaluation replaces its own earlier scores, and nothing it did not write.
     folder = RunFolder(out, "eval-seg", config, overwrite=True, owned=EVAL_FILES)
-    dataset = SegDataset(config.features, config.masks, classes, split=config.split, layers=trained.get("layers"),
-                         mask_size=config.mask_size or trained.get("mask_size", "resize"))
+    source = config.data or config.masks
+    dataset = SegDataset(config.features, source, classes, split=config.split, layers=trained.get("layers"),
+                         mask_size=config.mask_size or trained.get("mask_size", "resize"),
+                         read_masks=config.resolution == "frame")
     want = [FeatureSpec.from_dict(s) for s in saved["specs"]]
     if dataset.specs != want:
         got = [(s.variant, s.layer, s.shape) for s in dataset.specs]
@@ -104,14 +134,15 @@ def eval_seg(run: str | os.PathLike, features: list[str], masks: str, *, acceler
                         f"{[(s.variant, s.layer, s.shape) for s in want]}, given: {got})")
     accelerator = accelerator or make_accelerator()
     model = model.to(accelerator.device)
-    scores, matrix = evaluate(model, dataset, accelerator, config.batch_size, progress)
+    scores, matrix = evaluate(model, dataset, accelerator, config.batch_size, progress, config.resolution)
     # the run's listed tail classes (a profile's released list), when it has one
     scores.update(listed_tail_scores(scores, classes.names, trained.get("tail_classes"),
                                      (trained.get("extra") or {}).get("profile")))
     report = dataset.report  # a listed mask file that is missing counts as a missing mask here (details: report)
     skipped = {"missing_masks": len(report["missing_masks"]) + len(report["missing_mask_files"]),
                "missing_features": len(report["missing_features"])}
-    info = {"run": str(run), "split": config.split, "features": config.features, "masks": config.masks,
+    info = {"run": str(run), "split": config.split, "features": config.features, "masks": source or
+            dataset.targets.describe,
             "images": len(dataset), "skipped": skipped}
     if accelerator.is_main_process:
         folder.create()

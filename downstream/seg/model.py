@@ -185,7 +185,16 @@ class SegModel(nn.Module):
     @torch.no_grad()
     def predict(self, features: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         """Class ids [B, H, W] at `size`: logits upsampled (bilinear), argmax; majority vote over members."""
-        votes = [F.interpolate(z, size=size, mode="bilinear", align_corners=False).argmax(1) for z in self(features)]
-        if len(votes) == 1:
-            return votes[0]
-        return torch.stack(votes).mode(dim=0).values  # ties go to the smallest class id
+        return vote([z.argmax(1) for z in self.frame_logits(features, size)])
+
+    @torch.no_grad()
+    def frame_logits(self, features: Sequence[torch.Tensor], size: tuple[int, int]) -> list[torch.Tensor]:
+        """Each member's logits [B, K, H, W], upsampled (bilinear) to the frame `size` the images were seen at."""
+        return [F.interpolate(z, size=size, mode="bilinear", align_corners=False) for z in self(features)]
+
+
+def vote(predictions: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The per-pixel majority of the members' class ids (ddpm-segmentation's ensemble); ties go to the smallest id."""
+    if len(predictions) == 1:
+        return predictions[0]
+    return torch.stack(list(predictions)).mode(dim=0).values

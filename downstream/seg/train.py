@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from difffeat.run import RunFolder
+from difffeat.store import FeatureStore
 from downstream.engine import (
     BatchStream,
     check_finite,
@@ -41,7 +42,6 @@ from downstream.engine import (
 from downstream.plots import save_curves_png
 from downstream.seg.amalgamate import variant_names
 from downstream.seg.amalgamation_report import write_amalgamation_report
-from downstream.seg.classes import resolve_classes
 from downstream.seg.config import SegTrainConfig
 from downstream.seg.data import SegDataset, collate
 from downstream.seg.evaluate import evaluate, write_scores
@@ -49,6 +49,7 @@ from downstream.seg.model import SegModel
 from downstream.seg.objective import build_objective
 from downstream.seg.profile import check_tail_classes, listed_tail_scores
 from downstream.seg.sampler import batch_indices_for
+from downstream.seg.targets import resolve_seg_classes
 
 KIND = "train-seg"
 RUN_FILES = ("report.json", "model.safetensors", "history.json", "curves.png", "metrics.json", "confusion.png",
@@ -58,8 +59,9 @@ SPLIT_NAMES = {"train", "val", "validation", "test"}
 
 def load_data(config: SegTrainConfig) -> tuple[SegDataset, SegDataset | None]:
     """The training set (its classes carry the training pixel counts and the grouping) and the validation set."""
-    classes = resolve_classes(config.classes, config.masks)
-    train = SegDataset(config.features, config.masks, classes, split=config.split, layers=config.layers,
+    masks = config.data or config.masks  # None: the data set the store was extracted from
+    classes = resolve_seg_classes(config.classes, masks, FeatureStore(config.features[0]), config.split)
+    train = SegDataset(config.features, masks, classes, split=config.split, layers=config.layers,
                        mask_size=config.mask_size, cache_bytes=config.cache_bytes)
     train.classes = classes.with_counts(classes.pixel_counts or train.pixel_counts.tolist())
     splits = {k.split("/", 1)[0] for k in train.keys} & SPLIT_NAMES
@@ -68,7 +70,7 @@ def load_data(config: SegTrainConfig) -> tuple[SegDataset, SegDataset | None]:
                       "to hold the others out", stacklevel=3)
     val = None
     if config.val_split:
-        val = SegDataset(config.features, config.masks, train.classes, split=config.val_split, layers=config.layers,
+        val = SegDataset(config.features, masks, train.classes, split=config.val_split, layers=config.layers,
                          mask_size=config.mask_size, cache_bytes=config.cache_bytes)
     return train, val
 
@@ -214,5 +216,5 @@ def finish(folder: RunFolder, config: SegTrainConfig, model: SegModel, val: SegD
             write_amalgamation_report(folder, model, val if val is not None else train)
         if scores is not None:
             write_scores(folder, scores, matrix, val.classes, {"split": config.val_split, "features": config.features,
-                                                               "masks": config.masks, "images": len(val)})
+                                                               "masks": val.targets.describe, "images": len(val)})
     accelerator.wait_for_everyone()
