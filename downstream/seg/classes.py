@@ -62,8 +62,12 @@ def load_classes(spec: str | os.PathLike | Sequence[str]) -> SegClasses:
     if not isinstance(spec, (str, os.PathLike)):
         return _checked_classes(SegClasses([str(n) for n in spec]), "class list")
     path = Path(spec)
-    if not path.is_file():
-        if isinstance(spec, str) and "," in spec and not path.suffix:
+    try:
+        is_file = path.is_file()
+    except OSError:  # a long a,b,c list is no file name the system can even look up
+        is_file = False
+    if not is_file:
+        if isinstance(spec, str) and "," in spec:
             return _checked_classes(SegClasses([n.strip() for n in spec.split(",") if n.strip()]), "class list")
         raise UserError(f"{spec}: no such classes file (give classes.json, a names file, or a,b,c)")
     if path.suffix.lower() != ".json":

@@ -34,6 +34,8 @@ INVALID = -1
 CLASSES_FILE = "classes.json"
 
 LAYOUTS: dict[str, type[Layout]] = {}
+# What users call a split → what data sets call it, tried when a data set has no split of the user's name.
+COMMON_SPLITS = (("val", "validation"), ("validation", "val"), ("train", "training"))
 
 
 def register_layout(cls: type[Layout]) -> type[Layout]:
@@ -131,6 +133,9 @@ class Layout:
         """The samples of the split (every split when none was named), sorted by key."""
         if self._samples is None:
             splits = self.splits()
+            if self.split is not None and self.split not in splits:  # a user's word for a split this data set names
+                self.split = next((alias for word, alias in COMMON_SPLITS if word == self.split and alias in splits),
+                                  self.split)
             if self.split is not None and self.split not in splits:
                 raise UserError(f"{self.root}: layout {self.name} has no split {self.split!r} here (found: "
                                 f"{', '.join(splits) or 'none'})")
@@ -198,7 +203,7 @@ class Layout:
 
     def describe(self) -> dict:
         """What a store's manifest records of the data set its images came from."""
-        return {"layout": self.name, "root": str(self.root), "split": self.split}
+        return {"layout": self.name, "root": os.path.abspath(self.root), "split": self.split}
 
 
 def fitting_layouts(values: np.ndarray) -> list[str]:

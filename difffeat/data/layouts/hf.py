@@ -30,7 +30,6 @@ SHARD = re.compile(r"^(?P<split>[A-Za-z0-9_.]+?)(-\d+-of-\d+)?(-[0-9a-f]{6,})?\.
 @register_layout
 class HfLayout(Layout):
     name = "hf"
-    split_aliases = {}
     label_rule = "mask values are class ids, 255 = ignore (or another layout's rule: hf/LAYOUT)"
 
     def __init__(self, root, split=None, names=None, labels: str | None = None):
@@ -40,7 +39,6 @@ class HfLayout(Layout):
         self.labels = LAYOUTS[labels] if labels else None
         if self.labels is not None:
             self.class_names, self.label_rule = self.labels.class_names, self.labels.label_rule
-            self.split_aliases = {}
         self._datasets: dict[str, object] = {}
         self._columns: dict[str, tuple[str, str]] = {}
         super().__init__(root, split, names)
