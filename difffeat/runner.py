@@ -32,7 +32,8 @@ class ExtractRunConfig(Config):
     `variants` are set by flags of another shape (``--clean``, ``--fp16-store``, ``--variant`` / ``--variants``).
     """
 
-    images: str = option(help="image folder (recursive), glob, or imagefolder")
+    images: str = option(help="image folder (recursive), glob, imagefolder, or a data set LAYOUT:ROOT[:SPLIT] "
+                                 "(ade20k, cityscapes, voc, coco-stuff, ddpm-seg, hf, shapes-lt; docs/datasets.md)")
     out: str = option(help="feature store folder")
     model: str = option("mini")
     layers: list[str] = option(default_factory=lambda: ["dift"], flag="--layer", metavar="LAYER",

@@ -57,7 +57,8 @@ def test_ade20k_raw_ids_reduce_zero_label(tmp_path):
 def test_cityscapes_label_ids_to_train_ids(tmp_path):
     raw = list(range(34))
     stem = "aachen_000000_000001"
-    Image.fromarray(np.zeros((34, 1, 3), np.uint8)).save(_mk(tmp_path / f"leftImg8bit/train/aachen/{stem}_leftImg8bit.png"))
+    image = _mk(tmp_path / f"leftImg8bit/train/aachen/{stem}_leftImg8bit.png")
+    Image.fromarray(np.zeros((34, 1, 3), np.uint8)).save(image)
     _png(tmp_path / f"gtFine/train/aachen/{stem}_gtFine_labelIds.png", _grid(raw))
     _png(tmp_path / f"gtFine/train/aachen/{stem}_gtFine_color.png", _grid(raw))  # not a mask the reader reads
     layout = open_data(f"cityscapes:{tmp_path}:train")
@@ -98,7 +99,7 @@ def test_voc_palette_masks_read_as_indices(tmp_path):
     # a split list naming a missing image
     (tmp_path / "ImageSets/Segmentation/val.txt").write_text("2007_000001\n2007_999999\n")
     with pytest.raises(UserError, match=r"val\.txt: line 2 names '2007_999999'"):
-        open_data(f"voc:{tmp_path}:val").samples
+        _ = open_data(f"voc:{tmp_path}:val").samples
 
 
 def test_coco_stuff_raw_ids_to_171_and_27(tmp_path):
@@ -157,7 +158,7 @@ def test_hf_local_dataset_without_an_annotation_column(tmp_path):
     ds.to_parquet(str(_mk(tmp_path / "data" / "train-00000-of-00001.parquet")))
     layout = open_data(f"hf:{tmp_path}:train")
     with pytest.raises(UserError, match="has no annotation column"):
-        layout.samples
+        _ = layout.samples
 
 
 # ------------------------------------------------------------------- the same chain on every layout of one world
@@ -295,3 +296,18 @@ def test_original_resolution_scores_equal_an_independent_computation(tmp_path, m
     assert scores["pixels"] == sum(int((m != 255).sum()) for m in masks)
     assert scores["resolution"] == "original" and scores["uncovered_pixels"] == 0
     assert frame["pixels"] != scores["pixels"] and frame["miou"] != scores["miou"]
+
+
+def test_a_profile_tail_list_on_raw_ids_and_a_long_class_list():
+    from difffeat.data.label_maps import ADE20K_CLASSES
+    from difffeat.run import ConfigError
+    from downstream.seg.classes import load_classes
+    from downstream.seg.profile import check_profile_classes, profile_fields
+
+    tails = profile_fields("ade20k")["tail_classes"]
+    with pytest.raises(ConfigError, match="its 150 classes, but these data have 151"):
+        check_profile_classes("ade20k", tails, 151)  # ADE20K masks taken with their raw ids (0 = other)
+    check_profile_classes("ade20k", tails, 150)
+    check_profile_classes("ade20k", [1, 2], 151)  # the user's own list
+    # 150 names as one comma list: a list, not a file name too long to look up
+    assert load_classes(",".join(ADE20K_CLASSES)).names == list(ADE20K_CLASSES)

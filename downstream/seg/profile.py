@@ -80,3 +80,18 @@ def listed_tail_scores(scores: Mapping[str, Any], names: Sequence[str], tail_cla
     ious = [v for v in ious if v is not None and not math.isnan(v)]
     return {"tail_list": {"source": f"profile {source}" if source else "given", "classes": listed,
                           "miou": sum(ious) / len(ious) if ious else None}}
+
+
+def check_profile_classes(name: str | None, tail_classes: Sequence[int] | None, num_classes: int) -> None:
+    """A profile's released tail ids number its data set's classes: refuse them (ConfigError) on data with another
+    class count, e.g. ADE20K masks read with their raw ids (151 values with "other") instead of reduced ones."""
+    if not name or tail_classes is None:
+        return
+    chosen = profile(name)
+    want = chosen.get("num_classes")
+    if want is None or want == num_classes or list(tail_classes) != profile_fields(name).get("tail_classes"):
+        return
+    raise ConfigError("tail_classes", f"profile {name} lists the tail ids of its {want} classes, but these data have "
+                                      f"{num_classes}; read the masks through the data set's layout (e.g. --data "
+                                      f"{name}:ROOT, which maps raw ids to train ids) or give --tail-class")
+

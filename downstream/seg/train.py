@@ -47,7 +47,7 @@ from downstream.seg.data import SegDataset, collate
 from downstream.seg.evaluate import evaluate, write_scores
 from downstream.seg.model import SegModel
 from downstream.seg.objective import build_objective
-from downstream.seg.profile import check_tail_classes, listed_tail_scores
+from downstream.seg.profile import check_profile_classes, check_tail_classes, listed_tail_scores
 from downstream.seg.sampler import batch_indices_for
 from downstream.seg.targets import resolve_seg_classes
 
@@ -134,6 +134,7 @@ def train_seg(config: SegTrainConfig, *, accelerator=None, resume: bool = False,
     folder = RunFolder(config.out, KIND, config, resume=resume, overwrite=overwrite, owned=RUN_FILES)
     train, val = load_data(config)  # bad input fails here, before anything is written
     check_tail_classes(config.tail_classes, train.classes.num_classes)
+    check_profile_classes(config.extra.get("profile"), config.tail_classes, train.classes.num_classes)
     record = run_record(train)
     # A resumed run must see the variants and maps it began with (a store re-extracted with other variants).
     folder.check_saved(variants=record["variants"], specs=record["specs"])
