@@ -224,6 +224,19 @@ def confine(root: str | os.PathLike, relative: str | os.PathLike, what: str = "p
     return target
 
 
+def confine_name(root: str | os.PathLike, relative: str | os.PathLike, what: str = "path") -> Path:
+    """``root / relative`` when the name `relative` (read from a data set's own table or list) stays inside `root` as
+    written: no absolute path, no ``..`` out of it; UserError otherwise. Unlike `confine`, symbolic links in the data
+    set are followed: a data set assembled from links is the owner's choice, a name climbing out of it is not."""
+    rel = str(relative).replace("\\", "/")
+    if not rel or os.path.isabs(rel) or re.match(r"^[A-Za-z]:[\\/]", rel):
+        raise UserError(f"{what} {rel!r}: must be a relative path inside {root}")
+    normal = os.path.normpath(rel)
+    if normal == ".." or normal.startswith("../"):
+        raise UserError(f"{what} {rel!r}: points outside {root}")
+    return Path(root) / normal
+
+
 def is_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
     """Whether `path` is `folder` or lies under it (both resolved)."""
     p, f = Path(path).resolve(), Path(folder).resolve()
@@ -438,18 +451,15 @@ class RunFolder:
 
 
 def _pid_alive(name: str) -> bool:
-    """Whether the process whose id a temp-file name carries still runs (its file is then in use)."""
+    """Whether the process whose id a temp-file name carries still runs (its file is then in use). One rule with the
+    folder locks (`difffeat.lock.pid_alive`): a process of another user runs, and its file is never removed."""
+    from difffeat.lock import pid_alive
+
     m = re.search(r"\.tmp-(\d+)", name)
     if not m:
         return False
     pid = int(m[1])
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError, OverflowError):
-        return False
-    return True
+    return pid != os.getpid() and pid_alive(pid)
 
 
 # ------------------------------------------------------------------------------------- tensors on disk

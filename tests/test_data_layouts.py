@@ -311,3 +311,19 @@ def test_a_profile_tail_list_on_raw_ids_and_a_long_class_list():
     check_profile_classes("ade20k", [1, 2], 151)  # the user's own list
     # 150 names as one comma list: a list, not a file name too long to look up
     assert load_classes(",".join(ADE20K_CLASSES)).names == list(ADE20K_CLASSES)
+
+
+@pytest.mark.parametrize("name", ["../../secret/x.png", "/etc/x.png", "images/../../x.png"])
+def test_an_imagefolder_row_naming_a_file_outside_its_folder_is_refused(tmp_path, name):
+    """Issue #27 item 3: metadata.csv file_name is confined (one line), where a symbolic link inside is followed."""
+    from difffeat.data.sources import ImageSource
+
+    root = tmp_path / "set"
+    _jpg(root / "train/images/a.png", (4, 4))
+    _jpg(tmp_path / "elsewhere/b.png", (4, 4))
+    (root / "train/images/b.png").symlink_to(tmp_path / "elsewhere/b.png")  # a data set assembled from links
+    (root / "train/metadata.csv").write_text("file_name\nimages/a.png\nimages/b.png\n")
+    assert [it.key for it in ImageSource(str(root)).items] == ["train/images/a.png", "train/images/b.png"]
+    (root / "train/metadata.csv").write_text(f"file_name\nimages/a.png\n{name}\n")
+    with pytest.raises(UserError, match=r"metadata\.csv: line 3: file_name .*(outside|relative path inside)"):
+        ImageSource(str(root))

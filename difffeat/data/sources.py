@@ -34,6 +34,7 @@ from difffeat.data.images import (
     load_image,
 )
 from difffeat.errors import UserError
+from difffeat.run import confine_name
 
 
 class ImageSource:
@@ -45,11 +46,12 @@ class ImageSource:
         self.dataset = None
         self.layout = None
         self.exclude = {os.path.realpath(os.fspath(e)) for e in exclude}
-        from difffeat.data.layouts import detect_layout, open_data, parse_data_spec
+        from difffeat.data.layouts import LAYOUTS, detect_layout, open_data, parse_data_spec
 
         parsed = parse_data_spec(spec)
-        if parsed is not None and parsed[0] == "hf" and not Path(parsed[2]).is_dir():
-            parsed = None  # hf:NAME of the Hub (or its cache): the `datasets` loader below
+        if parsed is not None and parsed[0] == "hf" and not (Path(parsed[2]).is_dir() and
+                                                             LAYOUTS["hf"].detect(Path(parsed[2]))):
+            parsed = None  # hf:NAME of the Hub or its cache, or a folder `datasets` builds (imagefolder): below
         detected = detect_layout(spec) if parsed is None and Path(spec).is_dir() else None
         if parsed is not None or detected is not None:
             self.items = self._open_layout(open_data(spec if parsed else f"{detected}:{spec}"))
@@ -86,8 +88,9 @@ class ImageSource:
                 reader = csv.DictReader(f)
                 if "file_name" not in (reader.fieldnames or []):
                     raise UserError(f"{table}: an imagefolder metadata.csv needs a file_name column")
-                for row in reader:
-                    path = table.parent / row["file_name"]
+                for number, row in enumerate(reader, 2):
+                    # a name read from a file stays inside the table's folder: no ../, no absolute path
+                    path = confine_name(table.parent, row["file_name"] or "", what=f"{table}: line {number}: file_name")
                     key = path.relative_to(root).as_posix()
                     self.rows[key] = row
                     items.append(ImageItem(key=key, path=path))

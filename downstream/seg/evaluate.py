@@ -21,6 +21,7 @@ import torch
 from difffeat.data.geometry import to_original
 from difffeat.errors import UserError
 from difffeat.run import RunFolder, read_json
+from difffeat.store import FeatureStore
 from downstream.engine import load_trained_weights, make_accelerator
 from downstream.plots import save_confusion_png
 from downstream.seg.classes import SegClasses
@@ -120,10 +121,13 @@ def eval_seg(run: str | os.PathLike, features: list[str], masks: str | None = No
                                       "masks": None if masks is None else str(masks), **given})
     saved, model, classes = load_run(config.run)
     trained = saved["config"]
-    out = Path(config.out) if config.out else Path(run) / f"eval-{(config.split or 'all').strip('/').replace('/', '-')}"
+    store_data = FeatureStore(config.features[0]).manifest.get("config", {}).get("data") or {}
+    split = config.split or store_data.get("split")  # a store of one split: its eval folder is named by it
+    out = Path(config.out) if config.out else Path(run) / f"eval-{(split or 'all').strip('/').replace('/', '-')}"
     # An evaluation replaces its own earlier scores, and nothing it did not write.
     folder = RunFolder(out, "eval-seg", config, overwrite=True, owned=EVAL_FILES)
-    source = config.data or config.masks
+    # the masks: as given; else the store's own data set; else the data set the run was trained on
+    source = config.data or config.masks or (None if store_data else trained.get("data") or trained.get("masks"))
     dataset = SegDataset(config.features, source, classes, split=config.split, layers=trained.get("layers"),
                          mask_size=config.mask_size or trained.get("mask_size", "resize"),
                          read_masks=config.resolution == "frame")
@@ -141,7 +145,7 @@ def eval_seg(run: str | os.PathLike, features: list[str], masks: str | None = No
     report = dataset.report  # a listed mask file that is missing counts as a missing mask here (details: report)
     skipped = {"missing_masks": len(report["missing_masks"]) + len(report["missing_mask_files"]),
                "missing_features": len(report["missing_features"])}
-    info = {"run": str(run), "split": config.split, "features": config.features, "masks": source or
+    info = {"run": str(run), "split": split, "features": config.features, "masks": source or
             dataset.targets.describe,
             "images": len(dataset), "skipped": skipped}
     if accelerator.is_main_process:

@@ -76,7 +76,7 @@ class Layout:
     #: the layout's own split folder (or list) names, by the names users give ("val" for "validation" …)
     split_aliases: ClassVar[dict[str, str]] = {}
     class_names: ClassVar[tuple[str, ...]] = ()
-    #: how raw values become train ids, in words (for messages and `difffeat data layouts`)
+    #: how raw values become train ids, in words (for messages)
     label_rule: ClassVar[str] = ""
     ignore_index: ClassVar[int] = IGNORE
 
@@ -137,8 +137,12 @@ class Layout:
                 self.split = next((alias for word, alias in COMMON_SPLITS if word == self.split and alias in splits),
                                   self.split)
             if self.split is not None and self.split not in splits:
+                from difffeat.data.layouts import detect_layout
+
+                other = detect_layout(self.root)
+                hint = f"; the folder looks like layout {other}" if other and other != self.name else ""
                 raise UserError(f"{self.root}: layout {self.name} has no split {self.split!r} here (found: "
-                                f"{', '.join(splits) or 'none'})")
+                                f"{', '.join(splits) or 'none'}){hint}")
             chosen = [self.split] if self.split is not None else splits
             # one sample per key: VOC's trainval list repeats train and val
             found = list({s.key: s for split in chosen for s in reversed(self.find(split))}.values())

@@ -15,7 +15,7 @@ from pathlib import Path
 from difffeat.data.layouts.base import Layout, Sample, register_layout, subfolders
 from difffeat.data.shapes_lt import CLASS_NAMES
 from difffeat.errors import UserError
-from difffeat.run import confine
+from difffeat.run import confine_name
 
 
 @register_layout
@@ -48,9 +48,9 @@ class ShapesLtLayout(Layout):
             raise UserError(f"{table}: an imagefolder metadata.csv needs a file_name column")
         samples = []
         for row in rows:  # names come from a file: both stay inside the split's folder
-            image = confine(table.parent, row["file_name"], what=f"{table}: file_name")
+            image = confine_name(table.parent, row["file_name"], what=f"{table}: file_name")
             mask = row.get("mask_file_name")
-            target = confine(table.parent, mask, what=f"{table}: mask_file_name") if mask else None
+            target = confine_name(table.parent, mask, what=f"{table}: mask_file_name") if mask else None
             key = f"{split}/{Path(row['file_name']).as_posix()}"
             self.rows[key] = row  # captions and labels: what --prompt-from and train-cls read
             samples.append(Sample(key=key, split=split, image=image, target=target))

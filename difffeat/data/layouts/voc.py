@@ -15,7 +15,7 @@ from pathlib import Path
 from difffeat.data.label_maps import VOC_CLASSES
 from difffeat.data.layouts.base import Layout, Sample, register_layout
 from difffeat.errors import UserError
-from difffeat.run import confine
+from difffeat.run import confine_name
 
 LISTS = Path("ImageSets") / "Segmentation"
 MASK_FOLDERS = ("SegmentationClass", "SegmentationClassAug")
@@ -47,7 +47,7 @@ class VocLayout(Layout):
             stem = line.split()[0] if line.strip() else ""
             if not stem:
                 continue
-            image = confine(self.root / "JPEGImages", f"{stem}.jpg", what=f"{table}: line {number}")
+            image = confine_name(self.root / "JPEGImages", f"{stem}.jpg", what=f"{table}: line {number}")
             if not image.is_file():
                 raise UserError(f"{table}: line {number} names {stem!r}, but {image} does not exist")
             mask = next((m for folder in MASK_FOLDERS if (m := self.root / folder / f"{stem}.png").is_file()),
