@@ -327,3 +327,15 @@ def test_an_imagefolder_row_naming_a_file_outside_its_folder_is_refused(tmp_path
     (root / "train/metadata.csv").write_text(f"file_name\nimages/a.png\n{name}\n")
     with pytest.raises(UserError, match=r"metadata\.csv: line 3: file_name .*(outside|relative path inside)"):
         ImageSource(str(root))
+
+
+def test_a_layout_names_the_profile_whose_tail_ids_number_its_classes():
+    from difffeat.data.layouts import LAYOUTS
+    from downstream.profiles import profile
+
+    linked = {name: cls for name, cls in LAYOUTS.items() if cls.profile}
+    assert set(linked) == {"ade20k", "cityscapes", "cityscapes-trainids", "coco-stuff"}
+    for cls in linked.values():
+        chosen = profile(cls.profile)
+        assert chosen["num_classes"] == len(cls.class_names)
+        assert max(chosen["memory_bank"]["tail_classes"]) < len(cls.class_names)

@@ -30,6 +30,7 @@ class Ade20kLayout(Layout):
     split_aliases = {"train": "training", "val": "validation"}
     class_names = ADE20K_CLASSES
     label_rule = "0 = other (ignored), 1…150 = classes, reduced by one"
+    profile = "ade20k"
 
     @classmethod
     def detect(cls, root: Path) -> bool:

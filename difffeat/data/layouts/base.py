@@ -78,6 +78,9 @@ class Layout:
     class_names: ClassVar[tuple[str, ...]] = ()
     #: how raw values become train ids, in words (for messages)
     label_rule: ClassVar[str] = ""
+    #: the train-seg profile holding this data set's released long-tail settings and tail classes (AUCSeg's
+    #: `small_index`, numbered by this layout's train ids): `train-seg --profile NAME`
+    profile: ClassVar[str | None] = None
     ignore_index: ClassVar[int] = IGNORE
 
     def __init__(self, root: str | os.PathLike, split: str | None = None, names: Sequence[str] | None = None):
@@ -123,10 +126,6 @@ class Layout:
 
         return load_image(sample.image)
 
-    def tail_classes(self) -> list[int] | None:
-        """The published tail class ids of this data set (AUCSeg's lists), where it has one."""
-        return None
-
     # ------------------------------------------------------------------------------------------------ shared
     @property
     def samples(self) -> list[Sample]:
@@ -156,10 +155,6 @@ class Layout:
         if not hasattr(self, "_by_key"):
             self._by_key = {s.key: s for s in self.samples}
         return self._by_key.get(key)
-
-    def split_of(self, split: str) -> str:
-        """A user's split name in this layout's own words."""
-        return self.split_aliases.get(split, split)
 
     def target(self, sample: Sample) -> np.ndarray:
         """The mask of `sample` as uint8 train ids (IGNORE where not scored); UserError naming the file and any
@@ -206,8 +201,9 @@ class Layout:
         return file if file.is_file() else None
 
     def describe(self) -> dict:
-        """What a store's manifest records of the data set its images came from."""
-        return {"layout": self.name, "root": os.path.abspath(self.root), "split": self.split}
+        """What a store's manifest records of the data set its images came from (and its profile, if any)."""
+        described = {"layout": self.name, "root": os.path.abspath(self.root), "split": self.split}
+        return {**described, "profile": self.profile} if self.profile else described
 
 
 def fitting_layouts(values: np.ndarray) -> list[str]:

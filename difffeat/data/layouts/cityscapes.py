@@ -24,6 +24,7 @@ class CityscapesLayout(Layout):
     split_aliases = {"validation": "val"}
     class_names = CITYSCAPES_CLASSES
     label_rule = "gtFine labelIds 0…33, mapped to the 19 trainIds (others ignored)"
+    profile = "cityscapes"
     mask_suffix = "_gtFine_labelIds.png"
 
     @classmethod

@@ -28,6 +28,7 @@ class CocoStuffLayout(Layout):
     split_aliases = {"train": "train2017", "val": "val2017", "validation": "val2017"}
     class_names = COCO_STUFF_CLASSES
     label_rule = "raw ids 0…181 (11 unused) to 171 classes, 255 = unlabeled"
+    profile = "coco-stuff"
 
     @classmethod
     def detect(cls, root: Path) -> bool:
@@ -54,6 +55,7 @@ class CocoStuff27Layout(CocoStuffLayout):
     name = "coco-stuff-27"
     class_names = COCO_STUFF_27_CLASSES
     label_rule = "raw ids 0…181 to 27 coarse classes, 255 = unlabeled"
+    profile = None  # AUCSeg's COCO-Stuff settings are for the 171 classes
 
     @classmethod
     def detect(cls, root: Path) -> bool:
