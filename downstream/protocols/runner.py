@@ -1,0 +1,255 @@
+"""Running a protocol: the whole chain with the protocol's settings, every step a resumable run folder of its own.
+
+    OUT/data/                 the built-in world in the protocol's layout (`--smoke` only)
+    OUT/features-<split>/     feature stores (`difffeat extract`, resumed where they stopped)
+    OUT/<method>-seed<s>/     heads (`train-seg` / `train-cls`, resumed) and their scores
+    OUT/results.json          our numbers (mean ± std and a 95 % t-interval over seeds) beside the anchors, the
+                              settings, what departs from the protocol, library versions and the machine
+    OUT/report.html           the same on one page
+
+A run killed anywhere and started again skips what is finished and writes the same results.json: every step is
+deterministic and resumes from its own folder. One small runner per task (`TASKS`), no branches on the task.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from difffeat.data.layouts import LAYOUTS, detect_layout, open_data
+from difffeat.errors import UserError
+from difffeat.atomic import write_json_atomic
+from difffeat.run import library_versions, read_json
+from downstream.protocols.protocol import Protocol
+
+# two-sided 95 % quantiles of Student's t for 1…10 degrees of freedom (then the normal's 1.96 is close enough)
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+#: the `data synth --layout` writer of each protocol layout's built-in world
+SMOKE_WRITERS = {"ade20k": "ade20k", "cityscapes": "cityscapes", "ddpm-seg": "ddpm-seg", "imagefolder": "shapes-lt"}
+
+
+def summarise(values: list[float]) -> dict:
+    """mean, sample std, n, the 95 % t-interval of the mean, and the values themselves."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0, "ci95": None, "values": []}
+    mean = sum(vals) / len(vals)
+    std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+    half = (T95[len(vals) - 2] if len(vals) - 1 <= len(T95) else 1.96) * std / math.sqrt(len(vals)) \
+        if len(vals) > 1 else 0.0
+    return {"mean": mean, "std": std, "n": len(vals), "ci95": [mean - half, mean + half], "values": vals}
+
+
+class TaskRunner:
+    """The steps of one task's protocol; subclasses set `task` and `run_heads`."""
+
+    task = ""
+
+    def __init__(self, protocol: Protocol, settings: dict, out: Path, root: Path, progress: bool, variants: dict,
+                 pipe=None):
+        self.protocol, self.settings, self.out, self.root = protocol, settings, out, root
+        self.progress, self.variants, self.pipe = progress, variants, pipe
+        self.layout = settings["data"]["layout"]
+
+    # ----------------------------------------------------------------------------------------------- steps
+    def extract(self, split: str | None, name: str) -> str:
+        """The feature store of `split` (every split: None), made or resumed in OUT/features-<name>."""
+        from difffeat.runner import ExtractRunConfig, run_extraction
+        from difffeat.store import store_exists
+
+        ex = self.settings["extract"]
+        store = self.out / f"features-{name}"
+        spec = f"{self.layout}:{self.root}" + (f":{split}" if split else "")
+        fields = {"images": spec, "out": str(store), "model": self.settings["model"], "layers": list(ex["layers"]),
+                  "timesteps": list(ex["timesteps"]), "ensemble": int(ex.get("ensemble", 1)),
+                  "seed": int(ex.get("seed", 0)), "noise": bool(ex.get("noise", True)),
+                  "posterior": ex.get("posterior", "mean"), "resolution": list(ex["size"]) if ex.get("size") else None,
+                  "resize": ex.get("resize", "center-crop"), "variants": dict(self.variants)}
+        if "prompt_template" in ex:
+            fields.update(prompt_source="label", label_template=ex["prompt_template"].replace("{category}", "{label}"))
+        else:
+            fields["prompt"] = ex.get("prompt", "")
+        run_extraction(ExtractRunConfig(**fields), resume=store_exists(store), progress=self.progress, pipe=self.pipe)
+        return str(store)
+
+    def run(self) -> dict:
+        raise NotImplementedError
+
+
+class SegmentationRunner(TaskRunner):
+    """extract train and test → train-seg per seed → eval-seg at the original resolution."""
+
+    task = "segmentation"
+
+    def run(self) -> dict:
+        from downstream.seg.config import SegTrainConfig
+        from downstream.seg.evaluate import eval_seg
+        from downstream.seg.train import train_seg
+
+        data = self.settings["data"]
+        train_store = self.extract(data["train"], "train")
+        test_store = self.extract(data["test"], "test")
+        head = dict(self.settings["head"])
+        if self.variants:
+            head.setdefault("variants", "concat")
+        reduction = self.settings["evaluate"].get("reduction", "mmseg")
+        per_seed, runs = [], []
+        for seed in self.settings["seeds"]:
+            folder = self.out / f"head-seed{seed}"
+            done = (folder / "model.safetensors").is_file()
+            config = SegTrainConfig(features=[train_store], out=str(folder), seed=int(seed), **head)
+            run = train_seg(config, resume=folder.is_dir() and not done, progress=self.progress) if not done \
+                else folder
+            scores = eval_seg(run, [test_store], progress=self.progress,
+                              resolution=self.settings["evaluate"].get("resolution", "original"),
+                              out=str(folder / "eval-test"))
+            per_seed.append(segmentation_numbers(scores, reduction))
+            runs.append(str(folder))
+        return {"groups": {"head": {k: summarise([s[k] for s in per_seed]) for k in per_seed[0]}}, "runs": runs,
+                "stores": [train_store, test_store]}
+
+
+def segmentation_numbers(scores: dict, reduction: str) -> dict:
+    """The protocol's numbers (×100) of one eval-seg: mmseg's nanmean mIoU / mAcc / aAcc, or ddpm-segmentation's
+    mIoU where a class absent from both masks and predictions counts 0."""
+    pct = {"miou": 100 * scores["miou"], "mean_accuracy": 100 * scores["mean_accuracy"],
+           "pixel_accuracy": 100 * scores["pixel_accuracy"]}
+    if reduction == "ddpm-seg":
+        ious = [0.0 if v is None else v for v in scores["per_class_iou"].values()]
+        pct["miou"] = 100 * sum(ious) / len(ious)
+    return pct
+
+
+class ClassificationRunner(TaskRunner):
+    """extract every split → key,label tables from the data set's label column → train-cls per method and seed."""
+
+    task = "classification"
+
+    def labels(self, split: str) -> Path:
+        layout = open_data(f"{self.layout}:{self.root}:{split}")
+        column = self.settings["data"].get("label_column", "label")
+        rows = getattr(layout, "rows", {})
+        table = self.out / f"labels-{split}.csv"
+        missing = [s.key for s in layout.samples if column not in rows.get(s.key, {})]
+        if missing:
+            raise UserError(f"{self.root}: {len(missing)} images of split {split} have no {column!r} column in their "
+                            f"metadata (first: {missing[0]}); the protocol needs image labels")
+        with open(table, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["key", "label"])
+            writer.writerows((s.key, rows[s.key][column]) for s in layout.samples)
+        return table
+
+    def run(self) -> dict:
+        from downstream.cls.config import ClsTrainConfig
+        from downstream.cls.train import train_cls
+
+        data = self.settings["data"]
+        store = self.extract(None, "all")
+        train_labels, test_labels = self.labels(data["train"]), self.labels(data["test"])
+        head = dict(self.settings["head"])
+        methods = head.pop("methods")
+        groups, runs = {}, []
+        for method in methods:
+            per_seed = []
+            for seed in self.settings["seeds"]:
+                folder = self.out / f"{method}-seed{seed}"
+                if not (folder / "metrics.json").is_file():
+                    config = ClsTrainConfig(features=[store], labels=str(train_labels), test_labels=str(test_labels),
+                                            out=str(folder), method=method, seed=int(seed), **head)
+                    train_cls(config, resume=folder.is_dir(), progress=self.progress)
+                per_seed.append(classification_numbers(read_json(folder / "metrics.json", "scores")))
+                runs.append(str(folder))
+            groups[method] = {k: summarise([s[k] for s in per_seed]) for k in per_seed[0]}
+        return {"groups": groups, "runs": runs, "stores": [store]}
+
+
+def classification_numbers(metrics: dict) -> dict:
+    """Accuracy ×100 on the whole test split, class-mean, and on many / medium / few classes."""
+    full = metrics["full_test"]
+    shots = full.get("shots") or {}
+    out = {"accuracy": full["accuracy"], "class_mean_accuracy": full["class_mean_accuracy"],
+           "many": shots.get("many"), "medium": shots.get("medium"), "few": shots.get("few")}
+    return {k: None if v is None else 100 * v for k, v in out.items()}
+
+
+TASKS: dict[str, type[TaskRunner]] = {r.task: r for r in (SegmentationRunner, ClassificationRunner)}
+
+
+def data_root(protocol: Protocol, settings: dict, data: str | None, out: Path, smoke: bool) -> Path:
+    """The data root the run reads: the built-in world written in the protocol's layout (smoke), or the user's,
+    checked to hold the protocol's layout and splits (one line naming what was expected)."""
+    layout = settings["data"]["layout"]
+    if smoke:
+        return smoke_world(protocol, layout, out / "data", int(settings.get("smoke_n", 30)))
+    if data is None:
+        raise UserError(f"protocol {protocol.name}: give --data ROOT (a {layout} tree), or --smoke")
+    root = Path(data)
+    found = detect_layout(root) if root.is_dir() else None
+    if found is not None and found != layout and LAYOUTS.get(found) is not LAYOUTS.get(layout):
+        raise UserError(f"{root}: holds a {found} tree; protocol {protocol.name} reads the {layout} layout")
+    for role in ("train", "test"):
+        split = settings["data"].get(role)
+        if split:
+            try:
+                open_data(f"{layout}:{root}:{split}").samples  # noqa: B018 - listing is the check
+            except UserError as e:
+                raise UserError(f"protocol {protocol.name} expects a {layout} tree with split {split!r}: {e}") \
+                    from None
+    return root
+
+
+def smoke_world(protocol: Protocol, layout: str, folder: Path, n: int) -> Path:
+    """The built-in world in `layout` (made once; a resumed run finds it)."""
+    from difffeat.data.synth_layouts import synthesize_layout
+
+    root = folder / "world"
+    if (root / "classes.json").is_file():
+        return root
+    writer = SMOKE_WRITERS.get(layout)
+    if writer is None:
+        raise UserError(f"protocol {protocol.name}: no built-in world in layout {layout} for --smoke")
+    return synthesize_layout(root, writer, n=n, seed=0)
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def run_protocol(protocol: Protocol, out: str | os.PathLike, *, data: str | None = None, model: str | None = None,
+                 overrides: dict | None = None, variants: dict | None = None, smoke: bool = False,
+                 progress: bool = True, pipe=None) -> dict:
+    """Run `protocol` into `out` (see the module doc) and return results.json's content; `pipe`, a loaded pipeline
+    of the run's model, saves loading it again (tests)."""
+    from downstream.protocols.report import write_report
+
+    settings, departures = protocol.resolved(model=model, overrides=overrides, smoke=smoke)
+    runner_cls = TASKS.get(protocol.task)
+    if runner_cls is None:
+        raise UserError(f"protocol {protocol.name}: task {protocol.task!r} cannot run yet (runnable: "
+                        f"{', '.join(TASKS)})")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    root = data_root(protocol, settings, data, out, smoke)
+    if variants:
+        departures.append(f"variants: {', '.join(variants)} (techniques on top of the protocol)")
+    outcome = runner_cls(protocol, settings, out, root, progress, variants or {}, pipe).run()
+    results = {"protocol": protocol.name, "version": protocol.version, "title": protocol.title,
+               "is_protocol": not departures, "departures": departures, "data": str(root), "settings": settings,
+               "results": outcome["groups"], "anchors": protocol.anchors, "differences": protocol.differences,
+               "report": protocol.report, "runs": outcome["runs"], "stores": outcome["stores"],
+               "versions": library_versions(), "machine": machine()}
+    write_json_atomic(out / "results.json", results)
+    write_report(results, out / "report.html")
+    return results

@@ -1,0 +1,90 @@
+"""Protocols by name: every protocol runs end to end at toy scale (`--smoke`) on the built-in world in its layout,
+a run killed and resumed writes the same results, and bad input is one line."""
+
+import json
+
+import pytest
+
+from difffeat.cli import main
+from downstream.protocols.protocol import load_protocol, protocol_names
+from downstream.protocols.runner import TASKS, run_protocol, summarise
+
+RUNNABLE = [n for n in protocol_names() if load_protocol(n).task in TASKS]
+
+
+def test_list_shows_every_protocol_with_its_anchors(capsys):
+    assert main(["protocol", "list"]) == 0
+    listed = capsys.readouterr().out
+    for name in ["ade20k", "cityscapes", "spair", "longtail-probe"] + [f"ddpm-seg/{s}" for s in (
+            "bedroom_28", "ffhq_34", "cat_15", "horse_21", "celeba_19", "ade_bedroom_30")]:
+        assert name in listed
+        p = load_protocol(name)
+        assert p.source and p.differences and p.version == 1
+        assert all({"method", "source"} <= set(a) for a in p.anchors)
+    assert load_protocol("ddpm-seg/horse_21").anchors[0]["miou"] == 67.2
+    assert main(["protocol", "show", "ade20k"]) == 0
+    assert json.loads(capsys.readouterr().out)["anchors"][0]["miou"] == 40.51
+
+
+def test_summary_is_mean_std_and_a_t_interval():
+    s = summarise([1.0, 2.0, 3.0])
+    assert s["mean"] == 2.0 and s["std"] == 1.0 and s["n"] == 3
+    assert s["ci95"] == pytest.approx([2.0 - 4.303 / 3 ** 0.5, 2.0 + 4.303 / 3 ** 0.5])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_every_protocol_runs_at_toy_scale(tmp_path, mini_pipe, name):
+    results = run_protocol(load_protocol(name), tmp_path / "run", smoke=True, progress=False, pipe=mini_pipe)
+    assert not results["is_protocol"] and results["departures"][0].startswith("smoke")
+    for numbers in results["results"].values():
+        assert all(v["n"] == 2 for v in numbers.values() if v["mean"] is not None)
+    first = next(iter(results["results"].values()))
+    metric = "miou" if "miou" in first else "accuracy"
+    assert 0 <= first[metric]["mean"] <= 100
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert results["anchors"] == [] or results["anchors"][0]["method"] in page.replace("&#x27;", "'")
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["results"] == results["results"]
+
+
+@pytest.mark.slow
+def test_a_killed_protocol_run_resumes_to_the_same_results(tmp_path, mini_pipe, monkeypatch):
+    import downstream.seg.evaluate
+
+    protocol = load_protocol("ade20k")
+    whole = run_protocol(protocol, tmp_path / "whole", smoke=True, progress=False, pipe=mini_pipe)
+    real, calls = downstream.seg.evaluate.eval_seg, []
+
+    def dies_on_the_second_seed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(downstream.seg.evaluate, "eval_seg", dies_on_the_second_seed)
+    with pytest.raises(KeyboardInterrupt):
+        run_protocol(protocol, tmp_path / "cut", smoke=True, progress=False, pipe=mini_pipe)
+    assert not (tmp_path / "cut" / "results.json").exists()
+    monkeypatch.setattr(downstream.seg.evaluate, "eval_seg", real)
+    resumed = run_protocol(protocol, tmp_path / "cut", smoke=True, progress=False, pipe=mini_pipe)
+    assert resumed["results"] == whole["results"] and resumed["settings"] == whole["settings"]
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    from difffeat.data.synth_layouts import synthesize_layout
+
+    voc = synthesize_layout(tmp_path / "voc", "voc", n=6, seed=0)
+    cases = [
+        (["protocol", "run", "ade20k", "--data", str(voc), "--out", str(tmp_path / "a")], "holds a voc tree"),
+        (["protocol", "run", "ade20k", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "b")],
+         "expects a ade20k tree"),
+        (["protocol", "run", "ade20k", "--model", "mini", "--data", str(voc), "--out", str(tmp_path / "c")],
+         "--set model=mini"),
+        (["protocol", "run", "nope", "--smoke", "--out", str(tmp_path / "d")], "unknown protocol 'nope'"),
+        (["protocol", "run", "ade20k", "--smoke", "--set", "nosection.x=1", "--out", str(tmp_path / "e")],
+         "no setting section 'nosection'"),
+    ]
+    for argv, words in cases:
+        assert main(["--quiet", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert words in err and err.count("\n") == 0 and "Traceback" not in err, err
