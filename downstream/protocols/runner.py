@@ -29,8 +29,25 @@ from downstream.protocols.protocol import Protocol
 
 # two-sided 95 % quantiles of Student's t for 1…10 degrees of freedom (then the normal's 1.96 is close enough)
 T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
-#: the `data synth --layout` writer of each protocol layout's built-in world
-SMOKE_WRITERS = {"ade20k": "ade20k", "cityscapes": "cityscapes", "ddpm-seg": "ddpm-seg", "imagefolder": "shapes-lt"}
+#: the `data synth` writer of each protocol layout's built-in world (root, n) → root
+SMOKE_WORLDS = {
+    **{layout: (lambda writer: lambda root, n: _synth_layout(root, writer, n))(writer)
+       for layout, writer in (("ade20k", "ade20k"), ("cityscapes", "cityscapes"), ("ddpm-seg", "ddpm-seg"),
+                              ("imagefolder", "shapes-lt"))},
+    "spair": lambda root, n: _synth_corr(root, n),
+}
+
+
+def _synth_layout(root: Path, writer: str, n: int) -> Path:
+    from difffeat.data.synth_layouts import synthesize_layout
+
+    return synthesize_layout(root, writer, n=n, seed=0)
+
+
+def _synth_corr(root: Path, n: int) -> Path:
+    from difffeat.data.synth_corr import synthesize_corr
+
+    return synthesize_corr(root, n=n, seed=0)
 
 
 def summarise(values: list[float]) -> dict:
@@ -178,7 +195,44 @@ def classification_numbers(metrics: dict) -> dict:
     return {k: None if v is None else 100 * v for k, v in out.items()}
 
 
-TASKS: dict[str, type[TaskRunner]] = {r.task: r for r in (SegmentationRunner, ClassificationRunner)}
+class CorrespondenceRunner(TaskRunner):
+    """extract the test split's images → eval-corr (nearest neighbour or window soft-argmax) per seed."""
+
+    task = "correspondence"
+
+    def run(self) -> dict:
+        from downstream.corr.evaluate import eval_corr
+
+        store = self.extract(self.settings["data"]["test"], "test")
+        match = dict(self.settings["match"])
+        working = match.pop("working_size", "image")
+        alpha = 0.1 if 0.1 in match.get("alphas", [0.1]) else match["alphas"][0]
+        per_seed, runs = [], []
+        for seed in self.settings["seeds"]:
+            folder = self.out / f"match-seed{seed}"
+            results = eval_corr([store], f"{self.layout}:{self.root}:{self.settings['data']['test']}",
+                                out=str(folder), seed=int(seed), progress=self.progress,
+                                working_size=None if working == "image" else list(working), **match)
+            per_seed.append(correspondence_numbers(results["summary"], alpha))
+            runs.append(str(folder))
+        return {"groups": {"nearest neighbour" if not match.get("soft_argmax") else "soft-argmax":
+                           {k: summarise([s[k] for s in per_seed]) for k in per_seed[0]}},
+                "runs": runs, "stores": [store]}
+
+
+def correspondence_numbers(summary: dict, alpha: float) -> dict:
+    """PCK@α ×100 per image and per point, bounding-box and image normalisation, from eval-corr's summary."""
+    def value(key):
+        v = summary[key]
+        return 100 * (v["value"] if isinstance(v, dict) else v)
+
+    return {"pck_image": value(f"pck@{alpha}_bbox_per_image"), "pck_point": value(f"pck@{alpha}_bbox_per_point"),
+            "pck_image_img": value(f"pck@{alpha}_img_per_image"),
+            "pck_point_img": value(f"pck@{alpha}_img_per_point")}
+
+
+TASKS: dict[str, type[TaskRunner]] = {r.task: r for r in (SegmentationRunner, ClassificationRunner,
+                                                          CorrespondenceRunner)}
 
 
 def data_root(protocol: Protocol, settings: dict, data: str | None, out: Path, smoke: bool) -> Path:
@@ -206,15 +260,13 @@ def data_root(protocol: Protocol, settings: dict, data: str | None, out: Path, s
 
 def smoke_world(protocol: Protocol, layout: str, folder: Path, n: int) -> Path:
     """The built-in world in `layout` (made once; a resumed run finds it)."""
-    from difffeat.data.synth_layouts import synthesize_layout
-
     root = folder / "world"
     if (root / "classes.json").is_file():
         return root
-    writer = SMOKE_WRITERS.get(layout)
-    if writer is None:
+    make = SMOKE_WORLDS.get(layout)
+    if make is None:
         raise UserError(f"protocol {protocol.name}: no built-in world in layout {layout} for --smoke")
-    return synthesize_layout(root, writer, n=n, seed=0)
+    return make(root, n)
 
 
 def machine() -> dict:
