@@ -89,3 +89,16 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         assert main(["--quiet", *argv]) == 2, argv
         err = capsys.readouterr().err.strip()
         assert words in err and err.count("\n") == 0 and "Traceback" not in err, err
+
+
+@pytest.mark.slow
+def test_the_gpu_script_runs_in_its_tiny_form(tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "protocols_gpu.sh"
+    env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path), "PROTOCOLS": "spair", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "spair" / "results.json").read_text())["protocol"] == "spair"
