@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from difffeat.errors import UserError
 from difffeat.fastpath import ATTENTION_BACKENDS
 from difffeat.run import Config, ConfigError, option
 
@@ -317,8 +318,6 @@ def _check_materialised(pipe, model: str) -> None:
     from difffeat import dit
 
     if any(p.is_meta for p in dit.denoiser(pipe).parameters()):
-        from difffeat.errors import UserError
-
         raise UserError(f"--model {model}: built on the meta device (layer names and shapes, no weights), so there "
                         "is nothing to run; give it random weights with --materialize (the real model's memory), "
                         "or bench a model with weights (e.g. mini-dit)")
@@ -352,6 +351,37 @@ def _measure(fn, device, n: int, sync) -> dict:
             "ms_per_image": ms, "background_ms_per_image": background}
 
 
+def _readable_images(cfg: BenchConfig) -> list[Path]:
+    """The first `cfg.n` images of `cfg.images`, each decoded once to be sure it can be: a bench of files that cannot
+    be read would time nothing (a UserError naming how many and the first, before any model loads)."""
+    from difffeat.data.images import BadImageError, discover_images, load_image
+
+    paths = [it.path for it in discover_images(str(cfg.images))][: cfg.n]
+    bad = []
+    for path in paths:
+        try:
+            load_image(path)
+        except BadImageError as e:
+            bad.append(e)
+    if bad:
+        raise UserError(f"{cfg.images}: {len(bad)} of {len(paths)} images cannot be read (first: {bad[0]}); bench "
+                        "measures readable images only: remove them or give another folder")
+    return paths
+
+
+@contextlib.contextmanager
+def _temporary_folder(parent: str | None):
+    """A temporary folder for the inputs and stores (in `parent`, or the system's), removed after; one line naming
+    the folder when it cannot be made there."""
+    try:
+        folder = tempfile.TemporaryDirectory(prefix="difffeat-bench-", dir=parent)
+    except OSError as e:
+        raise ConfigError("tmp_dir", f"cannot make a temporary folder in {parent or tempfile.gettempdir()} "
+                                     f"({e.strerror or e})") from None
+    with folder as path:
+        yield Path(path)
+
+
 def _subset(folder: Path, paths: list[Path]) -> Path:
     """A folder of links to `paths` (a part of the inputs, without copying them)."""
     folder.mkdir()
@@ -364,6 +394,9 @@ def bench(cfg: BenchConfig, warn=None, pipe=None) -> dict:
     """Measure the contenders (see the module doc); returns the results (what the JSON holds). `pipe`: the
     loaded `cfg.model` in `cfg.dtype` (several benches of one model then load it once)."""
     cfg.validate()
+    given = _readable_images(cfg) if cfg.images else None  # before the model loads: bad inputs are refused first
+    if cfg.tmp_dir is not None and not Path(cfg.tmp_dir).is_dir():
+        raise ConfigError("tmp_dir", f"{cfg.tmp_dir}: no such folder")
     import torch
 
     from difffeat.dit import denoiser, is_transformer
@@ -391,17 +424,13 @@ def bench(cfg: BenchConfig, warn=None, pipe=None) -> dict:
     machine = machine_info(device)
     results: dict[str, dict] = {}
     extract_reports = []
-    with tempfile.TemporaryDirectory(prefix="difffeat-bench-", dir=cfg.tmp_dir) as tmp:
-        tmp = Path(tmp)
-        images = Path(cfg.images) if cfg.images else synthetic_images(tmp / "images", cfg.n, size)
-        from difffeat.data.images import discover_images
+    with _temporary_folder(cfg.tmp_dir) as tmp:
+        if given is None:
+            from difffeat.data.images import discover_images
 
-        paths = [it.path for it in discover_images(str(images))][: cfg.n]
+            given = [it.path for it in discover_images(str(synthetic_images(tmp / "images", cfg.n, size)))]
+        paths = given[: cfg.n]
         n = len(paths)
-        if n == 0:
-            from difffeat.errors import UserError
-
-            raise UserError(f"{images}: no images to bench on")
         images = _subset(tmp / "inputs", paths)  # exactly the n images, whatever else the folder holds
         runs = 0  # extract runs so far (each writes a store of its own)
 
@@ -418,6 +447,10 @@ def bench(cfg: BenchConfig, warn=None, pipe=None) -> dict:
             runs += 1
             store = tmp / f"store{runs}"
             report = run_extraction(extract_cfg(store, subset), progress=False, pipe=pipe, timer=timer)
+            if report["failed"]:  # a rate over images that were skipped would be no rate at all
+                first = report["failed"][0]
+                raise UserError(f"{cfg.images}: {len(report['failed'])} image(s) could not be extracted (first: "
+                                f"{first['key']}: {first['reason']}); bench measures images that extract whole")
             extract_reports.append(report)
 
         # Warm-up, not timed: the batch-size probe (auto; then cached), compiling (the padded batch has the full

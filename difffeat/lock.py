@@ -12,6 +12,7 @@ import errno
 import os
 from pathlib import Path
 
+from difffeat.atomic import cannot_write, write_failure
 from difffeat.errors import UserError
 
 try:
@@ -46,10 +47,15 @@ class FolderLock:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as e:
-                raise UserError(f"{self.path}: cannot create the lock file ({e.strerror or e})") from None
+                raise cannot_write(self.path.parent, f"the lock file {self.path.name}", write_failure(e)) from None
             if self._lock(fd) and self._still_there(fd):
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())
+                try:
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()}\n".encode())
+                except OSError as e:  # a full disk: the lock file, held by this process alone, goes with it
+                    self.path.unlink(missing_ok=True)
+                    os.close(fd)
+                    raise cannot_write(self.path.parent, f"the lock file {self.path.name}", write_failure(e)) from None
                 self.fd = fd
                 return self
             os.close(fd)

@@ -22,14 +22,18 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import fnmatch
+import functools
 import hashlib
 import importlib.metadata
 import json
 import math
+import numbers
 import os
 import platform
 import re
 import shutil
+import types
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -101,6 +105,12 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
 def read_saved_config(path: str | os.PathLike) -> dict:
     """The config dict of a saved run file (a run's config.json or a store's manifest.json: its "config"
     entry) or of a bare config file."""
+    return _saved_config(path)[2]
+
+
+def _saved_config(path: str | os.PathLike) -> tuple[Path, str | None, dict]:
+    """(the file read, the run kind it names or None for a bare config, its config dict) of a saved run file, a run
+    folder (its config.json or manifest.json) or a bare config file."""
     path = Path(path)
     if path.is_dir():  # a run folder: its config file
         for name in ("config.json", "manifest.json"):
@@ -111,7 +121,8 @@ def read_saved_config(path: str | os.PathLike) -> dict:
     config = saved.get("config", saved) if isinstance(saved, dict) else saved
     if not isinstance(config, dict):
         raise UserError(f"{path}: not a run config (expected a JSON object)")
-    return config
+    kind = saved.get("kind") if config is not saved and isinstance(saved.get("kind"), str) else None
+    return path, kind, config
 
 
 class ConfigError(UserError):
@@ -150,6 +161,8 @@ class Config:
 
     # Fields that say where a run writes rather than what it computes: not part of the config hash.
     location_fields: ClassVar[tuple[str, ...]] = ("out",)
+    # Entries a run records beside its config that are not settings (what the inputs were): `from_run` skips them.
+    recorded_fields: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict:
         return as_json_data(dataclasses.asdict(self))
@@ -159,19 +172,40 @@ class Config:
 
     @classmethod
     def from_dict(cls: type[C], data: Mapping[str, Any], **override) -> C:
-        """Build from a dict, ignoring entries that are not fields (a manifest holds more than the config)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        try:
-            cfg = cls(**{**{k: v for k, v in data.items() if k in known}, **override})
-        except TypeError as e:  # a required field missing
-            raise UserError(f"{cls.__name__}: {e}") from None
+        """Build from a dict, ignoring entries that are not fields (a manifest holds more than the config); a
+        required field missing is a `ConfigError` naming it, like a value of the wrong type or out of bounds."""
+        fields = dataclasses.fields(cls)
+        values = {**{k: v for k, v in data.items() if k in {f.name for f in fields}}, **override}
+        for f in fields:
+            if f.name not in values and f.init and f.default is dataclasses.MISSING \
+                    and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+                raise ConfigError(f.name, "is required and not given")
+        hints = _field_types(cls)
+        for name, value in values.items():  # before the dataclass's own __post_init__ sees them
+            _check_type(name, value, hints.get(name, Any))
+        cfg = cls(**values)
         cfg.validate()
         return cfg
 
     @classmethod
     def from_run(cls: type[C], run: str | os.PathLike, **override) -> C:
-        """The config a run folder (or its config/manifest file) was made with."""
-        return cls.from_dict(read_saved_config(run), **override)
+        """The config a run folder (or its config/manifest file) was made with, checked like any config: one line
+        naming the file when it is another command's (entries this config does not have: a sweep's config.json
+        given to `extract`), or when a field is missing, of the wrong type or out of bounds. `override` (where
+        the repeated run writes) is the caller's, not the file's."""
+        file, kind, config = _saved_config(run)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - known - set(cls.recorded_fields))
+        if unknown:
+            what = f"the config of a difffeat {kind} run" if kind else "a config with other settings"
+            listed = ", ".join(unknown[:4]) + (f" and {len(unknown) - 4} more" if len(unknown) > 4 else "")
+            raise UserError(f"{file}: {what}, not one this command can repeat ({listed}: not among its settings); "
+                            "give the config file this command wrote")
+        config = {k: v for k, v in config.items() if k not in cls.recorded_fields}
+        try:
+            return cls.from_dict(config, **override)
+        except ConfigError as e:  # the value came from the file, not from a flag: name the file and the field
+            raise UserError(f"{file}: {e.field}: {e.reason}") from None
 
     def hash(self) -> str:
         data = self.to_dict()
@@ -180,10 +214,17 @@ class Config:
         return config_hash(data)
 
     def validate(self: C) -> C:
-        """Check every field against its metadata, then `check`; returns self."""
+        """Check every field against its type annotation and its metadata, seeds for being ≥ 0, then `check`;
+        returns self."""
+        hints = _field_types(type(self))
         for f in dataclasses.fields(self):
             meta, value = f.metadata, getattr(self, f.name)
-            if value is None or not meta:
+            if value is None:
+                continue
+            _check_type(f.name, value, hints[f.name])
+            if f.name == "seed" or f.name.endswith("_seed"):
+                check_seed(value, f.name)
+            if not meta:
                 continue
             values = value if isinstance(value, (list, tuple)) else [value]
             for v in values:
@@ -193,6 +234,70 @@ class Config:
 
     def check(self) -> None:
         """Rules across fields; raise ConfigError(field, reason)."""
+
+
+def check_seed(value: Any, name: str = "seed") -> None:
+    """Seeds are whole numbers ≥ 0 (numpy's generators take no other): a ConfigError naming the field otherwise. Every
+    config field called ``seed`` or ``*_seed`` is checked by `Config.validate`; plain flags call this."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value < 0:
+        raise ConfigError(name, f"must be ≥ 0, got {value}")
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """Field name → resolved type annotation of a dataclass config."""
+    return typing.get_type_hints(cls)
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    """A ConfigError naming the field when `value` does not have the annotated type (a config file's
+    ``"timesteps": "fifty"`` or ``"layers": [["x"]]``), before any code uses it."""
+    if value is None or _fits(value, hint):
+        return
+    shown = repr(value)
+    raise ConfigError(name, f"must be {_describe(hint)}, got {shown if len(shown) <= 60 else shown[:57] + '...'}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or isinstance(hint, TypeVar):
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint in (list, tuple) or origin in (list, tuple):
+        inner = [a for a in args if a is not Ellipsis]
+        return isinstance(value, (list, tuple)) and (not inner or all(_fits(v, inner[0]) for v in value))
+    if hint is dict or origin is dict:
+        return isinstance(value, Mapping) and (not args or all(_fits(k, args[0]) and _fits(v, args[1])
+                                                                 for k, v in value.items()))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, (str, os.PathLike))
+    return not isinstance(hint, type) or isinstance(value, hint)  # Literal and the like: not checked here
+
+
+def _describe(hint: Any, plural: bool = False) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a, plural) for a in args if a is not type(None))
+    if hint in (list, tuple) or origin in (list, tuple):
+        inner = [a for a in args if a is not Ellipsis]
+        return ("lists" if plural else "a list") + (f" of {_describe(inner[0], True)}" if inner else "")
+    if hint is dict or origin is dict:
+        return ("mappings" if plural else "a mapping") + (
+            f" of {_describe(args[0], True)} to {_describe(args[1], True)}" if args else "")
+    names = {bool: ("true or false", "true or false"), int: ("a whole number", "whole numbers"),
+             float: ("a number", "numbers"), str: ("a string", "strings")}
+    if hint in names:
+        return names[hint][plural]
+    return getattr(hint, "__name__", str(hint))
 
 
 def _check_value(name: str, v: Any, meta: Mapping[str, Any]) -> None:
@@ -309,7 +414,12 @@ class RunFolder:
     `owned` lists the run's own file and folder names (glob patterns, relative to the folder); with
     ``overwrite`` they, the marker and the checkpoints are removed and nothing else is. A folder that is
     neither empty nor marked as a difffeat run of this `kind` is never written to.
+
+    One process works on a run at a time: `lock` takes the folder's lock (``.lock``, `difffeat.lock.FolderLock`) for
+    as long as the caller trains, and looking at a folder whose lock is held refuses at once, naming the holder.
     """
+
+    LOCK = ".lock"
 
     def __init__(self, path: str | os.PathLike, kind: str, config: Mapping[str, Any] | Config, *,
                  resume: bool = False, overwrite: bool = False, owned: Iterable[str] = (),
@@ -326,16 +436,18 @@ class RunFolder:
         self.marker = marker
         self.owned = (marker, CHECKPOINTS, *owned)
         self.extra = dict(extra or {})
-        self.overwrite = overwrite
+        self.overwrite, self.resume = overwrite, resume
         self.continuing = self._look(resume=resume, overwrite=overwrite)
 
     # -- looking
-    def _look(self, *, resume: bool, overwrite: bool) -> bool:
+    def _look(self, *, resume: bool, overwrite: bool, probe: bool = True) -> bool:
         path = self.path
         if path.exists() and not path.is_dir():
             raise UserError(f"{path}: exists and is not a folder")
-        if not path.is_dir() or not any(path.iterdir()):
+        if not path.is_dir() or not any(p.name != self.LOCK for p in path.iterdir()):
             return False
+        if probe:
+            self._refuse_if_locked()
         saved = self.saved()
         if saved is None:
             raise UserError(f"{path}: folder is not empty and is not a difffeat {self.kind} run; difffeat "
@@ -388,7 +500,47 @@ class RunFolder:
     def started(self) -> bool:
         """Whether the run has written anything beyond its marker (a fresh marker alone is a run another
         process of this launch just created)."""
-        return any(p.name != self.marker for p in self.path.iterdir())
+        return any(p.name not in (self.marker, self.LOCK) for p in self.path.iterdir())
+
+    def _refuse_if_locked(self) -> None:
+        """Refuse, naming the holder, when another process holds the run's lock (a probe that takes nothing: every
+        process of a launch looks at once, before the main one takes the lock)."""
+        from difffeat.lock import FolderLock, fcntl
+
+        file = self.path / self.LOCK
+        if fcntl is None or not file.is_file():
+            return  # without flock the lock itself (`lock`) decides
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            held = False
+        except OSError:
+            held = True
+        finally:
+            os.close(fd)
+        if held:  # taking it says who holds it, in the lock's own words; should it be free by now, let go again
+            FolderLock(file, f"the {self.kind} run {self.path}").acquire().release()
+
+    def lock(self):
+        """Take the run's lock (`difffeat.lock.FolderLock` on ``.lock``) for as long as this process works on the
+        run; the caller releases it. A second process (another ``--resume`` of the same run) is refused with one
+        line naming the holder. Taken on the main process, before `create`; the folder is looked at again under the
+        lock, since another process may have changed it meanwhile."""
+        from difffeat.lock import FolderLock
+
+        mkdir(self.path)
+        lock = FolderLock(self.path / self.LOCK, f"the {self.kind} run {self.path}").acquire()
+        try:
+            if self._look(resume=self.resume, overwrite=self.overwrite, probe=False) != self.continuing:
+                raise UserError(f"{self.path}: another process changed this {self.kind} run while this one started; "
+                                "start it again")
+        except BaseException:
+            lock.release()
+            raise
+        return lock
 
     # -- changing
     def create(self) -> RunFolder:

@@ -116,6 +116,9 @@ class ExtractRunConfig(Config):
         "out", "batch_size", "shard_size", "workers", "background_write", "background_decode", "compile",
         "compile_backend", "compile_mode", "channels_last", "pad_batches", "attention_backend", "max_memory")
     SHARDING: ClassVar[tuple[str, ...]] = ("shard_index", "num_shards")
+    # The data set the images came from (layout, root, split): the store records it for train-seg and eval-seg;
+    # a repeated run reads the images named by `images` again.
+    recorded_fields: ClassVar[tuple[str, ...]] = ("data",)
 
     def __post_init__(self):
         if isinstance(self.batch_size, str) and self.batch_size.strip().isdigit():  # "16" from the command line

@@ -46,6 +46,9 @@ FORMAT = "difffeat-store/1"
 KIND = "feature store"
 MANIFEST = "manifest.json"
 SHARDS = "shards"
+# Written first and removed last by `difffeat store merge` (`difffeat.store_merge`): a store holding it is a merge
+# that has not finished (a killed one looks whole otherwise), which no reader accepts and `--resume` finishes.
+MERGING = "merge-unfinished.json"
 DTYPES = ("float32", "float16")
 # Copied from the config to the top level of `FeatureStore.manifest`, where the API contract promises them.
 MANIFEST_SHORTCUTS = ("model", "layers", "timesteps", "seed", "techniques", "variants", "resolution")
@@ -100,6 +103,9 @@ def _read_manifest(path: Path) -> dict:
     """The parsed manifest of the store at `path`; UserError when `path` is not a store, or when the manifest's
     config no longer matches its hash (an edited or damaged manifest describes features it did not make)."""
     file = path / MANIFEST
+    if (path / MERGING).is_file():
+        raise UserError(f"{path}: an unfinished store merge (it was interrupted; {MERGING} is still there), not a "
+                        f"store yet: finish it with `difffeat store merge {path} STORE… --resume` (the same stores)")
     if not file.is_file():
         raise UserError(f"{path}: not a difffeat feature store (no {MANIFEST})")
     try:

@@ -14,18 +14,24 @@ to what a single run over all images would have written, key for key:
 - a key in two stores is an error naming the key and both stores; failure records are copied (they are
   appended to by a resumed run, so they are not shared); shard checksums are in the shard headers and so
   carried over as they are (``verify=True`` checks them first);
-- a source still being written (its lock taken) is refused.
+- a source still being written (its lock taken) is refused;
+- the merge is atomic for readers: a record of it (``merge-unfinished.json``) is written before anything else and
+  removed after the manifest, so no reader (`FeatureStore`, ``inspect --verify``, ``train-seg``) accepts a merge
+  that was killed half-way, and ``--resume`` (the same stores) finishes it into what an uninterrupted merge makes.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from difffeat.errors import UserError
+from difffeat.run import RunFolder
 
 CROSS_DEVICE = (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK)
 
@@ -102,19 +108,70 @@ def _sources_report(store: Path) -> dict | None:
     return report if isinstance(report, dict) else None
 
 
+def _unfinished(out: Path) -> dict | None:
+    """The record an unfinished merge left in `out` (what its manifest was going to be), None when there is none."""
+    from difffeat.store import MERGING
+
+    try:
+        saved = json.loads((out / MERGING).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+class _MergeFolder(RunFolder):
+    """The merged store as a run folder (`difffeat.run.RunFolder`'s rules): an unfinished merge counts as a store of
+    the config its record names, so that ``resume`` finishes it (the same stores only) and ``overwrite`` replaces it."""
+
+    def saved(self) -> dict | None:
+        unfinished = _unfinished(self.path)
+        return unfinished if unfinished is not None else super().saved()
+
+
+def _clear_leftovers(out: Path) -> None:
+    """A merge killed before its record was written leaves a folder holding only its lock file and temporary files:
+    with the lock taken over (refused while a process holds it), those of processes that are gone are removed, so
+    the folder is empty again. A folder holding anything else is left as it is."""
+    from difffeat.lock import FolderLock, pid_alive
+
+    if not out.is_dir():
+        return
+    entries = list(out.iterdir())
+    locks = [p for p in entries if p.name.startswith(".lock-r")]
+    temp = {p: int(m[1]) for p in entries if p.name.startswith(".") and (m := re.search(r"\.tmp-(\d+)", p.name))}
+    if not entries or len(locks) + len(temp) != len(entries):
+        return
+    held = []
+    try:
+        for lock in locks:
+            held.append(FolderLock(lock, f"the feature store {out}").acquire())
+        for p, pid in temp.items():
+            if pid != os.getpid() and not pid_alive(pid):
+                p.unlink(missing_ok=True)
+    finally:
+        for lock in held:
+            lock.release()
+
+
 def merge_stores(out: str | os.PathLike, stores: Sequence[str | os.PathLike], overwrite: bool = False,
-                 symlink: bool = False, verify: bool = False, progress: bool = False) -> dict:
+                 symlink: bool = False, verify: bool = False, progress: bool = False, resume: bool = False) -> dict:
     """Merge `stores` into the new store `out` (see the module doc); returns what was done (also OUT/report.json).
-    `progress` shows a bar over the source shards as their keys are read (and, with `verify`, their bytes)."""
+    `progress` shows a bar over the source shards as their keys are read (and, with `verify`, their bytes).
+
+    The merge is atomic for readers: its record (`difffeat.store.MERGING`) is written before anything else and
+    removed after the manifest, so a merge killed at any point is refused by every reader, and `resume` (the same
+    stores) finishes it: the result equals an uninterrupted merge. `resume` on a finished merge of the same stores
+    changes nothing."""
     from tqdm.auto import tqdm
 
-    from difffeat.atomic import write_json_atomic
+    from difffeat.atomic import write_atomic, write_json_atomic
     from difffeat.lock import FolderLock
-    from difffeat.run import RunFolder, is_inside, mkdir
+    from difffeat.run import is_inside, mkdir, read_json
     from difffeat.store import (
         FORMAT,
         KIND,
         MANIFEST,
+        MERGING,
         OWNED,
         SHARDS,
         check_shard,
@@ -156,38 +213,68 @@ def merge_stores(out: str | os.PathLike, stores: Sequence[str | os.PathLike], ov
             owner[key] = store
         plan.append((store, rank, index, file))
 
-    folder = RunFolder(out, KIND, config, overwrite=overwrite, owned=OWNED, marker=MANIFEST, ignore=(), format=FORMAT,
-                       extra={"merged_from": [str(s.resolve()) for s in sources]})
+    merged_from = [str(s.resolve()) for s in sources]
+    _clear_leftovers(out)
+    unfinished = _unfinished(out) if out.is_dir() else None
+    if unfinished is not None and not (resume or overwrite):
+        raise UserError(f"{out}: holds an unfinished store merge (it was interrupted); finish it (--resume, with the "
+                        "same stores) or replace it (--overwrite)")
+    folder = _MergeFolder(out, KIND, config, resume=resume, overwrite=overwrite, owned=OWNED, marker=MANIFEST,
+                          ignore=(), format=FORMAT, extra={"merged_from": merged_from})
+    if folder.continuing:
+        if "merged_from" not in (folder.saved() or {}):
+            raise UserError(f"{out}: holds a feature store that is not a merge; replace it (--overwrite) or choose "
+                            "another folder")
+        folder.check_saved(merged_from=merged_from)  # the same stores, in the same order
+        if unfinished is None:  # finished already: nothing to do but let go of a lock a killed merge left
+            for lock in out.glob(".lock-r*"):
+                FolderLock(lock, f"the feature store {out}").acquire().release()
+            return {**read_json(out / "report.json", "merge report"), "already_merged": True}
+
+    new_rank: dict[tuple[Path, int], int] = {}
+    for store in sources:  # every source rank with shards or failure records gets the next free rank
+        ranks = sorted({r for s, r, _, _ in plan if s == store} | {r for r, _ in failure_files(store)})
+        for r in ranks:
+            new_rank[(store, r)] = len(new_rank)
+    record = folder.marker_content()  # the manifest to be: written first as the record, last as the manifest
     existed = out.exists()
     mkdir(out)
     try:
         with FolderLock(out / ".lock-r000", f"the feature store {out}"):
-            folder.create()
-            new_rank: dict[tuple[Path, int], int] = {}
-            for store in sources:  # every source rank with shards or failure records gets the next free rank
-                ranks = sorted({r for s, r, _, _ in plan if s == store} | {r for r, _ in failure_files(store)})
-                for r in ranks:
-                    new_rank[(store, r)] = len(new_rank)
-            kinds: set[str] = set()
+            folder.remove_stale_temp_files()  # a killed merge's half-written files
+            write_json_atomic(out / MERGING, record)  # from here on no reader takes the folder for a store
             try:
+                folder.remove_owned()  # an old store being replaced, or what the unfinished merge had done
+                kinds: set[str] = set()
                 shards_dir = mkdir(out / SHARDS)
                 for store, rank, index, file in plan:
                     kinds.add(_link(file, shards_dir / shard_name(new_rank[(store, rank)], index), symlink))
                 for store in sources:
                     for rank, file in failure_files(store):
-                        (out / failures_name(new_rank[(store, rank)])).write_bytes(file.read_bytes())
+                        write_atomic(out / failures_name(new_rank[(store, rank)]), file.read_bytes())
+                report = _report(sources, manifests, plan, owner, new_rank, kinds, t0)
+                write_json_atomic(out / "report.json", report)
+                write_json_atomic(out / MANIFEST, record)
+                (out / MERGING).unlink()  # the store is whole
             except BaseException:
-                folder.remove_owned()  # the store this merge began (a new folder, or one it was told to overwrite)
+                folder.remove_owned()  # the store this merge began, then its record
+                (out / MERGING).unlink(missing_ok=True)
                 raise
     except BaseException:
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
+    return report
+
+
+def _report(sources: list[Path], manifests: list[dict], plan: list, owner: dict[str, Path],
+            new_rank: dict[tuple[Path, int], int], kinds: set[str], t0: float) -> dict:
+    """What the merge did (OUT/report.json), with the sources' own speed and memory."""
     reports = [_sources_report(s) for s in sources]
     seconds = [r.get("seconds") for r in reports if r and isinstance(r.get("seconds"), (int, float))]
     peaks = [r.get("peak_memory_bytes") for r in reports if r and isinstance(r.get("peak_memory_bytes"), int)]
     extracted = sum(r.get("extracted", 0) for r in reports if r)
-    report = {
+    return {
         "merged_from": [{"store": str(s), "shards": sum(1 for p in plan if p[0] == s),
                          "images": sum(1 for k in owner.values() if k == s),
                          "ranks": {str(r): n for (src, r), n in new_rank.items() if src == s}} for s in sources],
@@ -201,8 +288,6 @@ def merge_stores(out: str | os.PathLike, stores: Sequence[str | os.PathLike], ov
         "peak_memory_bytes": max(peaks) if peaks else None,
         "merge_seconds": round(time.perf_counter() - t0, 3),
     }
-    write_json_atomic(out / "report.json", report)
-    return report
 
 
 # ----------------------------------------------------------------------------------------------- commands
@@ -211,7 +296,11 @@ def _cmd_merge(args) -> None:
 
     watch = Stopwatch()
     report = merge_stores(args.out, args.stores, overwrite=args.overwrite, symlink=args.symlink, verify=args.verify,
-                          progress=not args.quiet)
+                          progress=not args.quiet, resume=args.resume)
+    if report.get("already_merged"):
+        print(f"store merge: {args.out} already holds this merge of {len(args.stores)} stores ({report['images']} "
+              "images); nothing to do")
+        return
     links = " and ".join(report["links"])
     for note in report["notes"]:
         print(f"  note: {note}")
@@ -241,6 +330,7 @@ def add_store_commands(sub) -> None:
     p.add_argument("--symlink", action="store_true", help="link by name where a hard link is impossible (another "
                                                           "file system); OUT then needs the sources in place")
     p.add_argument("--verify", action="store_true", help="check every source shard against its checksum first")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted merge into OUT (the same stores)")
     p.add_argument("--overwrite", action="store_true", help="replace a store in OUT (its own files only)")
     p.set_defaults(func=_cmd_merge)
     p = store.add_parser("parquet", help="write a store as Parquet files for datasets.load_dataset / push_to_hub")

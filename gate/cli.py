@@ -18,12 +18,11 @@ from pathlib import Path
 def _config(args):
     from difffeat.config_cli import config_from_args
     from difffeat.errors import UserError
-    from difffeat.run import read_saved_config
     from gate.candidates import read_candidates
     from gate.config import GateConfig
 
     if args.config:
-        cfg = GateConfig.from_dict(read_saved_config(args.config))
+        cfg = GateConfig.from_run(args.config)  # checked for kind and field types, like every repeated run
         if args.images:
             cfg.images = args.images
         if args.candidates:

@@ -339,3 +339,13 @@ def test_a_layout_names_the_profile_whose_tail_ids_number_its_classes():
         chosen = profile(cls.profile)
         assert chosen["num_classes"] == len(cls.class_names)
         assert max(chosen["memory_bank"]["tail_classes"]) < len(cls.class_names)
+
+
+@pytest.mark.slow
+def test_a_layout_store_repeats_from_its_manifest(chains, tmp_path):
+    """The recorded data set is not a setting: `extract --config MANIFEST` reads the images named again."""
+    from difffeat.runner import ExtractRunConfig
+
+    store = Path(chains["ade20k"][1]["val"])
+    cfg = ExtractRunConfig.from_run(store / "manifest.json", out=str(tmp_path / "again"))
+    assert cfg.images.startswith("ade20k:") and cfg.images.endswith(":val") and cfg.out == str(tmp_path / "again")

@@ -19,6 +19,11 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "dif
                 "pytorch_model.bin", "diffusion_pytorch_model.safetensors.index.json",
                 "model.safetensors.index.json", "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors")
 
+# What a model folder may name as a component's library (model_index.json): anything else is code the folder brings.
+TRUSTED_LIBRARIES = ("diffusers", "transformers")
+# Weight files that are pickles: loading one unpickles it, which can run code.
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+
 MODELS: dict[str, Callable[[], object]] = {}
 
 
@@ -81,6 +86,45 @@ def _register_presets() -> None:
 _register_presets()
 
 
+def check_trusted_folder(path: Path) -> None:
+    """Refuse, in one line and before anything loads, a local diffusers folder (a pipeline, or one model such as a
+    ControlNet) that would run what it brings: a component class from another library than diffusers or
+    transformers (custom code named in ``model_index.json``), a pipeline class diffusers does not have (a custom
+    pipeline), or weights given only as pickles (``.bin`` and the like, without safetensors beside them)."""
+    import diffusers
+
+    folders = [path]
+    index_file = path / "model_index.json"
+    if index_file.is_file():
+        try:
+            index = json.loads(index_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{index_file}: unreadable ({_first_line(e)})") from None
+        if not isinstance(index, dict):
+            raise UserError(f"{index_file}: not a diffusers model index (expected a JSON object)")
+        pipeline = index.get("_class_name")
+        if pipeline is not None and not (isinstance(pipeline, str) and hasattr(diffusers, pipeline)):
+            raise UserError(f"{index_file}: names the pipeline class {pipeline!r}, which diffusers does not have "
+                            "(custom code); difffeat runs no code a model folder brings")
+        for name, spec in index.items():
+            if name.startswith("_") or not isinstance(spec, list) or not spec or spec[0] is None:
+                continue
+            if spec[0] not in TRUSTED_LIBRARIES:
+                cls = spec[1] if len(spec) > 1 else "?"
+                raise UserError(f"{index_file}: component {name!r} comes from {spec[0]}.{cls}, custom code, not "
+                                f"{' or '.join(TRUSTED_LIBRARIES)}; difffeat runs no code a model folder brings")
+            folders.append(path / name)
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        pickles = [p for p in files if p.suffix in PICKLE_SUFFIXES]
+        if pickles and not any(p.name.endswith((".safetensors", ".safetensors.index.json")) for p in files):
+            raise UserError(f"{pickles[0]}: pickled weights, not loaded (unpickling can run code); give the model as "
+                            "safetensors (diffusers: save_pretrained(..., safe_serialization=True) where the file "
+                            "is trusted)")
+
+
 def check_pipeline_folder(path: Path, given: tuple[str, ...] = ()) -> dict:
     """Raise a UserError naming what is missing from a diffusers pipeline folder; return its index.
 
@@ -119,6 +163,7 @@ def _from_folder(path: Path, dtype=None, **components):
     """The pipeline in a diffusers folder; `components` (e.g. ``transformer=``) replace the folder's own."""
     from diffusers import DiffusionPipeline
 
+    check_trusted_folder(path)
     index = check_pipeline_folder(path, given=tuple(components))
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
     # Components the folder declares absent ([null, null], e.g. SD3 without T5) must be passed as None to load.
@@ -137,6 +182,8 @@ def _from_single_file(path: Path, config: str | os.PathLike | None, dtype=None):
     transformer's weights (the other components come from the folder); otherwise a whole pipeline, tried as
     SD-1/2, SDXL, SD3 then FLUX."""
     config = None if config is None else os.fspath(config)
+    if config and Path(config).expanduser().is_dir():
+        check_trusted_folder(Path(config).expanduser())  # before its index names a module to import
     transformer = _transformer_class(Path(config).expanduser()) if config else None
     if transformer is not None:
         return _transformer_from_single_file(path, Path(config).expanduser(), transformer, dtype)

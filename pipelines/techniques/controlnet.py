@@ -72,6 +72,9 @@ def _controlnet_class(source: str, pipe) -> str:
     backbone = type(dit.denoiser(pipe)).__name__
     path = Path(os.path.expanduser(source))
     if path.exists():
+        from difffeat.zoo.registry import check_trusted_folder
+
+        check_trusted_folder(path)  # custom code or pickled weights: refused before anything is read from it
         if not (path / "config.json").exists():
             raise UserError(f"{path}: not a diffusers ControlNet folder (no config.json)")
         name = json.loads((path / "config.json").read_text()).get("_class_name", "ControlNetModel")
