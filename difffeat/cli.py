@@ -25,14 +25,33 @@ COMMAND_GROUP = "difffeat.commands"
 
 def _cmd_data_synth(args) -> None:
     from difffeat.progress import Stopwatch
+    from difffeat.run import check_seed
 
+    check_seed(args.seed)  # before the set's folder is made
     watch = Stopwatch()
+    if args.task == "corr":
+        from difffeat.data.synth_corr import synthesize_corr
+
+        if args.layout not in (None, "spair"):
+            raise UserError(f"--layout {args.layout} is a segmentation layout; --task corr writes the spair layout")
+        if args.imbalance is not None:
+            raise UserError("--imbalance is for --task seg (the correspondence world cycles through its categories)")
+        out = synthesize_corr(args.out, n=args.n, seed=args.seed, sizes=args.sizes or "native",
+                              overwrite=args.overwrite, progress=not args.quiet)
+        classes = json.loads((out / "classes.json").read_text())
+        print(f"wrote the Shapes-LT correspondence world ({args.n} pairs, {sum(classes['images'].values())} images, "
+              f"sizes {classes['config']['sizes']}) to {out} in the spair layout (pairs {classes['pairs']})")
+        print(watch.finish_line(f"data synth --task corr: {args.n} pairs to {out}", count=args.n, unit="pairs"))
+        return
+    if args.layout == "spair":
+        raise UserError("--layout spair holds keypoint pairs: use --task corr")
+    imbalance = 100.0 if args.imbalance is None else args.imbalance
     if args.layout is None:
         from difffeat.data.shapes_lt import synthesize
 
         if args.sizes is not None:
             raise UserError("--sizes needs --layout (a plain Shapes-LT set is 64×64)")
-        out = synthesize(args.out, n=args.n, seed=args.seed, imbalance=args.imbalance, overwrite=args.overwrite,
+        out = synthesize(args.out, n=args.n, seed=args.seed, imbalance=imbalance, overwrite=args.overwrite,
                          progress=not args.quiet)
         classes = json.loads((out / "classes.json").read_text())
         print(f"wrote {args.n} Shapes-LT scenes to {out} (splits {classes['config']['splits']})")
@@ -40,7 +59,7 @@ def _cmd_data_synth(args) -> None:
         return
     from difffeat.data.synth_layouts import synthesize_layout
 
-    out = synthesize_layout(args.out, args.layout, n=args.n, seed=args.seed, imbalance=args.imbalance,
+    out = synthesize_layout(args.out, args.layout, n=args.n, seed=args.seed, imbalance=imbalance,
                             sizes=args.sizes, overwrite=args.overwrite, progress=not args.quiet)
     config = json.loads((out / "classes.json").read_text())["config"]
     print(f"wrote the Shapes-LT world ({args.n} scenes, sizes {config['sizes']}) to {out} in the {args.layout} "
@@ -135,10 +154,7 @@ def _extract_config(args):
     from difffeat.runner import ExtractRunConfig
 
     if args.config:  # a manifest.json or a bare config; only the image source and the output may change
-        try:
-            cfg = ExtractRunConfig.from_run(args.config, out=args.out)
-        except ConfigError as e:  # the value came from the file, not from a flag: name the file and the field
-            raise UserError(f"{args.config}: {e.field}: {e.reason}") from None
+        cfg = ExtractRunConfig.from_run(args.config, out=args.out)  # another command's config: one line naming it
         if args.images:
             cfg.images = args.images
         return _checked_techniques(cfg)
@@ -245,17 +261,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="data sets").add_subparsers(dest="data_command", required=True)
-    p = data.add_parser("synth", help="generate the Shapes-LT data set")
+    p = data.add_parser("synth", help="generate the Shapes-LT data set (or its correspondence world)")
     p.add_argument("out", help="output folder (must be empty unless --overwrite)")
-    p.add_argument("--n", type=int, default=1000, help="images in all (80/10/10 train/val/test)")
+    p.add_argument("--task", choices=("seg", "corr"), default="seg",
+                   help="seg: scenes with masks (default); corr: image pairs with keypoints in the SPair-71k layout")
+    p.add_argument("--n", type=int, default=1000,
+                   help="images in all (80/10/10 train/val/test); with --task corr: pairs in all (trn/val/test)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--imbalance", type=float, default=100.0, help="head/tail image-label ratio R")
+    p.add_argument("--imbalance", type=float, default=None, help="head/tail image-label ratio R (default 100)")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--layout", choices=_synth_layouts(), default=None,
+    p.add_argument("--layout", choices=[*_synth_layouts(), "spair"], default=None,
                    help="write the Shapes-LT world in this real data set's native layout and label encoding "
-                        "(default: the plain Shapes-LT set)")
+                        "(default: the plain Shapes-LT set; spair with --task corr)")
     p.add_argument("--sizes", choices=("mixed", "square", "native"), default=None,
-                   help="image sizes with --layout (default mixed; square for ddpm-seg; native = 64×64)")
+                   help="image sizes with --layout (default mixed; square for ddpm-seg; native = 64×64) or "
+                        "--task corr (default native)")
     p.set_defaults(func=_cmd_data_synth)
 
     zoo = sub.add_parser("zoo", help="built-in models").add_subparsers(dest="zoo_command", required=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from difffeat.data.layouts import ade20k, cityscapes, coco_stuff, ddpm_seg, hf, shapes_lt, voc  # noqa: F401 (registers)
+from difffeat.data.layouts import ade20k, cityscapes, coco_stuff, ddpm_seg, hf, shapes_lt, spair, voc  # noqa: F401 (registers)
 from difffeat.data.layouts.base import IGNORE, LAYOUTS, Layout, Sample, fitting_layouts, register_layout
 from difffeat.errors import UserError
 
