@@ -1,6 +1,6 @@
 """`difffeat report RUN_OR_STORE… --out report.html`: one self-contained page for a whole chain.
 
-It gathers what exists under the folders given — GATE runs, feature stores, segmentation and classification
+It gathers what exists under the folders given — GATE runs, sweeps, feature stores, segmentation and classification
 head runs, and folders holding them (a `difffeat demo` folder, a ``runs/`` folder) — and shows each as the
 section of its kind (`difffeat.report_sections`), after a table that compares every segmentation head. Folders
 are recognised by the marker difffeat writes (a run's ``config.json`` with ``"format": "difffeat-run/1"`` and
@@ -25,8 +25,8 @@ from difffeat.errors import UserError
 from difffeat.run import RUN_FORMAT, Config, ConfigError, check_new_file, option
 
 SKIP_FOLDERS = ("checkpoints", "shards")  # parts of a run, never runs themselves
-KIND_ORDER = ("gate", "store", "train-seg", "train-cls")
-KIND_NAMES = {"gate": "GATE", "store": "feature store", "train-seg": "segmentation head",
+KIND_ORDER = ("gate", "sweep", "store", "train-seg", "train-cls")
+KIND_NAMES = {"gate": "GATE", "sweep": "sweep", "store": "feature store", "train-seg": "segmentation head",
               "train-cls": "classification head"}
 
 
@@ -54,12 +54,15 @@ def classify(path: Path) -> tuple[str | None, dict | None]:
     from difffeat.report_sections.gate import is_gate_run
     from difffeat.report_sections.seg import is_seg_run
     from difffeat.report_sections.store import is_store
+    from difffeat.report_sections.sweep import is_sweep_run
 
     if is_store(path):
         return "store", None
     saved = _marker(path)
     marked = saved is not None and saved.get("format") == RUN_FORMAT
-    if marked and saved.get("kind") == "gate" or is_gate_run(path):
+    if marked and is_sweep_run(saved):  # a sweep writes a ranking.json too: its marker says what it is
+        return "sweep", saved
+    if marked and saved.get("kind") == "gate" or not marked and is_gate_run(path):
         return "gate", saved
     if is_seg_run(path, saved):
         return "train-seg", saved
@@ -115,11 +118,14 @@ def _section(found: Found, anchor: str, n_images: int):
     from difffeat.report_sections.page import Section, esc, note
     from difffeat.report_sections.seg import render_seg
     from difffeat.report_sections.store import render_store
+    from difffeat.report_sections.sweep import render_sweep
 
     shown = found.path.as_posix()
     try:
         if found.kind == "gate":
             return render_gate(found.path, anchor, shown)
+        if found.kind == "sweep":
+            return render_sweep(found.path, found.saved or {}, anchor, shown)
         if found.kind == "store":
             return render_store(found.path, anchor, shown, n_images=n_images)
         if found.kind == "train-seg":
@@ -174,6 +180,7 @@ def note_chain(found: list[Found]) -> str:
 
     kinds = {f.kind for f in found}
     steps = [("gate", "GATE ranked the candidate techniques by how closely img2img with each stays to the input"),
+             ("sweep", "a sweep probed which layer, timestep and technique variant give the best features"),
              ("store", "the feature store holds UNet features of the images under each chosen technique "
                        "(one variant each)"),
              ("train-seg", "segmentation heads were trained on those features and scored per class group"),

@@ -14,13 +14,16 @@ Batches depend only on (seed, step), and a run resumes from its last checkpoint 
 
 The output folder is a run folder of the spine (`difffeat.run.RunFolder`, kind "lora"): `config.json`,
 `losses.csv`, the weights, and while training the checkpoints (`difffeat.run.Checkpoints`: safetensors and
-JSON, never a pickle). A folder difffeat did not write (someone's LoRA) is never written into; a LoRA run of
-another config is replaced only with ``overwrite``; the same config resumes, or is done.
+JSON, never a pickle) and its lock (one process trains it at a time). Before anything is written, a model whose
+denoiser is not a UNet and a rank above every adapted layer's full rank are refused in one line (`check_adaptable`).
+A folder difffeat did not write (someone's LoRA) is never written into; a LoRA run of another config is replaced only
+with ``overwrite``; the same config resumes, or is done.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -30,7 +33,7 @@ import torch.nn.functional as F
 
 from difffeat.atomic import FILE_MODE
 from difffeat.errors import UserError
-from difffeat.run import CHECKPOINTS, RunFolder, refuse_pickled_checkpoints
+from difffeat.run import CHECKPOINTS, ConfigError, RunFolder, refuse_pickled_checkpoints
 from pipelines.recipe_config import CAPTION_STYLES, LoraTrainConfig  # noqa: F401
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -75,15 +78,55 @@ def _folded_state_dict(model) -> dict:
     return state
 
 
+def full_rank(module) -> int:
+    """The highest rank an update of `module`'s weight can have: min(out, in) of a linear layer, min(out, in·k·k /
+    groups) of a convolution (0 for anything else)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or weight is None:
+        return 0
+    return min(weight.shape[0], weight[0].numel())
+
+
+def _widest(model, pattern: str) -> int:
+    """The largest full rank among `model`'s modules whose dotted names match `pattern` (0: none match)."""
+    return max((full_rank(m) for name, m in model.named_modules() if re.fullmatch(pattern, name)), default=0)
+
+
+def check_adaptable(pipe, cfg: LoraTrainConfig) -> None:
+    """One line instead of a traceback (or hours of swapping) when the recipe cannot train this model: a denoiser
+    that is not a UNet (the recipe is the SD UNet's noise-prediction loss on its attention and conv layers), or a
+    rank above the full rank of every layer it adapts (a higher rank adds parameters, never expressiveness: rank
+    100000 is gigabytes of adapters on the mini model)."""
+    unet = getattr(pipe, "components", {}).get("unet")
+    if unet is None:
+        denoiser = next((type(v).__name__ for k, v in getattr(pipe, "components", {}).items()
+                         if k in ("transformer", "prior") and v is not None), type(pipe).__name__)
+        raise UserError(f"lora train: the denoiser of model {cfg.model} is a {denoiser}, not a UNet; the recipe "
+                        "trains SD-1.x/2.x/XL UNets only (a transformer LoRA trained elsewhere, in diffusers format, "
+                        "loads as --technique lora:DIR)")
+    names = "|".join(t.replace(".", r"\.") for t in UNET_TARGETS)
+    widest = _widest(unet, rf"^.*\.({names})$")
+    if cfg.text_lr > 0:
+        text = "|".join(TEXT_TARGETS)
+        widest = max(widest, _widest(pipe.text_encoder, rf"^.*\.({text})$"))
+    if cfg.rank > widest:
+        raise ConfigError("rank", f"must be ≤ {widest} for model {cfg.model} (the full rank of its widest adapted "
+                                  f"layer: a higher rank adds only memory), got {cfg.rank}")
+    conv_rank = cfg.conv_rank or cfg.rank
+    conv_widest = _widest(unet, rf"^.*\.({CONV_TARGETS})$")
+    if cfg.conv and conv_rank > conv_widest:
+        flag = "conv_rank" if cfg.conv_rank else "rank"
+        raise ConfigError(flag, f"must be ≤ {conv_widest} for the convolutions of model {cfg.model} (the full rank of "
+                                f"its widest adapted convolution), got {conv_rank}")
+
+
 def train_lora(cfg: LoraTrainConfig, progress: bool = True, overwrite: bool = False) -> Path:
     """Fit the LoRA, write `cfg.out/pytorch_lora_weights.safetensors` (+ config and losses); returns the folder.
 
     A finished run of the same config is not trained again; `overwrite` replaces a LoRA run of another config.
     `progress` shows a bar (rate and ETA); the last line printed sums the call up."""
-    from tqdm.auto import tqdm
-
     from difffeat import load_pipeline
-    from difffeat.data.images import BadImageError, resize_image, to_tensor
+    from difffeat.data.images import BadImageError, resize_image
     from difffeat.data.sources import ImageSource
     from difffeat.layers import native_resolution
     from difffeat.progress import Stopwatch
@@ -98,8 +141,11 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True, overwrite: bool = Fa
         print(watch.finish_line(f"lora train: {out} is trained already (use it as --technique lora:{out})"),
               flush=True)
         return out  # this run is finished
-    folder.create()
+    if cfg.conv_rank and not cfg.conv:
+        raise ConfigError("conv_rank", "sets the rank of the convolution adapters, which only --conv adds; add --conv "
+                                       "or leave it out")
     pipe = load_pipeline(cfg.model)
+    check_adaptable(pipe, cfg)  # before anything is written: another family, or a rank no layer can hold
     source = ImageSource(cfg.images)
     size = native_resolution(pipe)
     images, captions = [], []
@@ -111,6 +157,22 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True, overwrite: bool = Fa
         captions.append(_captions(source, item, cfg.captions))
     if not images:
         raise UserError(f"{cfg.images}: no images to train a LoRA on")
+    lock = folder.lock()  # one process trains this LoRA at a time
+    try:
+        folder.create()
+        return _fit(cfg, folder, pipe, images, captions, watch, progress)
+    finally:
+        lock.release()
+
+
+def _fit(cfg: LoraTrainConfig, folder: RunFolder, pipe, images: list, captions: list[list[str]], watch,
+         progress: bool) -> Path:
+    """The training of `train_lora` in its created (or continued) run folder."""
+    from tqdm.auto import tqdm
+
+    from difffeat.data.images import to_tensor
+
+    out, checkpoints = folder.path, folder.checkpoints
     samples = [(i, c) for i, caps in enumerate(captions) for c in caps]
     unet, text_encoder = pipe.unet, pipe.text_encoder
     unet.requires_grad_(False)

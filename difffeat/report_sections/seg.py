@@ -2,12 +2,16 @@
 per-class IoU as bars grouped head / middle / tail, the confusion matrix and the training curves; and one
 table comparing every head of the page (plain features against GATE-chosen ones, say).
 
-Read from the run folder: ``config.json`` (the config and the classes with their groups), ``metrics.json``
-(validation), ``eval-*/metrics.json`` and ``eval-*/confusion.png`` (`eval-seg`), ``curves.png``.
+Read from the run folder: ``config.json`` (the config, the classes with their groups, the identity of the stores it
+trained on), ``metrics.json`` (validation), ``eval-*/metrics.json`` and ``eval-*/confusion.png`` (`eval-seg`),
+``curves.png``; and where the run stands when it has not finished: ``status.json`` (why its last call stopped: a
+diverged loss, non-finite features) or its latest checkpoint. The stores it trained on are checked against what it
+recorded (`difffeat.store_identity`): still there, same features, same shards.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from difffeat.report_sections.page import (
@@ -122,15 +126,20 @@ def render_seg(path: Path, saved: dict, anchor: str, shown_as: str) -> Section:
     classes = saved.get("classes") or {}
     groups = classes.get("groups") or {}
     evals = evaluations(path, saved)
+    state = run_state(path, config)
     bank = " + memory bank" if config.get("memory_bank") else ""
     parts = [f"<p class='sub'>features <code>{esc(describe_features(config))}</code> · head "
              f"<b>{esc(config.get('head', '?'))}</b> · loss <b>{esc(config.get('loss', '?'))}</b>{bank}"
              + f" · {esc(config.get('iterations', '?'))} iterations, batch {esc(config.get('batch_size', '?'))}, "
              f"lr {esc(config.get('lr', '?'))}, seed {esc(config.get('seed', '?'))} · trained on "
              f"<code>{esc(config.get('split') or 'all keys')}</code></p>"]
+    if state is not None:
+        parts.append(note(state[1], "warn"))
+    stores = saved.get("stores") or []
     if evals:
-        rows = [[esc(label), *[pct(s.get(k)) for k, _ in SCORES], esc(s.get("images", ""))] for label, _, s in evals]
-        parts.append(table(["evaluation", *[f"{name} (%)" for _, name in SCORES], "images"], rows))
+        rows = [[esc(label), *[pct(s.get(k)) for k, _ in SCORES], esc(s.get("images", "")),
+                 esc(eval_features(stores, s))] for label, _, s in evals]
+        parts.append(table(["evaluation", *[f"{name} (%)" for _, name in SCORES], "images", "features"], rows))
         label, folder, scores = evals[0]
         parts.append("<div class='row'><div>")
         parts.append(img(iou_bars(scores, groups, f"per-class IoU, {label}"), "per-class IoU"))
@@ -141,9 +150,12 @@ def render_seg(path: Path, saved: dict, anchor: str, shown_as: str) -> Section:
             matrix = confusion_png(scores["confusion_matrix"], classes["names"])
             parts.append(img(matrix, "confusion matrix", width=520))
         parts.append("</div></div>")
-    else:
-        parts.append(note("No scores yet: the run has no metrics.json (train with --val-split, or run eval-seg).",
-                          "warn"))
+    elif state is None:
+        parts.append(note("No scores: the run finished without a validation split (train with --val-split, or score "
+                          "it with eval-seg).", "warn"))
+    if stores:
+        parts.append("<h3>Feature stores</h3>" + table(["store", "at training", "now"], [
+            [f"<code>{esc(r.get('path', '?'))}</code>", esc(_recorded(r)), esc(store_now(r))] for r in stores]))
     if (path / "curves.png").is_file():
         parts.append("<h3>Training</h3>" + img_file(path / "curves.png", "training curves"))
     main = evals[0][2] if evals else {}
@@ -151,8 +163,79 @@ def render_seg(path: Path, saved: dict, anchor: str, shown_as: str) -> Section:
             "head": config.get("head"), "iterations": config.get("iterations"), "seed": config.get("seed"),
             "evaluation": evals[0][0] if evals else None, "scores": {k: main.get(k) for k, _ in SCORES}}
     overview = (f"{evals[0][0]}: mIoU {pct(main.get('miou'))} (head {pct(main.get('miou_head'))}, middle "
-                f"{pct(main.get('miou_middle'))}, tail {pct(main.get('miou_tail'))})") if evals else "no scores yet"
+                f"{pct(main.get('miou_middle'))}, tail {pct(main.get('miou_tail'))})") if evals else \
+        state[0] if state is not None else "no scores (no validation split; run eval-seg)"
     return Section("train-seg", f"Segmentation head · {shown_as}", anchor, "\n".join(parts), overview, data)
+
+
+def run_state(path: Path, config: dict) -> tuple[str, str] | None:
+    """(overview, note) saying where a run stands that has not finished cleanly: stopped by an error (its status
+    file), or interrupted / stopped early (its latest checkpoint, or none); None for a finished run."""
+    total = config.get("iterations", "?")
+    resume = f"difffeat train-seg --config {path.as_posix()}/config.json --out {path.as_posix()} --resume"
+    status = read_json_or(path / "status.json")
+    latest = read_json_or(path / "checkpoints" / "latest.json")
+    step = latest.get("step") if isinstance(latest, dict) else None
+    if isinstance(status, dict) and status.get("state") == "stopped":
+        where = f"latest checkpoint at iteration {step} of {total}" if step else "no checkpoint was written"
+        return (f"stopped: {str(status.get('reason', '?'))[:80]}",
+                f"Stopped before the end: {status.get('reason', '?')} ({where}). Fix the cause (a lower --lr, or "
+                "the features), then train again (--overwrite, or another --out).")
+    if (path / "model.safetensors").is_file():
+        return None
+    if step is None:
+        return ("not started: no checkpoint yet", f"Unfinished: no checkpoint yet of {total} iterations (the run "
+                f"stopped before its first checkpoint); continue it with `{resume}`.")
+    name = str(latest.get("dir", ""))  # read from a file: only a checkpoint folder of this run
+    loss = _last_loss(path / "checkpoints" / name / "state.json") if re.fullmatch(r"step-\d+", name) else None
+    said = f"; last logged loss {loss:.4g}" if loss is not None else ""
+    return (f"unfinished: iteration {step} of {total}", f"Unfinished: trained to iteration {step} of {total} (its "
+            f"latest checkpoint{said}; interrupted, or stopped with --stop-after); continue it with `{resume}`.")
+
+
+def _last_loss(state_file: Path) -> float | None:
+    state = read_json_or(state_file)
+    history = state.get("history") if isinstance(state, dict) else None
+    losses = [h["loss"] for h in history or [] if isinstance(h, dict) and isinstance(h.get("loss"), (int, float))]
+    return float(losses[-1]) if losses else None
+
+
+def _recorded(record: dict) -> str:
+    if "features_hash" not in record:
+        return "not recorded (a run made before stores were pinned)"
+    return f"{record.get('images', '?')} images, model {record.get('model', '?')}, t {record.get('timesteps', '?')}"
+
+
+def store_now(record: dict) -> str:
+    """The store a run recorded, as it is now: unchanged, changed (how), or gone."""
+    from difffeat.errors import UserError
+    from difffeat.store_identity import changed_since
+
+    if "features_hash" not in record:
+        return "not checked"
+    path = next((p for p in (record.get("resolved"), record.get("path")) if p and Path(p).is_dir()), None)
+    if path is None:
+        return "missing: no store there any more"
+    try:
+        why = changed_since(record, path)
+    except UserError as e:
+        return f"unreadable: {e}"
+    return f"changed since training: {why}" if why else "unchanged since training ✔"
+
+
+def eval_features(stores: list[dict], scores: dict) -> str:
+    """Whether an evaluation scored features extracted as the run's training stores were ("–": not recorded)."""
+    from difffeat.run import differing_fields
+
+    given = scores.get("stores")
+    if not isinstance(given, list) or not stores or any("features_hash" not in r for r in stores):
+        return "–"
+    for trained, scored in zip(stores, given):
+        scored = scored if isinstance(scored, dict) else {}
+        if scored.get("features_hash") != trained["features_hash"]:
+            differ = differing_fields(trained.get("features") or {}, scored.get("features") or {})
+            return f"other features ({', '.join(differ) or '?'})"
+    return "as trained ✔"
 
 
 def comparison(sections: list[Section]) -> str:

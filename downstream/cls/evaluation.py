@@ -18,6 +18,7 @@ import torch
 
 from difffeat.errors import UserError
 from difffeat.run import RunFolder, read_json
+from difffeat.store_identity import check_same_features
 from downstream.cls.config import ClsTrainConfig, EvalClsConfig
 from downstream.cls.data import ClsData, SourceSpec, check_test_classes, load_split
 from downstream.cls.dirmixe import EXPERT_NAMES, aggregate, test_time_aggregation
@@ -267,6 +268,8 @@ def eval_cls(run: str | os.PathLike, features: Sequence[str], labels: str, *, sp
     test = load_split(features, labels, split=split, explicit=split is None, names=saved["classes"]["names"],
                       layers=config.layers, sources=config.sources, pool_grid=config.pool_grid, specs=specs)
     test = check_test_classes(test, counts, labels, drop_unseen)
+    # Features of the run's shapes may still come from another extraction: a head scores only the features it learned.
+    check_same_features(saved.get("stores"), request.features, run)
     name = (split or Path(labels).stem).strip("/").replace("/", "-")
     out = Path(out) if out else Path(run) / f"eval-{name}"
     folder = RunFolder(out, EVAL_KIND, request, resume=True, overwrite=overwrite, owned=EVAL_FILES)

@@ -16,6 +16,8 @@ Batches are a pure function of (seed, epoch, position) and nothing else draws ra
 so a resumed run ends with the weights of an uninterrupted one. Under ``accelerate launch`` (or torchrun)
 process r of W takes batches r, r + W, … of each epoch's stream and the gradients are averaged
 (`parallel.GradientAverager`); one process computes exactly what a plain run does.
+A run is pinned to its stores (`difffeat.store_identity`: a resumed run whose store changed is refused, eval-cls
+refuses features extracted otherwise), and the main process holds the run folder's lock while it trains.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ import torch
 from tqdm.auto import tqdm
 
 from difffeat.errors import UserError
-from difffeat.run import RunFolder
-from difffeat.store import FeatureStore
+from difffeat.run import ConfigError, RunFolder
+from difffeat.store_identity import check_unchanged, store_record
 from downstream.cls.config import ClsTrainConfig
 from downstream.cls.data import ClsData, load_test_data, load_train_data
 from downstream.cls.drauc import DRAUCUpdater
@@ -97,11 +99,23 @@ def train_cls(config: ClsTrainConfig, *, accelerator=None, resume: bool = False,
                         "launch it without torchrun / accelerate")
     run = RunFolder(config.out, TRAIN_KIND, config, resume=resume, overwrite=overwrite, owned=(*RUN_FILES, "eval-*"))
     train, test, counts, tail, report = _load_data(config)
+    if run.continuing:  # a resumed run trains on the very stores it began on (same features, same shards)
+        check_unchanged((run.saved() or {}).get("stores"), config.features, run.path)
     accelerator.wait_for_everyone()  # every process has looked before the main one changes anything
-    if accelerator.is_main_process:
-        _create_run(run, config, train, counts, report)
-    accelerator.wait_for_everyone()
+    lock = run.lock() if accelerator.is_main_process else None  # one process trains this run at a time
+    try:
+        if accelerator.is_main_process:
+            _create_run(run, config, train, counts, report)
+        accelerator.wait_for_everyone()
+        return _train(run, config, train, test, counts, tail, accelerator, progress, stop_after)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _train(run: RunFolder, config: ClsTrainConfig, train: ClsData, test: ClsData | None, counts: np.ndarray,
+           tail: list[int], accelerator, progress: bool, stop_after: int | None) -> Path:
+    """The training loop of `train_cls`, in its created (or continued) run folder."""
     device, world = accelerator.device, accelerator.num_processes
     torch.manual_seed(config.seed)
     model = ClsModel([s.dim for s in train.specs], train.num_classes, config).to(device)
@@ -167,6 +181,11 @@ def _load_data(config: ClsTrainConfig) -> tuple[ClsData, ClsData | None, np.ndar
     if zero:
         warnings.warn(f"{config.labels}: classes {some(zero)} have no training samples; their prior is floored",
                       stacklevel=3)
+    _warn_spelled_alike(config, train.names, counts)
+    if config.method == "tkpr" and config.tkpr_k > train.num_classes - 1:
+        raise ConfigError("tkpr_k", f"must be ≤ {train.num_classes - 1} (the other classes of the "
+                                    f"{train.num_classes} there are: each sample ranks its class above the top K of "
+                                    f"them), got {config.tkpr_k}")
     test = load_test_data(config, train)
     eta, tail = tail_split(config, counts)
     report = {"train": {**train.report, "images": len(train)}, "test": test.report if test is not None else None,
@@ -174,10 +193,25 @@ def _load_data(config: ClsTrainConfig) -> tuple[ClsData, ClsData | None, np.ndar
     return train, test, counts, tail, report
 
 
+def _warn_spelled_alike(config: ClsTrainConfig, names: list[str], counts: np.ndarray) -> None:
+    """Classes come from the labels as written: a class of one sample spelled like another (``cirlce`` beside
+    ``circle``) is most likely a typo, said once, since it becomes a class of its own."""
+    import difflib
+
+    if config.classes is not None:  # the classes were listed: a label outside them is refused anyway
+        return
+    for c in np.flatnonzero(counts == 1):
+        name = str(names[c])
+        alike = difflib.get_close_matches(name, [str(n) for n in names if n != names[c]], n=1, cutoff=0.8)
+        if alike and not name.isdigit():
+            warnings.warn(f"{config.labels}: class {name!r} has one training sample and is spelled like "
+                          f"{alike[0]!r}; a typo in the labels? (each label as written is a class)", stacklevel=4)
+
+
 def _create_run(run: RunFolder, config: ClsTrainConfig, train: ClsData, counts: np.ndarray, report: dict) -> None:
     """Make the run folder; a new run also records its classes, sources and stores, and the data report."""
     groups = head_middle_tail(train.names, counts.tolist())
-    stores = [{"path": str(p), **{k: FeatureStore(p).manifest.get(k) for k in STORE_FIELDS}} for p in config.features]
+    stores = [store_record(p, STORE_FIELDS) for p in config.features]  # with their identity: resume / eval check it
     run.extra = {"classes": {"names": train.names, "train_counts": counts.tolist(), "groups": groups,
                              "prior": class_prior(counts).tolist()},
                  "sources": [s.to_dict() for s in train.specs], "stores": stores}

@@ -6,8 +6,11 @@ sees them); "original" scores as mmsegmentation does, at each mask's own size: f
 extraction's padding stripped and are resized to the mask's H × W (`difffeat.data.geometry.to_original`), then
 argmax; intersections and unions are summed over the whole split. It streams: one image's mask at a time.
 
-An evaluation writes ``metrics.json`` (scores, confusion matrix, what was evaluated) and ``confusion.png``
-into its own folder, ``RUN/eval-<split>`` by default, with its config; running it again replaces them.
+`eval_seg` refuses stores whose features were extracted otherwise than the run's training stores (another model,
+timestep, technique …; `difffeat.store_identity`); another split of the same data extracted the same way is the
+normal case. An evaluation writes ``metrics.json`` (scores, confusion matrix, what was evaluated, the identity of the
+stores scored) and ``confusion.png`` into its own folder, ``RUN/eval-<split>`` by default, with its config; running
+it again replaces them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from difffeat.data.geometry import to_original
 from difffeat.errors import UserError
 from difffeat.run import RunFolder, read_json
 from difffeat.store import FeatureStore
+from difffeat.store_identity import check_same_features, store_record
 from downstream.engine import load_trained_weights, make_accelerator
 from downstream.plots import save_confusion_png
 from downstream.seg.classes import SegClasses
@@ -121,6 +125,8 @@ def eval_seg(run: str | os.PathLike, features: list[str], masks: str | None = No
                                       "masks": None if masks is None else str(masks), **given})
     saved, model, classes = load_run(config.run)
     trained = saved["config"]
+    # A head scores only the features it learned: the stores given must be extracted as the training stores were.
+    check_same_features(saved.get("stores"), config.features, config.run)
     store_data = FeatureStore(config.features[0]).manifest.get("config", {}).get("data") or {}
     split = config.split or store_data.get("split")  # a store of one split: its eval folder is named by it
     out = Path(config.out) if config.out else Path(run) / f"eval-{(split or 'all').strip('/').replace('/', '-')}"
@@ -146,8 +152,8 @@ def eval_seg(run: str | os.PathLike, features: list[str], masks: str | None = No
     skipped = {"missing_masks": len(report["missing_masks"]) + len(report["missing_mask_files"]),
                "missing_features": len(report["missing_features"])}
     info = {"run": str(run), "split": split, "features": config.features, "masks": source or
-            dataset.targets.describe,
-            "images": len(dataset), "skipped": skipped}
+            dataset.targets.describe, "images": len(dataset), "skipped": skipped,
+            "stores": [store_record(s.path) for s in dataset.stores]}  # what was scored, for `report`
     if accelerator.is_main_process:
         folder.create()
         write_scores(folder, scores, matrix, classes, info)

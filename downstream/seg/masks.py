@@ -5,7 +5,9 @@ A mask root is an HF imagefolder / Shapes-LT root (its ``metadata.csv`` files ma
 turned into ``masks``, under the key's own relative path, or by its stem (``.png``).
 
 Keys come from a feature store and mask names from ``metadata.csv``: both are read from files, so every
-path they make is confined to the mask root (`difffeat.run.confine`). An image is never taken for its own
+name they make stays inside the mask root as written (`difffeat.run.confine_name`: no absolute name, no ``..`` out of
+it); symbolic links in the mask root are followed, as image discovery follows them (a data set assembled from links
+is its owner's choice, a name climbing out of it is not). An image is never taken for its own
 mask: a key's ``masks/`` twin is tried before the key's own path, and no file under an ``images`` folder,
 nor the very image the features came from, is ever a mask.
 """
@@ -20,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from difffeat.errors import UserError
-from difffeat.run import confine, is_inside
+from difffeat.run import confine_name, is_inside
 
 IGNORE_INDEX = 255
 IMAGES, MASKS = "images", "masks"
@@ -47,17 +49,16 @@ class MaskFinder:
         # Files under an images/ folder of the mask root are the images themselves, unless the features came
         # from a folder elsewhere (then the mask root may mirror its layout, images/ included).
         self.images_elsewhere = (self.image_root is not None and self.image_root.is_dir()
-                                 and not is_inside(self.image_root, self.root)
-                                 and not is_inside(self.root, self.image_root))
+                                 and not _inside(self.image_root, self.root)
+                                 and not _inside(self.root, self.image_root))
         self.prefix = ""
-        if image_root:
-            try:
-                rel = Path(image_root).resolve().relative_to(self.root.resolve())
-                self.prefix = "" if str(rel) == "." else rel.as_posix()
-            except (ValueError, OSError):
-                pass
+        if image_root:  # where the images lie in the mask root: as written (links kept), else as resolved
+            for rel in (_relative(image_root, self.root), _relative(Path(image_root).resolve(), self.root.resolve())):
+                if rel is not None:
+                    self.prefix = "" if rel == "." else rel
+                    break
         self.table: dict[str, Path] = {}  # image path relative to root → mask path (maybe missing on disk)
-        for meta in sorted(self.root.rglob("metadata.csv")):
+        for meta in _metadata_files(self.root):
             self._read_metadata(meta)
         self.suffixes: dict[tuple[str, ...], list[str]] = {}
         for key in self.table:
@@ -78,8 +79,8 @@ class MaskFinder:
             if row.get("file_name") and row.get("mask_file_name"):
                 key = (base / row["file_name"]).as_posix().removeprefix("./")
                 mask = (base / row["mask_file_name"]).as_posix()
-                confine(self.root, mask, what=f"{meta}: mask_file_name")  # refuses ../ and absolute names
-                self.table[key] = self.root / mask
+                # refuses ../ and absolute names
+                self.table[key] = confine_name(self.root, mask, what=f"{meta}: mask_file_name")
 
     def find(self, key: str) -> Path | None:
         """The mask file for image `key` (a listed one may be missing on disk), or None when there is none.
@@ -110,10 +111,10 @@ class MaskFinder:
     def _mask_file(self, relative: str, key: str) -> Path | None:
         """``root / relative`` when it is a file that may be a mask: inside the root, not an image."""
         try:
-            confine(self.root, relative)
+            confine_name(self.root, relative)
         except UserError:
             raise UserError(f"feature key {key!r}: its mask path {relative!r} leads outside the mask folder "
-                            f"{self.root} (a ../ or absolute key, or a symbolic link out of it); refusing it") from None
+                            f"{self.root} (a ../ or absolute key); refusing it") from None
         file = self.root / relative
         if IMAGES in path_parts(relative) and not self.images_elsewhere:
             return None
@@ -129,6 +130,32 @@ class MaskFinder:
             return image.is_file() and os.path.samefile(file, image)
         except OSError:
             return False
+
+
+def _metadata_files(root: Path) -> list[Path]:
+    """Every ``metadata.csv`` under `root`, in sorted order, following linked folders (each real folder once)."""
+    found, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        if "metadata.csv" in files:
+            found.append(Path(folder) / "metadata.csv")
+    return sorted(found)
+
+
+def _relative(path: str | os.PathLike, root: str | os.PathLike) -> str | None:
+    """`path` relative to `root` (POSIX, "." for the root itself) when it lies inside it as written, else None."""
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+    return None if rel == ".." or rel.startswith(".." + os.sep) else Path(rel).as_posix()
+
+
+def _inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether `path` lies in `folder` as written or once links are resolved."""
+    return _relative(path, folder) is not None or is_inside(path, folder)
 
 
 def read_mask(file: Path, size: tuple[int, int] | None, num_classes: int, ignore_index: int = IGNORE_INDEX,
