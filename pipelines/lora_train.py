@@ -5,11 +5,15 @@ a sentence), repeated; rank 64, alpha 32; learning rate 1e-4 for the UNet and 5e
 about 100 epochs. Here the tag-style caption is the image folder's `coarse_caption` column when there is
 one, the sentence its sidecar `.txt` or `fine_caption` column; styles an image lacks are left out.
 
-The adapters go on the UNet's attention projections (to_q/k/v/out) and the text encoder's (q/k/v/out_proj);
-with ``conv`` also on the UNet's convolutions (resnet conv1/conv2/shortcut, down/upsampler convs, with their
-own rank and alpha): LoCon, the kind of LoRA the paper trains with kohya. They are written in diffusers' LoRA
-format (`pytorch_lora_weights.safetensors`), which `lora:DIR` loads, each module's scale alpha/r folded into
-its up matrix (diffusers reads such a file with alpha = r, so the file gives exactly the trained model).
+The adapters go on the UNet's attention projections (to_q/k/v/out) and the text encoder's (q/k/v/out_proj).
+With ``conv`` they go on every module of LyCORIS's LoCon preset, the kind of LoRA the paper trains with kohya_ss
+(its guide's "sd15 - EDG_LoConOptiSettings": LyCORIS/LoCon, rank 64, conv rank 32, conv alpha 1): every Linear and
+Conv2d in the UNet's transformer, resnet and down/upsampling blocks (attention, proj_in/out, feed-forward,
+time_emb_proj, conv1/conv2, conv_shortcut, the samplers' convs) and in the text encoder's attention and MLP blocks
+(q/k/v/out_proj, fc1/fc2): 278 + 72 modules on SD-1.5. 3×3 convolutions take the conv rank and alpha (defaults 32
+and 1, the preset's), the rest (conv_shortcut and proj_in/out are 1×1) the linear ones. They are written in
+diffusers' LoRA format (`pytorch_lora_weights.safetensors`), which `lora:DIR` loads, each module's scale alpha/r
+folded into its up matrix (diffusers reads such a file with alpha = r, so the file gives exactly the trained model).
 Batches depend only on (seed, step), and a run resumes from its last checkpoint with the same result.
 
 The output folder is a run folder of the spine (`difffeat.run.RunFolder`, kind "lora"): `config.json`,
@@ -37,8 +41,12 @@ from difffeat.run import CHECKPOINTS, ConfigError, RunFolder, refuse_pickled_che
 from pipelines.recipe_config import CAPTION_STYLES, LoraTrainConfig  # noqa: F401
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-CONV_TARGETS = r"resnets\.\d+\.(conv1|conv2|conv_shortcut)|(down|up)samplers\.\d+\.conv"  # LoCon's convolutions
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# LoCon as LyCORIS presets it ("full" before LyCORIS 1.9 and its kohya network's default; kohya_ss's "LyCORIS/LoCon"):
+# every Linear and Conv2d inside these blocks. A 3×3 convolution takes the conv rank and alpha, a linear layer or 1×1
+# convolution (proj_in/out, conv_shortcut) the linear ones. On SD-1.5: 278 UNet modules, 72 text-encoder modules.
+LOCON_UNET_BLOCKS = ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")
+LOCON_TEXT_BLOCKS = ("CLIPAttention", "CLIPMLP")
 KIND = "lora"
 WEIGHTS = "pytorch_lora_weights.safetensors"
 LEGACY_CHECKPOINTS = ("checkpoint.pt",)  # the pickle of older versions: refused, never loaded
@@ -53,17 +61,42 @@ def _captions(source, item, styles: list[str]) -> list[str]:
     return list(dict.fromkeys(found[s] for s in styles if found.get(s) is not None))
 
 
-def _peft_config(rank: int, alpha: float, targets: list[str], conv_rank: int = 0, conv_alpha: float = 0.0):
-    """peft's config; with `conv_rank` the UNet's convolutions too (LoCon), at their own rank and alpha."""
+def locon_modules(model, blocks: tuple[str, ...]) -> dict[str, torch.nn.Module]:
+    """`model`'s Linear and Conv2d modules inside a module of a class named in `blocks` (or a subclass: CLIP's sdpa
+    attention is a CLIPAttention), by dotted name, in model order: what LyCORIS's LoCon adapts."""
+    found = {}
+    for name, block in model.named_modules():
+        if name and any(c.__name__ in blocks for c in type(block).__mro__):
+            for sub, module in block.named_modules():
+                if sub and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                    found.setdefault(f"{name}.{sub}", module)
+    return found
+
+
+def on_conv_rank(module) -> bool:
+    """LoCon's split: a convolution with a kernel wider than 1×1 takes the conv rank; linear layers and 1×1
+    convolutions (which are linear maps) take the linear rank."""
+    return isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
+
+
+def _targets(model, conv: bool, blocks: tuple[str, ...], names: list[str]) -> dict[str, torch.nn.Module]:
+    """The modules `model`'s adapters go on: the LoCon preset's with `conv`, else the attention projections."""
+    if conv:
+        return locon_modules(model, blocks)
+    pattern = re.compile(rf"^.*\.({'|'.join(re.escape(t) for t in names)})$")
+    return {n: m for n, m in model.named_modules() if pattern.fullmatch(n)}
+
+
+def _peft_config(rank: int, alpha: float, targets: dict[str, torch.nn.Module], conv_rank: int = 0,
+                 conv_alpha: float = 0.0):
+    """peft's config for the modules `targets`; those on the conv rank (`on_conv_rank`) at `conv_rank`/`conv_alpha`."""
     from peft import LoraConfig
 
-    if not conv_rank:
-        return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
-    names = "|".join(t.replace(".", r"\.") for t in targets)
-    conv = rf"^.*\.({CONV_TARGETS})$"
-    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                      target_modules=rf"^.*\.({names}|{CONV_TARGETS})$",
-                      rank_pattern={conv: conv_rank}, alpha_pattern={conv: conv_alpha or alpha})
+    exact = "|".join(re.escape(n) for n in targets)
+    convs = "|".join(re.escape(n) for n, m in targets.items() if on_conv_rank(m))
+    patterns = {rf"^({convs})$": conv_rank} if convs and conv_rank else {}
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=rf"^({exact})$",
+                      rank_pattern=patterns, alpha_pattern={k: conv_alpha for k in patterns})
 
 
 def _folded_state_dict(model) -> dict:
@@ -104,20 +137,17 @@ def check_adaptable(pipe, cfg: LoraTrainConfig) -> None:
         raise UserError(f"lora train: the denoiser of model {cfg.model} is a {denoiser}, not a UNet; the recipe "
                         "trains SD-1.x/2.x/XL UNets only (a transformer LoRA trained elsewhere, in diffusers format, "
                         "loads as --technique lora:DIR)")
-    names = "|".join(t.replace(".", r"\.") for t in UNET_TARGETS)
-    widest = _widest(unet, rf"^.*\.({names})$")
+    adapted = list(_targets(unet, cfg.conv, LOCON_UNET_BLOCKS, UNET_TARGETS).values())
     if cfg.text_lr > 0:
-        text = "|".join(TEXT_TARGETS)
-        widest = max(widest, _widest(pipe.text_encoder, rf"^.*\.({text})$"))
+        adapted += _targets(pipe.text_encoder, cfg.conv, LOCON_TEXT_BLOCKS, TEXT_TARGETS).values()
+    widest = max((full_rank(m) for m in adapted if not on_conv_rank(m)), default=0)
     if cfg.rank > widest:
         raise ConfigError("rank", f"must be ≤ {widest} for model {cfg.model} (the full rank of its widest adapted "
                                   f"layer: a higher rank adds only memory), got {cfg.rank}")
-    conv_rank = cfg.conv_rank or cfg.rank
-    conv_widest = _widest(unet, rf"^.*\.({CONV_TARGETS})$")
-    if cfg.conv and conv_rank > conv_widest:
-        flag = "conv_rank" if cfg.conv_rank else "rank"
-        raise ConfigError(flag, f"must be ≤ {conv_widest} for the convolutions of model {cfg.model} (the full rank of "
-                                f"its widest adapted convolution), got {conv_rank}")
+    conv_widest = max((full_rank(m) for m in adapted if on_conv_rank(m)), default=0)
+    if cfg.conv and cfg.conv_rank > conv_widest:
+        raise ConfigError("conv_rank", f"must be ≤ {conv_widest} for the convolutions of model {cfg.model} (the full "
+                                       f"rank of its widest adapted convolution), got {cfg.conv_rank}")
 
 
 def train_lora(cfg: LoraTrainConfig, progress: bool = True, overwrite: bool = False) -> Path:
@@ -141,9 +171,10 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True, overwrite: bool = Fa
         print(watch.finish_line(f"lora train: {out} is trained already (use it as --technique lora:{out})"),
               flush=True)
         return out  # this run is finished
-    if cfg.conv_rank and not cfg.conv:
-        raise ConfigError("conv_rank", "sets the rank of the convolution adapters, which only --conv adds; add --conv "
-                                       "or leave it out")
+    for flag in ("conv_rank", "conv_alpha"):
+        if not cfg.conv and getattr(cfg, flag) != getattr(LoraTrainConfig, flag):
+            raise ConfigError(flag, f"sets the {flag[5:]} of the convolution adapters, which only --conv adds; add "
+                                    "--conv or leave it out")
     pipe = load_pipeline(cfg.model)
     check_adaptable(pipe, cfg)  # before anything is written: another family, or a rank no layer can hold
     source = ImageSource(cfg.images)
@@ -183,14 +214,15 @@ def _fit(cfg: LoraTrainConfig, folder: RunFolder, pipe, images: list, captions: 
         post = pipe.vae.encode(x).latent_dist
         mean, std = post.mean, post.std
     torch.manual_seed(cfg.seed)  # the adapters' initial weights
-    unet.add_adapter(_peft_config(cfg.rank, cfg.alpha, UNET_TARGETS, (cfg.conv_rank or cfg.rank) if cfg.conv else 0,
-                                  cfg.conv_alpha))
+    unet.add_adapter(_peft_config(cfg.rank, cfg.alpha, _targets(unet, cfg.conv, LOCON_UNET_BLOCKS, UNET_TARGETS),
+                                  cfg.conv_rank, cfg.conv_alpha))
     groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.unet_lr}]
     if cfg.text_lr > 0:
         from peft import inject_adapter_in_model
 
         # peft directly: transformers' own add_adapter insists on a newer peft than some installs have.
-        inject_adapter_in_model(_peft_config(cfg.rank, cfg.alpha, TEXT_TARGETS), text_encoder)
+        targets = _targets(text_encoder, cfg.conv, LOCON_TEXT_BLOCKS, TEXT_TARGETS)
+        inject_adapter_in_model(_peft_config(cfg.rank, cfg.alpha, targets), text_encoder)
         groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": cfg.text_lr})
     opt = torch.optim.AdamW(groups, weight_decay=1e-2)
     params = [p for g in groups for p in g["params"]]

@@ -31,9 +31,10 @@ class LoraTrainConfig(Config):
     steps: int = option(0, min=0, help="optimizer steps (0: epochs × repeats × samples / batch size)")
     captions: list[str] = option(default_factory=lambda: list(CAPTION_STYLES), choices=CAPTION_STYLES,
                                  help="caption styles each image is seen with")
-    conv: bool = option(False, help="LoCon: adapt the UNet's convolutions too")
-    conv_rank: int = option(0, min=0, help="rank of the conv adapters (0: --rank)")
-    conv_alpha: float = option(0.0, min=0, help="alpha of the conv adapters (0: --alpha)")
+    conv: bool = option(False, help="LoCon: every module of LyCORIS's LoCon preset (convolutions, feed-forward, "
+                                    "proj_in/out, time_emb_proj, text fc1/fc2 too)")
+    conv_rank: int = option(32, min=1, help="rank of the 3×3 conv adapters (kohya_ss's LoCon preset: 32)")
+    conv_alpha: float = option(1.0, above=0, help="alpha of the 3×3 conv adapters (kohya_ss's LoCon preset: 1)")
 
 
 @dataclass

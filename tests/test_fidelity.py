@@ -322,6 +322,7 @@ def test_classification_profiles_are_the_released_settings():
     assert "VS-Loss" in vs["alternatives"][0]["source"]
     assert settings("cifar100-lt", "imbsam") == {"rho": 0.05, "eta": 20, "tail_weight": 2.0}
     assert settings("cifar100-lt", "ssesam") == {"rho_head": 0.05, "rho_tail": 0.1, "gamma": 0.7, "eta": 100}
+    assert settings("cifar100-lt", "sam_schedule") == {"lr_schedule": "epoch-cosine", "nesterov": False}
     assert settings("cifar10-lt", "shots") == {"many_above": 1000, "few_below": 200}
 
 
@@ -415,6 +416,9 @@ def test_every_profile_sets_real_config_fields_with_valid_values():
                                **fields).resolve()
     assert cls_fields("cifar100-lt", "la", "imbsam")["imbsam_tail_weight"] == 2.0
     assert "imbsam_tail_weight" not in cls_fields("cifar100-lt", "la", "ssesam")
+    for optim in ("imbsam", "ssesam"):  # the SAM scripts' schedule comes with either optimizer, and only with them
+        assert cls_fields("cifar100-lt", "la", optim)["lr_schedule"] == "epoch-cosine"
+    assert "lr_schedule" not in cls_fields("cifar100-lt", "la", "sam")
     seg_names = {f.name for f in dataclasses.fields(SegTrainConfig)}
     for name in ("ade20k", "cityscapes", "coco-stuff"):
         fields = seg_fields(name)
@@ -425,3 +429,82 @@ def test_every_profile_sets_real_config_fields_with_valid_values():
         cls_fields("ade20k", "ce", "none")
     with pytest.raises(UserError, match="classification profile"):
         seg_fields("inat")
+
+
+# ---- issue #26 item 3: the SAM scripts' schedule, DRAUC's reference point and λ period, Dirichlet ties ----------
+def test_epoch_cosine_is_the_sam_scripts_scheduler_stepped_before_each_epoch():
+    """cool-xuan/Imbalanced_SAM and Zemdalk/SSE-SAM: SGD(momentum 0.9) without Nesterov, CosineAnnealingLR(T_max =
+    E, eta_min = 0), `scheduler.step()` at the start of each training epoch; the rate is constant within an epoch."""
+    import warnings
+
+    from downstream.cls import ClsTrainConfig
+    from downstream.cls.objective import OPTIMIZERS, epoch_cosine_rate
+
+    epochs, lr = 7, 0.1
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs, eta_min=0)
+    released = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about stepping the scheduler before the optimizer
+        for _ in range(epochs):
+            scheduler.step()
+            released.append(opt.param_groups[0]["lr"])
+    assert [epoch_cosine_rate(lr, e, epochs) for e in range(epochs)] == pytest.approx(released, abs=1e-15)
+    config = ClsTrainConfig(features=["f"], labels="l", out="o", optim="imbsam", lr_schedule="epoch-cosine",
+                            nesterov=False)
+    built = OPTIMIZERS["imbsam"].build([torch.zeros(2, requires_grad=True)], config, [1])
+    sgd = built.base_optimizer if hasattr(built, "base_optimizer") else built
+    assert sgd.param_groups[0]["nesterov"] is False and sgd.param_groups[0]["momentum"] == 0.9
+    with pytest.raises(Exception, match="lr_schedule"):
+        ClsTrainConfig(features=["f"], labels="l", out="o", method="drauc", lr_schedule="epoch-cosine").validate()
+
+
+@pytest.mark.parametrize("schedule", ["step", "cosine"])
+def test_drauc_reference_moves_at_half_and_three_quarters_under_either_schedule(schedule):
+    """EldercatSAM/DRAUC `train.py`: `update_regularizer` at `decay_epochs` (50, 75) whatever `--lr-schedule`."""
+    from types import SimpleNamespace
+
+    from downstream.cls.drauc import DRAUCUpdater
+    from downstream.losses import DRAUCLoss
+
+    moved = []
+    stub = SimpleNamespace(config=SimpleNamespace(epochs=100, drauc_schedule=schedule), loss=DRAUCLoss(num_classes=3),
+                           optimizer=SimpleNamespace(update_reference=lambda: moved.append(stub.epoch)))
+    for epoch in range(100):
+        DRAUCUpdater.start_epoch(stub, epoch)
+    assert moved == [50, 75]
+
+
+def test_drauc_lambda_period_restarts_every_epoch_as_released():
+    """EldercatSAM/DRAUC `train.py`: per epoch `dis_cum = []`, then for batch i: append the batch's mean cost; when
+    i % period == 0: λ ← λ − η(ε − mean(dis_cum)), dis_cum = [] (equal batch sizes: the mean of batch means is ours)."""
+    from downstream.losses import DRAUCLoss
+
+    gen = torch.Generator().manual_seed(0)
+    loss = DRAUCLoss(epsilon=0.5, lambda_lr=0.02, lambda_period=10)
+    lam, batches = 1.0, 13
+    for _ in range(3):
+        loss.restart_dual_period()
+        dis_cum = []
+        for i in range(batches):
+            costs = torch.rand(8, generator=gen, dtype=torch.float64)
+            loss.update_dual(costs, torch.zeros(8, dtype=torch.long))
+            dis_cum.append(float(costs.mean()))
+            if i % 10 == 0:
+                lam = lam - 0.02 * (0.5 - sum(dis_cum) / len(dis_cum))
+                dis_cum = []
+        assert float(loss.lambdas[0]) == pytest.approx(lam, rel=1e-12)
+
+
+def test_dirichlet_ranks_order_tied_classes_as_the_imagenet_and_inat_scripts():
+    """scongl/DirMixE `test_training_{imagenet,inat}_dirmixe.py`: `sorted_idx = np.argsort(train_cls_num_list)[::-1]`,
+    the i-th profile size to class sorted_idx[i]."""
+    from downstream.cls.label_shift import class_ranks
+
+    for counts in ([5, 5, 3, 3, 3, 1], [2] * 12, list(np.random.default_rng(0).integers(1, 4, 40))):
+        sorted_idx = np.argsort(counts)[::-1]
+        released = np.empty(len(counts), dtype=np.int64)
+        released[sorted_idx] = np.arange(len(counts))
+        assert (class_ranks(len(counts), counts, ties="released") == released).all()
+    assert list(class_ranks(6, [5, 5, 3, 3, 3, 1], ties="released"))[:2] == [1, 0]  # the reversal: 1 before 0
+    assert list(class_ranks(6, [5, 5, 3, 3, 3, 1])) == [0, 1, 2, 3, 4, 5]  # "index", the SADE profiles' order

@@ -21,6 +21,9 @@ SOURCE_MODES = ("store", "layer")
 NORMALISED_HEAD_METHODS = ("ldam", "dirmixe")  # default head: cosine for these, linear otherwise
 TTA_ADAPT = ("independent", "scored")
 DRAUC_SCHEDULES = ("step", "cosine")
+# warmup-cosine: difffeat's linear warm-up then cosine per iteration; epoch-cosine: the ImbSAM / SSE-SAM scripts'
+# CosineAnnealingLR(T_max = E) stepped before each epoch (no warm-up; epoch e trains at ½(1 + cos(π(e + 1)/E))·lr)
+LR_SCHEDULES = ("warmup-cosine", "epoch-cosine")
 DRAUC_ALPHA_STEPS = ("released", "autograd")  # downstream.losses.drauc.ALPHA_STEPS (a test keeps the two equal)
 TKPR_SURROGATES = ("logistic", "hinge", "squared_hinge", "exp")  # downstream.losses.tkpr.SURROGATES
 TKPR_FORMS = ("pairwise", "pointwise")
@@ -122,9 +125,14 @@ class ClsTrainConfig(Config):
     epochs: int = option(100, min=1)
     batch_size: int = option(128, min=1)
     lr: float = option(0.05, above=0)
-    momentum: float = option(0.9, min=0, help="SGD momentum (Nesterov when > 0)")
+    momentum: float = option(0.9, min=0, help="SGD momentum")
+    nesterov: bool = option(True, help="Nesterov momentum (the ImbSAM / SSE-SAM scripts use plain momentum: "
+                                       "--no-nesterov, set by their profile sections)")
     weight_decay: float = option(5e-4, min=0)
-    warmup_epochs: int = option(5, min=0)
+    warmup_epochs: int = option(5, min=0, help="warm-up of the warmup-cosine schedule")
+    lr_schedule: str = option("warmup-cosine", choices=LR_SCHEDULES,
+                              help="warmup-cosine: linear warm-up, then cosine per iteration; epoch-cosine: the "
+                                   "ImbSAM / SSE-SAM scripts' per-epoch cosine, no warm-up")
     tau: float = option(1.0, help="LA: τ of z + τ·log π")
     vs_gamma: float = option(0.05, help="VS and TLA stage 1: γ")
     vs_tau: float = option(1.0, help="VS and TLA stage 1: τ")
@@ -178,8 +186,8 @@ class ClsTrainConfig(Config):
     drauc_alpha_step: str = option("released", choices=DRAUC_ALPHA_STEPS, help="DRAUC: α step, released closed "
                                                                               "form or the batch gradient")
     drauc_schedule: str = option("step", choices=DRAUC_SCHEDULES,
-                                 help="DRAUC: lr ×0.1 at ½ and ¾ of the epochs (with the reference update) "
-                                      "or cosine, per epoch and without warm-up, as released")
+                                 help="DRAUC: lr ×0.1 at ½ and ¾ of the epochs or cosine, per epoch and without "
+                                      "warm-up, with the reference update at ½ and ¾ under both, as released")
     tkpr_k: int = option(5, min=1, help="TKPR: K of the top-K pairwise ranking surrogate")
     tkpr_surrogate: str = option("logistic", choices=TKPR_SURROGATES, help="TKPR: φ of the surrogate")
     tkpr_form: str = option("pairwise", choices=TKPR_FORMS, help="TKPR: pairwise or pointwise surrogate")
@@ -218,6 +226,9 @@ class ClsTrainConfig(Config):
                                         "own head")
         if self.method == "drauc" and self.optim != "none":
             raise ConfigError("optim", "method drauc trains with its own optimizer (DRAUC's PESG); leave optim none")
+        if self.lr_schedule != "warmup-cosine" and (self.method == "drauc" or self.fusion == "reconboost"):
+            raise ConfigError("lr_schedule", "cannot act: method drauc and fusion reconboost have their own schedules "
+                                             "(drauc: --drauc-schedule)")
         if self.few_below > self.many_above:
             raise ConfigError("few_below", f"must not exceed many_above ({self.many_above:g})")
 

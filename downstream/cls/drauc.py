@@ -2,11 +2,13 @@
 learning-rate schedule (EldercatSAM/DRAUC `train.py`; research/longtail_suite.md §2, §7).
 
 Per batch: the worst-case head inputs x + δ* for the current head (`DRAUCLoss.perturb`: per-sample ascent of
-F_i − λ·‖δ_i‖² on the standardised features, the dual step on λ every 10 batches), the loss F at them, a PESG
-step on the model and a, b (`downstream.optim.PESG`), then α's closed-form ascent with the same rate. The
-schedule is per epoch and has no warm-up, as released: "step" multiplies the rate by 0.1 at ⌊E/2⌋ and ⌊3E/4⌋
-(the code's epochs 50 and 75 of 100) and moves PESG's reference point to the mean iterate there
-(`update_regularizer`); "cosine" is the code's `CosineAnnealingLR(T_max = E)`, without reference updates.
+F_i − λ·‖δ_i‖² on the standardised features, the dual step on λ every 10 batches of an epoch, counted from the
+epoch's first batch with the costs of earlier epochs dropped, as the released `train.py` restarts its batch index
+and cost list), the loss F at them, a PESG step on the model and a, b (`downstream.optim.PESG`), then α's
+closed-form ascent with the same rate. The schedule is per epoch and has no warm-up, as released: "step"
+multiplies the rate by 0.1 at ⌊E/2⌋ and ⌊3E/4⌋ (the code's epochs 50 and 75 of 100); "cosine" is the code's
+`CosineAnnealingLR(T_max = E)`. Under both, PESG's reference point moves to the mean iterate at ⌊E/2⌋ and
+⌊3E/4⌋ (the code's `update_regularizer` at its `decay_epochs`, which it calls whatever the schedule).
 
 The random start of each batch's ascent comes from a generator seeded by (seed, epoch, batch), so a resumed
 run repeats an uninterrupted one. One process only: the batch class means, λ and a, b would differ between
@@ -31,7 +33,8 @@ LOSS_STATE = "drauc_loss"  # the checkpoint entry of a, b, α, λ and the dual s
 
 
 def milestones(epochs: int) -> tuple[int, int]:
-    """The step schedule's decay epochs (0-based, from then on): ⌊E/2⌋ and ⌊3E/4⌋, the code's 50 and 75 of 100.
+    """The decay epochs (0-based, from then on): ⌊E/2⌋ and ⌊3E/4⌋, the code's 50 and 75 of 100: the step schedule's
+    ×0.1 and, under either schedule, PESG's reference update.
 
     >>> milestones(100), milestones(10)
     ((50, 75), (5, 7))
@@ -84,8 +87,9 @@ class DRAUCUpdater:
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch, self.batch = epoch, 0
-        if self.config.drauc_schedule == "step" and epoch in milestones(self.config.epochs):
+        if epoch in milestones(self.config.epochs):  # under either schedule, as released
             self.optimizer.update_reference()
+        self.loss.restart_dual_period()
 
     def step(self, blocks: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         model = self.model

@@ -45,11 +45,19 @@ class ResampledSet:
     adaptation: np.ndarray | None = None
 
 
-def class_ranks(num_classes: int, train_counts=None) -> np.ndarray:
-    """Rank of each class by training count, 0 = most frequent (ties by class index); identity without counts."""
+def class_ranks(num_classes: int, train_counts=None, ties: str = "index") -> np.ndarray:
+    """Rank of each class by training count, 0 = most frequent; identity without counts. Tied classes: by class
+    index (`ties` "index"), or as the DirMixE ImageNet / iNat scripts order them ("released": the same call, numpy's
+    default argsort of the counts reversed; numpy's default sort is not stable, so tied classes come in whatever
+    order it leaves them, reversed: never index order, and it may change with numpy's sorting code)."""
     if train_counts is None:
         return np.arange(num_classes)
-    order = np.argsort(-np.asarray(train_counts, dtype=np.float64), kind="stable")
+    if ties == "released":
+        order = np.argsort(np.asarray(train_counts))[::-1]
+    elif ties == "index":
+        order = np.argsort(-np.asarray(train_counts, dtype=np.float64), kind="stable")
+    else:
+        raise UserError(f"ties must be index or released, got {ties!r}")
     ranks = np.empty(num_classes, dtype=np.int64)
     ranks[order] = np.arange(num_classes)
     return ranks
@@ -173,7 +181,7 @@ def dirichlet_test_sets(labels, train_counts=None, num_classes: int | None = Non
         raise UserError("test labels: the test set is empty")
     n_max = int(available[present].min())
     alpha0 = float(n_max if concentration is None else concentration)
-    ranks = class_ranks(num_classes, train_counts)
+    ranks = class_ranks(num_classes, train_counts, ties="released")
     sets = []
     for kind in ("uniform", "forward", "backward"):
         for i in range(draws):

@@ -11,6 +11,7 @@ head and tail parts (ImbSAM, SSE-SAM, with the tail T = {c : n_c < η}; η = 20 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -221,7 +222,7 @@ class OptimizerKind:
 
 def _sgd(config: ClsTrainConfig) -> dict:
     return {"lr": config.lr, "momentum": config.momentum, "weight_decay": config.weight_decay,
-            "nesterov": config.momentum > 0}
+            "nesterov": config.nesterov and config.momentum > 0}
 
 
 OPTIMIZERS: dict[str, OptimizerKind] = {
@@ -251,6 +252,17 @@ def tail_split(config: ClsTrainConfig, counts: np.ndarray) -> tuple[float, list[
     return eta, tail_classes(counts, eta)
 
 
+def epoch_cosine_rate(base_lr: float, epoch: int, epochs: int) -> float:
+    """The ImbSAM / SSE-SAM scripts' rate in (0-based) `epoch`: `CosineAnnealingLR(T_max = E, eta_min = 0)` stepped
+    at the start of every epoch, before training (cool-xuan/Imbalanced_SAM and Zemdalk/SSE-SAM `utils/trainval.py`),
+    so epoch e trains at ½(1 + cos(π(e + 1)/E))·lr, constant within the epoch, and the last epoch at 0.
+
+    >>> [round(epoch_cosine_rate(0.1, e, 4), 6) for e in range(4)]
+    [0.085355, 0.05, 0.014645, 0.0]
+    """
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(epoch + 1, epochs) / epochs))
+
+
 class HeadUpdater:
     """The training loop's step for every head but ReconBoost: one optimizer for the whole run."""
 
@@ -258,6 +270,7 @@ class HeadUpdater:
 
     def __init__(self, model: nn.Module, config: ClsTrainConfig, objective: Objective, tail: Sequence[int]):
         self.model, self.objective, self.base_lr = model, objective, config.lr
+        self.schedule, self.epochs = config.lr_schedule, config.epochs
         self.kind = OPTIMIZERS[config.optim]
         self.optimizer = self.kind.build(model.parameters(), config, tail)
         self.tail = torch.as_tensor(tail, dtype=torch.long)
@@ -270,7 +283,10 @@ class HeadUpdater:
         return {}
 
     def learning_rate(self, epoch: int, iteration: int, total: int, warmup: int) -> float:
-        """The rate of global `iteration` (of `total`, in `epoch`): linear warm-up, then cosine decay."""
+        """The rate of global `iteration` (of `total`, in `epoch`): linear warm-up, then cosine decay per
+        iteration ("warmup-cosine"); or `epoch_cosine_rate` ("epoch-cosine", the ImbSAM / SSE-SAM scripts')."""
+        if self.schedule == "epoch-cosine":
+            return epoch_cosine_rate(self.base_lr, epoch, self.epochs)
         return self.base_lr * cosine_factor(iteration, total, warmup)
 
     def start_epoch(self, epoch: int) -> None:

@@ -4,13 +4,16 @@ A profile holds the released hyper-parameters of one data set per method (`downs
 `profile_fields(name, method, optim)` turns the sections that concern a run into config values: the
 evaluation's (`shots`, `test_agnostic`) always, a method's section for that method (`dirmixe` with its
 `test_time_aggregation`, `vs`, `tla_adrw`, `ldam`) and an optimizer's for that optimizer (`imbsam`,
-`ssesam`). They replace defaults only: `apply_profile` keeps every value the user gave.
+`ssesam`, and `sam_schedule` for both: their scripts' plain momentum and per-epoch cosine). They replace defaults
+only: `apply_profile` keeps every value the user gave.
 
     >>> fields = profile_fields("imagenet-lt", "dirmixe", "none")
     >>> fields["dm_tau"], fields["lambda_var"], fields["dirichlet_ratio"], fields["dirichlet_concentration"]
     (1.6, 1.0, 50, 10000.0)
     >>> profile_fields("cifar100-lt", "la", "imbsam")["imbsam_tail_weight"]
     2.0
+    >>> {k: v for k, v in profile_fields("cifar100-lt", "la", "ssesam").items() if k in ("lr_schedule", "nesterov")}
+    {'lr_schedule': 'epoch-cosine', 'nesterov': False}
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ SECTIONS: dict[str, tuple[str | tuple[str, ...], dict[str, str]]] = {
     "ldam": ("ldam", {"max_margin": "ldam_margin", "scale": "ldam_scale"}),
     "imbsam": ("imbsam", {"rho": "rho", "eta": "tail_eta", "tail_weight": "imbsam_tail_weight"}),
     "ssesam": ("ssesam", {"rho_head": "rho", "rho_tail": "rho_tail", "gamma": "sse_gamma", "eta": "tail_eta"}),
+    "sam_schedule": (("imbsam", "ssesam"), {"lr_schedule": "lr_schedule", "nesterov": "nesterov"}),
 }
 
 
@@ -47,7 +51,8 @@ def profile_fields(name: str, method: str, optim: str) -> dict[str, Any]:
                         "profile")
     fields: dict[str, Any] = {}
     for section, (when, names) in SECTIONS.items():
-        if section not in chosen or (when != "always" and when not in (method, optim)):
+        whens = (when,) if isinstance(when, str) else when
+        if section not in chosen or ("always" not in whens and not {method, optim} & set(whens)):
             continue
         for key, value in settings(name, section).items():
             if key in names:

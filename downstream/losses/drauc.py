@@ -244,6 +244,14 @@ class DRAUCLoss(nn.Module):
         return x + best_delta
 
     @torch.no_grad()
+    def restart_dual_period(self) -> None:
+        """Start the dual step's period afresh, its recorded costs dropped: the next call steps λ. The released
+        `train.py` does this every epoch (its batch index and cost list restart); `train-cls` calls it there."""
+        self._calls.zero_()
+        self._cost_sum.zero_()
+        self._cost_count.zero_()
+
+    @torch.no_grad()
     def update_dual(self, costs: torch.Tensor, groups: torch.Tensor) -> None:
         """Record this batch's transport costs; every `lambda_period` calls (the first included) take the step
         λ_g ← max(0, λ_g − η_λ·(ε_g − mean cost_g)) for the groups seen since the last step."""
