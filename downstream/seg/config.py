@@ -19,6 +19,7 @@ from downstream.seg.sampler import SAMPLERS
 HEADS = ("mlp", "conv")
 VARIANT_MODES = ("concat", "weighted", "amalgamate")
 ASSIGNER_FORMS = ("pixel", "global")  # downstream.seg.amalgamate.ASSIGNER_FORMS (a test keeps the two equal)
+AMALGAMATION_WEIGHTINGS = ("released", "paper")  # downstream.seg.amalgamate.WEIGHTINGS (a test keeps them equal)
 # Maps concatenated after amalgamation, not amalgamated: the attention feature (cross-attention maps are
 # stored as LAYER:probs), as the content-shift paper does.
 CONCAT_AFTER = ("*:probs",)
@@ -51,10 +52,15 @@ class HeadConfig(Config):
                                 "(one weight vector per image)")
     assigner_hidden: int = option(128, min=1, help="amalgamate: hidden width of each weight assigner (the "
                                                    "released code's 128)")
-    gamma_sparsity: float = option(0.01, min=0, help="amalgamate: γ1 of the paper's Eq. 5 (rewards weight on "
+    amalgamation_weighting: str = option("released", choices=AMALGAMATION_WEIGHTINGS,
+                                         help="amalgamate: how Eq. 5's regulariser is weighted: as the released "
+                                              "code does (sparsity / n only, scaled to the task loss by a "
+                                              "coefficient that starts at 0 and adapts) or as the paper writes it "
+                                              "(fixed --gamma-sparsity, --gamma-diversity)")
+    gamma_sparsity: float = option(0.01, min=0, help="amalgamate, paper weighting: γ1 of Eq. 5 (rewards weight on "
                                                      "few variants)")
-    gamma_diversity: float = option(0.01, min=0, help="amalgamate: γ2 of the paper's Eq. 5 (rewards assigners "
-                                                      "that differ)")
+    gamma_diversity: float = option(0.01, min=0, help="amalgamate, paper weighting: γ2 of Eq. 5 (rewards "
+                                                      "assigners that differ)")
     concat_after: list[str] = option(default_factory=lambda: list(CONCAT_AFTER), metavar="PATTERN",
                                      help="weighted / amalgamate: layers (pattern on the name without its "
                                           "variant prefix) concatenated after the amalgamation instead of "
@@ -63,6 +69,21 @@ class HeadConfig(Config):
     hidden: int = option(128, min=1, help="width of the conv head (each layer's projection and the fuse conv)")
     dropout: float = option(0.1, min=0, max=1, help="conv head: dropout before the classifier")
     normalize: bool = option(True, help="standardise each input channel by train-set statistics")
+
+    def check(self) -> None:
+        check_weighting(self)
+
+
+def check_weighting(config: HeadConfig | SegTrainConfig) -> None:
+    """γ1 and γ2 act only in the paper's weighting: set to other than their defaults with the released one, they
+    are an error naming the field (a default γ is not told apart from an unset one)."""
+    if config.amalgamation_weighting == "paper":
+        return
+    for name in ("gamma_sparsity", "gamma_diversity"):
+        default = next(f.default for f in dataclasses.fields(HeadConfig) if f.name == name)
+        if getattr(config, name) != default:
+            raise ConfigError(name, f"acts only with the paper's weighting (--amalgamation-weighting paper); the "
+                                    f"{config.amalgamation_weighting} weighting has no fixed γ")
 
 
 @dataclass
@@ -92,6 +113,7 @@ class SegTrainConfig(Config):
     assigners: int = same_option(HeadConfig, "assigners")
     assigner: str = same_option(HeadConfig, "assigner")
     assigner_hidden: int = same_option(HeadConfig, "assigner_hidden")
+    amalgamation_weighting: str = same_option(HeadConfig, "amalgamation_weighting")
     gamma_sparsity: float = same_option(HeadConfig, "gamma_sparsity")
     gamma_diversity: float = same_option(HeadConfig, "gamma_diversity")
     concat_after: list[str] = same_option(HeadConfig, "concat_after")
@@ -143,10 +165,11 @@ class SegTrainConfig(Config):
             raise ConfigError("features", "give at least one feature store")
         if self.data and self.masks:
             raise ConfigError("masks", "give --data or --masks, not both")
+        check_weighting(self)
 
     def head_config(self) -> HeadConfig:
         return HeadConfig(kind=self.head, variants=self.variants, assigners=self.assigners, assigner=self.assigner,
-                          assigner_hidden=self.assigner_hidden,
+                          assigner_hidden=self.assigner_hidden, amalgamation_weighting=self.amalgamation_weighting,
                           gamma_sparsity=self.gamma_sparsity, gamma_diversity=self.gamma_diversity,
                           concat_after=list(self.concat_after), ensemble=self.ensemble, hidden=self.hidden,
                           dropout=self.dropout, normalize=self.normalize)

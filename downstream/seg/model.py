@@ -13,7 +13,8 @@ the mask resolution. Heads know nothing of the loss.
   classifier: the lightest head that mixes layers of different depth and resolution.
 - Several feature variants (stores, or ``NAME/`` layer prefixes of one store) are concatenated, or mixed
   before the head (`downstream.seg.amalgamate`): `VariantSum` (``weighted``, a static per-channel softmax) or
-  `Amalgamation` (``amalgamate``, the content-shift paper's input-conditioned weight assigners).
+  `Amalgamation` (``amalgamate``, the content-shift paper's input-conditioned weight assigners), whose Eq. 5
+  terms ``SegModel(features, with_penalty=True)`` returns beside the logits, for the objective to weight.
 """
 
 from __future__ import annotations
@@ -148,8 +149,8 @@ def variant_mixer(specs: Sequence[FeatureSpec], config: HeadConfig) -> VariantSu
     if config.assigners > most:
         raise ConfigError("assigners", f"must be ≤ variants × layers = {len(layout.names)} × {len(layout.layers)} = "
                           f"{most}, got {config.assigners}")
-    return Amalgamation(specs, config.assigners, config.assigner, config.concat_after, config.gamma_sparsity,
-                        config.gamma_diversity, config.assigner_hidden)
+    return Amalgamation(specs, config.assigners, config.assigner, config.concat_after,
+                        weighting=config.amalgamation_weighting, hidden=config.assigner_hidden)
 
 
 class SegModel(nn.Module):
@@ -169,18 +170,20 @@ class SegModel(nn.Module):
         else:
             self.head = MultiScaleConvHead(shapes, num_classes, config.hidden, config.dropout)
 
-    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Member logits, each [B, K, h, w] at the finest feature grid."""
+    def forward(self, features: Sequence[torch.Tensor], with_penalty: bool = False):
+        """Member logits, each [B, K, h, w] at the finest feature grid; with `with_penalty`, ``(logits, terms)``:
+        the amalgamation's Eq. 5 terms on this forward's weights (a dict of scalar tensors,
+        `Amalgamation.eq5_terms`; None without an amalgamation), which the objective weights and adds to the loss
+        (`downstream.seg.objective.SegObjective`)."""
         if self.norm is not None:
             features = self.norm(features)
-        if self.amalgamate is not None:
+        terms = None
+        if self.amalgamate is not None and with_penalty:
+            features, terms = self.amalgamate(features, with_terms=True)
+        elif self.amalgamate is not None:
             features = self.amalgamate(features)
-        return self.head(features)
-
-    def penalty(self) -> torch.Tensor | None:
-        """The amalgamation's regulariser (the paper's Eq. 5) on the last forward, to add to the loss; None
-        when there is none."""
-        return self.amalgamate.penalty() if self.amalgamate is not None else None
+        logits = self.head(features)
+        return (logits, terms) if with_penalty else logits
 
     @torch.no_grad()
     def predict(self, features: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The training objective of a segmentation head: a loss chosen by name, class weights from the training
-pixel counts, AUCSeg's tail memory bank on the batch, and one loss per ensemble member.
+pixel counts, AUCSeg's tail memory bank on the batch, one loss per ensemble member, and the amalgamation's Eq. 5
+regulariser weighted as the run asks (`downstream.seg.amalgamate.penalty_weighting`).
 
 `LOSSES` maps a name to a factory ``(config, class_weights, ignore_index) → module``; the module returns
 ``(total, {"ce": …, "auc": …})`` on logits ``[B, K, H, W]`` at the mask resolution. A new loss is one
@@ -10,7 +11,7 @@ torch is imported where it is used, not at load: the CLI reads `LOSSES` and `CLA
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -54,12 +55,14 @@ def aucseg(config: SegTrainConfig, class_weights, ignore_index: int):
 
 class SegObjective:
     """What the trainer minimises: `augment` a batch (memory bank), then ``total, logged = objective(outputs,
-    mask, penalty)`` with ``total`` = Σ over ensemble members of each member's loss (members train
-    independently) + `penalty` (the amalgamation's Eq. 5 regulariser, `downstream.seg.amalgamate`, when there is
-    one) and ``logged`` = [mean loss, mean CE, mean AUC] over members (detached), then the penalty if given."""
+    mask, terms)`` with ``total`` = L + penalty, L = Σ over ensemble members of each member's loss (members train
+    independently), the penalty = `weighting` of the amalgamation's Eq. 5 `terms` (what ``SegModel(…,
+    with_penalty=True)`` returns; `downstream.seg.amalgamate`) and L, when there are both; ``logged`` = [mean
+    loss, mean CE, mean AUC] over members (detached), then the penalty if one was added. Each call is one
+    training iteration: an adaptive weighting takes a step after it."""
 
-    def __init__(self, loss, bank: FeatureMemoryBank | None = None):
-        self.loss, self.bank = loss, bank
+    def __init__(self, loss, bank: FeatureMemoryBank | None = None, weighting=None):
+        self.loss, self.bank, self.weighting = loss, bank, weighting
 
     def augment(self, features: Sequence[torch.Tensor], mask: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         if self.bank is None:
@@ -67,7 +70,7 @@ class SegObjective:
         return self.bank.apply_batch(features, mask)
 
     def __call__(self, outputs: Sequence[torch.Tensor], mask: torch.Tensor,
-                 penalty: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 terms: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
         import torch.nn.functional as F
 
@@ -80,25 +83,34 @@ class SegObjective:
             aucs.append(parts["auc"])
         total = torch.stack(losses).sum()
         logged = torch.stack([total.detach() / len(losses), torch.stack(ces).mean(), torch.stack(aucs).mean()])
-        if penalty is not None:
+        if terms is not None and self.weighting is not None:
+            penalty = self.weighting.penalty(terms, total)
+            self.weighting.update(total.detach())
             total = total + penalty
             logged = torch.cat([logged, penalty.detach().reshape(1).to(logged)])
         return total, logged
 
-    # -- checkpoint state: the memory bank's objects and random state (a resumed run pastes the same objects)
+    # -- checkpoint state: the memory bank's objects and random state (a resumed run pastes the same objects), the
+    # weighting's walk (a resumed run weights the penalty as an uninterrupted one)
     def state(self) -> dict[str, Any]:
         # A bank with no object yet has no tensors: its (empty, meta) pair is then stored as JSON.
-        return {} if self.bank is None else {"bank": self.bank.state_dict()}
+        state: dict[str, Any] = {} if self.bank is None else {"bank": self.bank.state_dict()}
+        if self.weighting is not None and self.weighting.state():
+            state["amalgamation_weighting"] = self.weighting.state()
+        return state
 
     def load_state(self, checkpoint) -> None:
         if self.bank is not None and "bank" in checkpoint:
             tensors, meta = checkpoint.load("bank")
             self.bank.load_state_dict(tensors, meta)
+        if self.weighting is not None and "amalgamation_weighting" in checkpoint:
+            self.weighting.load_state(checkpoint.load("amalgamation_weighting"))
 
 
 def build_objective(config: SegTrainConfig, classes: SegClasses, pixel_counts, rank: int = 0) -> SegObjective:
     """The objective `config` asks for; each process of a launch keeps its own memory bank (as AUCSeg keeps
-    one per data-loader worker), seeded by its rank."""
+    one per data-loader worker) and its own adaptive amalgamation weighting (which steps on its own loss), seeded
+    by its rank."""
     from difffeat.run import ConfigError
     from downstream.losses.aucseg import class_weights_from_counts
 
@@ -115,4 +127,10 @@ def build_objective(config: SegTrainConfig, classes: SegClasses, pixel_counts, r
             raise ConfigError("memory_bank", "needs tail classes (groups in classes.json, or pixel counts)")
         bank = FeatureMemoryBank(tail, config.bank_capacity, config.bank_sample_ratio,
                                  config.bank_min_cell_fraction, seed=config.seed * 1000 + rank)
-    return SegObjective(loss, bank)
+    weighting = None
+    if config.variants == "amalgamate":
+        from downstream.seg.amalgamate import penalty_weighting
+
+        weighting = penalty_weighting(config.amalgamation_weighting, config.gamma_sparsity, config.gamma_diversity,
+                                      seed=config.seed * 1000 + rank)
+    return SegObjective(loss, bank, weighting)

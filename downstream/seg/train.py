@@ -10,12 +10,17 @@ A run folder holds everything needed to judge and repeat it::
     RUN/history.json       logged losses, learning rate, validation scores;  RUN/curves.png  their plot
     RUN/metrics.json       validation scores (with --val-split); RUN/confusion.png  its confusion matrix
     RUN/amalgamation.*     weighted / amalgamate: the learned variant weights (safetensors) and their picture
+    RUN/status.json        why the last call stopped before the end (a diverged loss, non-finite features)
 
 AdamW with a poly schedule (optional linear warm-up), as AUCSeg trains; iteration-based. The same code runs
 on a CPU or under `accelerate launch` on GPUs (`downstream.engine`): each process takes every n-th batch of
 one seeded batch stream (so a resumed run continues the same stream) and keeps its own memory bank. An
 interrupted run continues from its latest checkpoint with `resume=True` and, on one process, ends with the
 same weights as an uninterrupted one. A loss that stops being finite ends the run with one clear error.
+
+A run is pinned to its stores: config.json records each store's identity (`difffeat.store_identity`), and a resumed
+run whose store changed since (another config, other shards) is refused. One process trains a run at a time: the
+main process holds the run folder's lock (`RunFolder.lock`) until it returns.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difffeat.run import RunFolder
+from difffeat.errors import UserError
+from difffeat.run import RunFolder, utc_now
 from difffeat.store import FeatureStore
+from difffeat.store_identity import check_unchanged, store_record
 from downstream.engine import (
     BatchStream,
     check_finite,
@@ -52,15 +59,23 @@ from downstream.seg.sampler import batch_indices_for
 from downstream.seg.targets import resolve_seg_classes
 
 KIND = "train-seg"
+STATUS = "status.json"  # why the last call stopped before the end (a diverged loss, NaN features), for the report
 RUN_FILES = ("report.json", "model.safetensors", "history.json", "curves.png", "metrics.json", "confusion.png",
-             "eval-*", "amalgamation.safetensors", "amalgamation.png")
+             "eval-*", "amalgamation.safetensors", "amalgamation.png", STATUS)
+STORE_FIELDS = ("model", "layers", "timesteps", "resolution", "techniques")
 SPLIT_NAMES = {"train", "val", "validation", "test"}
 
 
 def load_data(config: SegTrainConfig) -> tuple[SegDataset, SegDataset | None]:
     """The training set (its classes carry the training pixel counts and the grouping) and the validation set."""
     masks = config.data or config.masks  # None: the data set the store was extracted from
-    classes = resolve_seg_classes(config.classes, masks, FeatureStore(config.features[0]), config.split)
+    stores = [FeatureStore(p) for p in config.features]
+    for store in stores[1:]:  # variants are the same images seen otherwise: stores of other images share no key
+        if not set(store.keys()) & set(stores[0].keys()):
+            raise UserError(f"{store.path} and {stores[0].path} share no image key (first keys: "
+                            f"{store.keys()[:1]} and {stores[0].keys()[:1]}); --features takes stores of the same "
+                            "images (one per variant)")
+    classes = resolve_seg_classes(config.classes, masks, stores[0], config.split)
     train = SegDataset(config.features, masks, classes, split=config.split, layers=config.layers,
                        mask_size=config.mask_size, cache_bytes=config.cache_bytes)
     train.classes = classes.with_counts(classes.pixel_counts or train.pixel_counts.tolist())
@@ -76,11 +91,23 @@ def load_data(config: SegTrainConfig) -> tuple[SegDataset, SegDataset | None]:
 
 
 def run_record(train: SegDataset) -> dict:
-    """What config.json keeps beside the config: classes, feature specs, mask size and the stores used."""
-    stores = [{"path": str(s.path), **{k: s.manifest.get(k) for k in ("model", "layers", "timesteps", "resolution",
-                                                                       "techniques")}} for s in train.stores]
+    """What config.json keeps beside the config: classes, feature specs, mask size and the stores used, each with its
+    identity (`difffeat.store_identity`: which features, which shards), which --resume, eval-seg and report check."""
+    stores = [store_record(s.path, STORE_FIELDS) for s in train.stores]
     return {"classes": train.classes.to_dict(), "specs": [s.to_dict() for s in train.specs],
             "variants": variant_names(train.specs), "mask_size": list(train.mask_size), "stores": stores}
+
+
+def warn_same_stores(records: list[dict]) -> None:
+    """Stores holding the very same features (one store given twice, or a copy) count as variants of their own:
+    said, since it is rarely meant."""
+    seen: dict[tuple, str] = {}
+    for r in records:
+        key = (r["features_hash"], r["shards_digest"])
+        if key in seen:
+            warnings.warn(f"--features: {r['path']} holds the same features as {seen[key]} (the same store given "
+                          "twice?); each counts as a variant of its own", stacklevel=3)
+        seen.setdefault(key, r["path"])
 
 
 def build_model(config: SegTrainConfig, train: SegDataset) -> SegModel:
@@ -126,28 +153,61 @@ def train_seg(config: SegTrainConfig, *, accelerator=None, resume: bool = False,
     jobs: call again with `resume=True` to go on.
     """
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     config.validate()
     accelerator = accelerator or make_accelerator(mixed_precision=config.mixed_precision)
-    main, rank, device = accelerator.is_main_process, accelerator.process_index, accelerator.device
+    main, rank = accelerator.is_main_process, accelerator.process_index
     folder = RunFolder(config.out, KIND, config, resume=resume, overwrite=overwrite, owned=RUN_FILES)
     train, val = load_data(config)  # bad input fails here, before anything is written
     check_tail_classes(config.tail_classes, train.classes.num_classes)
     check_profile_classes(config.extra.get("profile"), config.tail_classes, train.classes.num_classes)
     record = run_record(train)
+    warn_same_stores(record["stores"])
+    if folder.continuing:  # a resumed run trains on the very stores it began on (same features, same shards)
+        check_unchanged((folder.saved() or {}).get("stores"), config.features, folder.path)
     # A resumed run must see the variants and maps it began with (a store re-extracted with other variants).
     folder.check_saved(variants=record["variants"], specs=record["specs"])
     set_seed(config.seed + rank)
     model = build_model(config, train)  # a head that cannot act on these features fails here, too
     accelerator.wait_for_everyone()  # every process has looked before the main one changes anything
-    if main:
-        folder.extra.update(record)
-        folder.create()
-        if not folder.continuing:
-            folder.write_json("report.json", {"train": train.report, "val": val.report if val else None})
-    accelerator.wait_for_everyone()
+    lock = folder.lock() if main else None  # one process trains this run at a time, until it returns
+    try:
+        if main:
+            folder.extra.update(record)
+            folder.create()
+            folder.file(STATUS).unlink(missing_ok=True)  # it said why an earlier call stopped
+            if not folder.continuing:
+                folder.write_json("report.json", {"train": train.report, "val": val.report if val else None})
+        accelerator.wait_for_everyone()
+        return _train(config, folder, train, val, model, accelerator, progress, stop_after)
+    except UserError as e:  # a diverged loss, non-finite features …: kept beside the run, so `report` can say it
+        if main:
+            record_stop(folder, config.iterations, e)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def record_stop(folder: RunFolder, iterations: int, error: UserError) -> None:
+    """Why a call stopped before the end (`STATUS`), with the iteration of the latest checkpoint; a failure to
+    write it never hides the error itself."""
+    try:
+        if folder.saved() is None:
+            return
+        latest = folder.checkpoints.latest()
+        folder.write_json(STATUS, {"state": "stopped", "reason": str(error), "checkpoint": latest and latest.step,
+                                   "iterations": iterations, "time": utc_now()})
+    except (UserError, OSError):
+        pass
+
+
+def _train(config: SegTrainConfig, folder: RunFolder, train: SegDataset, val: SegDataset | None, model: SegModel,
+           accelerator, progress: bool, stop_after: int | None) -> Path:
+    """The training loop of `train_seg`, in its created (or continued) run folder."""
+    from tqdm.auto import tqdm
+
+    main, rank, device = accelerator.is_main_process, accelerator.process_index, accelerator.device
     objective = build_objective(config, train.classes, train.pixel_counts, rank)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -175,8 +235,8 @@ def train_seg(config: SegTrainConfig, *, accelerator=None, resume: bool = False,
         lr = config.lr * poly_factor(it, config.iterations, config.poly_power, config.warmup_iterations)
         set_lr(optimizer, lr)
         with accelerator.autocast():
-            outputs = model(feats)
-        total, logged = objective(outputs, mask, unwrapped.penalty())
+            outputs, penalty_terms = model(feats, with_penalty=True)
+        total, logged = objective(outputs, mask, penalty_terms)
         accelerator.backward(total)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
