@@ -25,9 +25,9 @@ from difffeat.errors import UserError
 from difffeat.run import RUN_FORMAT, Config, ConfigError, check_new_file, option
 
 SKIP_FOLDERS = ("checkpoints", "shards")  # parts of a run, never runs themselves
-KIND_ORDER = ("gate", "sweep", "store", "train-seg", "train-cls")
+KIND_ORDER = ("protocol", "gate", "sweep", "store", "train-seg", "train-cls")
 KIND_NAMES = {"gate": "GATE", "sweep": "sweep", "store": "feature store", "train-seg": "segmentation head",
-              "train-cls": "classification head"}
+              "train-cls": "classification head", "protocol": "protocol run"}
 
 
 @dataclass
@@ -52,12 +52,15 @@ def classify(path: Path) -> tuple[str | None, dict | None]:
     demo, or a run of a kind the report does not show), or None (not a difffeat folder)."""
     from difffeat.report_sections.cls import is_cls_run
     from difffeat.report_sections.gate import is_gate_run
+    from difffeat.report_sections.protocol import is_protocol_run
     from difffeat.report_sections.seg import is_seg_run
     from difffeat.report_sections.store import is_store
     from difffeat.report_sections.sweep import is_sweep_run
 
     if is_store(path):
         return "store", None
+    if is_protocol_run(path):  # its steps' folders are shown through its table
+        return "protocol", None
     saved = _marker(path)
     marked = saved is not None and saved.get("format") == RUN_FORMAT
     if marked and is_sweep_run(saved):  # a sweep writes a ranking.json too: its marker says what it is
@@ -116,12 +119,15 @@ def _section(found: Found, anchor: str, n_images: int):
     from difffeat.report_sections.cls import render_cls
     from difffeat.report_sections.gate import render_gate
     from difffeat.report_sections.page import Section, esc, note
+    from difffeat.report_sections.protocol import render_protocol
     from difffeat.report_sections.seg import render_seg
     from difffeat.report_sections.store import render_store
     from difffeat.report_sections.sweep import render_sweep
 
     shown = found.path.as_posix()
     try:
+        if found.kind == "protocol":
+            return render_protocol(found.path, anchor, shown)
         if found.kind == "gate":
             return render_gate(found.path, anchor, shown)
         if found.kind == "sweep":

@@ -2,6 +2,7 @@
 a run killed and resumed writes the same results, and bad input is one line."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +103,18 @@ def test_the_gpu_script_runs_in_its_tiny_form(tmp_path):
     proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "spair" / "results.json").read_text())["protocol"] == "spair"
+
+
+def test_the_report_shows_a_protocol_run_beside_its_anchors(tmp_path):
+    """`difffeat report` on a protocol's folder: one section, our numbers and the anchors in one table."""
+    from difffeat.report import ReportConfig, write_report
+
+    results = {"protocol": "ade20k", "title": "t", "is_protocol": True, "departures": [],
+               "results": {"head": {"miou": summarise([40.0, 42.0])}},
+               "anchors": load_protocol("ade20k").anchors}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text(json.dumps(results))
+    page, found = write_report(ReportConfig(runs=[str(tmp_path / "run")], out=str(tmp_path / "r.html")))
+    assert [f.kind for f in found] == ["protocol"]
+    text = Path(page).read_text()
+    assert "41.00 ± 1.41" in text and "GATE (SD-1.5, 3 extractors)" in text and "40.51" in text

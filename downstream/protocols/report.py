@@ -9,33 +9,7 @@ from pathlib import Path
 
 from difffeat.atomic import write_atomic
 from difffeat.report_sections.page import CSP, CSS, esc
-
-
-def _number(summary: dict | None) -> str:
-    if not summary or summary.get("mean") is None:
-        return "–"
-    lo, hi = summary["ci95"]
-    return (f"{summary['mean']:.2f} ± {summary['std']:.2f} <span class=ci>[{lo:.2f}, {hi:.2f}] "
-            f"n={summary['n']}</span>")
-
-
-def results_table(results: dict) -> str:
-    """Rows: our groups (heads or methods), then the anchors; columns: every metric either side reports."""
-    ours = results["results"]
-    metrics = list(dict.fromkeys([m for g in ours.values() for m in g] +
-                                 [k for a in results["anchors"] for k in a if k not in ("method", "source", "std")]))
-    head = "".join(f"<th>{esc(m)}</th>" for m in metrics)
-    rows = [f"<tr class=best><td class=l>difffeat: {esc(group)}</td>" +
-            "".join(f"<td>{_number(values.get(m))}</td>" for m in metrics) + "<td class=l>this run</td></tr>"
-            for group, values in ours.items()]
-    for anchor in results["anchors"]:
-        cells = "".join(f"<td>{esc(anchor[m])}" + (f" ± {esc(anchor['std'])}" if "std" in anchor and m == "miou"
-                                                     else "") + "</td>" if m in anchor else "<td>–</td>"
-                        for m in metrics)
-        rows.append(f"<tr class=ref><td class=l>{esc(anchor['method'])}</td>{cells}"
-                    f"<td class=l>{esc(anchor['source'])}</td></tr>")
-    return (f"<div class=scroll><table><tr><th class=l>method</th>{head}<th class=l>source</th></tr>"
-            f"{''.join(rows)}</table></div>")
+from difffeat.report_sections.protocol import results_table
 
 
 def render(results: dict) -> str:

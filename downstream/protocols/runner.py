@@ -14,6 +14,7 @@ deterministic and resumes from its own folder. One small runner per task (`TASKS
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import os
 import platform
@@ -21,24 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
+from difffeat.atomic import write_json_atomic
 from difffeat.data.layouts import LAYOUTS, detect_layout, open_data
 from difffeat.errors import UserError
-from difffeat.atomic import write_json_atomic
 from difffeat.run import library_versions, read_json
 from downstream.protocols.protocol import Protocol
 
 # two-sided 95 % quantiles of Student's t for 1…10 degrees of freedom (then the normal's 1.96 is close enough)
 T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
-#: the `data synth` writer of each protocol layout's built-in world (root, n) → root
-SMOKE_WORLDS = {
-    **{layout: (lambda writer: lambda root, n: _synth_layout(root, writer, n))(writer)
-       for layout, writer in (("ade20k", "ade20k"), ("cityscapes", "cityscapes"), ("ddpm-seg", "ddpm-seg"),
-                              ("imagefolder", "shapes-lt"))},
-    "spair": lambda root, n: _synth_corr(root, n),
-}
 
 
-def _synth_layout(root: Path, writer: str, n: int) -> Path:
+def _synth_layout(root: Path, n: int, writer: str) -> Path:
     from difffeat.data.synth_layouts import synthesize_layout
 
     return synthesize_layout(root, writer, n=n, seed=0)
@@ -48,6 +42,15 @@ def _synth_corr(root: Path, n: int) -> Path:
     from difffeat.data.synth_corr import synthesize_corr
 
     return synthesize_corr(root, n=n, seed=0)
+
+
+#: the `data synth` writer of each protocol layout's built-in world (root, n) → root
+SMOKE_WORLDS = {
+    **{layout: functools.partial(_synth_layout, writer=writer)
+       for layout, writer in (("ade20k", "ade20k"), ("cityscapes", "cityscapes"), ("ddpm-seg", "ddpm-seg"),
+                              ("imagefolder", "shapes-lt"))},
+    "spair": _synth_corr,
+}
 
 
 def summarise(values: list[float]) -> dict:
