@@ -41,7 +41,9 @@ MARKER = ".record_behaviour"  # a workdir holding this file was made by this scr
 # Keys whose values change from run to run (or machine to machine) and say nothing about the maths.
 VOLATILE_KEYS = {"seconds", "elapsed", "elapsed_s", "duration", "time", "wall", "wall_s", "created", "date",
                  "timestamp", "versions", "version", "python", "torch", "host", "hostname", "pid",
-                 "images_per_second", "img_per_s", "throughput"}
+                 "images_per_second", "img_per_s", "throughput",
+                 # a digest of shard checksums, which cover the input files' modification times (stamps)
+                 "shards_digest"}
 # The run spine's bookkeeping in a run's marker file (difffeat/run.py): not results.
 MARKER_KEYS = {"format", "kind", "config_hash"}
 VOLATILE_PATTERN = re.compile(r"(seconds|elapsed|created|timestamp|version|per_s(ec)?$|throughput)")
