@@ -412,7 +412,10 @@ class RunFolder:
     the main process only). `continuing` says whether an existing run of the same config is resumed.
 
     `owned` lists the run's own file and folder names (glob patterns, relative to the folder); with
-    ``overwrite`` they, the marker and the checkpoints are removed and nothing else is. A folder that is
+    ``overwrite`` they, the marker and the checkpoints are removed and nothing else is. A name made from the
+    run's settings is written with a ``{field}`` placeholder (``"heatmap-{variants}.png"``): it stands for the
+    exact names the old run's saved config gives (one per entry of a list or mapping field), never a wildcard,
+    so a file of the user's that only looks like the run's own (``heatmap-mine.png``) is kept. A folder that is
     neither empty nor marked as a difffeat run of this `kind` is never written to.
 
     One process works on a run at a time: `lock` takes the folder's lock (``.lock``, `difffeat.lock.FolderLock`) for
@@ -557,11 +560,29 @@ class RunFolder:
         return {"format": self.format, "kind": self.kind, "config": self.config, "config_hash": self.config_hash,
                 **self.extra, "versions": library_versions(), "created": utc_now()}
 
+    def owned_names(self) -> tuple[set[str], list[str]]:
+        """(exact names, glob patterns) of the run's own files: the `owned` patterns, each ``{field}`` one made
+        into the names the saved run's config gives."""
+        saved = self.saved() or {}
+        config = saved.get("config") if isinstance(saved.get("config"), dict) else {}
+        exact: set[str] = set()
+        patterns: list[str] = []
+        for pat in self.owned:
+            m = re.fullmatch(r"([^{}]*)\{(\w+)\}([^{}]*)", pat)
+            if m is None:
+                patterns.append(pat)
+                continue
+            value = config.get(m[2])
+            values = value if isinstance(value, (list, tuple, dict)) else [] if value is None else [value]
+            exact |= {f"{m[1]}{v}{m[3]}" for v in values if isinstance(v, (str, int)) and "/" not in str(v)}
+        return exact, patterns
+
     def remove_owned(self) -> None:
-        """Delete the run's own files (the `owned` patterns) and nothing else."""
+        """Delete the run's own files (the `owned` patterns, `owned_names`) and nothing else."""
+        exact, patterns = self.owned_names()
         try:
             for p in list(self.path.iterdir()):
-                if any(fnmatch.fnmatchcase(p.name, pat) for pat in self.owned):
+                if p.name in exact or any(fnmatch.fnmatchcase(p.name, pat) for pat in patterns):
                     if p.is_dir() and not p.is_symlink():
                         shutil.rmtree(p)
                     else:

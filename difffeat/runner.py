@@ -36,8 +36,9 @@ class ExtractRunConfig(Config):
                                  "(ade20k, cityscapes, voc, coco-stuff, ddpm-seg, hf, shapes-lt; docs/datasets.md)")
     out: str = option(help="feature store folder")
     model: str = option("mini")
-    layers: list[str] = option(default_factory=lambda: ["dift"], flag="--layer", metavar="LAYER",
-                               help="module name or preset (dift, gdf-legacy, hyperfeatures); repeat")
+    layers: list[str] = option(default_factory=lambda: ["auto"], flag="--layer", metavar="LAYER",
+                               help="module name or preset (auto: dift on a UNet, dit-middle on a transformer; "
+                                    "dift, gdf-legacy, hyperfeatures, dit-blocks, dit-middle); repeat (default auto)")
     timesteps: list[int] = option(default_factory=lambda: [50], flag="--t", metavar="T", min=0,
                                   help="timestep; repeat for several (default 50)")
     seed: int = option(0)
@@ -270,6 +271,7 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
         store_cfg["data"] = source.data
     # Rank 0 creates (or checks) the store before the others open it.
     writer = None
+    made_folder = not os.path.lexists(cfg.out)
     if rank == 0:
         writer = FeatureStoreWriter(cfg.out, store_cfg, shard_size=cfg.shard_size, dtype=cfg.store_dtype,
                                     rank=rank, overwrite=overwrite, resume=resume)
@@ -289,6 +291,10 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
     failures: list[dict] = []
     extracted = captioned = 0
     with contextlib.ExitStack() as stack:
+        if rank == 0 and world == 1 and not writer.continuing:
+            # Runs after the writer has let go: a store this call made and that got nothing (refused for memory, a
+            # failing first batch) is taken away again, so that a retry with other settings finds no store.
+            stack.push(lambda kind, error, tb: _remove_unstarted(writer, made_folder) if kind else None)
         stack.enter_context(writer)  # whatever fails below, the writer keeps what is complete and lets go
         speed = {"attention": use_attention(pipe, cfg.attention_backend, device, warn),
                  "channels_last": cfg.channels_last}
@@ -384,6 +390,24 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
         report["seconds_by_phase"] = timer.as_dict()
     _write_report(Path(cfg.out), report, rank, world, state)
     return report
+
+
+def _remove_unstarted(writer, made_folder: bool) -> None:
+    """After a failed call: remove the store `writer` created when it holds no feature and no failure record yet
+    (its manifest and empty shards folder, and the folder itself when the call made it). Anything else there (a
+    shard, a failure record, another process's lock, a file of the user's) keeps the store as it is."""
+    from difffeat.store import MANIFEST, SHARDS
+
+    path = Path(writer.path)
+    with contextlib.suppress(OSError):
+        if writer.folder.started() or any(p.name.startswith(".lock") for p in path.iterdir()):
+            return
+        shards = path / SHARDS
+        if shards.is_dir() and not any(shards.iterdir()):
+            shards.rmdir()
+        (path / MANIFEST).unlink(missing_ok=True)
+        if made_folder and not any(path.iterdir()):
+            path.rmdir()
 
 
 def _silent(message: str) -> None:  # warnings of processes other than the first: one copy is enough

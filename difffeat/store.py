@@ -6,15 +6,16 @@ A store is a folder holding the run's features, per image a dict layer → array
     DIR/shards/shard-r{rank:03d}-{index:06d}.safetensors   up to `shard_size` images each
     DIR/failures-r{rank:03d}.jsonl                 one {"key", "reason"} line per skipped input
 
-In a shard the tensor ``f"{i}/{layer}"`` is layer `layer` of its i-th image; the shard's safetensors
-metadata holds ``"keys"`` (JSON list of image keys, in order), ``"layers"`` (JSON list of layer names in
-the order the caller gave them, which safetensors itself does not keep), ``"stamps"`` (per image the
-[size, mtime_ns] of its input file when it was read, or null), ``"sha256"`` (the shard's checksum, see
-`shard_digest`) and, when a technique captioned the images (`prompt:auto`), ``"captions"`` (per image
-{technique spec: caption}, or null). A shard is written to a temporary name and renamed, so it exists whole or not
-at all: a reader or a resumed run learns what is done from shard headers alone, without reading tensor data. Each
-process (rank) writes its own shards and failures file, so several processes can fill one store; each
-holds the lock ``.lock-r{rank:03d}``, so two runs cannot fill one store at once.
+In a shard the tensor ``f"{i}/{layer}"`` is layer `layer` of its i-th image; the shard's safetensors metadata holds
+``"keys"`` (JSON list of image keys, in order), ``"layers"`` (JSON list of layer names in the order the caller gave
+them, which safetensors itself does not keep), ``"stamps"`` (per image the [size, mtime_ns] of its input file when
+it was read, or null), ``"sha256"`` (the shard's checksum, see `shard_digest`), ``"ranges"`` (per image {layer:
+[min, max, mean]} of the values as stored, null for a layer holding a non-finite value: what readers check each
+image against, see `FeatureStore.__getitem__`) and, when a technique captioned the images (`prompt:auto`),
+``"captions"`` (per image {technique spec: caption}, or null). A shard is written to a temporary name and renamed,
+so it exists whole or not at all: a reader or a resumed run learns what is done from shard headers alone, without
+reading tensor data. Each process (rank) writes its own shards and failures file, so several processes can fill one
+store; each holds the lock ``.lock-r{rank:03d}``, so two runs cannot fill one store at once.
 
 The folder itself is a run folder of the spine (`difffeat.run.RunFolder`): ownership, resume / overwrite
 and "config differs" follow its rules; the manifest is its marker, in the store's own format.
@@ -38,8 +39,9 @@ from difffeat.errors import UserError
 from difffeat.lock import FolderLock
 from difffeat.run import RunFolder, canonical_json, config_hash, library_versions, mkdir
 
-__all__ = ["FeatureStore", "FeatureStoreWriter", "check_shard", "config_hash", "failure_files", "library_versions",
-           "list_shards", "read_manifest", "shard_digest", "shard_keys", "store_exists", "summarize"]
+__all__ = ["FeatureRangeWarning", "FeatureStore", "FeatureStoreWriter", "check_shard", "config_hash", "failure_files",
+           "library_versions", "list_shards", "read_manifest", "shard_digest", "shard_keys", "store_exists",
+           "summarize", "value_range"]
 # config_hash and library_versions: from difffeat.run, kept importable here
 
 FORMAT = "difffeat-store/1"
@@ -54,6 +56,9 @@ DTYPES = ("float32", "float16")
 MANIFEST_SHORTCUTS = ("model", "layers", "timesteps", "seed", "techniques", "variants", "resolution")
 # What a store consists of besides its manifest (the runner's reports included): all that overwrite removes.
 OWNED = (SHARDS, "failures-r*.jsonl", "report.json", "report-r*.json")
+
+STRIPPED = ("no checksum, though the difffeat that wrote it gives every shard one: it was removed, so its content "
+            "cannot be trusted")
 
 _SHARD_RE = re.compile(r"shard-r(\d{3,})-(\d{6,})\.safetensors")
 _FAILURES_RE = re.compile(r"failures-r(\d{3,})\.jsonl")
@@ -162,21 +167,38 @@ def shard_digest(names: Iterable[str], get: Callable[[str], np.ndarray], metadat
 
 
 def check_shard(file: str | os.PathLike) -> str | None:
-    """Why a shard cannot be trusted (unreadable, or its content no longer matches its checksum); None when
-    it matches, or when it was written before shards carried checksums."""
+    """Why a shard cannot be trusted (unreadable, its content no longer matches its checksum, or its checksum was
+    removed); None when it matches, or when it was written before shards carried checksums."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(file), framework="np") as f:
             meta = f.metadata() or {}
             if "sha256" not in meta:
-                return None
+                # Shards carried checksums before they carried ranges: ranges without a checksum is a stripped one.
+                return STRIPPED if "ranges" in meta else None
             digest = shard_digest(f.keys(), f.get_tensor, meta)
     except Exception as e:  # a damaged file, whatever safetensors raised
         return f"unreadable ({_one_line(e)})"
     if digest != meta["sha256"]:
         return "checksum mismatch: its content changed after it was written"
     return None
+
+
+def _has_checksum(file: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="np") as f:
+        return "sha256" in (f.metadata() or {})
+
+
+def value_range(array: np.ndarray) -> list[float] | None:
+    """[min, max, mean] of one image's layer as stored (exact in the stored dtype, the mean summed in float64);
+    None when it holds a non-finite value, which the heads refuse on their own."""
+    low, high = array.min(), array.max()
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return None
+    return [float(low), float(high), float(array.mean(dtype=np.float64))]
 
 
 def _one_line(e: BaseException) -> str:
@@ -431,7 +453,9 @@ class FeatureStoreWriter:
                 tensors[f"{i}/{layer}"] = array
                 layers[layer] = None
         metadata = {"keys": json.dumps([k for k, *_ in images]), "layers": json.dumps(list(layers)),
-                    "stamps": json.dumps([s for _, _, s, *_ in images])}
+                    "stamps": json.dumps([s for _, _, s, *_ in images]),
+                    "ranges": json.dumps([{layer: value_range(a) for layer, a in arrays.items()}
+                                          for _, arrays, *_ in images])}
         if any(c for *_, c, _ in images):  # stores without captions stay byte for byte as they were
             metadata["captions"] = json.dumps([c or None for *_, c, _ in images])
         if any(g for *_, g in images):  # likewise stores of images the model saw at their own size
@@ -468,6 +492,10 @@ class FeatureStoreWriter:
 
 
 # ---------------------------------------------------------------------------------------------- reader
+class FeatureRangeWarning(UserWarning):
+    """Features read from a store lie outside the range recorded when they were written (`FeatureStore`)."""
+
+
 class FeatureStore:
     """Read access to a feature store: ``store[key]`` is a dict layer → ``[C, h, w]`` array.
 
@@ -494,6 +522,8 @@ class FeatureStore:
         self._handles: dict[Path, Any] = {}
         self._captions: dict[Path, list] = {}  # per shard, read on first use
         self._geometry: dict[Path, list] = {}  # per shard, read on first use
+        self._ranges: dict[Path, list] = {}  # per shard, read on first use
+        self._flagged: set[str] = set()  # keys already warned about: one warning per key
 
     def _handle(self, file: Path):
         if file not in self._handles:
@@ -522,10 +552,63 @@ class FeatureStore:
         return key in self._index
 
     def __getitem__(self, key: str) -> dict[str, np.ndarray]:
-        """Features of image `key`, layer → [C, h, w] array in the stored dtype."""
+        """Features of image `key`, layer → [C, h, w] array in the stored dtype.
+
+        Each layer is checked against the [min, max] recorded for it when it was written (`value_range`, in its
+        shard's header): values outside it mean the shard was changed since (a checksum stripped and data edited,
+        features scaled by 1e30), and one warning names the key, the layer and both ranges. The check reads
+        nothing more than the features themselves; a change inside the range is the checksum's to find
+        (`verify`)."""
         file, i, layers = self._locate(key)
         handle = self._handle(file)
-        return {layer: handle.get_tensor(f"{i}/{layer}") for layer in layers}
+        out = {layer: handle.get_tensor(f"{i}/{layer}") for layer in layers}
+        self._check_range(key, file, i, out)
+        return out
+
+    def _recorded_ranges(self, file: Path, i: int) -> dict[str, list[float] | None]:
+        if file not in self._ranges:
+            self._ranges[file] = json.loads((self._handle(file).metadata() or {}).get("ranges", "[]"))
+        found = self._ranges[file]
+        return (found[i] or {}) if i < len(found) else {}
+
+    def _check_range(self, key: str, file: Path, i: int, arrays: Mapping[str, np.ndarray]) -> None:
+        if key in self._flagged:
+            return
+        recorded = self._recorded_ranges(file, i)
+        for layer, array in arrays.items():
+            bounds = recorded.get(layer)
+            if bounds is None or array.size == 0:  # not recorded (an older store), or non-finite when written
+                continue
+            low, high = array.min(), array.max()
+            if bounds[0] <= low and high <= bounds[1]:  # False for NaN too
+                continue
+            import warnings
+
+            self._flagged.add(key)
+            warnings.warn(
+                f"{self.path}: the features of {key!r} lie outside the range recorded when they were extracted "
+                f"(layer {layer}: recorded [{bounds[0]:.4g}, {bounds[1]:.4g}], read [{float(low):.4g}, "
+                f"{float(high):.4g}]): {file.relative_to(self.path).as_posix()} was changed after it was written; "
+                f"check it with `difffeat inspect {self.path} --verify` and extract the image again",
+                FeatureRangeWarning, stacklevel=3)
+            return
+
+    def ranges(self) -> dict[str, dict[str, float]]:
+        """Per layer, the range of the whole store as recorded at extraction: {"min", "max", "mean"} over every image
+        written with a record (the mean is the mean of the images' means), from shard headers alone. Layers with
+        no record (a store of an older difffeat, or only non-finite images) are left out."""
+        low: dict[str, float] = {}
+        high: dict[str, float] = {}
+        means: dict[str, list[float]] = {}
+        for file, i, _ in self._index.values():
+            for layer, bounds in self._recorded_ranges(file, i).items():
+                if bounds is None:
+                    continue
+                low[layer] = min(low.get(layer, bounds[0]), bounds[0])
+                high[layer] = max(high.get(layer, bounds[1]), bounds[1])
+                means.setdefault(layer, []).append(bounds[2])
+        return {layer: {"min": low[layer], "max": high[layer], "mean": float(np.mean(means[layer]))}
+                for layer in low}
 
     def entry(self, key: str) -> dict:
         """The per-image part of the manifest: shard file, position, each layer's shape and dtype, and the captions
@@ -646,6 +729,8 @@ class FeatureStore:
                 out = np.empty((len(keys), *array.shape), array.dtype)
             elif array.shape != out.shape[1:]:
                 raise ValueError(f"{key!r}: layer {layer!r} has shape {array.shape}, others {out.shape[1:]}")
+            file, i, _ = self._locate(key)
+            self._check_range(key, file, i, {layer: array})
             out[n] = array
         return out
 
@@ -737,8 +822,13 @@ def summarize(store: FeatureStore, max_failures: int = 5, verify: bool = False, 
     if shapes:
         lines.append("  layers:")
         width = max(len(layer) for layer in shapes)
+        ranges = store.ranges()
         for layer, shape in shapes.items():
-            lines.append(f"    {layer:<{width}}  [{', '.join(map(str, shape))}]  {dtypes[layer]}")
+            values = ""
+            if layer in ranges:
+                r = ranges[layer]
+                values = f"  values [{r['min']:.4g}, {r['max']:.4g}], mean {r['mean']:.4g}"
+            lines.append(f"    {layer:<{width}}  [{', '.join(map(str, shape))}]  {dtypes[layer]}{values}")
     else:
         lines.append("  layers:     (none yet)")
     lines.append(f"  size:       {_human_bytes(store.size_on_disk())}")
@@ -758,5 +848,10 @@ def summarize(store: FeatureStore, max_failures: int = 5, verify: bool = False, 
     if len(failures) > max_failures:
         lines.append(f"    … and {len(failures) - max_failures} more")
     if verify:
-        lines.append(f"  verified:   {len(_list_shards(store.path / SHARDS))} shard(s) match their checksums")
+        shards = [file for _, _, file in _list_shards(store.path / SHARDS)]
+        unchecked = sum(1 for file in shards if not _has_checksum(file))
+        line = f"  verified:   {len(shards) - unchecked} shard(s) match their checksums"
+        if unchecked:
+            line += f"; {unchecked} written before shards carried checksums could not be checked"
+        lines.append(line)
     return "\n".join(lines)

@@ -30,8 +30,9 @@ class GateConfig(Config):
     strength: float = option(0.7, above=0, max=1, help="img2img repainting strength (diffusers semantics)")
     steps: int = option(25, min=1, help="DDIM steps of img2img; int(steps · strength) of them run")
     t: int = option(50, min=0, help="feature-extraction timestep (the feature Score's features)")
-    layers: list[str] = option(default_factory=lambda: ["dift"], flag="--layer", metavar="LAYER",
-                               help="feature layer or preset; repeat (default dift)")
+    layers: list[str] = option(default_factory=lambda: ["auto"], flag="--layer", metavar="LAYER",
+                               help="feature layer or preset; repeat (default auto: dift on a UNet, dit-middle on a "
+                                    "transformer)")
     primary: str = option("psnr", choices=tuple(HIGHER_IS_BETTER), help="the score the decision and the ranking use")
     prompt: str = option("", help="base prompt of every image (prompt techniques rewrite it)")
     prompt_source: str = option("fixed", choices=("fixed", "sidecar", "csv", "label"), flag="--prompt-from",

@@ -37,7 +37,9 @@ LAYER_SETS = {
     "up-blocks": lambda names: [n for n in names if re.fullmatch(r"up_blocks\.\d+", n)],
     "all-blocks": lambda names: [n for n in names if re.fullmatch(r"(down_blocks|up_blocks)\.\d+|mid_block", n)],
 }
-OWNED = ("ranking.csv", "ranking.json", "heatmap-*.png", "report.html", "best.json", "variants.yaml")
+# Its own files by exact name: a heat map per variant of the saved config, never a glob over `heatmap-*` (a user's
+# `heatmap-mine.png` beside them stays; `difffeat.run.RunFolder`).
+OWNED = ("ranking.csv", "ranking.json", "heatmap-{variants}.png", "report.html", "best.json", "variants.yaml")
 UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
 
@@ -97,7 +99,8 @@ class SweepConfig(Config):
     level: float = option(0.95, above=0, max=0.999, help="interval level")
     batch_size: int = option(8, min=1, help="images per extraction call (and UNet batch)")
     max_memory: str | None = option(None, metavar="SIZE",
-                                    help="refuse a sweep whose memory estimate is above this (e.g. 8GB)")
+                                    help="refuse a sweep whose memory estimate (the process, its model and the "
+                                         "sweep's data) is above this (e.g. 8GB)")
 
     def check(self) -> None:
         if not self.timesteps or len(set(self.timesteps)) != len(self.timesteps):
@@ -144,13 +147,18 @@ def expand_layers(pipe, wanted: list[str], resolution: tuple[int, int]) -> list[
 def estimate_memory(cfg: SweepConfig, pipe, shapes: dict[str, tuple[int, int, int]], plan: list[Candidate],
                     n: int, resolution: tuple[int, int], task: str, n_classes: int) -> dict[str, int]:
     """Bytes the sweep will hold at its peak, by part (an estimate: the UNet's own working memory is taken as a
-    few of its largest activations)."""
+    few of its largest activations). "the process itself" is what this process holds now, before any sweep work
+    (Python, torch, the libraries; the model's weights on the host are their own part): a budget below it and the
+    weights can never be kept."""
     from difffeat.layers import latent_size, list_layers
+    from difffeat.measure import rss_bytes
 
     h_img, w_img = resolution
     lh, lw = latent_size(pipe, h_img, w_img)
     modules = [m for m in (getattr(pipe, a, None) for a in ("unet", "vae", "text_encoder", "text_encoder_2")) if m]
     weights = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    on_host = sum(p.numel() * p.element_size() for m in modules for p in m.parameters() if p.device.type == "cpu")
+    process = max(0, rss_bytes() - on_host)
     size = {name: c * h * w for name, (c, h, w) in shapes.items()}
     biggest = max(c * h * w for _, (c, h, w) in list_layers(pipe, h_img, w_img))
     n_t = len(cfg.timesteps)
@@ -171,7 +179,8 @@ def estimate_memory(cfg: SweepConfig, pipe, shapes: dict[str, tuple[int, int, in
         peak = max(peak, sum(state(c, images) for c in ordered))
         alive = ordered[: kept_count(len(ordered), cfg.keep, cfg.top_k)]
     greedy = n * sum(dims[c] * shapes[c][1] * shapes[c][2] for c in shapes) * 4 if cfg.greedy else 0
-    return {"model weights": weights, "images, latents and labels": data, "extraction batch": batch,
+    return {"the process itself": process, "model weights": weights, "images, latents and labels": data,
+            "extraction batch": batch,
             "probe state": peak, "greedy features": greedy}
 
 
@@ -380,8 +389,11 @@ def sweep(images: str | None = None, labels: str | None = None, out: str | None 
     total = sum(estimate.values())
     if cfg.max_memory is not None and total > parse_size(cfg.max_memory):
         parts = ", ".join(f"{k} {human(v)}" for k, v in estimate.items() if v)
+        floor = estimate["the process itself"] + estimate["model weights"]
+        what = (f"the process and the model alone hold {human(floor)} before any sweep work: give a budget above "
+                "that" if parse_size(cfg.max_memory) < floor else "lower n, width, batch size, layers or timesteps")
         raise ConfigError("max_memory", f"the sweep needs about {human(total)} ({parts}), above {cfg.max_memory}; "
-                                        "lower n, width, batch size, layers or timesteps")
+                                        f"{what}")
     data = load_sweep_inputs(cfg, source, labelset, resolution, stacks)
     spec = ProbeSpec(labelset.task, len(data.classes), cfg.probe, cfg.ridge_lambda, cfg.n_boot, cfg.level, cfg.seed)
     if run is not None:

@@ -57,6 +57,41 @@ def parse_variant_args(args: list[str]) -> dict[str, list[str]]:
     return variants
 
 
+class _DuplicateKey(ValueError):
+    """A mapping of a YAML or JSON file names one key twice; `str(e)` names the key (and, for YAML, both lines)."""
+
+
+def load_mapping_text(text: str, json_format: bool = False):
+    """YAML (or JSON) text → Python data, refusing a key given twice in any mapping (`_DuplicateKey`) where the plain
+    loaders silently keep the last one."""
+    import yaml
+
+    if json_format:
+        def pairs(items: list[tuple]) -> dict:
+            out: dict = {}
+            for key, value in items:
+                if key in out:
+                    raise _DuplicateKey(f"key {key!r} appears twice")
+                out[key] = value
+            return out
+
+        return json.loads(text, object_pairs_hook=pairs)
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise _DuplicateKey(f"key {key!r} appears twice (line {line}, first at line {seen[key]})")
+                if isinstance(key, (str, int, float, bool)):
+                    seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=StrictLoader)  # a SafeLoader: plain data only, no Python objects
+
+
 def read_variants_file(path: str | Path) -> dict[str, list[str]]:
     """A variants file (YAML or JSON, `variants:` mapping or a bare mapping) → {name: canonical specs}."""
     import yaml
@@ -67,7 +102,9 @@ def read_variants_file(path: str | Path) -> dict[str, list[str]]:
     except OSError as e:
         raise UserError(f"{path}: cannot read the variants file ({e.strerror})") from None
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = load_mapping_text(text, json_format=path.suffix == ".json")
+    except _DuplicateKey as e:  # YAML and JSON keep the last of two equal keys: a variant would vanish unseen
+        raise UserError(f"{path}: {e}; give each name once") from None
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise UserError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({str(e).splitlines()[0]})")\
             from None

@@ -422,8 +422,9 @@ def test_disk_full_during_extraction_is_one_line(tmp_path, capsys, monkeypatch):
     code, _, err = run_cli(["extract", str(src), "--out", str(tmp_path / "feats"), *EXTRACT], capsys)
     assert code == 2 and len(calls) == 1
     assert_one_line(err, ("feats/shards", "shard-r000-000000.safetensors", "No space left on device"))
-    assert list((tmp_path / "feats" / "shards").iterdir()) == []
-    assert not [p for p in (tmp_path / "feats").iterdir() if p.name.startswith(".")]
+    # No partial shard, no temporary file: the store this run began got nothing, so it is taken away whole (a retry
+    # with other settings finds no store; test_reliability_weak.py)
+    assert not (tmp_path / "feats").exists()
 
 
 # ------------------------------------------------------------------------------------------- trainers

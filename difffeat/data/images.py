@@ -36,11 +36,22 @@ if TYPE_CHECKING:
     import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# Pictures of formats difffeat does not read (an animated GIF has no one image to take; the others need a decoder
+# difffeat does not ship, or are JPEG under another name): a listing skips them and says so (`SkippedImagesWarning`).
+# Any other file (a caption sidecar `.txt`, a `metadata.csv`, notes) is not an image and is left out without a word.
+OTHER_IMAGE_SUFFIXES = (".gif", ".apng", ".avif", ".heic", ".heif", ".jxl", ".jp2", ".j2k", ".jfif", ".jpe", ".ico",
+                        ".icns", ".tga", ".psd", ".ppm", ".pgm", ".pbm", ".pnm", ".pcx", ".dds", ".qoi", ".svg",
+                        ".exr", ".hdr", ".raw", ".dng", ".cr2", ".nef", ".arw")
 RESIZE_MODES = ("center-crop", "pad", "stretch")
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000×8000: above any photo a diffusion model is run on, far below a bomb
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _RESAMPLE = Image.Resampling.BICUBIC
+
+
+class SkippedImagesWarning(UserWarning):
+    """A listing left out pictures of a format difffeat does not read (`OTHER_IMAGE_SUFFIXES`): once per listing,
+    with how many, which formats and one of them by name."""
 
 
 class BadImageError(UserError):
@@ -67,6 +78,20 @@ class ImageItem:
 # ------------------------------------------------------------------------------------------- discovery
 def has_image_suffix(name: str | os.PathLike) -> bool:
     return os.path.splitext(os.fspath(name))[1].lower() in IMAGE_SUFFIXES
+
+
+def is_unread_image(name: str | os.PathLike) -> bool:
+    """Whether `name` is a picture of a format difffeat does not read (a GIF, a HEIC photo, …)."""
+    return os.path.splitext(os.fspath(name))[1].lower() in OTHER_IMAGE_SUFFIXES
+
+
+def _skipped_note(skipped: list[str]) -> str:
+    """'3 files of a format difffeat does not read (.gif, .heic; first: a/x.gif); convert to PNG or JPEG …'."""
+    suffixes = sorted({os.path.splitext(name)[1].lower() for name in skipped})
+    first = sorted(skipped)[0]
+    return (f"{len(skipped)} file{'s' if len(skipped) != 1 else ''} of a format difffeat does not read "
+            f"({', '.join(suffixes)}; first: {first}); convert to PNG or JPEG to include "
+            f"{'them' if len(skipped) != 1 else 'it'}")
 
 
 def is_difffeat_output(folder: str | os.PathLike) -> bool:
@@ -117,29 +142,36 @@ def discover_images(source: str | os.PathLike, recursive: bool = True,
     Folders are walked (recursively unless told not to) skipping hidden files and folders, the folders in
     `exclude` and every folder below the root that holds a difffeat output (`is_difffeat_output`); keys are
     POSIX paths relative to the folder, or to a pattern's longest folder without wildcards. Files are
-    chosen by suffix alone: a corrupt one is listed here and reported when it is loaded.
+    chosen by suffix alone: a corrupt one is listed here and reported when it is loaded. Pictures of a format
+    difffeat does not read (a `.gif`, a `.heic`: `OTHER_IMAGE_SUFFIXES`) are left out with one
+    `SkippedImagesWarning` per listing (how many, which formats, the first by name); other files (captions,
+    tables) are not images and are left out without a word.
     """
     text = os.path.expanduser(os.fspath(source))
     path = Path(text)
     skip = _Skip(exclude)
+    skipped: list[str] = []  # pictures of a format difffeat does not read: said once, below
     if path.is_file():
         if not has_image_suffix(path):
             raise UserError(f"{source}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
         return [ImageItem(key=path.name, path=path)]
     if path.is_dir():
-        items = [ImageItem(key=rel, path=path / rel) for rel in _walk(path, recursive, skip)]
+        items = [ImageItem(key=rel, path=path / rel) for rel in _walk(path, recursive, skip, skipped)]
         where = "in this folder" + (" or its sub-folders" if recursive else "")
     elif glob.has_magic(text):
-        items = _glob(text, recursive, skip)
+        items = _glob(text, recursive, skip, skipped)
         where = "match this pattern"
     else:
         raise UserError(f"{source}: no such folder")
     if not items:
-        raise UserError(f"{source}: no images found {where} (looked for {', '.join(IMAGE_SUFFIXES)})")
+        also = f"; skipped {_skipped_note(skipped)}" if skipped else ""
+        raise UserError(f"{source}: no images found {where} (looked for {', '.join(IMAGE_SUFFIXES)}){also}")
+    if skipped:
+        warnings.warn(f"{source}: skipped {_skipped_note(skipped)}", SkippedImagesWarning, stacklevel=2)
     return sorted(items, key=lambda item: item.key)
 
 
-def _walk(root: Path, recursive: bool, skip: _Skip) -> Iterator[str]:
+def _walk(root: Path, recursive: bool, skip: _Skip, skipped: list[str] | None = None) -> Iterator[str]:
     seen: set[str] = set()
     if skip.exclude and os.path.realpath(root) in skip.exclude:
         return
@@ -156,19 +188,21 @@ def _walk(root: Path, recursive: bool, skip: _Skip) -> Iterator[str]:
         for name in files:
             if not name.startswith(".") and has_image_suffix(name):
                 yield (rel / name).as_posix()
+            elif skipped is not None and not name.startswith(".") and is_unread_image(name):
+                skipped.append((rel / name).as_posix())
 
 
-def _glob(pattern: str, recursive: bool, skip: _Skip) -> list[ImageItem]:
+def _glob(pattern: str, recursive: bool, skip: _Skip, skipped: list[str] | None = None) -> list[ImageItem]:
     parts = Path(pattern).parts
     fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
     root = Path(*parts[:fixed]) if fixed else Path(".")
     # glob (unlike pathlib) skips hidden names for wildcards, as the folder walk does.
-    matches = glob.glob(pattern, recursive=recursive)
-    return [
-        ImageItem(key=Path(os.path.relpath(m, root)).as_posix(), path=Path(m))
-        for m in matches
-        if has_image_suffix(m) and os.path.isfile(m) and not skip.inside(m, str(root))
-    ]
+    matches = [m for m in glob.glob(pattern, recursive=recursive)
+               if os.path.isfile(m) and not skip.inside(m, str(root))]
+    if skipped is not None:
+        skipped += [Path(os.path.relpath(m, root)).as_posix() for m in matches if is_unread_image(m)]
+    return [ImageItem(key=Path(os.path.relpath(m, root)).as_posix(), path=Path(m)) for m in matches
+            if has_image_suffix(m)]
 
 
 def file_stamp(path: str | os.PathLike) -> tuple[int, int] | None:

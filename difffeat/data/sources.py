@@ -37,6 +37,25 @@ from difffeat.errors import UserError
 from difffeat.run import confine_name
 
 
+def input_root(spec: str, parsed=None) -> str | None:
+    """The folder a source spec reads from: a folder, a data spec's root, a glob's longest folder without wildcards;
+    None for a single file or a data set by name."""
+    import glob
+
+    if parsed is not None:
+        return os.path.expanduser(parsed[2])
+    text = os.path.expanduser(spec)
+    if spec.startswith("hf:") or os.path.isfile(text):
+        return None
+    if os.path.isdir(text):
+        return text
+    if glob.has_magic(text):
+        parts = Path(text).parts
+        fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+        return str(Path(*parts[:fixed])) if fixed else "."
+    return None
+
+
 class ImageSource:
     """A list of `ImageItem`s, a way to load each, and each one's metadata row where it has one."""
 
@@ -49,6 +68,10 @@ class ImageSource:
         from difffeat.data.layouts import LAYOUTS, detect_layout, open_data, parse_data_spec
 
         parsed = parse_data_spec(spec)
+        root = input_root(spec, parsed)
+        if root is not None and os.path.realpath(root) in self.exclude:  # it would list nothing: say why
+            raise UserError(f"{spec}: the output folder (--out) is the input folder; write the output to another "
+                            "folder (a new one, or a sub-folder of this one)")
         if parsed is not None and parsed[0] == "hf" and not (Path(parsed[2]).is_dir() and
                                                              LAYOUTS["hf"].detect(Path(parsed[2]))):
             parsed = None  # hf:NAME of the Hub or its cache, or a folder `datasets` builds (imagefolder): below
