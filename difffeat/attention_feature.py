@@ -29,15 +29,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from difffeat import dit
+from difffeat.dit import probs_processor_for  # noqa: F401  (importable from here as before)
 from difffeat.dit_attention import (  # noqa: F401  (the transformers' recorders, importable from here as before)
     JointAttentionProbs,
     image_to_text_probs,
     probs_processor,
-    probs_processor_for,
 )
 from difffeat.errors import UserError
 from difffeat.layers import list_layers
+from difffeat.models.backbones import backbone_for
 
 ATTENTION_PRESETS: dict[str, Callable[[list[tuple[str, tuple[int, int, int]]]], dict[str, list[str]]]] = {}
 RESIZE_MODES = ("nearest", "bilinear")
@@ -116,23 +116,22 @@ def joint_attention_modules(model) -> list[str]:
             if hasattr(m, "processor") and getattr(m, "add_k_proj", None) is not None]
 
 
-def text_attention_modules(model) -> tuple[list[str], str]:
-    """The attention modules of a transformer that image→text maps come from (`difffeat.dit_attention`), and what
-    they are: SD3's joint ones, FLUX's double- and single-stream ones (every attention module it has), PixArt's
-    cross-attention ones (``attn2``)."""
-    fam = dit.family(model)
-    if fam == "pixart":
-        return [n for n, m in model.named_modules() if getattr(m, "is_cross_attention", False)], "cross-attention"
-    if fam == "flux":
-        return [n for n, m in model.named_modules() if hasattr(m, "processor")], "joint attention"
-    return joint_attention_modules(model), "joint attention"
+def text_attention_modules(pipe) -> tuple[list[str], str] | None:
+    """The attention modules of the pipeline's denoiser that image→text maps come from, and what they are (the
+    backbone's: SD3's joint ones, FLUX's double- and single-stream ones, PixArt's cross-attention ones); None for a
+    UNet, whose every cross-attention module records its probabilities."""
+    return backbone_for(pipe).text_attention_modules()
 
 
 def check_joint_attention(pipe, names: Sequence[str]) -> None:
-    """A UserError unless every name is an attention module of the pipeline's transformer that image→text maps come
-    from (`text_attention_modules`; presets and other names get the nearest module names)."""
-    model = dit.denoiser(pipe)
-    valid, kind = text_attention_modules(model)
+    """A UserError unless every name is an attention module that image→text maps come from on this pipeline's
+    denoiser (`text_attention_modules`; presets and other names get the nearest module names). A UNet's names are
+    checked where its modules are hooked."""
+    found = text_attention_modules(pipe)
+    if found is None:
+        return
+    valid, kind = found
+    model = backbone_for(pipe).model
     for name in names:
         if name not in valid:
             close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6) or \

@@ -49,8 +49,9 @@ class BenchConfig(Config):
     """What `difffeat bench` measures; its flags are made from these fields."""
 
     model: str = option("mini")
-    layers: list[str] = option(default_factory=lambda: ["dift"], flag="--layer", metavar="LAYER",
-                               help="module name or preset (dift, gdf-legacy, hyperfeatures); repeat")
+    layers: list[str] = option(default_factory=lambda: ["auto"], flag="--layer", metavar="LAYER",
+                               help="module name or preset (auto: dift on a UNet, dit-middle on a transformer; "
+                                    "dift, gdf-legacy, hyperfeatures, dit-blocks, dit-middle); repeat (default auto)")
     resolution: list[int] | None = option(None, flag="--size", nargs=2, metavar=("H", "W"), min=1,
                                           help="image size (default: the model's native one)")
     batch_size: str | int = option(16, min=1, metavar="B|auto", help="images per batch, or auto (probed, cached)")
@@ -136,38 +137,44 @@ def synthetic_images(folder: Path, n: int, size: tuple[int, int]) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- contenders
-def _empty_text(pipe, batch: int, device, dtype):
-    """An empty prompt's text embedding, repeated (what a prompt-free run conditions on)."""
-    import torch
+def _empty_text(pipe, batch: int, resolution: tuple[int, int]) -> tuple:
+    """The empty prompt's embedding [batch, T, D] and the denoiser's extra conditions for it as its call takes them,
+    repeated (what a prompt-free run conditions on)."""
+    from difffeat.models.backbones import backbone_for
 
-    ids = pipe.tokenizer([""], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(device)
-    with torch.no_grad():
-        emb = pipe.text_encoder(ids)[0].to(dtype)
-    return emb.expand(batch, -1, -1)
+    backbone = backbone_for(pipe)
+    embeds, added = backbone.encode_prompts([""])
+    rep = lambda v: v[:1].expand(batch, *v.shape[1:])
+    added = backbone.call_conditions(None if added is None else {k: rep(v) for k, v in added.items()}, resolution)
+    model = backbone.model
+    return rep(embeds[0][None]).to(model.device, model.dtype), added
 
 
-def run_bare(pipe, x, layers: list[str], t: int, ensemble: int, batch: int, timer) -> None:
-    """VAE encode + noise + UNet to the deepest layer, `batch` images at a time; images already on the device."""
+def run_bare(pipe, x, layers: list[str], size: tuple[int, int], t: int, ensemble: int, batch: int, timer) -> None:
+    """VAE encode (shifted, scaled) + noise at t + the denoiser to the deepest layer (its capture hooks' early exit),
+    `batch` images at a time; images already on the device. The backbone makes the call and the maps."""
     import torch
 
     from difffeat.capture import Capture
     from difffeat.extract import encode_latents
-    from difffeat.layers import unet_conditions
+    from difffeat.models.backbones import backbone_for
 
-    unet, scheduler = pipe.unet, pipe.scheduler
+    backbone = backbone_for(pipe)
     generator = torch.Generator().manual_seed(0)
-    text = _empty_text(pipe, 1, unet.device, unet.dtype)  # once: the compute is what is measured
-    with torch.no_grad(), Capture(unet, layers, _latent_hw(pipe, x)) as cap:
+    text, added = _empty_text(pipe, 1, size)  # once: the compute is what is measured
+    latent_hw = _latent_hw(pipe, x)
+    with torch.no_grad(), backbone.feature_maps(layers, latent_hw, size) as to_map, \
+            Capture(backbone.model, layers, latent_hw, to_map=to_map) as cap:
         for s in range(0, len(x), batch):
             with timer.phase("vae"):
                 z = encode_latents(pipe, x[s : s + batch], batch_size=batch).repeat_interleave(ensemble, 0)
             with timer.phase("unet"):
                 noise = torch.randn(z.shape, generator=generator).to(z)
-                ts = torch.full((len(z),), t, device=z.device)
-                zt = scheduler.add_noise(z, noise, ts)
-                cap.run(zt, ts, text.expand(len(z), -1, -1),
-                        **unet_conditions(unet, len(z), tuple(z.shape[-2:]), z.device, z.dtype))
+                zt = backbone.noise_latents(z, noise, t)
+                rows = None if added is None else {k: v.expand(len(z), *v.shape[1:]) for k, v in added.items()}
+                args, kwargs = backbone.call(zt, torch.full((len(z),), t, device=z.device),
+                                             text.expand(len(z), -1, -1), rows)
+                cap.run(*args, **kwargs)
 
 
 def _latent_hw(pipe, x) -> tuple[int, int]:
@@ -178,29 +185,35 @@ def _latent_hw(pipe, x) -> tuple[int, int]:
 
 def run_naive(pipe, paths: list[Path], size: tuple[int, int], layers: list[str], t: int, ensemble: int, out: Path,
               timer) -> None:
-    """The per-image loop: decode, VAE sample, full UNet pass with hooks, features kept in RAM, saved at the end."""
+    """The per-image loop: decode, VAE sample, full denoiser pass with hooks (a transformer's image tokens to maps),
+    features kept in RAM, saved at the end."""
     import torch
 
-    from difffeat.layers import first_tensor, unet_conditions
+    from difffeat.models.backbones import backbone_for
+    from difffeat.models.maps import first_tensor
 
-    unet = pipe.unet
-    modules = dict(unet.named_modules())
+    backbone = backbone_for(pipe)
+    model = backbone.model
+    latent_hw = _latent_hw(pipe, torch.empty(1, 3, *size))
+    modules = dict(model.named_modules())
     current: dict = {}
-    hooks = [modules[n].register_forward_hook(lambda m, a, o, n=n: current.__setitem__(n, first_tensor(o)))
-             for n in layers]
-    try:
-        with torch.no_grad():
-            emb = _empty_text(pipe, 1, unet.device, unet.dtype)
-            extra = unet_conditions(unet, 1, _latent_hw(pipe, torch.empty(1, 3, *size)), unet.device, unet.dtype)
+    with backbone.feature_maps(layers, latent_hw, size) as to_map:
+        as_map = to_map or (lambda name, output: first_tensor(output))
+        hooks = [modules[n.split(":")[0]].register_forward_hook(
+            lambda m, a, o, n=n: current.__setitem__(n, as_map(n, o))) for n in layers]
+        try:
+            with torch.no_grad():
+                emb, added = _empty_text(pipe, 1, size)
 
-            def one_pass(z):
-                ts = torch.tensor([t], device=z.device)
-                unet(pipe.scheduler.add_noise(z, torch.randn_like(z), ts), ts, emb, **extra)
+                def one_pass(z):
+                    zt = backbone.noise_latents(z, torch.randn_like(z), t)
+                    args, kwargs = backbone.call(zt, torch.tensor([t], device=z.device), emb, added)
+                    model(*args, **kwargs)
 
-            kept = _per_image(pipe.vae, paths, size, layers, ensemble, current, one_pass, timer)
-    finally:
-        for h in hooks:
-            h.remove()
+                kept = _per_image(pipe.vae, paths, size, layers, ensemble, current, one_pass, timer)
+        finally:
+            for h in hooks:
+                h.remove()
     _save_naive(kept, out, timer)
 
 
@@ -240,84 +253,11 @@ def _save_naive(kept: list[dict], out: Path, timer) -> None:
                 np.save(out / f"{i}_{n.replace(':', '_')}.npy", v)
 
 
-def _dit_text(pipe, batch: int) -> tuple:
-    """The empty prompt's embedding [batch, T, D] and the transformer's extra conditions for it, repeated."""
-    from difffeat import dit
-
-    embeds, added = dit.encode_prompts(pipe, [""])
-    rep = lambda v: v[:1].expand(batch, *v.shape[1:])
-    return rep(embeds[0][None]), {k: rep(v) for k, v in added.items()}
-
-
-def _dit_maps(pipe, layers: list[str], size: tuple[int, int], latent_hw: tuple[int, int]):
-    """How a transformer's hooked outputs become maps: image tokens on the patch grid, DiTF options applied."""
-    from difffeat import dit, ditf
-
-    return ditf.TokenMaps(dit.denoiser(pipe), layers, dit.token_index(pipe, *size), latent_hw)
-
-
-def run_bare_dit(pipe, x, layers: list[str], size: tuple[int, int], t: int, ensemble: int, batch: int,
-                 timer) -> None:
-    """`run_bare` for a diffusion transformer: VAE encode (shifted, scaled) + noise at t + the transformer to the
-    deepest layer (its capture hooks' early exit), `batch` images at a time; images already on the device."""
-    import torch
-
-    from difffeat import dit
-    from difffeat.capture import Capture
-    from difffeat.extract import encode_latents
-
-    model = dit.denoiser(pipe)
-    generator = torch.Generator().manual_seed(0)
-    text, added = _dit_text(pipe, 1)  # once: the compute is what is measured
-    latent_hw = _latent_hw(pipe, x)
-    with torch.no_grad(), _dit_maps(pipe, layers, size, latent_hw) as maps, \
-            Capture(model, layers, latent_hw, to_map=maps) as cap:
-        for s in range(0, len(x), batch):
-            with timer.phase("vae"):
-                z = encode_latents(pipe, x[s : s + batch], batch_size=batch).repeat_interleave(ensemble, 0)
-            with timer.phase("unet"):
-                noise = torch.randn(z.shape, generator=generator).to(z)
-                zt = dit.noise_latents(pipe, z, noise, t)
-                cap.run(**dit.forward_kwargs(pipe, zt, torch.full((len(z),), t, device=z.device),
-                                             text.expand(len(z), -1, -1),
-                                             {k: v.expand(len(z), *v.shape[1:]) for k, v in added.items()}))
-
-
-def run_naive_dit(pipe, paths: list[Path], size: tuple[int, int], layers: list[str], t: int, ensemble: int,
-                  out: Path, timer) -> None:
-    """`run_naive` for a diffusion transformer: decode, VAE sample (shifted, scaled), the full transformer with
-    hooks (image tokens to maps), features kept in RAM, saved at the end."""
-    import torch
-
-    from difffeat import dit
-
-    model = dit.denoiser(pipe)
-    latent_hw = _latent_hw(pipe, torch.empty(1, 3, *size))
-    modules = dict(model.named_modules())
-    current: dict = {}
-    with _dit_maps(pipe, layers, size, latent_hw) as maps:
-        hooks = [modules[n.split(":")[0]].register_forward_hook(
-            lambda m, a, o, n=n: current.__setitem__(n, maps(n, o))) for n in layers]
-        try:
-            with torch.no_grad():
-                emb, added = _dit_text(pipe, 1)
-
-                def one_pass(z):
-                    zt = dit.noise_latents(pipe, z, torch.randn_like(z), t)
-                    model(**dit.forward_kwargs(pipe, zt, torch.tensor([t], device=z.device), emb, added))
-
-                kept = _per_image(pipe.vae, paths, size, layers, ensemble, current, one_pass, timer)
-        finally:
-            for h in hooks:
-                h.remove()
-    _save_naive(kept, out, timer)
-
-
 def _check_materialised(pipe, model: str) -> None:
     """A UserError when the model has no values (a real-size preset built on the meta device)."""
-    from difffeat import dit
+    from difffeat.models.backbones import denoiser
 
-    if any(p.is_meta for p in dit.denoiser(pipe).parameters()):
+    if any(p.is_meta for p in denoiser(pipe).parameters()):
         raise UserError(f"--model {model}: built on the meta device (layer names and shapes, no weights), so there "
                         "is nothing to run; give it random weights with --materialize (the real model's memory), "
                         "or bench a model with weights (e.g. mini-dit)")
@@ -399,10 +339,10 @@ def bench(cfg: BenchConfig, warn=None, pipe=None) -> dict:
         raise ConfigError("tmp_dir", f"{cfg.tmp_dir}: no such folder")
     import torch
 
-    from difffeat.dit import denoiser, is_transformer
     from difffeat.fastpath import Compiled, channels_last, use_attention, warn_line
     from difffeat.layers import native_resolution, resolve_layers
     from difffeat.measure import device_sync
+    from difffeat.models.backbones import denoiser
     from difffeat.runner import ExtractRunConfig, run_extraction
     from difffeat.zoo import load_pipeline
 
@@ -417,7 +357,6 @@ def bench(cfg: BenchConfig, warn=None, pipe=None) -> dict:
         if materialize(pipe, as_dtype(cfg.dtype)):
             pipe.to(device)
     _check_materialised(pipe, cfg.model)
-    transformer = is_transformer(pipe)  # its own bare and naive contenders (their inputs differ from a UNet's)
     size = tuple(cfg.resolution) if cfg.resolution else native_resolution(pipe)
     layers = resolve_layers(pipe, cfg.layers, *size)
     attention = use_attention(pipe, cfg.attention, device, warn)
@@ -481,18 +420,14 @@ def bench(cfg: BenchConfig, warn=None, pipe=None) -> dict:
                 if cfg.compile:
                     stack.enter_context(Compiled(denoiser(pipe), cfg.compile_backend,
                                                  None if cfg.compile_mode == "default" else cfg.compile_mode, warn))
-                if transformer:
-                    run_bare_dit(pipe, x, layers, size, cfg.timestep, cfg.ensemble, batch, timer)
-                else:
-                    run_bare(pipe, x, layers, cfg.timestep, cfg.ensemble, batch, timer)
+                run_bare(pipe, x, layers, size, cfg.timestep, cfg.ensemble, batch, timer)
 
         naive_paths = paths[: cfg.naive_n or n]
 
         def naive_run(timer) -> None:
             out = tmp / f"naive{runs}"
             out.mkdir(exist_ok=True)
-            naive = run_naive_dit if transformer else run_naive
-            naive(pipe, naive_paths, size, layers, cfg.timestep, cfg.ensemble, out, timer)
+            run_naive(pipe, naive_paths, size, layers, cfg.timestep, cfg.ensemble, out, timer)
 
         contenders = {"difffeat": (difffeat_run, n)}
         if "bare" in cfg.compare:

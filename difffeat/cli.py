@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from difffeat.config_cli import add_config_arguments, flag_of
@@ -297,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_zoo_report)
-    from difffeat.zoo.train_dit import add_zoo_commands
+    from difffeat.zoo.dit_commands import add_zoo_commands
 
     add_zoo_commands(zoo)  # train-mini-dit, eval-mini-dit
 
@@ -323,13 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="read every shard and check it against its checksum")
     p.set_defaults(func=_cmd_inspect)
 
-    from difffeat.demo import add_demo_command
     from difffeat.report import add_report_command
     from difffeat.viz import add_viz_command
 
     add_viz_command(sub)  # the comparison picture of a store
     add_report_command(sub)  # one HTML page for GATE runs, stores and head runs
-    add_demo_command(sub)  # the whole chain on the built-in world
     from difffeat.bench import add_bench_command
     from difffeat.store_merge import add_store_commands
 
@@ -386,7 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             pass
     try:
-        args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            args.func(args)
     except ConfigError as e:  # the library names the config field; the command line shows its flag
         print(f"difffeat: error: {flag_of(args, e.field)}: {e.reason}", file=sys.stderr)
         return 2
@@ -404,6 +405,24 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         _quiet_stdout()
     return 0
+
+
+_OWN_CODE = Path(__file__).resolve().parent.parent  # difffeat/, downstream/, gate/, pipelines/ live here
+_OWN_PACKAGES = {"difffeat", "downstream", "gate", "pipelines"}
+_DEFAULT_SHOW = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The project's own warnings as one line, the way the CLI writes errors; others (torch, diffusers) as Python
+    shows them."""
+    try:
+        ours = Path(filename).resolve().relative_to(_OWN_CODE).parts[0] in _OWN_PACKAGES
+    except (OSError, ValueError, IndexError):
+        ours = False
+    if ours and issubclass(category, UserWarning):
+        print(f"difffeat: warning: {message}", file=file or sys.stderr)
+    else:
+        _DEFAULT_SHOW(message, category, filename, lineno, file, line)
 
 
 def _quiet_stdout() -> None:

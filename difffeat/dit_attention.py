@@ -20,13 +20,11 @@ own `apply_rotary_emb` with the `image_rotary_emb` of the call, so what the mode
 
 from __future__ import annotations
 
-import functools
 import inspect
 from contextlib import contextmanager
 
 import torch
 
-from difffeat import dit
 from difffeat.errors import UserError
 
 
@@ -200,9 +198,3 @@ def probs_processor(attn, on_probs, image_tokens: int | None = None):
     if getattr(attn, "add_k_proj", None) is not None:
         return JointAttentionProbs(attn.processor, on_probs)
     return CrossAttentionProbs(attn.processor, on_probs)
-
-
-def probs_processor_for(model, latent_hw: tuple[int, int]):
-    """`probs_processor` for transformer `model` on latents of size `latent_hw` (its image token count bound)."""
-    p = dit.patch_size(model)
-    return functools.partial(probs_processor, image_tokens=(latent_hw[0] // p) * (latent_hw[1] // p))

@@ -15,8 +15,10 @@ import difflib
 import torch
 import torch.nn.functional as F
 
-from difffeat.dit import as_grid, blocks, image_tokens
 from difffeat.errors import UserError
+from difffeat.models.layer_presets import blocks
+from difffeat.models.maps import as_map as as_grid
+from difffeat.models.maps import image_tokens
 
 MASSIVE_RATIO = 100.0
 OPTIONS = ("remod", "massive=zero", "massive=clip")

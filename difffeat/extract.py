@@ -8,27 +8,25 @@ the deepest requested module; the VAE decoder never runs.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from difffeat import dit, ditf
 from difffeat.attention_feature import (
     ATTENTION_PRESETS,
     attention_groups,
     attention_modules,
     check_joint_attention,
     merge_attention,
-    probs_processor_for,
 )
 from difffeat.capture import Capture
 from difffeat.conditioning import ConditioningStack, technique_stack
 from difffeat.errors import UserError
 from difffeat.layers import native_resolution, resolve_layers
 from difffeat.measure import NullTimer
+from difffeat.models.backbones import backbone_for
 from difffeat.prompts import PromptEncoder
 
 
@@ -131,8 +129,9 @@ class FeatureExtractor:
         self.pipe = pipe
         self.resolution = tuple(resolution) if resolution else native_resolution(pipe)
         self.layers = resolve_layers(pipe, layers, *self.resolution)
-        modules = dict(dit.denoiser(pipe).named_modules())
-        if attention and dit.is_transformer(pipe):  # image→text maps of a transformer's attention (dit_attention)
+        self.backbone = backbone_for(pipe)
+        modules = dict(self.backbone.model.named_modules())
+        if attention:  # a transformer's image→text maps come from some attention modules only (dit_attention)
             check_joint_attention(pipe, attention)
         # Presets stand for groups of modules whose maps are merged (averaged, resized) into one feature each.
         self.attention_groups = None
@@ -201,7 +200,7 @@ class FeatureExtractor:
             raise UserError(f"got {n} images but {len(keys)} keys, {len(prompts)} prompts and {len(fields)} fields")
         stack = self.stack
         prompts = stack.prompts(prompts, fields, keys, x)  # with fields from the images (prompt:auto)
-        z0 = self.encode_latents(x, keys) if latents is None else latents.to(dit.denoiser(self.pipe).device)
+        z0 = self.encode_latents(x, keys) if latents is None else latents.to(self.backbone.model.device)
         controls = stack.control_images(x, keys)
         if self.attention_prompt is None or not self.attention:
             out = self._forward(z0, prompts, keys, controls, self.layers, self.attention)
@@ -219,14 +218,13 @@ class FeatureExtractor:
         latent_hw = tuple(z0.shape[-2:])
         items = [(i, t, d) for i in range(n) for t in self.timesteps for d in range(self.ensemble)]
         out: dict[str, torch.Tensor] = {}
-        model, maps, record = dit.denoiser(self.pipe), contextlib.nullcontext(), None
-        if dit.is_transformer(self.pipe):  # image tokens on the patch grid, DiTF options (difffeat.ditf)
-            record = probs_processor_for(model, latent_hw)  # image→text maps (difffeat.dit_attention)
-            maps = ditf.TokenMaps(model, layers, dit.token_index(self.pipe, *self.resolution), latent_hw)
-        with stack.active(), maps, Capture(model, layers, latent_hw, inputs=self.capture_inputs,
-                                           attention=attention, early_exit=self.early_exit,
-                                           to_map=maps if isinstance(maps, ditf.TokenMaps) else None,
-                                           probs_processor=record) as cap:
+        backbone = self.backbone
+        # How hooked outputs become maps (a transformer's image tokens on the patch grid, DiTF options) and how
+        # attention is recorded: the backbone's (None: the UNet rules of `Capture`).
+        with stack.active(), backbone.feature_maps(layers, latent_hw, self.resolution) as to_map, \
+                Capture(backbone.model, layers, latent_hw, inputs=self.capture_inputs, attention=attention,
+                        early_exit=self.early_exit, to_map=to_map,
+                        probs_processor=backbone.attention_recorder(latent_hw)) as cap:
             timer = self.timer
             for s in range(0, len(items), self.batch_size):
                 batch = items[s : s + self.batch_size]

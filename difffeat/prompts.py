@@ -1,4 +1,5 @@
-"""Prompt text → UNet conditioning, with prompts longer than the text encoder's window chunked, never cut.
+"""Prompt text → denoiser conditioning, cached per prompt; a UNet's prompts longer than the text encoder's window
+chunked, never cut (the backbone encodes: `difffeat.models.backbones`).
 
 Prompts that fit use the pipeline's own `encode_prompt`, so every architecture conditions exactly as it
 does when generating (SDXL: both encoders, penultimate states, pooled projection). A longer prompt is
@@ -14,70 +15,24 @@ from collections.abc import Sequence
 
 import torch
 
-from difffeat.errors import UserError
-
-
-def _single_encoder(pipe) -> bool:
-    return not hasattr(pipe, "text_encoder_2")
-
-
-def prompt_token_count(pipe, prompt: str) -> int:
-    """Tokens of `prompt` without the start / end tokens."""
-    return len(pipe.tokenizer(prompt, truncation=False, verbose=False).input_ids) - 2
-
-
-@torch.no_grad()
-def _encode_windows(pipe, prompt: str) -> torch.Tensor:
-    tok, device = pipe.tokenizer, pipe.unet.device
-    window = tok.model_max_length - 2
-    ids = tok(prompt, truncation=False, add_special_tokens=False, verbose=False).input_ids
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    chunks = []
-    for s in range(0, len(ids), window):
-        body = [tok.bos_token_id, *ids[s : s + window], tok.eos_token_id]
-        chunks.append(body + [pad] * (tok.model_max_length - len(body)))
-    input_ids = torch.tensor(chunks, device=device)
-    mask = None
-    if getattr(pipe.text_encoder.config, "use_attention_mask", False):
-        mask = (input_ids != pad).long()
-        mask[:, 0] = 1
-    embeds = pipe.text_encoder(input_ids, attention_mask=mask)[0]  # [windows, T, D]
-    return embeds.reshape(1, -1, embeds.shape[-1]).to(pipe.unet.dtype)
+from difffeat.models.backbones import backbone_for
+from difffeat.models.backbones.unet import (  # noqa: F401 (importable here as before)
+    encode_windows,
+    prompt_token_count,
+    sdxl_added_conditions,
+)
 
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts: Sequence[str]) -> tuple[list[torch.Tensor], dict | None]:
-    """Per prompt a [T_i, D] embedding (T_i a multiple of the window), plus SDXL's pooled embeddings.
+    """Per prompt a [T_i, D] embedding, plus the extra conditions the denoiser takes (SDXL's pooled embeddings, a
+    transformer's pooled projections or attention mask), as the pipeline's backbone encodes them
+    (`difffeat.models.backbones`; a UNet's long prompts chunked into windows, T_i a multiple of the window).
 
     Returns a list, not a stacked tensor, because long prompts give longer sequences; stack them with
     `pad_to_same_length`.
     """
-    from difffeat import dit
-
-    if dit.is_transformer(pipe):  # SD3 / PixArt / FLUX: their own encoders and extra conditions
-        return dit.encode_prompts(pipe, list(prompts))
-    device = pipe.unet.device
-    prompts = list(prompts)
-    if not _single_encoder(pipe):
-        limit = pipe.tokenizer.model_max_length - 2
-        long = [p for p in prompts if prompt_token_count(pipe, p) > limit]
-        if long:
-            raise UserError(f"prompt of {prompt_token_count(pipe, long[0])} tokens is longer than the "
-                            f"{limit} this two-encoder model takes; long prompts are chunked only for "
-                            f"single-encoder models: {long[0][:60]!r}…")
-        embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=False)
-        return list(embeds), {"text_embeds": pooled}
-    limit = pipe.tokenizer.model_max_length - 2
-    short = [p for p in prompts if prompt_token_count(pipe, p) <= limit]
-    out: dict[str, torch.Tensor] = {}
-    if short:
-        embeds, _ = pipe.encode_prompt(short, device, 1, False)
-        out.update(zip(short, embeds))
-    for p in prompts:
-        if p not in out:
-            out[p] = _encode_windows(pipe, p)[0]
-    return [out[p] for p in prompts], None
+    return backbone_for(pipe).encode_prompts(list(prompts))
 
 
 def pad_to_same_length(embeds: Sequence[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
@@ -122,11 +77,3 @@ class PromptEncoder:
             stacked = pad_to_same_length(embeds, empty)
         added = None if rows[0][1] is None else {k: torch.stack([a[k] for _, a in rows]) for k in rows[0][1]}
         return stacked, added
-
-
-def sdxl_added_conditions(pipe, pooled: torch.Tensor, resolution: tuple[int, int]) -> dict:
-    """SDXL's added conditions: pooled text embeddings and (original size, crop, target size) ids."""
-    h, w = resolution
-    unet = pipe.unet
-    time_ids = torch.tensor([[h, w, 0, 0, h, w]] * len(pooled))
-    return {"text_embeds": pooled.to(unet.device, unet.dtype), "time_ids": time_ids.to(unet.device, unet.dtype)}

@@ -94,11 +94,12 @@ class Technique:
         """The prompt of the unconditional branch `guidance` combines."""
         return ""
 
-    def residuals(self, loaded, z, t, embeds, control, added_cond_kwargs=None):
-        """(down residuals, mid residual) for latents z at timesteps t; on a transformer, the keyword arguments that
-        carry the residuals into its call (`{"block_controlnet_hidden_states": [...]}`), with z and t as the
-        transformer takes them and `added_cond_kwargs` the whole call. `loaded` is what `bind` returned and
-        `control` the batch's rows of `control_images` after `prepare_control`."""
+    def residuals(self, loaded, z, t, embeds, control, call: dict):
+        """The keyword arguments that carry residuals into the denoiser's call `call` (its keyword arguments, as the
+        backbone made them): a UNet's `{"down_block_additional_residuals": …, "mid_block_additional_residual": …}`,
+        an SD3 transformer's `{"block_controlnet_hidden_states": [...]}`; z and t as the backbone gives them to a
+        ControlNet (`Backbone.control_inputs`). `loaded` is what `bind` returned and `control` the batch's rows of
+        `control_images` after `prepare_control`."""
         return None
 
     def control_images(self, images, keys: list[str]):

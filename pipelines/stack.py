@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from difffeat import dit
 from difffeat.conditioning import BatchConditioning, ConditioningStack
 from difffeat.errors import UserError
+from difffeat.models.backbones import backbone_for
+from difffeat.models.backbones.base import ddim_step  # noqa: F401 (importable here as before)
 from pipelines.base import MissingInput, Technique, ordered
 
 # Hooks of which a stack takes at most one technique: two guidances or two schedules have no one meaning.
@@ -137,15 +138,10 @@ class TechniqueStack(ConditioningStack):
                      resolution: tuple[int, int]) -> Conditioning:
         """The `Conditioning` of batch rows `rows` (indices into the final `prompts` and the control images)
         with text embeddings from `encoder` (a `difffeat.prompts.PromptEncoder`); call inside `active()`."""
-        from difffeat.prompts import sdxl_added_conditions
-
-        model, rows = dit.denoiser(self.pipe), list(rows)
-        if dit.is_transformer(self.pipe):  # its encoder's extra conditions (pooled projections, PixArt's mask)
-            extra = lambda a: None if a is None else {
-                k: v.to(model.device, model.dtype) if v.is_floating_point() else v.to(model.device)
-                for k, v in a.items()}
-        else:  # SDXL's added conditions from its pooled embeddings
-            extra = lambda a: None if a is None else sdxl_added_conditions(self.pipe, a["text_embeds"], resolution)
+        backbone, rows = backbone_for(self.pipe), list(rows)
+        model = backbone.model
+        # The encoder's extra conditions as the call takes them (SDXL's added conditions, pooled projections …).
+        extra = lambda a: backbone.call_conditions(a, resolution)
         texts = [prompts[i] for i in rows]
         embeds, added = encoder(texts, self.weights_key)
         uncond = uncond_added = None
@@ -171,10 +167,10 @@ class TechniqueStack(ConditioningStack):
 def activate_adapters(pipe, adapters: list[tuple[str, float]]) -> None:
     """Make exactly `adapters` ((name, scale) pairs) active on `pipe` (none: every loaded adapter off); on a
     pipeline without diffusers' LoRA loader (PixArt), on the adapters peft put into its transformer."""
-    if not hasattr(pipe, "get_list_adapters") and getattr(pipe, "transformer", None) is not None:
+    if not hasattr(pipe, "get_list_adapters"):  # no LoRA loader: the adapters peft put into the denoiser (PixArt)
         from pipelines.techniques.lora import activate_injected
 
-        activate_injected(pipe.transformer, adapters)
+        activate_injected(backbone_for(pipe).model, adapters)
         return
     if not hasattr(pipe, "get_list_adapters") or not any(pipe.get_list_adapters().values()):
         return
@@ -204,13 +200,6 @@ def add_residuals(into: dict, more: dict, spec: str) -> None:
                             "used together must agree (XLabs-style FLUX ControlNets do not mix with InstantX-style)")
 
 
-def ddim_step(z: torch.Tensor, eps: torch.Tensor, alphas_cumprod: torch.Tensor, t: int, t_next: int) -> torch.Tensor:
-    """One deterministic DDIM step (η = 0) from timestep t to t_next < t."""
-    a, a_next = alphas_cumprod[t].to(z), alphas_cumprod[t_next].to(z)
-    x0 = (z - (1 - a).sqrt() * eps) / a.sqrt()
-    return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
-
-
 @dataclass
 class Conditioning(BatchConditioning):
     """One batch's conditioning under a stack; rows of every tensor line up with the batch's latents."""
@@ -230,14 +219,12 @@ class Conditioning(BatchConditioning):
                             [c[rows] for c in self.controls])
 
     def _branches(self, z, t, sigma=None):
-        """(args, kwargs) of the denoiser call; with guidance the batch is [uncond; cond]. A transformer takes its
-        own inputs (`difffeat.dit.forward_kwargs`; `sigma`: a flow-matching sampler's noise level, a scalar or
-        [B]), and ControlNet residuals as the keyword arguments each ControlNet gives for that call (SD3's
-        `block_controlnet_hidden_states`, FLUX's `controlnet_block_samples`, …; diffusers adds them after each
-        block)."""
-        pipe = self.stack.pipe
-        model = dit.denoiser(pipe)
-        t = torch.as_tensor(t, device=model.device)
+        """(args, kwargs) of the denoiser call; with guidance the batch is [uncond; cond]. The backbone makes the call
+        (`Backbone.call`; `sigma`: a flow-matching sampler's noise level, a scalar or [B]); ControlNet residuals join
+        it as the keyword arguments each ControlNet gives for that call (a UNet's `down_block_additional_residuals`,
+        SD3's `block_controlnet_hidden_states`, FLUX's `controlnet_block_samples`, …)."""
+        backbone = backbone_for(self.stack.pipe)
+        t = torch.as_tensor(t, device=backbone.model.device)
         t = t.expand(len(z)) if t.ndim == 0 else t
         embeds, added, controls = self.embeds, self.added, self.controls
         if self.stack.guidance is not None:
@@ -248,20 +235,11 @@ class Conditioning(BatchConditioning):
             controls = [torch.cat([c, c]) for c in controls]
             if sigma is not None and torch.as_tensor(sigma).ndim > 0:
                 sigma = torch.cat([torch.as_tensor(sigma)] * 2)
-        if dit.is_transformer(pipe):
-            args, kwargs = (), dit.forward_kwargs(pipe, z, t, embeds, added, sigma=sigma)
-            x, timestep = kwargs["hidden_states"], kwargs["timestep"]  # what the ControlNet sees too
-        else:
-            args, kwargs, x, timestep = (z, t), {"encoder_hidden_states": embeds}, z, t
-            if added is not None:
-                kwargs["added_cond_kwargs"] = added
+        args, kwargs = backbone.call(z, t, embeds, added, sigma=sigma)
+        x, timestep = backbone.control_inputs(args, kwargs)  # the latents and timestep as a ControlNet sees them
         residuals: dict = {}  # the denoiser's residual keyword arguments, summed over the ControlNets
         for (technique, loaded), control in zip(self.stack.residuals, controls):
-            if dit.is_transformer(pipe):  # a transformer ControlNet sees the transformer's call, gives its arguments
-                more = technique.residuals(loaded, x, timestep, embeds, control, kwargs)
-            else:
-                down, mid = technique.residuals(loaded, x, timestep, embeds, control, added)
-                more = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            more = technique.residuals(loaded, x, timestep, embeds, control, kwargs)
             add_residuals(residuals, more, technique.spec)
         kwargs.update(residuals)
         return args, kwargs
@@ -276,11 +254,11 @@ class Conditioning(BatchConditioning):
     def eps(self, z: torch.Tensor, t, sigma=None) -> torch.Tensor:
         """The denoiser's prediction for latents z at timestep(s) t, with every technique applied: the noise ε
         (UNets, PixArt), or a flow-matching transformer's velocity (SD3, FLUX; at noise level `sigma` when given,
-        else at σ(t), `difffeat.dit.sigma_of_t`)."""
-        pipe = self.stack.pipe
+        else at σ(t), `Backbone.sigma_of_t`)."""
+        backbone = backbone_for(self.stack.pipe)
         args, kwargs = self._branches(z, t, sigma)
-        out = dit.denoiser(pipe)(*args, **kwargs).sample
-        return self._combine(dit.prediction(pipe, out, tuple(z.shape[-2:])) if dit.is_transformer(pipe) else out)
+        out = backbone.model(*args, **kwargs).sample
+        return self._combine(backbone.prediction(out, tuple(z.shape[-2:])))
 
     @torch.no_grad()
     def features(self, capture, z: torch.Tensor, t) -> dict[str, torch.Tensor]:
@@ -293,15 +271,11 @@ class Conditioning(BatchConditioning):
         """The latents the feature pass sees at timestep t: z0 noised at t, or, under a schedule technique
         (denoise-from), noised at its start and denoised down to t with every technique applied (DDIM, η = 0; a
         flow-matching model: Euler steps z ← z + (σ(s') − σ(s))·v between the σ of the timesteps)."""
-        pipe = self.stack.pipe
+        backbone = backbone_for(self.stack.pipe)
         schedule = self.stack.schedule
         steps = schedule.schedule(t) if schedule is not None else [t]
-        z = dit.noise_latents(pipe, z0, noise, steps[0])
-        sigma = lambda s: dit.sigma_of_t(pipe, s, tuple(z0.shape[-2:]))
+        z = backbone.noise_latents(z0, noise, steps[0])
         for s, s_next in zip(steps[:-1], steps[1:]):
-            if dit.is_flow_matching(pipe.scheduler):
-                z = z + (sigma(s_next) - sigma(s)) * self.eps(z, s)
-            else:
-                z = ddim_step(z, self.eps(z, s), pipe.scheduler.alphas_cumprod, s, s_next)
+            z = backbone.step(z, self.eps(z, s), s, s_next)
         return z
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-UPPER = ("pipelines", "gate", "downstream")
+UPPER = ("pipelines", "gate", "downstream", "apps")
 UPPER_MODULE = re.compile(rf"^({'|'.join(UPPER)})(\.[\w.]+)?(:\w+)?$")
 
 
@@ -59,6 +59,148 @@ def test_the_reference_scan_sees_what_it_must(tmp_path):
                    'def f():\n    from downstream.seg import cli\n    return ["pipelines.cli"]\n')
     assert [r.split(":", 1)[1] for r in _upward_references(bad, tmp_path)] == [
         "import gate.cli", "from downstream.seg import …", "module name 'pipelines.cli'"]
+
+
+PACKAGES = ("difffeat", "pipelines", "gate", "downstream", "apps")
+
+
+def _module_files(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:
+    found = {}
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            parts = path.relative_to(root).with_suffix("").parts
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def _import_graph(root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> dict[str, set[str]]:
+    """Module → the project modules it imports: every import statement, also inside functions (a lazy import is
+    still a dependency), but not those under ``if TYPE_CHECKING:`` (annotations only). ``from P import M`` counts
+    as importing P.M when M is a module, else P."""
+    modules = _module_files(root, packages)
+
+    def owner(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                       and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING"
+                       for child in node.body for n in ast.walk(child)}
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets: set[str] = set()
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                targets |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
+        graph[name] = {o for t in targets if t.split(".")[0] in packages and (o := owner(t)) and o != name}
+    return graph
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_circle():
+    graph = _import_graph()
+    assert len(graph) > 100
+    circles = _circles(graph)
+    assert circles == [], "modules that import each other (in a circle):\n" + "\n".join(
+        " → ".join(c) for c in circles)
+
+
+def test_the_circle_scan_sees_a_lazy_circle_and_ignores_typing_imports(tmp_path):
+    pkg = tmp_path / "difffeat"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from difffeat.b import f\n")
+    (pkg / "b.py").write_text("def f():\n    from difffeat import a\n    return a\n")
+    (pkg / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from difffeat.d import X\n")
+    (pkg / "d.py").write_text("from .c import TYPE_CHECKING\n")
+    graph = _import_graph(tmp_path, ("difffeat",))
+    assert graph["difffeat.b"] == {"difffeat.a"} and graph["difffeat.c"] == set()
+    assert graph["difffeat.d"] == {"difffeat.c"}  # a relative import resolved
+    assert _circles(graph) == [["difffeat.a", "difffeat.b"]]
+
+
+FAMILY_NAMES = {"unet", "sd3", "pixart", "flux"}
+BACKBONE_HOME = ("difffeat/models/backbones/", "difffeat/dit.py")  # the classes, and dit.py's functions of old
+
+
+def _family_branches(path: Path, root: Path = ROOT) -> list[str]:
+    """Branches on the denoiser family in a module: `is_transformer(...)` / `family(...)` calls, `isinstance` against
+    a backbone class, and comparisons with a family's name ("sd3" == …, … in ("flux", …))."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "id", getattr(node.func, "attr", ""))
+            if name in ("is_transformer", "family"):
+                found.append(f"line {node.lineno}: {name}(…)")
+            elif name == "isinstance" and len(node.args) == 2 and "Backbone" in ast.unparse(node.args[1]):
+                found.append(f"line {node.lineno}: isinstance(…, {ast.unparse(node.args[1])})")
+        elif isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            sides += [e for side in sides if isinstance(side, (ast.Tuple, ast.List, ast.Set)) for e in side.elts]
+            literals = {c.value for c in sides if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+            if literals & FAMILY_NAMES:
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return [f"{path.relative_to(root)}:{item}" for item in found]
+
+
+def test_no_family_branch_outside_the_backbone_classes():
+    files = [p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))
+             if not p.relative_to(ROOT).as_posix().startswith(BACKBONE_HOME)]
+    found = [b for p in files for b in _family_branches(p)]
+    assert found == [], "the denoiser family is the backbone's business (difffeat.models.backbones):\n" + \
+        "\n".join(found)
+
+
+def test_the_family_scan_sees_each_form(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text('def f(pipe, b):\n    if dit.is_transformer(pipe):\n        return 1\n'
+                   '    if family(pipe.transformer) == "flux":\n        return 2\n'
+                   '    return isinstance(b, UNetBackbone) or b.name in ("sd3", "x")\n')
+    assert [b.split(":", 2)[1] for b in _family_branches(bad, tmp_path)] == [
+        "line 2", "line 4", "line 4", "line 6", "line 6"]
 
 
 def test_the_cli_starts_without_torch():

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from difffeat.demo import plan
+from apps.demo import plan
 from difffeat.report_sections.check import check_report
 
 

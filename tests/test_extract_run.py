@@ -15,12 +15,28 @@ from difffeat.data.shapes_lt import synthesize
 from difffeat.store import FeatureStore
 
 MODEL = "mini-random"  # same code path as "mini", no dependence on trained weights
+# Kept small (this file was a third of the suite's time): N_ALL images, N_TRAIN of them in train/ and one in each of
+# val/ and test/; one timestep wherever the number of timesteps is not what a test checks.
+N_ALL, N_TRAIN = 8, 6
 
 
 @pytest.fixture(scope="module")
 def train_images(tmp_path_factory):
-    """16 Shapes-LT images with caption sidecars."""
-    return synthesize(tmp_path_factory.mktemp("run") / "shapes", n=20, seed=4) / "train" / "images"
+    """N_TRAIN Shapes-LT images with caption sidecars."""
+    return synthesize(tmp_path_factory.mktemp("run") / "shapes", n=N_ALL, seed=4) / "train" / "images"
+
+
+def _reference_args(images, out):
+    return ["--quiet", "extract", str(images), "--out", str(out), "--model", MODEL, "--layer", "mid_block",
+            "--t", "200", "--clean"]
+
+
+@pytest.fixture(scope="module")
+def reference_store(train_images, tmp_path_factory):
+    """A store of the train images made once for the tests that read it; a test that changes a store copies it."""
+    out = tmp_path_factory.mktemp("reference") / "store"
+    assert main(_reference_args(train_images, out)) == 0
+    return out
 
 
 def _arrays_equal(a: FeatureStore, b: FeatureStore, rtol=1e-5):
@@ -43,7 +59,7 @@ def test_extract_cli_end_to_end_matches_the_library(train_images, tmp_path):
                "--batch-size", "3", "--shard-size", "5"])
     assert rc == 0
     store = FeatureStore(out)
-    assert len(store) == 16 and store.keys()[0] == "000000.png"
+    assert len(store) == N_TRAIN and store.keys()[0] == "000000.png"
     assert store.layers == ["down_blocks.1@50", "up_blocks.1@50", "down_blocks.1@300", "up_blocks.1@300"]
     m = store.manifest
     assert m["model"] == MODEL and m["timesteps"] == [50, 300] and m["seed"] == 0
@@ -53,7 +69,7 @@ def test_extract_cli_end_to_end_matches_the_library(train_images, tmp_path):
     assert entry["shard"].startswith("shards/shard-r000-") and entry["position"] == 0
     assert entry["layers"]["up_blocks.1@50"] == {"shape": [64, 16, 16], "dtype": "float32"}
     report = json.loads((out / "report.json").read_text())
-    assert report["extracted"] == 16 and report["failed"] == []
+    assert report["extracted"] == N_TRAIN and report["failed"] == []
     # The same features straight from the library, keyed and prompted the same way.
     keys = store.keys()[:4]
     fe = FeatureExtractor(load_pipeline(MODEL), ["dift", "down_blocks.1"], timesteps=(50, 300), ensemble=2)
@@ -85,16 +101,16 @@ def test_bad_files_are_skipped_and_reported(train_images, tmp_path, capsys):
     assert "empty" in reasons["zero.png"] and "not an image" in reasons["notes.png"]
     assert "truncated" in reasons["truncated.png"]
     store = FeatureStore(out)
-    assert len(store) == 16 and "zero.png" not in store
+    assert len(store) == N_TRAIN and "zero.png" not in store
     assert {f["key"] for f in store.failures} == set(reasons)
     err = capsys.readouterr().err
     assert "zero.png" in err and "Traceback" not in err
 
 
-def test_existing_store_with_other_config_is_kept(train_images, tmp_path, capsys):
+def test_existing_store_with_other_config_is_kept(train_images, reference_store, tmp_path, capsys):
     out = tmp_path / "store"
-    base = ["--quiet", "extract", str(train_images), "--out", str(out), "--model", MODEL, "--layer", "up_blocks.1"]
-    assert main(base) == 0
+    shutil.copytree(reference_store, out)  # made by main(base), which returned 0
+    base = _reference_args(train_images, out)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert main(base + ["--seed", "1"]) == 2
     assert "differ" in capsys.readouterr().err
@@ -105,10 +121,8 @@ def test_existing_store_with_other_config_is_kept(train_images, tmp_path, capsys
     assert FeatureStore(out).manifest["seed"] == 1
 
 
-def test_run_repeats_from_its_manifest(train_images, tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    assert main(["--quiet", "extract", str(train_images), "--out", str(a), "--model", MODEL, "--layer", "mid_block",
-                 "--t", "200", "--clean"]) == 0
+def test_run_repeats_from_its_manifest(reference_store, tmp_path):
+    a, b = reference_store, tmp_path / "b"  # a: made with --layer mid_block --t 200 --clean
     assert main(["--quiet", "extract", "--config", str(a / "manifest.json"), "--out", str(b)]) == 0
     _arrays_equal(FeatureStore(a), FeatureStore(b), rtol=0)
     assert FeatureStore(b).manifest["config"]["noise"] is False
@@ -116,8 +130,7 @@ def test_run_repeats_from_its_manifest(train_images, tmp_path):
 
 def _cmd(images, out, *extra):
     return [sys.executable, "-m", "difffeat", "--quiet", "extract", str(images), "--out", str(out), "--model", MODEL,
-            "--layer", "up_blocks.1", "--t", "50", "--t", "600", "--ensemble", "3", "--batch-size", "1",
-            "--shard-size", "2", *extra]
+            "--layer", "up_blocks.1", "--t", "600", "--ensemble", "3", "--batch-size", "1", "--shard-size", "2", *extra]
 
 
 def test_killed_then_resumed_run_equals_an_uninterrupted_one(train_images, tmp_path):
@@ -127,17 +140,18 @@ def test_killed_then_resumed_run_equals_an_uninterrupted_one(train_images, tmp_p
     part = tmp_path / "part"
     proc = subprocess.Popen(_cmd(train_images, part), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list((part / "shards").glob("*.safetensors"))) < 2:
+    # Until one complete shard (2 images) is there: its temporary file, `.shard-….tmp-PID.safetensors`, is not.
+    while time.time() < deadline and not list((part / "shards").glob("shard-*.safetensors")):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (part / "report.json").exists(), "the run was interrupted"
     done = len(FeatureStore(part))
-    assert 0 < done < 16
+    assert 0 < done < N_TRAIN
     resumed = subprocess.run(_cmd(train_images, part, "--resume"), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     report = json.loads((part / "report.json").read_text())
-    assert report["already_done"] == done and report["extracted"] == 16 - done
+    assert report["already_done"] == done and report["extracted"] == N_TRAIN - done
     _arrays_equal(FeatureStore(part), FeatureStore(full), rtol=0)
 
 
@@ -149,15 +163,23 @@ LAUNCHERS = {
 }
 
 
+@pytest.fixture(scope="module")
+def one_process_store(train_images, tmp_path_factory):
+    """The one-process store both launchers' two-process stores are compared with (read only): made here, in this
+    process (no interpreter to start), as `_cmd` makes it; the comparison allows float rounding."""
+    one = tmp_path_factory.mktemp("one") / "store"
+    assert main(_cmd(train_images, one, "--batch-size", "4")[3:]) == 0
+    return one
+
+
 @pytest.mark.parametrize("launcher", list(LAUNCHERS))
-def test_two_processes_make_the_one_process_store(train_images, tmp_path, launcher):
+def test_two_processes_make_the_one_process_store(train_images, one_process_store, tmp_path, launcher):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run(_cmd(train_images, one, "--batch-size", "4"), check=True, env=env, capture_output=True)
+    one, two = one_process_store, tmp_path / "two"
     proc = subprocess.run(LAUNCHERS[launcher] + _cmd(train_images, two)[1:], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((two / "report.json").read_text())
-    assert [p["extracted"] for p in report["processes"]] == [8, 8]
+    assert [p["extracted"] for p in report["processes"]] == [N_TRAIN // 2, N_TRAIN // 2]
     assert {p.name.split("-")[1] for p in (two / "shards").glob("*.safetensors")} == {"r000", "r001"}
     _arrays_equal(FeatureStore(two), FeatureStore(one))
 
@@ -172,7 +194,7 @@ def test_imagefolder_takes_listed_images_with_label_prompts(train_images, tmp_pa
     assert main(["--quiet", "extract", str(root), "--out", str(out), "--model", MODEL, "--layer", "mid_block",
                  "--prompt-from", "label", "--label-template", "a {label}", "--clean"]) == 0
     store = FeatureStore(out)
-    assert len(store) == 20, "train + val + test images, no masks"
+    assert len(store) == N_ALL, "train + val + test images, no masks"
     assert all("/images/" in k for k in store.keys())
     rows = list(csv.DictReader(open(root / "test" / "metadata.csv")))
     keys = [f"test/{r['file_name']}" for r in rows]
@@ -188,7 +210,7 @@ def test_hf_dataset_source(train_images, tmp_path):
     assert main(["--quiet", "extract", f"hf:{root}:validation", "--out", str(out), "--model", MODEL,
                  "--layer", "mid_block", "--prompt-from", "csv", "--caption-column", "fine_caption"]) == 0
     store = FeatureStore(out)
-    assert len(store) == 2 and all(k.startswith("validation/") for k in store.keys())
+    assert len(store) == 1 and all(k.startswith("validation/") for k in store.keys())
     assert main(["--quiet", "extract", f"hf:{tmp_path / 'nothing-here'}", "--out", str(tmp_path / "x"),
                  "--model", MODEL]) == 2
 

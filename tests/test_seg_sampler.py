@@ -64,8 +64,9 @@ def test_too_small_a_batch_covers_the_rarest_classes_and_warns():
 
 
 def test_docstring_examples():
-    assert doctest.testmod(sampler_module).failed == 0
-    assert doctest.testmod(seg_profile_module).failed == 0
+    for module in (sampler_module, seg_profile_module):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, (module.__name__, result)  # none may vanish
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,7 @@ def mini_parts():
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from difffeat.zoo import mini
-    from difffeat.zoo.registry import check_pipeline_folder
+    from difffeat.zoo.folders import check_pipeline_folder
 
     path = mini.weights_dir()
     check_pipeline_folder(path)

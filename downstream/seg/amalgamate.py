@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from downstream.seg.data import FeatureSpec, variant_key
+from downstream.seg.feature_spec import FeatureSpec, variant_key
 
 ASSIGNER_FORMS = ("pixel", "global")
 ASSIGNER_HIDDEN = 128  # the released code's width

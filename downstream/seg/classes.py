@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from difffeat.errors import UserError
-from difffeat.run import read_json
+from difffeat.run import ConfigError, read_json
 from downstream.groups import head_middle_tail
 
 IGNORE_INDEX = 255
@@ -117,3 +117,14 @@ def resolve_classes(spec: str | os.PathLike | Sequence[str] | None, masks: str |
     if not default.is_file():
         raise UserError(f"{masks}: no classes.json there; give --classes (a classes.json, a names file or a,b,c)")
     return load_classes(default)
+
+
+def check_tail_classes(tail_classes: Sequence[int] | None, num_classes: int) -> list[int] | None:
+    """The listed tail class ids, checked against the classes (ConfigError naming the field and bad ids)."""
+    if tail_classes is None:
+        return None
+    bad = [c for c in tail_classes if not 0 <= int(c) < num_classes]
+    if bad:
+        raise ConfigError("tail_classes", f"ids {bad[:5]} are not among the {num_classes} classes (a profile's "
+                                          "list needs the data set's class ids)")
+    return [int(c) for c in tail_classes]

@@ -19,7 +19,6 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,31 +27,8 @@ from difffeat.errors import UserError
 from difffeat.store import FeatureStore
 from downstream.seg.classes import SegClasses
 from downstream.seg.config import MASK_SIZE_MODES
+from downstream.seg.feature_spec import FeatureSpec, variant_key  # noqa: F401 (importable here as before)
 from downstream.seg.targets import open_targets, to_frame
-
-
-@dataclass(frozen=True)
-class FeatureSpec:
-    """One feature map of each item: which store (`variant`, its index) and layer it is, and its [C, h, w]
-    shape. A layer named ``NAME/LAYER`` is variant NAME of that store (see `variant_key`)."""
-
-    variant: int
-    layer: str
-    shape: tuple[int, int, int]
-
-    def to_dict(self) -> dict:
-        return {"variant": self.variant, "layer": self.layer, "shape": list(self.shape)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> FeatureSpec:
-        return cls(int(d["variant"]), str(d["layer"]), tuple(int(x) for x in d["shape"]))
-
-
-def variant_key(spec: FeatureSpec) -> tuple[int, str]:
-    """The feature variant a map belongs to: its store and, for a ``NAME/LAYER`` layer (what `difffeat
-    extract --variant NAME=…` writes), NAME."""
-    name, sep, _ = spec.layer.partition("/")
-    return spec.variant, name if sep else ""
 
 
 def store_resolution(store: FeatureStore) -> tuple[int, int] | None:

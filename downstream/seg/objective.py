@@ -119,8 +119,8 @@ def build_objective(config: SegTrainConfig, classes: SegClasses, pixel_counts, r
     loss = LOSSES[config.loss](config, weights, classes.ignore_index)
     bank = None
     if config.memory_bank:
+        from downstream.seg.classes import check_tail_classes
         from downstream.seg.memory_bank import FeatureMemoryBank
-        from downstream.seg.profile import check_tail_classes
 
         tail = check_tail_classes(config.tail_classes, classes.num_classes) or classes.tail_ids()
         if not tail:

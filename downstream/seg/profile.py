@@ -21,6 +21,7 @@ from difffeat.errors import UserError
 from difffeat.run import ConfigError
 from downstream.profile_apply import overlay_profile
 from downstream.profiles import profile, settings
+from downstream.seg.classes import check_tail_classes  # noqa: F401 (importable here as before)
 
 SECTIONS: dict[str, dict[str, str]] = {
     "aucseg": {"auc_weight": "auc_weight", "margin": "margin", "ce_average": "ce_average"},
@@ -56,17 +57,6 @@ def config_from_profile(args):
     given = given_fields(args, SegTrainConfig)
     return config_from_args(SegTrainConfig, args, **apply_profile({f: getattr(args, f) for f in given}, args.profile,
                                                                   given))
-
-
-def check_tail_classes(tail_classes: Sequence[int] | None, num_classes: int) -> list[int] | None:
-    """The listed tail class ids, checked against the classes (ConfigError naming the field and bad ids)."""
-    if tail_classes is None:
-        return None
-    bad = [c for c in tail_classes if not 0 <= int(c) < num_classes]
-    if bad:
-        raise ConfigError("tail_classes", f"ids {bad[:5]} are not among the {num_classes} classes (a profile's "
-                                          "list needs the data set's class ids)")
-    return [int(c) for c in tail_classes]
 
 
 def listed_tail_scores(scores: Mapping[str, Any], names: Sequence[str], tail_classes: Sequence[int] | None,

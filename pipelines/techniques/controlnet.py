@@ -57,8 +57,6 @@ def mini_canny_dir() -> Path:
 # The ControlNet classes difffeat runs, by the backbone they fit.
 FITS = {"ControlNetModel": "UNet2DConditionModel", "SD3ControlNetModel": "SD3Transformer2DModel",
         "FluxControlNetModel": "FluxTransformer2DModel"}
-# The transformer family (`difffeat.dit.family`) each transformer ControlNet fits.
-FAMILY = {"SD3ControlNetModel": "sd3", "FluxControlNetModel": "flux"}
 ONLY_SO_FAR = "ControlNets run on UNets, SD3 and FLUX transformers only so far"
 
 
@@ -67,9 +65,10 @@ def _controlnet_class(source: str, pipe) -> str:
     a UserError naming both classes when it does not fit the pipeline's backbone."""
     import json
 
-    from difffeat import dit
+    from difffeat.models.backbones import backbone_for
 
-    backbone = type(dit.denoiser(pipe)).__name__
+    fitting = backbone_for(pipe).controlnet_class  # the ControlNet class this pipeline's backbone takes
+    backbone = type(backbone_for(pipe).model).__name__
     path = Path(os.path.expanduser(source))
     if path.exists():
         from difffeat.zoo.registry import check_trusted_folder
@@ -79,14 +78,13 @@ def _controlnet_class(source: str, pipe) -> str:
             raise UserError(f"{path}: not a diffusers ControlNet folder (no config.json)")
         name = json.loads((path / "config.json").read_text()).get("_class_name", "ControlNetModel")
     else:  # a Hub id: the class that fits the backbone
-        name = next((c for c, b in FITS.items() if b == backbone), None)
+        name = fitting
         if name is None:
             raise UserError(f"ControlNet {source}: {ONLY_SO_FAR}, not on this model's {backbone}")
     if name not in FITS:
         runs = [f"{c} (on a {b})" for c, b in FITS.items()]
         raise UserError(f"ControlNet {source} is a {name}; difffeat runs {', '.join(runs[:-1])} and {runs[-1]}")
-    fits_unet = name not in FAMILY
-    if fits_unet == dit.is_transformer(pipe) or (not fits_unet and dit.family(dit.denoiser(pipe)) != FAMILY[name]):
+    if name != fitting:
         raise UserError(f"ControlNet {source} is a {name}, made for a {FITS[name]}, but this model's backbone is a "
                         f"{backbone}" + ("" if backbone in FITS.values() else f"; {ONLY_SO_FAR}"))
     return name
@@ -220,13 +218,12 @@ class ControlNet(Technique):
     def resolve_model(self, pipe) -> str:
         if self.model != "canny":
             return self.model
-        from difffeat import dit
-        from difffeat.layers import vae_scale_factor
+        from difffeat.models.backbones import backbone_for
 
-        if dit.is_transformer(pipe):
-            backbone = type(dit.denoiser(pipe)).__name__
-            fitting = next((c for c, b in FITS.items() if b == backbone), None)
-            raise UserError(f"no built-in canny ControlNet for a {backbone}; " + (
+        backbone = backbone_for(pipe)
+        if backbone.controlnet_class != "ControlNetModel":  # the built-in canny ControlNets are UNet ones
+            fitting = backbone.controlnet_class
+            raise UserError(f"no built-in canny ControlNet for a {type(backbone.model).__name__}; " + (
                 f"pass controlnet:PATH_OR_HUB_ID of a {fitting}" if fitting else ONLY_SO_FAR))
 
         mini = mini_canny_dir()
@@ -236,7 +233,7 @@ class ControlNet(Technique):
             cfg = json.loads((mini / "config.json").read_text())
             u = pipe.unet.config
             if (tuple(cfg["block_out_channels"]) == tuple(u.block_out_channels)
-                    and cfg["cross_attention_dim"] == u.cross_attention_dim and vae_scale_factor(pipe) == 4):
+                    and cfg["cross_attention_dim"] == u.cross_attention_dim and backbone.vae_factor() == 4):
                 return str(mini)
         width = pipe.unet.config.cross_attention_dim
         if width not in PUBLIC_CANNY:
@@ -246,23 +243,23 @@ class ControlNet(Technique):
 
     def bind(self, pipe) -> torch.nn.Module:
         """The ControlNet module for `pipe` (loaded once per pipeline, source, device and dtype)."""
-        from difffeat import dit
-        from difffeat.layers import vae_scale_factor
+        from difffeat.models.backbones import backbone_for
 
+        backbone = backbone_for(pipe)
         source = self.resolve_model(pipe)
         loaded = pipe_cache(pipe, "controlnets")
-        model = dit.denoiser(pipe)
+        model = backbone.model
         cache_key = (source, str(model.device), str(model.dtype))
         if cache_key not in loaded:
             net = _load_controlnet(source, _controlnet_class(source, pipe))
             if is_flux_controlnet(net):
-                check_fits_flux(net, model, pipe.vae.config.latent_channels, dit.vae_factor(pipe), source)
+                check_fits_flux(net, model, pipe.vae.config.latent_channels, backbone.vae_factor(), source)
             elif is_transformer_controlnet(net):
                 check_fits_transformer(net, model, pipe.vae.config.latent_channels, source)
                 if net.pos_embed is None:  # SD3.5's large ControlNets share the transformer's, as diffusers' pipeline
                     net.pos_embed = net._get_pos_embed_from_transformer(model)
             else:
-                check_compatible(net, model, vae_scale_factor(pipe), source)
+                check_compatible(net, model, backbone.vae_factor(), source)
             device, dtype = model.device, model.dtype
             net = net.to(device) if net.dtype == dtype else net.to(device, dtype)
             loaded[cache_key] = net.eval().requires_grad_(False)
@@ -310,47 +307,50 @@ class ControlNet(Technique):
             return control
         vae = pipe.vae
         if is_flux_controlnet(loaded):
-            from difffeat import dit
+            from difffeat.models.backbones.flux import pack_flux
 
             pixels = control.to(vae.device, vae.dtype) * 2 - 1
             if loaded.input_hint_block is not None:  # XLabs: the hint block takes the image itself
                 return pixels
             mean = vae.encode(pixels).latent_dist.mean
-            return dit.pack_flux((mean - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor)
+            return pack_flux((mean - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor)
         shift = 0.0 if loaded.config.force_zeros_for_pooled_projection else (vae.config.get("shift_factor") or 0.0)
         mean = vae.encode(control.to(vae.device, vae.dtype) * 2 - 1).latent_dist.mean
         return (mean - shift) * vae.config.scaling_factor
 
-    def residuals(self, loaded, z, t, embeds, control, added_cond_kwargs=None):
-        """(down residuals, mid residual) of the UNet ControlNet `loaded` (what `bind` returned) for latents z at t.
-        A transformer ControlNet's are the transformer's keyword arguments that carry them (`added_cond_kwargs`
-        is then the transformer's call): an SD3 ControlNet's `block_controlnet_hidden_states`, with the
+    def residuals(self, loaded, z, t, embeds, control, call: dict):
+        """The keyword arguments that carry the residuals of ControlNet `loaded` (what `bind` returned) into the
+        denoiser's call `call`, for latents z at t as the backbone gives them to a ControlNet: a UNet ControlNet's
+        `down_block_additional_residuals` and `mid_block_additional_residual` (with SDXL's added conditions of the
+        call); an SD3 ControlNet's `block_controlnet_hidden_states`, with the
         transformer's timestep and pooled projections (zeros where the ControlNet's config says so, as diffusers'
         pipeline does); a FLUX ControlNet's `controlnet_block_samples` / `controlnet_single_block_samples` (and
         `controlnet_blocks_repeat` for one with an input hint block), called as FluxControlNetPipeline calls it."""
         if is_flux_controlnet(loaded):
-            return self._flux_residuals(loaded, z, t, embeds, control, added_cond_kwargs)
+            return self._flux_residuals(loaded, z, t, embeds, control, call)
         if is_transformer_controlnet(loaded):
-            pooled = added_cond_kwargs["pooled_projections"]
+            pooled = call["pooled_projections"]
             if loaded.config.force_zeros_for_pooled_projection:
                 pooled = torch.zeros_like(pooled)
             blocks = loaded(hidden_states=z, controlnet_cond=control, conditioning_scale=self.scale,
                             encoder_hidden_states=embeds if loaded.context_embedder is not None else None,
                             pooled_projections=pooled, timestep=t, return_dict=False)[0]
             return {"block_controlnet_hidden_states": list(blocks)}
-        kwargs = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs else {}
-        return loaded(z, t, encoder_hidden_states=embeds, controlnet_cond=control.to(z),
-                        conditioning_scale=self.scale, return_dict=False, **kwargs)
+        added = call.get("added_cond_kwargs")
+        kwargs = {"added_cond_kwargs": added} if added else {}
+        down, mid = loaded(z, t, encoder_hidden_states=embeds, controlnet_cond=control.to(z),
+                           conditioning_scale=self.scale, return_dict=False, **kwargs)
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
     def _flux_residuals(self, loaded, tokens, t, embeds, control, call: dict) -> dict:
         """A FLUX ControlNet's residuals for the transformer call `call` (its packed tokens, σ as timestep, ids)."""
-        from difffeat import dit
+        from difffeat.models.backbones.flux import FLUX_GUIDANCE
 
         guidance = None
         if loaded.config.guidance_embeds:  # the transformer's guidance, as the pipeline gives both the same scale
             guidance = call.get("guidance")
             if guidance is None:
-                guidance = torch.full((len(tokens),), dit.FLUX_GUIDANCE, device=tokens.device, dtype=tokens.dtype)
+                guidance = torch.full((len(tokens),), FLUX_GUIDANCE, device=tokens.device, dtype=tokens.dtype)
         double, single = loaded(hidden_states=tokens, controlnet_cond=control, conditioning_scale=self.scale,
                                 encoder_hidden_states=embeds, pooled_projections=call["pooled_projections"],
                                 timestep=t, img_ids=call["img_ids"], txt_ids=call["txt_ids"], guidance=guidance,

@@ -136,11 +136,12 @@ def lora_file(path: Path) -> Path | None:
     return files[0] if len(files) == 1 else None
 
 
-def check_transformer_format(path: Path, family: str) -> None:
+def check_transformer_format(path: Path, family: str, kohya: bool = False) -> None:
     """Refuse, before diffusers reads it, a LoRA file that would load only in part or not per stack on a `family`
     transformer: DoRA scales (diffusers drops them), keys other than the family's diffusers-format prefixes, or on
     FLUX a kohya file with more than LoRA pairs and alphas, or another FLUX format (XLabs, BFL Control LoRAs, whose
-    norm weights diffusers writes into the transformer itself)."""
+    norm weights diffusers writes into the transformer itself). `kohya`: the family's loader converts kohya files
+    (the backbone's `converts_kohya_lora`: FLUX)."""
     from safetensors import safe_open
 
     file = lora_file(path)
@@ -150,7 +151,7 @@ def check_transformer_format(path: Path, family: str) -> None:
         keys = list(f.keys())
     if dora := next((k for k in keys if "dora_scale" in k), None):
         raise UserError(f"{path}: a DoRA file ({dora!r}); diffusers drops its magnitudes and would load a plain LoRA")
-    if family == "flux" and any(k.endswith(".lora_down.weight") for k in keys):  # kohya: diffusers converts it
+    if kohya and any(k.endswith(".lora_down.weight") for k in keys):  # kohya: diffusers converts it
         if te := next((k for k in keys if k.startswith("lora_te")), None):  # to old-style keys (to_q_lora.down)
             raise UserError(f"{path}: kohya text-encoder LoRAs ({te!r}) are not supported on FLUX: diffusers' "
                             "converter gives keys its own text-encoder loader cannot always read")
@@ -159,9 +160,9 @@ def check_transformer_format(path: Path, family: str) -> None:
                             "diffusers' converter would drop it")
         return
     if odd := next((k for k in keys if not k.startswith(TRANSFORMER_PREFIXES[family])), None):
-        kohya = ", kohya files" if family == "flux" else ""
         raise UserError(f"{path}: on transformer backbones ({family}) only diffusers-format LoRAs of the transformer "
-                        f"(keys {', '.join(p + '…' for p in TRANSFORMER_PREFIXES[family])}){kohya} and peft folders "
+                        f"(keys {', '.join(p + '…' for p in TRANSFORMER_PREFIXES[family])})"
+                        f"{', kohya files' if kohya else ''} and peft folders "
                         f"are supported, not {odd!r}")
 
 
@@ -231,8 +232,9 @@ def loaded_adapters(pipe) -> set[str]:
     """Names of the LoRA adapters loaded into `pipe` (by diffusers' loader, or by `inject` on PixArt)."""
     if hasattr(pipe, "get_list_adapters"):
         return set(sum((v for v in pipe.get_list_adapters().values()), []))
-    model = getattr(pipe, "transformer", None)
-    return injected_adapters(model) if model is not None else set()
+    from difffeat.models.backbones import backbone_for
+
+    return injected_adapters(backbone_for(pipe).model)
 
 
 def adapter_name(path: str) -> str:
@@ -259,27 +261,30 @@ class LoRA(Technique):
         return adapter_name(os.path.expanduser(self.path))
 
     def bind(self, pipe) -> None:
-        from difffeat import dit
+        from difffeat.models.backbones import backbone_for
 
-        family = dit.family(dit.denoiser(pipe)) if dit.is_transformer(pipe) else None
+        backbone = backbone_for(pipe)
+        # The transformer families whose LoRA keys are checked against their diffusers-format prefixes (a UNet's
+        # loader takes every format it knows).
+        family = backbone.name if backbone.name in TRANSFORMER_PREFIXES else None
         path = os.path.expanduser(self.path)
         if not Path(path).exists():
             raise UserError(f"{path}: LoRA file or folder not found")
         folder = (Path(path) / "adapter_config.json").exists()
         if self.adapter in loaded_adapters(pipe):
             return
-        if family == "pixart":  # no LoRA loader in its pipeline: peft on the transformer itself
+        if backbone.injects_lora:  # no LoRA loader in its pipeline (PixArt): peft on the transformer itself
             state = peft_folder_state_dict(pipe, Path(path)) if folder else diffusers_file_state_dict(Path(path))
             if odd := next((k for k in state if not k.endswith((".lora_A.weight", ".lora_B.weight"))), None):
                 raise UserError(f"{path}: on PixArt only plain LoRA pairs (….lora_A.weight / ….lora_B.weight) of "
                                 f"diffusers-format files and peft folders load, not {odd!r}")
             self._check(path, state, family, pipe)
-            inject(pipe.transformer, {k.removeprefix("transformer."): v for k, v in state.items()}, self.adapter)
+            inject(backbone.model, {k.removeprefix("transformer."): v for k, v in state.items()}, self.adapter)
             return
         if not hasattr(pipe, "load_lora_weights"):
             raise UserError(f"{type(pipe).__name__} cannot load LoRA weights")
         if family and not folder:
-            check_transformer_format(Path(path), family)
+            check_transformer_format(Path(path), family, kohya=backbone.converts_kohya_lora)
         source = peft_folder_state_dict(pipe, Path(path)) if folder else path
         try:
             state = source if isinstance(source, dict) else pipe.lora_state_dict(path)

@@ -12,10 +12,9 @@ plain folder (an ADE20K tree, a Cityscapes tree …), so that its annotation ima
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from difffeat.data.layouts import ade20k, cityscapes, coco_stuff, ddpm_seg, hf, shapes_lt, spair, voc  # noqa: F401 (registers)
-from difffeat.data.layouts.base import IGNORE, LAYOUTS, Layout, Sample, fitting_layouts, register_layout
+from difffeat.data.layouts.base import IGNORE, LAYOUTS, Layout, Sample, detect_layout, fitting_layouts, register_layout
 from difffeat.errors import UserError
 
 __all__ = ["IGNORE", "LAYOUTS", "Layout", "Sample", "data_spec", "detect_layout", "fitting_layouts", "open_data",
@@ -47,17 +46,6 @@ def open_data(spec: str, split: str | None = None, names=None) -> Layout:
         raise UserError(f"{spec}: layout {name} takes no /{option}")
     kwargs = {"labels": option} if option is not None else {}
     return cls(root, split or spec_split, names, **kwargs)
-
-
-def detect_layout(root: str | os.PathLike) -> str | None:
-    """The name of the layout whose tree `root` holds, or None (a plain folder of images)."""
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    for name, cls in LAYOUTS.items():
-        if name == cls.name and cls is not shapes_lt.ShapesLtLayout and cls.detect(root):
-            return name
-    return None
 
 
 def data_spec(layout: Layout) -> str:

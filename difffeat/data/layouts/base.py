@@ -82,6 +82,8 @@ class Layout:
     #: `small_index`, numbered by this layout's train ids): `train-seg --profile NAME`
     profile: ClassVar[str | None] = None
     ignore_index: ClassVar[int] = IGNORE
+    #: a plain folder's layout (imagefolder): what a root no other layout detects is read as, never detected itself
+    fallback: ClassVar[bool] = False
 
     def __init__(self, root: str | os.PathLike, split: str | None = None, names: Sequence[str] | None = None):
         self.root = Path(root)
@@ -136,8 +138,6 @@ class Layout:
                 self.split = next((alias for word, alias in COMMON_SPLITS if word == self.split and alias in splits),
                                   self.split)
             if self.split is not None and self.split not in splits:
-                from difffeat.data.layouts import detect_layout
-
                 other = detect_layout(self.root)
                 hint = f"; the folder looks like layout {other}" if other and other != self.name else ""
                 raise UserError(f"{self.root}: layout {self.name} has no split {self.split!r} here (found: "
@@ -204,6 +204,17 @@ class Layout:
         """What a store's manifest records of the data set its images came from (and its profile, if any)."""
         described = {"layout": self.name, "root": os.path.abspath(self.root), "split": self.split}
         return {**described, "profile": self.profile} if self.profile else described
+
+
+def detect_layout(root: str | os.PathLike) -> str | None:
+    """The name of the layout whose tree `root` holds, or None (a plain folder of images)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    for name, cls in LAYOUTS.items():
+        if name == cls.name and not cls.fallback and cls.detect(root):
+            return name
+    return None
 
 
 def fitting_layouts(values: np.ndarray) -> list[str]:

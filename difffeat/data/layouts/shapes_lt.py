@@ -22,6 +22,7 @@ from difffeat.run import confine_name
 class ShapesLtLayout(Layout):
     name = "shapes-lt"
     aliases = ("imagefolder",)
+    fallback = True
     split_aliases = {"validation": "val"}
     class_names = CLASS_NAMES
     label_rule = "mask values are the class ids, 255 = ignore"

@@ -3,8 +3,9 @@
     data synth → gate --greedy --emit → extract --variants → train-seg (plain | GATE-chosen) → eval-seg → report
 
 Every step is an ordinary `difffeat` command, run through the CLI entry point (`difffeat.cli.main`) and printed
-before it runs, so the demo is also a list of commands to copy. The core never imports the packages behind
-`gate`, `train-seg` or `eval-seg`: it only calls their commands. `--minutes` sets the time budget on a laptop
+before it runs, so the demo is also a list of commands to copy. It imports none of the packages behind `gate`,
+`train-seg` or `eval-seg`: it only calls their commands; and the core does not import it (an application over the
+chain, registered as a command like every package's). `--minutes` sets the time budget on a laptop
 CPU; it scales the world, GATE and training together (1 is the smallest, about a minute here).
 
 The demo folder is a run folder of kind ``demo``: its ``config.json`` marks it, every step writes below it, and
@@ -236,8 +237,8 @@ def _cmd_demo(args) -> None:
     run_demo(cfg, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
 
 
-def add_demo_command(subparsers) -> None:
-    """Add `demo` to difffeat's sub-commands."""
+def add_commands(subparsers) -> None:
+    """Add `demo` to difffeat's sub-commands (entry point ``difffeat.commands``: demo)."""
     from difffeat.config_cli import add_config_arguments
 
     p = subparsers.add_parser("demo", help="the whole chain on the built-in world in a few minutes, ending in a report",
@@ -248,7 +249,7 @@ def add_demo_command(subparsers) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
-if __name__ == "__main__":  # python -m difffeat.demo …: the same as `difffeat demo …`
+if __name__ == "__main__":  # python -m apps.demo …: the same as `difffeat demo …`
     from difffeat.cli import main
 
     sys.exit(main(["demo", *sys.argv[1:]]))
