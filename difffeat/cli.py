@@ -386,7 +386,10 @@ def main(argv: list[str] | None = None) -> int:
             pass
     try:
         with warnings.catch_warnings():
-            warnings.showwarning = _show_warning
+            # One line per warning of ours, unless something records warnings already (pytest, a caller's
+            # catch_warnings(record=True)): that keeps them.
+            if _warnings_shown_plainly():
+                warnings.showwarning = _show_warning
             args.func(args)
     except ConfigError as e:  # the library names the config field; the command line shows its flag
         print(f"difffeat: error: {flag_of(args, e.field)}: {e.reason}", file=sys.stderr)
@@ -410,6 +413,13 @@ def main(argv: list[str] | None = None) -> int:
 _OWN_CODE = Path(__file__).resolve().parent.parent  # difffeat/, downstream/, gate/, pipelines/ live here
 _OWN_PACKAGES = {"difffeat", "downstream", "gate", "pipelines"}
 _DEFAULT_SHOW = warnings.showwarning
+
+
+def _warnings_shown_plainly() -> bool:
+    """Whether warnings go to Python's own display (no recorder such as pytest's or `catch_warnings(record=True)`,
+    which swap the display function or the message sink)."""
+    sink = getattr(warnings, "_showwarnmsg_impl", None)
+    return warnings.showwarning is _DEFAULT_SHOW and getattr(sink, "__module__", "warnings") == "warnings"
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

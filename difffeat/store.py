@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ SHARDS = "shards"
 # that has not finished (a killed one looks whole otherwise), which no reader accepts and `--resume` finishes.
 MERGING = "merge-unfinished.json"
 DTYPES = ("float32", "float16")
+OPEN_SHARDS = 8  # shards a reader keeps open at once (`FeatureStore._handle`)
 # Copied from the config to the top level of `FeatureStore.manifest`, where the API contract promises them.
 MANIFEST_SHORTCUTS = ("model", "layers", "timesteps", "seed", "techniques", "variants", "resolution")
 # What a store consists of besides its manifest (the runner's reports included): all that overwrite removes.
@@ -519,14 +521,20 @@ class FeatureStore:
                 layers = sorted(per_image.get(i, []), key=lambda lay: (rank.get(lay, len(rank)), lay))
                 self._index[key] = (file, i, layers)
         self._keys = sorted(self._index)
-        self._handles: dict[Path, Any] = {}
+        # Open shards, least recently used first: at most OPEN_SHARDS stay open (each is memory-mapped, and the pages
+        # read from it count in the process's memory until it is closed), so reading a large store keeps flat memory.
+        self._handles: OrderedDict[Path, Any] = OrderedDict()
         self._captions: dict[Path, list] = {}  # per shard, read on first use
         self._geometry: dict[Path, list] = {}  # per shard, read on first use
         self._ranges: dict[Path, list] = {}  # per shard, read on first use
         self._flagged: set[str] = set()  # keys already warned about: one warning per key
 
     def _handle(self, file: Path):
-        if file not in self._handles:
+        if file in self._handles:
+            self._handles.move_to_end(file)
+        else:
+            while len(self._handles) >= OPEN_SHARDS:
+                self._handles.popitem(last=False)
             from safetensors import safe_open
 
             self._handles[file] = safe_open(str(file), framework="np")
