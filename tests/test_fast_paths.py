@@ -197,12 +197,12 @@ def test_fast_paths_write_the_same_store(images, tmp_path):
 def test_report_and_inspect_show_speed_and_memory(images, tmp_path, capsys):
     assert _extract(images, tmp_path / "store") == 0
     out = capsys.readouterr().out
-    assert re.search(r"extracted 16 images .*img/s per process, batch 8, peak memory [\d.]+ MiB", out), out
+    assert re.search(r"extracted 16 images .*img/s per process, batch 8, peak memory [\d.]+ [MG]iB", out), out
     report = json.loads((tmp_path / "store" / "report.json").read_text())
     assert report["peak_memory_bytes"] > 100 * 2**20 and report["images_per_second"] > 0
     assert report["peak_device_memory_bytes"] is None  # no GPU here
     assert main(["inspect", str(tmp_path / "store")]) == 0
-    assert re.search(r"last run: +[\d.]+ images/s, peak memory [\d.]+ MiB, batch 8", capsys.readouterr().out)
+    assert re.search(r"last run: +[\d.]+ images/s, peak memory [\d.]+ [MG]iB, batch 8", capsys.readouterr().out)
 
 
 # ---------------------------------------------------------------------------------- attention backends
