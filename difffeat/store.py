@@ -53,7 +53,7 @@ SHARDS = "shards"
 # that has not finished (a killed one looks whole otherwise), which no reader accepts and `--resume` finishes.
 MERGING = "merge-unfinished.json"
 DTYPES = ("float32", "float16")
-OPEN_SHARDS = 8  # shards a reader keeps open at once (`FeatureStore._handle`)
+OPEN_SHARDS = 2  # shards a reader keeps open at once (`FeatureStore._handle`)
 # Copied from the config to the top level of `FeatureStore.manifest`, where the API contract promises them.
 MANIFEST_SHORTCUTS = ("model", "layers", "timesteps", "seed", "techniques", "variants", "resolution")
 # What a store consists of besides its manifest (the runner's reports included): all that overwrite removes.

@@ -172,7 +172,7 @@ def activate_adapters(pipe, adapters: list[tuple[str, float]]) -> None:
 
         activate_injected(backbone_for(pipe).model, adapters)
         return
-    if not hasattr(pipe, "get_list_adapters") or not any(pipe.get_list_adapters().values()):
+    if not any(pipe.get_list_adapters().values()):
         return
     if not adapters:
         pipe.disable_lora()

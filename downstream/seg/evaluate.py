@@ -138,7 +138,8 @@ def eval_seg(run: str | os.PathLike, features: list[str], masks: str | None = No
     source = config.data or config.masks or (None if store_data else trained.get("data") or trained.get("masks"))
     dataset = SegDataset(config.features, source, classes, split=config.split, layers=trained.get("layers"),
                          mask_size=config.mask_size or trained.get("mask_size", "resize"),
-                         read_masks=config.resolution == "frame")
+                         read_masks=config.resolution == "frame",
+                         cache_bytes=0)  # one pass reads each image once: a cache would only hold all of them
     want = [FeatureSpec.from_dict(s) for s in saved["specs"]]
     if dataset.specs != want:
         got = [(s.variant, s.layer, s.shape) for s in dataset.specs]
