@@ -41,11 +41,15 @@ import sys
 import time
 from multiprocessing import Pool
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # Run as a script, this file's folder comes first on sys.path and its name would hide the `gate` package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import numpy as np  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
 
 HERE = Path(__file__).resolve().parent
 SIZES = ((512, 683), (683, 512), (512, 512), (512, 768))  # (H, W): ADE20K after mmseg's resize, short side 512
@@ -239,12 +243,63 @@ def measure(work: Path, run: Path, store: Path, root: Path, resolution: str, thr
 
 
 # --------------------------------------------------------------------------------------------- breakdown
-def breakdown(run: Path, store: Path, root: Path, count: int, batch: int) -> dict[str, dict[str, float]]:
-    """ms per image of each step of `downstream.seg.evaluate.evaluate`, both modes, over the first `count`
-    validation images (this process; the same calls the library makes, timed one by one)."""
+STEPS = ("dataset", "features + head", "read mask", "upsample", "argmax", "confusion")
+
+
+def _time_original(model, ds, classes, batch: int, pick, confusion: str, channels_last: bool = False
+                   ) -> tuple[dict[str, float], torch.Tensor]:
+    """One scoring pass at the original resolution over `ds`, each step timed: ms per image and the confusion matrix.
+    `pick` turns [1, K, H, W] logits into [H, W] ids; `confusion` is "library" (`SegMetrics`, what eval-seg uses)
+    or "bincount" (one numpy bincount, the ignore label in an extra bin); `channels_last` lays the logits out
+    channels last before the resize (the bilinear kernel vectorised over classes: values within a few ulp, not
+    identical)."""
+    import numpy as np
     import torch
 
     from difffeat.data.geometry import to_original
+    from downstream.seg.data import collate
+    from downstream.seg.metrics import SegMetrics
+
+    steps = dict.fromkeys(STEPS, 0.0)
+    k, ignore = classes.num_classes, classes.ignore_index
+    metrics, counts = SegMetrics(classes), np.zeros(k * k + 1, np.int64)
+    for s in range(0, len(ds), batch):
+        t = time.perf_counter()
+        b = collate([ds[i] for i in range(s, min(s + batch, len(ds)))])
+        members = model.frame_logits(b["features"], ds.mask_size)
+        steps["features + head"] += time.perf_counter() - t
+        for row, index in enumerate(b["index"].tolist()):
+            t = time.perf_counter()
+            mask, place = ds.original(index)
+            t1 = time.perf_counter()
+            logits = members[0][row : row + 1]
+            if channels_last:
+                logits = logits.contiguous(memory_format=torch.channels_last)
+            at_size, _ = to_original(logits, place)
+            t2 = time.perf_counter()
+            pred = pick(at_size)
+            t3 = time.perf_counter()
+            if confusion == "library":
+                metrics.update(pred, mask)
+            else:
+                labels = mask.numpy().reshape(-1)
+                counts += np.bincount(np.where(labels == ignore, k * k, labels * k + pred.numpy().reshape(-1)),
+                                      minlength=k * k + 1)
+            t4 = time.perf_counter()
+            steps["read mask"] += t1 - t
+            steps["upsample"] += t2 - t1
+            steps["argmax"] += t3 - t2
+            steps["confusion"] += t4 - t3
+    matrix = metrics.matrix.clone() if confusion == "library" else torch.from_numpy(counts[: k * k].reshape(k, k))
+    return {key: 1000 * v / len(ds) for key, v in steps.items()}, matrix
+
+
+def breakdown(run: Path, store: Path, root: Path, count: int, batch: int) -> dict[str, dict[str, float]]:
+    """ms per image of each step of `downstream.seg.evaluate.evaluate`, both modes, over the first `count`
+    validation images (this process; the same calls the library makes, timed one by one), and of variants of the
+    original-resolution loop, each with whether it scores every pixel as the library does."""
+    import torch
+
     from difffeat.store import FeatureStore
     from downstream.seg.data import SegDataset, collate
     from downstream.seg.evaluate import load_run
@@ -257,73 +312,23 @@ def breakdown(run: Path, store: Path, root: Path, count: int, batch: int) -> dic
     out: dict[str, dict[str, float]] = {}
     with torch.no_grad():
         t = time.perf_counter()
-        ds = SegDataset([store], spec, classes, split="validation", keys=keys, read_masks=False)
+        ds = SegDataset([store], spec, classes, split="validation", keys=keys, read_masks=False, cache_bytes=0)
         setup = time.perf_counter() - t
-        steps = dict.fromkeys(["dataset", "features + head", "read mask", "upsample", "argmax", "confusion"], 0.0)
-        steps["dataset"] = setup
-        metrics = SegMetrics(classes)
-        for s in range(0, len(ds), batch):
-            t = time.perf_counter()
-            b = collate([ds[i] for i in range(s, min(s + batch, len(ds)))])
-            members = model.frame_logits(b["features"], ds.mask_size)
-            steps["features + head"] += time.perf_counter() - t
-            for row, index in enumerate(b["index"].tolist()):
-                t = time.perf_counter()
-                mask, place = ds.original(index)
-                t1 = time.perf_counter()
-                at_size, _ = to_original(members[0][row : row + 1], place)
-                t2 = time.perf_counter()
-                pred = vote([at_size.argmax(1)[0]])
-                t3 = time.perf_counter()
-                metrics.update(pred, mask)
-                t4 = time.perf_counter()
-                steps["read mask"] += t1 - t
-                steps["upsample"] += t2 - t1
-                steps["argmax"] += t3 - t2
-                steps["confusion"] += t4 - t3
-        out["original"] = {k: 1000 * v / len(ds) for k, v in steps.items()}
-        library = metrics.matrix.clone()
-
-        # The same scoring with the changes the reading proposes, done here from outside the library: exact ones
-        # (max(1).indices for argmax(1): the same ids, ties included; the confusion by one numpy bincount with the
-        # ignore label in an extra bin instead of torchmetrics' masked selects and torch.bincount), and those plus
-        # channels-last logits (the bilinear kernel vectorised over classes: values within a few ulp, not identical).
-        k, ignore = classes.num_classes, classes.ignore_index
-        for name, channels_last in (("exact", False), ("exact + channels-last", True)):
-            steps = dict.fromkeys(steps, 0.0)
-            matrix = np.zeros(k * k + 1, np.int64)
-            for s in range(0, len(ds), batch):
-                t = time.perf_counter()
-                b = collate([ds[i] for i in range(s, min(s + batch, len(ds)))])
-                members = model.frame_logits(b["features"], ds.mask_size)
-                steps["features + head"] += time.perf_counter() - t
-                for row, index in enumerate(b["index"].tolist()):
-                    t = time.perf_counter()
-                    mask, place = ds.original(index)
-                    t1 = time.perf_counter()
-                    logits = members[0][row : row + 1]
-                    if channels_last:
-                        logits = logits.contiguous(memory_format=torch.channels_last)
-                    at_size, _ = to_original(logits, place)
-                    t2 = time.perf_counter()
-                    pred = at_size.max(1).indices[0]
-                    t3 = time.perf_counter()
-                    labels = mask.numpy().reshape(-1)
-                    cells = np.where(labels == ignore, k * k, labels * k + pred.numpy().reshape(-1))
-                    matrix += np.bincount(cells, minlength=k * k + 1)
-                    t4 = time.perf_counter()
-                    steps["read mask"] += t1 - t
-                    steps["upsample"] += t2 - t1
-                    steps["argmax"] += t3 - t2
-                    steps["confusion"] += t4 - t3
-            got = torch.from_numpy(matrix[: k * k].reshape(k, k))
-            differ = int((got - library).abs().sum()) // 2
+        library_pick = lambda z: vote([z.max(1).indices[0]])  # what evaluate() does for one ensemble member
+        steps, library = _time_original(model, ds, classes, batch, library_pick, "library")
+        out["original"] = {**steps, "dataset": 1000 * setup / len(ds)}
+        variants = (("argmax(1), the earlier pick", lambda z: vote([z.argmax(1)[0]]), "library", False),
+                    ("numpy bincount confusion", lambda z: z.max(1).indices[0], "bincount", False),
+                    ("bincount + channels-last", lambda z: z.max(1).indices[0], "bincount", True))
+        for name, pick, confusion, channels_last in variants:
+            steps, matrix = _time_original(model, ds, classes, batch, pick, confusion, channels_last)
+            differ = int((matrix - library).abs().sum()) // 2
             same = "same confusion matrix" if differ == 0 else f"{differ} pixels scored differently"
-            out[f"original, proposed {name} ({same})"] = {key: 1000 * v / len(ds) for key, v in steps.items()}
+            out[f"original, {name} ({same})"] = steps
 
         t = time.perf_counter()
-        ds = SegDataset([store], spec, classes, split="validation", keys=keys, read_masks=True)
-        steps = dict.fromkeys(["dataset", "features + head", "read mask", "upsample", "argmax", "confusion"], 0.0)
+        ds = SegDataset([store], spec, classes, split="validation", keys=keys, read_masks=True, cache_bytes=0)
+        steps = dict.fromkeys(STEPS, 0.0)
         steps["dataset"] = time.perf_counter() - t  # reads every mask once and brings it to the frame
         metrics = SegMetrics(classes)
         for s in range(0, len(ds), batch):

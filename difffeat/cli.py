@@ -430,7 +430,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     except (OSError, ValueError, IndexError):
         ours = False
     if ours and issubclass(category, UserWarning):
-        print(f"difffeat: warning: {message}", file=file or sys.stderr)
+        from difffeat.fastpath import warn_line
+
+        warn_line(message, file)
     else:
         _DEFAULT_SHOW(message, category, filename, lineno, file, line)
 

@@ -11,15 +11,20 @@ import copy
 
 import torch
 
-from difffeat.errors import UserError
-from difffeat.models.backbones import BACKBONES, TransformerBackbone, backbone_for, denoiser
-from difffeat.models.backbones.base import ddim_step, shift_mu  # noqa: F401 (importable here as before)
+from difffeat.models.backbones import TransformerBackbone, backbone_for, denoiser
+from difffeat.models.backbones.base import (  # noqa: F401 (importable here as before)
+    backbone_class,
+    ddim_step,
+    is_flow_matching,
+    shift_mu,
+)
 from difffeat.models.backbones.flux import (  # noqa: F401 (importable here as before)
     FLUX_GUIDANCE,
     flux_image_ids,
     pack_flux,
     unpack_flux,
 )
+from difffeat.models.backbones.transformer import max_sequence_length  # noqa: F401 (importable here as before)
 from difffeat.models.layer_presets import BLOCK_LISTS, blocks  # noqa: F401 (importable here as before)
 from difffeat.models.maps import as_map as as_grid  # noqa: F401 (importable here as before)
 from difffeat.models.maps import image_tokens  # noqa: F401 (importable here as before)
@@ -27,14 +32,6 @@ from difffeat.models.maps import image_tokens  # noqa: F401 (importable here as 
 __all__ = ["denoiser", "is_transformer", "family", "patch_size", "vae_factor", "native_latent_size",
            "check_image_size", "is_flow_matching", "sigma_of_t", "noise_latents", "max_sequence_length",
            "encode_prompts", "forward_kwargs", "prediction", "dummy_kwargs", "list_layers", "token_index", "blocks"]
-
-
-def _class_of(model) -> type:
-    for cls in BACKBONES:
-        if cls.fits(model):
-            return cls
-    raise UserError(f"{type(model).__name__}: a transformer difffeat cannot hook yet (known: "
-                    f"{', '.join(c.model_class for c in BACKBONES if issubclass(c, TransformerBackbone))})")
 
 
 class _ModelOnly:
@@ -45,7 +42,7 @@ class _ModelOnly:
 
 
 def _backbone_of_model(model) -> TransformerBackbone:
-    return _class_of(model)(_ModelOnly(model))
+    return backbone_class(model, TransformerBackbone)(_ModelOnly(model))
 
 
 def is_transformer(pipe) -> bool:
@@ -54,10 +51,7 @@ def is_transformer(pipe) -> bool:
 
 def family(model) -> str:
     """"sd3", "pixart" or "flux" for the transformers difffeat knows; a UserError naming the class otherwise."""
-    cls = _class_of(model)
-    if not issubclass(cls, TransformerBackbone):
-        raise UserError(f"{type(model).__name__}: not a transformer")
-    return cls.name
+    return backbone_class(model, TransformerBackbone).name
 
 
 def patch_size(model) -> int:
@@ -78,10 +72,6 @@ def check_image_size(pipe, height: int, width: int) -> None:
     backbone_for(pipe).check_image_size(height, width)
 
 
-def is_flow_matching(scheduler) -> bool:
-    return not hasattr(scheduler, "alphas_cumprod")
-
-
 def sigma_of_t(pipe, t: int, latent_hw: tuple[int, int]) -> float:
     """The flow-matching noise level σ ∈ (0, 1] of integer timestep t ∈ [0, 1000) (`Backbone.sigma_of_t`)."""
     return backbone_for(pipe).sigma_of_t(t, latent_hw)
@@ -90,10 +80,6 @@ def sigma_of_t(pipe, t: int, latent_hw: tuple[int, int]) -> float:
 def noise_latents(pipe, z0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
     """z0 noised to integer timestep t: flow matching's interpolation, or DDPM's for other schedulers."""
     return backbone_for(pipe).noise_latents(z0, noise, t)
-
-
-def max_sequence_length(pipe) -> int | None:
-    return vars(pipe).get("difffeat_max_sequence_length")
 
 
 def encode_prompts(pipe, prompts: list[str]) -> tuple[list[torch.Tensor], dict]:

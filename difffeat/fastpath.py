@@ -19,9 +19,9 @@ from collections.abc import Callable
 ATTENTION_BACKENDS = ("auto", "sdpa", "xformers")
 
 
-def warn_line(message: str) -> None:
-    """One warning line on stderr, the way the CLI shows them."""
-    print(f"difffeat: warning: {message}", file=sys.stderr)
+def warn_line(message, file=None) -> None:
+    """One warning line (on stderr by default), the way the CLI shows them."""
+    print(f"difffeat: warning: {message}", file=file or sys.stderr)
 
 
 def _xformers_active(model) -> bool:

@@ -43,13 +43,26 @@ def backbone_for(pipe) -> Backbone:
     model = denoiser(pipe)
     if found is not None and found.model is model:
         return found
+    backbone = backbone_class(model)(pipe)
+    vars(pipe)["difffeat_backbone"] = backbone
+    return backbone
+
+
+def backbone_class(model, among: type[Backbone] | None = None) -> type[Backbone]:
+    """The backbone class of denoiser `model` (the first registered that fits, of the subclasses of `among` when
+    given); a UserError naming the known ones."""
+    among = among or Backbone
     for cls in BACKBONES:
-        if cls.fits(model):
-            backbone = cls(pipe)
-            vars(pipe)["difffeat_backbone"] = backbone
-            return backbone
-    known = ", ".join(sorted(c.model_class for c in BACKBONES if c.model_class))
-    raise UserError(f"{type(model).__name__}: a denoiser difffeat cannot hook yet (known: {known})")
+        if issubclass(cls, among) and cls.fits(model):
+            return cls
+    what = "denoiser" if among is Backbone else among.__name__.removesuffix("Backbone").lower()
+    known = ", ".join(sorted(c.model_class for c in BACKBONES if c.model_class and issubclass(c, among)))
+    raise UserError(f"{type(model).__name__}: a {what} difffeat cannot hook yet (known: {known})")
+
+
+def is_flow_matching(scheduler) -> bool:
+    """Whether `scheduler` is a flow-matching one (no DDPM ``alphas_cumprod`` table)."""
+    return not hasattr(scheduler, "alphas_cumprod")
 
 
 class Backbone:
@@ -153,8 +166,8 @@ class Backbone:
     # -------------------------------------------------------------------------------------------- noise
     @property
     def flow_matching(self) -> bool:
-        """Whether the scheduler is a flow-matching one (no DDPM ``alphas_cumprod`` table)."""
-        return not hasattr(self.pipe.scheduler, "alphas_cumprod")
+        """Whether the scheduler is a flow-matching one (`is_flow_matching`)."""
+        return is_flow_matching(self.pipe.scheduler)
 
     def sigma_of_t(self, t: int, latent_hw: tuple[int, int]) -> float:
         """The flow-matching noise level σ ∈ (0, 1] of integer timestep t ∈ [0, 1000): ``s = (t + 1) / 1000``

@@ -21,6 +21,12 @@ from difffeat.models.backbones.base import Backbone
 from difffeat.models.maps import as_map, first_tensor
 
 
+def max_sequence_length(pipe) -> int | None:
+    """The T5 token count to encode with: the model's own when it records one (mini-dit: 0), else the pipeline's
+    default."""
+    return vars(pipe).get("difffeat_max_sequence_length")
+
+
 class TransformerBackbone(Backbone):
     """The shared part of the diffusion transformers; a family sets `model_class` and its prompts and call."""
 
@@ -29,9 +35,7 @@ class TransformerBackbone(Backbone):
         return int(self.model.config.patch_size)
 
     def max_sequence_length(self) -> int | None:
-        """The T5 token count to encode with: the model's own when it records one (mini-dit: 0), else the
-        pipeline's default."""
-        return vars(self.pipe).get("difffeat_max_sequence_length")
+        return max_sequence_length(self.pipe)
 
     def check_image_size(self, height: int, width: int) -> None:
         step = self.vae_factor() * self.patch_size()
