@@ -243,62 +243,56 @@ def measure(work: Path, run: Path, store: Path, root: Path, resolution: str, thr
 
 
 # --------------------------------------------------------------------------------------------- breakdown
-STEPS = ("dataset", "features + head", "read mask", "upsample", "argmax", "confusion")
+STEPS = ("dataset", "features + head", "read mask", "labels", "confusion")
 
 
-def _time_original(model, ds, classes, batch: int, pick, confusion: str, channels_last: bool = False
-                   ) -> tuple[dict[str, float], torch.Tensor]:
-    """One scoring pass at the original resolution over `ds`, each step timed: ms per image and the confusion matrix.
-    `pick` turns [1, K, H, W] logits into [H, W] ids; `confusion` is "library" (`SegMetrics`, what eval-seg uses)
-    or "bincount" (one numpy bincount, the ignore label in an extra bin); `channels_last` lays the logits out
-    channels last before the resize (the bilinear kernel vectorised over classes: values within a few ulp, not
-    identical)."""
-    import numpy as np
+def _time_original(model, ds, classes, batch: int, prune: bool, confusion: str
+                   ) -> tuple[dict[str, float], torch.Tensor, float]:
+    """One scoring pass at the original resolution over `ds`, each step timed: ms per image, the confusion matrix and
+    the mean number of classes resized per image. `prune` is `labels_at_original`'s (False: every class resized, the
+    earlier path); `confusion` is "library" (`SegMetrics`, what eval-seg uses) or "torchmetrics" (its multiclass
+    confusion matrix, the earlier one)."""
     import torch
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-    from difffeat.data.geometry import to_original
+    from difffeat.data.original_labels import candidate_classes, labels_at_original
     from downstream.seg.data import collate
     from downstream.seg.metrics import SegMetrics
+    from downstream.seg.model import vote
 
     steps = dict.fromkeys(STEPS, 0.0)
     k, ignore = classes.num_classes, classes.ignore_index
-    metrics, counts = SegMetrics(classes), np.zeros(k * k + 1, np.int64)
+    metrics, resized = SegMetrics(classes), 0
     for s in range(0, len(ds), batch):
         t = time.perf_counter()
         b = collate([ds[i] for i in range(s, min(s + batch, len(ds)))])
-        members = model.frame_logits(b["features"], ds.mask_size)
+        members = model(b["features"])
         steps["features + head"] += time.perf_counter() - t
         for row, index in enumerate(b["index"].tolist()):
             t = time.perf_counter()
             mask, place = ds.original(index)
             t1 = time.perf_counter()
-            logits = members[0][row : row + 1]
-            if channels_last:
-                logits = logits.contiguous(memory_format=torch.channels_last)
-            at_size, _ = to_original(logits, place)
+            pred = vote([labels_at_original(z[row : row + 1], ds.mask_size, place, prune=prune)[0] for z in members])
             t2 = time.perf_counter()
-            pred = pick(at_size)
-            t3 = time.perf_counter()
             if confusion == "library":
                 metrics.update(pred, mask)
             else:
-                labels = mask.numpy().reshape(-1)
-                counts += np.bincount(np.where(labels == ignore, k * k, labels * k + pred.numpy().reshape(-1)),
-                                      minlength=k * k + 1)
-            t4 = time.perf_counter()
+                metrics.matrix += multiclass_confusion_matrix(pred.reshape(-1), mask.reshape(-1), k,
+                                                              ignore_index=ignore, validate_args=False).long()
+            t3 = time.perf_counter()
             steps["read mask"] += t1 - t
-            steps["upsample"] += t2 - t1
-            steps["argmax"] += t3 - t2
-            steps["confusion"] += t4 - t3
-    matrix = metrics.matrix.clone() if confusion == "library" else torch.from_numpy(counts[: k * k].reshape(k, k))
-    return {key: 1000 * v / len(ds) for key, v in steps.items()}, matrix
+            steps["labels"] += t2 - t1
+            steps["confusion"] += t3 - t2
+            resized += len(candidate_classes(members[0][row], ds.mask_size)) if prune else k
+    return {key: 1000 * v / len(ds) for key, v in steps.items()}, metrics.matrix.clone(), resized / len(ds)
 
 
 def breakdown(run: Path, store: Path, root: Path, count: int, batch: int) -> dict[str, dict[str, float]]:
     """ms per image of each step of `downstream.seg.evaluate.evaluate`, both modes, over the first `count`
-    validation images (this process; the same calls the library makes, timed one by one), and of variants of the
+    validation images (this process; the same calls the library makes, timed one by one), and of the earlier
     original-resolution loop, each with whether it scores every pixel as the library does."""
     import torch
+    import torch.nn.functional as F
 
     from difffeat.store import FeatureStore
     from downstream.seg.data import SegDataset, collate
@@ -314,17 +308,16 @@ def breakdown(run: Path, store: Path, root: Path, count: int, batch: int) -> dic
         t = time.perf_counter()
         ds = SegDataset([store], spec, classes, split="validation", keys=keys, read_masks=False, cache_bytes=0)
         setup = time.perf_counter() - t
-        library_pick = lambda z: vote([z.max(1).indices[0]])  # what evaluate() does for one ensemble member
-        steps, library = _time_original(model, ds, classes, batch, library_pick, "library")
-        out["original"] = {**steps, "dataset": 1000 * setup / len(ds)}
-        variants = (("argmax(1), the earlier pick", lambda z: vote([z.argmax(1)[0]]), "library", False),
-                    ("numpy bincount confusion", lambda z: z.max(1).indices[0], "bincount", False),
-                    ("bincount + channels-last", lambda z: z.max(1).indices[0], "bincount", True))
-        for name, pick, confusion, channels_last in variants:
-            steps, matrix = _time_original(model, ds, classes, batch, pick, confusion, channels_last)
+        steps, library, resized = _time_original(model, ds, classes, batch, True, "library")
+        out[f"original ({resized:.1f} of {classes.num_classes} classes resized per image)"] = {
+            **steps, "dataset": 1000 * setup / len(ds)}
+        variants = (("every class resized", False, "library"),
+                    ("every class resized + torchmetrics confusion, the earlier path", False, "torchmetrics"))
+        for name, prune, confusion in variants:
+            steps, matrix, _ = _time_original(model, ds, classes, batch, prune, confusion)
             differ = int((matrix - library).abs().sum()) // 2
             same = "same confusion matrix" if differ == 0 else f"{differ} pixels scored differently"
-            out[f"original, {name} ({same})"] = steps
+            out[f"original, {name} ({same})"] = {**steps, "dataset": 1000 * setup / len(ds)}
 
         t = time.perf_counter()
         ds = SegDataset([store], spec, classes, split="validation", keys=keys, read_masks=True, cache_bytes=0)
@@ -334,13 +327,15 @@ def breakdown(run: Path, store: Path, root: Path, count: int, batch: int) -> dic
         for s in range(0, len(ds), batch):
             t = time.perf_counter()
             b = collate([ds[i] for i in range(s, min(s + batch, len(ds)))])
-            members = model.frame_logits(b["features"], ds.mask_size)
+            members = model(b["features"])
             t1 = time.perf_counter()
-            pred = vote([z.argmax(1) for z in members])
+            # SegModel.predict's steps (what evaluate() does in frame mode), the head's run timed apart
+            pred = vote([F.interpolate(z, size=ds.mask_size, mode="bilinear", align_corners=False).argmax(1)
+                         for z in members])
             t2 = time.perf_counter()
             metrics.update(pred, b["mask"])
             steps["features + head"] += t1 - t
-            steps["argmax"] += t2 - t1
+            steps["labels"] += t2 - t1
             steps["confusion"] += time.perf_counter() - t2
         out["frame"] = {k: 1000 * v / len(ds) for k, v in steps.items()}
     return out
@@ -373,7 +368,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000, help="validation images (the large run)")
     ap.add_argument("--small", type=int, default=250, help="validation images of the small run")
     ap.add_argument("--train", type=int, default=64, help="training images for the head")
-    ap.add_argument("--iterations", type=int, default=20, help="head training iterations")
+    ap.add_argument("--iterations", type=int, default=300,
+                    help="head training iterations (a head that learned its classes: after 20 its logits are flat and "
+                         "every class can win anywhere, which no trained head scored at full size does)")
     ap.add_argument("--classes", nargs="+", default=["ade150", "world13"], choices=["ade150", "world13"],
                     help="class sets: ade150 = ADE20K's 150 classes (real ADE heads), world13 = the 13 Shapes-LT ones")
     ap.add_argument("--threads", type=int, default=2)
@@ -461,8 +458,8 @@ def main() -> None:
     if args.breakdown:
         rows = ["", f"Per-image steps (ms, this process, first {args.breakdown} validation images, batch "
                     f"{args.batch_size}; 'dataset' is building the SegDataset, which in frame mode reads every mask):",
-                "", "| classes | resolution | dataset | features + head | read mask | upsample | argmax | confusion | "
-                    "sum |", "|---|---|---|---|---|---|---|---|---|"]
+                "", "| classes | resolution | dataset | features + head | read mask | labels (resize + argmax) | "
+                    "confusion | sum |", "|---|---|---|---|---|---|---|---|"]
         for k in args.classes:
             for resolution, steps in breakdown(runs[k], store, roots[k], args.breakdown, args.batch_size).items():
                 rows.append(f"| {k} | {resolution} | " + " | ".join(f"{v:.2f}" for v in steps.values())

@@ -30,6 +30,9 @@ def _cmd_data_synth(args) -> None:
 
     check_seed(args.seed)  # before the set's folder is made
     watch = Stopwatch()
+    if args.splits is not None and (args.task == "corr" or args.layout is not None):
+        raise UserError("--splits is for the plain Shapes-LT set (no --layout, --task seg)")
+    given_n, args.n = args.n, 1000 if args.n is None else args.n
     if args.task == "corr":
         from difffeat.data.synth_corr import synthesize_corr
 
@@ -52,11 +55,13 @@ def _cmd_data_synth(args) -> None:
 
         if args.sizes is not None:
             raise UserError("--sizes needs --layout (a plain Shapes-LT set is 64×64)")
-        out = synthesize(args.out, n=args.n, seed=args.seed, imbalance=imbalance, overwrite=args.overwrite,
-                         progress=not args.quiet)
+        n = None if args.splits is not None and given_n is None else args.n
+        out = synthesize(args.out, n=n, seed=args.seed, imbalance=imbalance, overwrite=args.overwrite,
+                         progress=not args.quiet, splits=args.splits)
         classes = json.loads((out / "classes.json").read_text())
-        print(f"wrote {args.n} Shapes-LT scenes to {out} (splits {classes['config']['splits']})")
-        print(watch.finish_line(f"data synth: {args.n} scenes to {out}", count=args.n, unit="images"))
+        n = classes["config"]["n"]
+        print(f"wrote {n} Shapes-LT scenes to {out} (splits {classes['config']['splits']})")
+        print(watch.finish_line(f"data synth: {n} scenes to {out}", count=n, unit="images"))
         return
     from difffeat.data.synth_layouts import synthesize_layout
 
@@ -266,8 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder (must be empty unless --overwrite)")
     p.add_argument("--task", choices=("seg", "corr"), default="seg",
                    help="seg: scenes with masks (default); corr: image pairs with keypoints in the SPair-71k layout")
-    p.add_argument("--n", type=int, default=1000,
-                   help="images in all (80/10/10 train/val/test); with --task corr: pairs in all (trn/val/test)")
+    p.add_argument("--n", type=int, default=None,
+                   help="images in all (default 1000: 80/10/10 train/val/test); with --task corr: pairs in all "
+                        "(trn/val/test)")
+    p.add_argument("--splits", type=int, nargs=3, default=None, metavar=("TRAIN", "VAL", "TEST"),
+                   help="each split's size instead of 80/10/10 (plain Shapes-LT only): e.g. a test split large "
+                        "enough that every tail class appears in it; scene i of a split is the same for any sizes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--imbalance", type=float, default=None, help="head/tail image-label ratio R (default 100)")
     p.add_argument("--overwrite", action="store_true")

@@ -37,6 +37,23 @@ def test_confusion_and_scores_by_hand():
     assert s["pixels"] == 6
 
 
+@pytest.mark.parametrize("k, dtype", [(2, torch.int64), (4, torch.uint8), (13, torch.int64), (150, torch.int32)])
+def test_confusion_equals_torchmetrics_on_full_size_masks(k, dtype):
+    """The bincount confusion (int32 codes) is torchmetrics' multiclass confusion matrix, ignore pixels included."""
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+    g = torch.Generator().manual_seed(k)
+    labels = torch.randint(0, k, (2, 375, 500), generator=g)
+    labels[torch.rand(labels.shape, generator=g) < 0.1] = 255
+    labels = labels.to(dtype) if dtype != torch.int32 or k < 255 else labels
+    preds = torch.randint(0, k, (2, 375, 500), generator=g)
+    want = multiclass_confusion_matrix(preds.reshape(-1), labels.long().reshape(-1), k, ignore_index=255)
+    kept = labels.clone()
+    got = confusion_matrix(preds, labels, k)
+    assert torch.equal(labels, kept)  # the caller's labels are left as they were
+    assert got.dtype == torch.long and torch.equal(got, want.long())
+
+
 def test_per_class_iou_agrees_with_torchmetrics_jaccard():
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 4, (3, 9, 9), generator=g)

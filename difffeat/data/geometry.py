@@ -9,6 +9,8 @@ size (H0, W0) and the box (x0, y0, x1, y1) in the image's pixel coordinates that
 `to_original` takes logits in the frame back to the image's own pixels the way mmsegmentation does it: padding
 stripped, then a bilinear resize (align_corners False) to H0 × W0. A centre crop saw only part of the image: the
 pixels it did not see are returned as not covered, and scoring leaves them out (and counts them).
+Scoring does not resize logits itself: `difffeat.data.original_labels` gives argmax's ids over `to_original`'s
+output without computing all of it.
 """
 
 from __future__ import annotations

@@ -263,8 +263,16 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLITS.index(split), index])
 
 
-def split_sizes(n: int) -> dict[str, int]:
-    """Fixed split sizes for `n` images in all: 80 / 10 / 10, every split non-empty when n ≥ 3."""
+def split_sizes(n: int, splits: tuple[int, int, int] | None = None) -> dict[str, int]:
+    """Split sizes for `n` images in all: 80 / 10 / 10, every split non-empty when n ≥ 3; or `splits` as given
+    (train, val, test), which must add up to `n` when `n` is given too."""
+    if splits is not None:
+        sizes = dict(zip(SPLITS, (int(k) for k in splits)))
+        if len(splits) != len(SPLITS) or min(sizes.values()) < 1:
+            raise UserError(f"--splits needs {len(SPLITS)} positive counts (train val test), got {list(splits)}")
+        if n is not None and n != sum(sizes.values()):
+            raise UserError(f"--n {n} and --splits {list(splits)} (= {sum(sizes.values())}) disagree; give one")
+        return sizes
     if n < 3:
         raise UserError(f"--n must be at least 3 (one image per split), got {n}")
     n_val = max(1, round(n * SPLIT_FRACTIONS["val"]))
@@ -294,18 +302,22 @@ def head_middle_tail(names: list[str], pixel_counts: list[int]) -> dict[str, lis
     }
 
 
-def synthesize(out: str | os.PathLike, n: int = 1000, seed: int = 0, imbalance: float = 100.0,
-               overwrite: bool = False, progress: bool = False) -> Path:
+def synthesize(out: str | os.PathLike, n: int | None = 1000, seed: int = 0, imbalance: float = 100.0,
+               overwrite: bool = False, progress: bool = False,
+               splits: tuple[int, int, int] | None = None) -> Path:
     """Write a Shapes-LT data set of `n` images to `out` (format in DESIGN.md) and return its path.
 
     `out` is a run folder of the spine (kind "shapes-lt") whose marker is `classes.json`: difffeat writes only
     into a new or empty folder or into a Shapes-LT folder it made, and `overwrite` replaces only that set's
-    own files (its splits and classes.json), never anything else in the folder. The scenes are written to a
+    own files (its splits and classes.json), never anything else in the folder. `splits` (train, val, test) sets
+    each split's size instead of 80 / 10 / 10 (`n` may then be None): scene `i` of a split is the same in every
+    set of one seed, so a larger test split adds scenes and changes none. The scenes are written to a
     temporary folder inside `out` first and moved into place; `classes.json` is written last, so a set
     without its class table is one whose writing was cut short (it is made again on the next call).
     """
     out = Path(out)
-    sizes = split_sizes(n)
+    sizes = split_sizes(n, splits)
+    n = sum(sizes.values())
     profile = label_profile(imbalance)
     config = {"n": int(n), "seed": int(seed), "imbalance": float(imbalance), "splits": sizes, "size": SIZE}
     folder = RunFolder(out, KIND, config, resume=True, overwrite=overwrite, owned=SPLITS, marker=CLASSES)

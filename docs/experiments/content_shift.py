@@ -70,7 +70,8 @@ def help_text(*command: str) -> str:
 # ------------------------------------------------------------------------------------------ steps 1–4
 def prepare(w: Path, args) -> dict:
     if not (w / "shapes" / "classes.json").is_file():
-        cli("data", "synth", str(w / "shapes"), "--n", str(args.scenes), "--seed", "0")
+        sizes = ["--splits", *map(str, args.splits)] if args.splits else ["--n", str(args.scenes)]
+        cli("data", "synth", str(w / "shapes"), *sizes, "--seed", "0")
     locon = "--conv" in help_text("lora", "train")
     if not (w / "lora" / "pytorch_lora_weights.safetensors").is_file():
         cli("lora", "train", str(w / "shapes" / "train" / "images"), "--out", str(w / "lora"), "--rank", "8",
@@ -262,6 +263,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("workdir", nargs="?", default="runs/content-shift")
     p.add_argument("--scenes", type=int, default=400, help="Shapes-LT scenes in all (80%% train)")
+    p.add_argument("--splits", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"), default=None,
+                   help="each split's size instead of --scenes at 80/10/10 (e.g. 320 40 400: every class in test)")
+    p.add_argument("--prepare-only", action="store_true", help="stop after the data, LoRA, GATE and extraction")
     p.add_argument("--lora-steps", type=int, default=100)
     p.add_argument("--iterations", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=4)
@@ -280,6 +284,8 @@ def main() -> None:
     t0, steps = time.perf_counter(), {}
     prep = prepare(w, args)
     steps["data, LoRA, GATE, extraction"] = time.perf_counter() - t0
+    if args.prepare_only:
+        return
     specs = rows(w, prep)
     t1 = time.perf_counter()
     train_all(w, specs, args)

@@ -4,7 +4,8 @@
 Two resolutions: "frame" scores in the frame the features were extracted at (masks brought to it, as training
 sees them); "original" scores as mmsegmentation does, at each mask's own size: frame logits (bilinear) have the
 extraction's padding stripped and are resized to the mask's H × W (`difffeat.data.geometry.to_original`), then
-argmax; intersections and unions are summed over the whole split. It streams: one image's mask at a time.
+argmax (`difffeat.data.original_labels`: the same ids without resizing every map); intersections and unions
+are summed over the whole split. It streams: one image's mask at a time.
 
 `eval_seg` refuses stores whose features were extracted otherwise than the run's training stores (another model,
 timestep, technique …; `difffeat.store_identity`); another split of the same data extracted the same way is the
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from difffeat.data.geometry import to_original
+from difffeat.data.original_labels import labels_at_original
 from difffeat.errors import UserError
 from difffeat.run import RunFolder, read_json
 from difffeat.store import FeatureStore
@@ -60,16 +61,14 @@ def evaluate(model: SegModel, dataset: SegDataset, accelerator=None, batch_size:
         if resolution == "frame":
             metrics.update(model.predict(feats, dataset.mask_size), batch["mask"].to(device))
             continue
-        members = model.frame_logits(feats, dataset.mask_size)
+        members = model(feats)  # each [B, K, h, w] on the head's grid
         for row, index in enumerate(batch["index"].tolist()):
             mask, place = dataset.original(index)
             mask = mask.to(device)
             votes = []
-            for logits in members:
-                at_size, covered = to_original(logits[row : row + 1], place)
-                # max(1).indices: argmax's ids (the first maximum on ties) at a third of its time on CPU over
-                # [K, H, W] maps at full size (benchmarks/eval_original_resolution.py)
-                votes.append(at_size.max(1).indices[0])
+            for logits in members:  # the frame's and the image's resize of the classes that can win (same ids)
+                labels, covered = labels_at_original(logits[row : row + 1], dataset.mask_size, place)
+                votes.append(labels)
             if covered is not None:  # what a centre crop never showed the model is not scored (counted)
                 uncovered += ((~covered) & (mask != dataset.classes.ignore_index)).sum()
                 mask = torch.where(covered, mask, torch.full_like(mask, dataset.classes.ignore_index))

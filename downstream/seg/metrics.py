@@ -1,7 +1,8 @@
 """Segmentation metrics as long-tail segmentation reports them: mIoU overall and on head / middle / tail.
 
 Everything derives from one confusion matrix ``M`` (rows: true class, columns: predicted; ignore pixels
-left out), accumulated over the whole evaluation set (torchmetrics' multiclass confusion matrix):
+left out), accumulated over the whole evaluation set (`confusion_matrix`, equal to torchmetrics' multiclass
+confusion matrix and 5–50× faster on CPU at full image size: tests/test_seg_metrics.py):
 
     IoU_c = M_cc / (Σ_j M_cj + Σ_i M_ic − M_cc)        (undefined when class c is neither true nor predicted)
     mIoU  = mean of the defined IoU_c;  group mIoU = the same over the group's classes
@@ -16,16 +17,27 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from downstream.seg.classes import SegClasses
 
 
 def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255
                      ) -> torch.Tensor:
-    """``[K, K]`` int64 counts, ``M[i, j]`` = pixels of true class i predicted as j; `ignore_index` skipped."""
-    return multiclass_confusion_matrix(preds.reshape(-1), labels.reshape(-1), num_classes,
-                                       ignore_index=ignore_index, validate_args=False).long()
+    """``[K, K]`` int64 counts, ``M[i, j]`` = pixels of true class i predicted as j; `ignore_index` skipped.
+
+    One bincount over ``K·label + pred``, ignored pixels sent to an extra bin that is dropped. The codes are int32:
+    an int64 bincount over an image's 350k pixels costs 5–40 ms on CPU against 1 ms (and every code is below
+    K² + 1 < 2³¹). Labels other than `ignore_index` must be in [0, K) (the data readers check them).
+
+    >>> confusion_matrix(torch.tensor([0, 1, 1, 0]), torch.tensor([0, 1, 255, 1]), 2)
+    tensor([[1, 0],
+            [1, 1]])
+    """
+    k = int(num_classes)
+    labels, preds = labels.reshape(-1), preds.reshape(-1)
+    codes = labels.to(torch.int32, copy=True).mul_(k).add_(preds.to(torch.int32))  # never the caller's tensor
+    codes.masked_fill_(labels == ignore_index, k * k)
+    return torch.bincount(codes, minlength=k * k + 1)[: k * k].reshape(k, k).long()
 
 
 class SegMetrics:
