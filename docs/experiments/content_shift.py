@@ -119,41 +119,66 @@ def attention_layers(w: Path) -> list[str]:
     return [lay for lay in FeatureStore(w / "feat-attn").layers if lay.endswith(":probs")]
 
 
-def rows(w: Path, prep: dict) -> list[dict]:
-    """Every head to train: name, stores, layers and head options."""
+def rows(w: Path, prep: dict, attention: bool = True) -> list[dict]:
+    """Every head to train: name, stores, layers, head options and a priority (lower trains first)."""
     feat, attn = str(w / "feat"), str(w / "feat-attn")
-    att = attention_layers(w)
     layers_of = (lambda variants: [f"{v}/{lay}" for v in variants for lay in LAYERS])
-    out = [{"row": "plain", "group": "single", "features": [feat], "layers": layers_of(["plain"])}]
-    out += [{"row": c, "group": "single", "features": [feat], "layers": layers_of([c])} for c in prep["candidates"]]
+    out = [{"row": "plain", "group": "single", "priority": 0, "features": [feat], "layers": layers_of(["plain"])}]
+    out += [{"row": c, "group": "single", "priority": 0, "features": [feat], "layers": layers_of([c])}
+            for c in prep["candidates"]]
     fused, _ = fused_set(prep["ranking"])
     for name, opts in FUSIONS:
-        out.append({"row": name, "group": "fused", "features": [feat], "layers": layers_of(fused), **opts})
-    out.append({"row": "plain+attn", "group": "attention", "features": [feat, attn],
-                "layers": layers_of(["plain"]) + att})
-    for name, opts in FUSIONS:
-        out.append({"row": f"{name}+attn", "group": "attention", "features": [feat, attn],
-                    "layers": layers_of(fused) + att, **opts})
+        out.append({"row": name, "group": "fused", "priority": 1 if name in ("concat", "amalgamate-n2") else 2,
+                    "features": [feat], "layers": layers_of(fused), **opts})
+    if attention:
+        att = attention_layers(w)
+        out.append({"row": "plain+attn", "group": "attention", "priority": 4, "features": [feat, attn],
+                    "layers": layers_of(["plain"]) + att})
+        for name, opts in FUSIONS:
+            out.append({"row": f"{name}+attn", "group": "attention", "priority": 4, "features": [feat, attn],
+                        "layers": layers_of(fused) + att, **opts})
     return out
 
 
+def tail_rows(w: Path, specs: list[dict], seeds) -> list[dict]:
+    """The long-tail components on the best fusion (the fused row with the highest mean AUCSeg mIoU once every
+    fused row has its seeds): AUCSeg with the T-Memory Bank, and with the class-aware sampler."""
+    fused = [r for r in specs if r["group"] == "fused"]
+    if not all((w / "seg" / f"{r['row']}-aucseg-s{s}" / "metrics.json").is_file() for r in fused for s in seeds):
+        return []
+    best = max(fused, key=lambda r: statistics.mean(m["miou"] for m in scores_of(w, r["row"], "aucseg", seeds)))
+    base = {k: v for k, v in best.items() if k not in ("row", "group", "priority")}
+    return [{**base, "row": f"{best['row']}+bank", "group": "long-tail", "priority": 3, "memory_bank": True,
+             "losses": ("aucseg",)},
+            {**base, "row": f"{best['row']}+sampler", "group": "long-tail", "priority": 3, "sampler": "class-aware",
+             "losses": ("aucseg",)}]
+
+
 def train_all(w: Path, specs: list[dict], args) -> None:
+    """Every (row, loss, seed) head, by priority; with ``--shard I/N`` only every N-th job from the I-th (several
+    processes share the list; each job is done once)."""
     from difffeat.errors import UserError
     from downstream.seg.config import SegTrainConfig
     from downstream.seg.train import train_seg
 
-    jobs = [(r, loss, seed) for seed in args.seeds for loss in LOSSES for r in specs]
+    jobs = sorted(((r, loss, seed) for r in specs for seed in args.seeds for loss in r.get("losses", LOSSES)),
+                  key=lambda j: (j[0]["priority"], j[2], j[1]))
+    index, count = args.shard
     for i, (r, loss, seed) in enumerate(jobs, 1):
+        if (i - 1) % count != index:
+            continue
         out = w / "seg" / f"{r['row']}-{loss}-s{seed}"
         if (out / "metrics.json").is_file():
             continue
-        options = {k: v for k, v in r.items() if k not in ("row", "group", "layers", "features")}
+        options = {k: v for k, v in r.items() if k not in ("row", "group", "layers", "features", "priority", "losses")}
         if options.get("variants") == "amalgamate":
             options["assigner_hidden"] = args.assigner_hidden
+        if r["row"] == "plain" and loss == "ce":  # the learning curve: test scores every --curve-every iterations
+            options["eval_every"] = args.curve_every
         cfg = SegTrainConfig(features=r["features"], masks=str(w / "shapes"), out=str(out), layers=r["layers"],
                              split="train", val_split="test", head="conv", hidden=args.hidden, loss=loss,
                              iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, seed=seed,
-                             checkpoint_every=50, log_every=50, **options)
+                             checkpoint_every=100, log_every=50, **options)
         t0 = time.perf_counter()
         try:  # an interrupted run goes on from its last checkpoint
             train_seg(cfg, resume=True, progress=False)
@@ -201,14 +226,65 @@ def spearman_interval(gate_per_image: dict[str, np.ndarray], miou: dict[str, lis
     return float(rho), float(low), float(high)
 
 
+def split_scores(metrics: dict) -> tuple[float, int, list[str]]:
+    """mIoU over the classes present in the split only, the pixels predicted as classes absent from it, and those
+    classes (`miou` counts a predicted absent class as IoU 0, as mmsegmentation does)."""
+    m = np.asarray(metrics["confusion_matrix"], dtype=np.float64)
+    tp, true, pred = np.diag(m), m.sum(1), m.sum(0)
+    present = true > 0
+    iou = tp[present] / (true + pred - tp)[present]
+    absent = ~present & (pred > 0)
+    names = list(metrics["per_class_iou"])
+    return float(iou.mean()), int(pred[absent].sum()), [names[i] for i in np.flatnonzero(absent)]
+
+
+def t_interval(values) -> tuple[float, float]:
+    """95% t-interval of the mean over seeds."""
+    from scipy import stats
+
+    values = [v for v in values if v is not None]
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return statistics.mean(values) - half, statistics.mean(values) + half
+
+
+def learning_curve(w: Path, seeds, iterations: int) -> list[dict]:
+    """Test mIoU and tail mIoU of the plain CE heads at each evaluation (the last: `iterations`), mean ± std over
+    seeds."""
+    per_seed = []
+    for s in seeds:
+        file = w / "seg" / f"plain-ce-s{s}" / "history.json"
+        if file.is_file():
+            per_seed.append({e["iteration"]: e for e in json.loads(file.read_text()) if "val_miou" in e})
+        final = w / "seg" / f"plain-ce-s{s}" / "metrics.json"
+        if file.is_file() and final.is_file():
+            m = json.loads(final.read_text())
+            per_seed[-1][iterations] = {
+                "val_miou": m["miou"], "val_miou_tail": m["miou_tail"]}
+    if not per_seed:
+        return []
+    common = sorted(set.intersection(*(set(p) for p in per_seed)))
+    return [{"iteration": it, "miou": mean_std([p[it]["val_miou"] for p in per_seed]),
+             "tail": mean_std([p[it]["val_miou_tail"] for p in per_seed])} for it in common]
+
+
 def summarize(w: Path, prep: dict, specs: list[dict], args, timing: dict) -> dict:
-    table = []
+    table, missing = [], []
     for r in specs:
-        for loss in LOSSES:
+        for loss in r.get("losses", LOSSES):
+            if not all((w / "seg" / f"{r['row']}-{loss}-s{s}" / "metrics.json").is_file() for s in args.seeds):
+                missing.append(f"{r['row']} {loss}")
+                continue
             runs = scores_of(w, r["row"], loss, args.seeds)
             entry = {"row": r["row"], "group": r["group"], "loss": loss}
             for k in ("miou", "miou_head", "miou_middle", "miou_tail"):
                 entry[k] = mean_std([s.get(k) for s in runs])
+            entry["tail_interval"] = t_interval([s.get("miou_tail") for s in runs])
+            present = [split_scores(s) for s in runs]
+            entry["miou_present"] = mean_std([p[0] for p in present])
+            entry["absent_pixels"] = statistics.mean(p[1] for p in present)
+            entry["absent_classes"] = sorted({c for p in present for c in p[2]})
             entry["per_class_iou"] = {c: mean_std([s["per_class_iou"].get(c) for s in runs])[0]
                                       for c in runs[0]["per_class_iou"]}
             table.append(entry)
@@ -216,16 +292,18 @@ def summarize(w: Path, prep: dict, specs: list[dict], args, timing: dict) -> dic
     per_image = ranking["per_image"]
     gate_names = {"reference": "plain", **{c: c for c in prep["candidates"]}}
     correlations = {}
-    for metric in (ranking["primary"], "feature_score"):
+    for metric in (ranking["primary"], "feature_score") if not any(m.split()[0] in gate_names.values()
+                                                                    for m in missing) else ():
         for loss in LOSSES:
             miou = {gate_names[c]: [s["miou"] for s in scores_of(w, gate_names[c], loss, args.seeds)]
                     for c in gate_names if c in per_image}
             values = {gate_names[c]: np.asarray(per_image[c][metric], float) for c in gate_names if c in per_image}
             correlations[f"{metric} vs {loss} mIoU"] = spearman_interval(values, miou)
     fused, how = fused_set(ranking)
-    return {"table": table, "spearman": correlations, "fused": fused, "fused_how": how, "gate": ranking["ranking"],
+    return {"table": table, "missing": missing, "curve": learning_curve(w, args.seeds, args.iterations), "spearman": correlations,
+            "fused": fused, "fused_how": how, "gate": ranking["ranking"],
             "accepted": ranking["accepted"], "locon": prep["locon"], "timing": timing,
-            "settings": {k: v for k, v in vars(args).items() if k != "workdir"}}
+            "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "shard", "summarize_only")}}
 
 
 def fmt(ms: tuple[float, float]) -> str:
@@ -234,10 +312,21 @@ def fmt(ms: tuple[float, float]) -> str:
 
 def markdown(res: dict) -> str:
     lines = [f"Fused variants: {', '.join(res['fused'])} ({res['fused_how']}); LoRA with conv layers (LoCon): "
-             f"{res['locon']}.", "", "| features | loss | mIoU | head | middle | tail |", "|---|---|---|---|---|---|"]
+             f"{res['locon']}.", "",
+             "| features | loss | mIoU | mIoU, present classes | head | middle | tail | tail 95% interval | "
+             "pixels on absent classes |", "|---|---|---|---|---|---|---|---|---|"]
     for e in res["table"]:
-        lines.append(f"| {e['row']} | {e['loss']} | {fmt(e['miou'])} | {fmt(e['miou_head'])} | "
-                     f"{fmt(e['miou_middle'])} | {fmt(e['miou_tail'])} |")
+        lo, hi = e["tail_interval"]
+        absent = f"{e['absent_pixels']:.0f}" + (f" ({', '.join(e['absent_classes'])})" if e["absent_classes"] else "")
+        lines.append(f"| {e['row']} | {e['loss']} | {fmt(e['miou'])} | {fmt(e['miou_present'])} | "
+                     f"{fmt(e['miou_head'])} | {fmt(e['miou_middle'])} | {fmt(e['miou_tail'])} | "
+                     f"[{100 * lo:.1f}, {100 * hi:.1f}] | {absent} |")
+    if res.get("missing"):
+        lines += ["", f"Not trained (yet): {', '.join(res['missing'])}."]
+    if res.get("curve"):
+        lines += ["", "Learning curve of the plain CE heads (test split, mean ± std over seeds):", "",
+                  "| iteration | mIoU | tail mIoU |", "|---|---|---|"]
+        lines += [f"| {c['iteration']} | {fmt(c['miou'])} | {fmt(c['tail'])} |" for c in res["curve"]]
     lines += ["", "| GATE candidate | techniques | PSNR | feature Score | accepted |", "|---|---|---|---|---|"]
     for r in res["gate"]:
         lines.append(f"| {r['candidate']} | {r['techniques']} | {r['psnr']:.2f} [{r['psnr_low']:.2f}, "
@@ -275,7 +364,14 @@ def main() -> None:
                    help="hidden width of the weight assigners (the paper's 128 is for SD's 320–1280 channels; mini "
                         "has 32–128)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--curve-every", type=int, default=100, help="the plain CE heads' test scores every N iterations")
+    p.add_argument("--no-attention", dest="attention", action="store_false",
+                   help="leave out the rows with the attention feature")
+    p.add_argument("--shard", default="0/1", help="I/N: train every N-th head from the I-th (parallel processes)")
+    p.add_argument("--summarize-only", action="store_true", help="train nothing; tables of what is there")
     args = p.parse_args()
+    index, count = (int(v) for v in args.shard.split("/"))
+    args.shard = (index, count)
     import torch
 
     torch.set_num_threads(1)
@@ -286,9 +382,14 @@ def main() -> None:
     steps["data, LoRA, GATE, extraction"] = time.perf_counter() - t0
     if args.prepare_only:
         return
-    specs = rows(w, prep)
+    specs = rows(w, prep, args.attention)
     t1 = time.perf_counter()
-    train_all(w, specs, args)
+    if not args.summarize_only:
+        train_all(w, specs, args)
+    extra = tail_rows(w, specs, args.seeds)  # on the best fusion, once every fused row has its seeds
+    if extra and not args.summarize_only:
+        train_all(w, extra, args)
+    specs += extra
     steps["heads"] = time.perf_counter() - t1
     usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     timing = {"wall_s": time.perf_counter() - t0, "cpu_s": sum(u.ru_utime + u.ru_stime for u in usage),
