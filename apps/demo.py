@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from difffeat.errors import UserError
-from difffeat.run import Config, RunFolder, option
+from difffeat.spine.run import Config, RunFolder, option
 
 LAYER = "dift"  # the up-block the DIFT paper uses; mini's `up_blocks.1`
 SUB_RUNS = ("shapes", "candidates.yaml", "variants.yaml", "gate", "features", "seg-plain", "seg-gate",
@@ -74,7 +74,7 @@ class Steps:
     """Runs the steps through the CLI, printing each command, its time, and the time left (ETA)."""
 
     def __init__(self, expected: dict[str, float], quiet: bool):
-        from difffeat.progress import Stopwatch
+        from difffeat.utils.progress import Stopwatch
 
         self.expected, self.quiet = expected, quiet
         self.watch = Stopwatch()
@@ -82,7 +82,7 @@ class Steps:
         self.skipped: set[str] = set()
 
     def eta(self) -> str:
-        from difffeat.progress import human_seconds
+        from difffeat.utils.progress import human_seconds
 
         ran = [k for k in self.done if k not in self.skipped]  # a skipped step says nothing about the pace
         planned_done = sum(self.expected[k] for k in ran) or 1.0
@@ -93,7 +93,7 @@ class Steps:
 
     def run(self, name: str, what: str, argv: list[str], skip: bool = False, restart: list[str] = ()) -> None:
         """Run one step (`restart`: the flags that replace a step a resumed demo left unfinished)."""
-        from difffeat.progress import Stopwatch, human_seconds
+        from difffeat.utils.progress import Stopwatch, human_seconds
 
         number = list(self.expected).index(name) + 1
         argv = argv if skip else [*argv, *restart]
@@ -145,7 +145,7 @@ def _store_layers(config: dict) -> list[str]:
 
 
 def _write_candidates(path: Path, candidates: dict[str, list[str]]) -> None:
-    from difffeat.atomic import write_atomic
+    from difffeat.utils.atomic import write_atomic
 
     lines = ["# GATE candidates of the difffeat demo: technique lists ranked against `reference` (none)"]
     lines += [f"{name}: [{', '.join(specs)}]" for name, specs in candidates.items()]
@@ -165,7 +165,7 @@ def _pct(value) -> str:
 
 def run_demo(cfg: DemoConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> Path:
     """Run the chain into `cfg.out`; returns the report's path."""
-    from difffeat.progress import Stopwatch
+    from difffeat.utils.progress import Stopwatch
 
     sizes = plan(cfg.minutes)
     folder = RunFolder(cfg.out, "demo", cfg, resume=resume, overwrite=overwrite, owned=SUB_RUNS,
@@ -231,7 +231,7 @@ def run_demo(cfg: DemoConfig, *, resume: bool = False, overwrite: bool = False, 
 
 
 def _cmd_demo(args) -> None:
-    from difffeat.config_cli import config_from_args
+    from difffeat.spine.config_cli import config_from_args
 
     cfg = config_from_args(DemoConfig, args)
     run_demo(cfg, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
@@ -239,7 +239,7 @@ def _cmd_demo(args) -> None:
 
 def add_commands(subparsers) -> None:
     """Add `demo` to difffeat's sub-commands (entry point ``difffeat.commands``: demo)."""
-    from difffeat.config_cli import add_config_arguments
+    from difffeat.spine.config_cli import add_config_arguments
 
     p = subparsers.add_parser("demo", help="the whole chain on the built-in world in a few minutes, ending in a report",
                               description=__doc__.split("\n\n")[0])

@@ -25,9 +25,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--results", action="store_true", help="append to benchmarks/RESULTS.md")
     args = ap.parse_args()
-    from difffeat import autobatch
-    from difffeat.bench import synthetic_images
-    from difffeat.runner import ExtractRunConfig, run_extraction
+    from difffeat.extraction import autobatch
+    from difffeat.extraction.bench import synthetic_images
+    from difffeat.extraction.runner import ExtractRunConfig, run_extraction
 
     real = autobatch.extraction_probe
 

@@ -49,7 +49,7 @@ def peak_rss_mib(images: Path, n: int, out: Path, batch: int) -> float:
 def ablations(images: Path, batch: int, repeats: int, tmp: Path) -> dict[str, float]:
     """images/s of `extract` (model loaded once) per fast-path setting, alternated, best of `repeats`."""
     from difffeat import load_pipeline
-    from difffeat.runner import ExtractRunConfig, run_extraction
+    from difffeat.extraction.runner import ExtractRunConfig, run_extraction
 
     pipe = load_pipeline("mini")
     n = len(list(images.glob("*.png")))
@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[], choices=["bench", "ablations", "rss"])
     ap.add_argument("--results", action="store_true", help="append to benchmarks/RESULTS.md")
     args = ap.parse_args()
-    from difffeat.bench import BenchConfig, bench, synthetic_images, table
+    from difffeat.extraction.bench import BenchConfig, bench, synthetic_images, table
 
     lines = [f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')} python benchmarks/bench_extract.py "
              f"--n {args.n} --naive-n {args.naive_n} --batch-size {args.batch_size} --repeats {args.repeats} "

@@ -6,7 +6,7 @@ weights: the same cost), `gdf-legacy` layers, fp16, `--batch-size auto`:
 3. compile on (inductor), difffeat and bare; then channels-last with compile; then CUDA graphs (compile mode
    reduce-overhead) for the fixed batch shape.
 
-It loads the model once, measures each configuration with `difffeat.bench`, prints the tables and appends
+It loads the model once, measures each configuration with `difffeat.extraction.bench`, prints the tables and appends
 them to benchmarks/RESULTS.md (or --results FILE) with the device name, the target verdicts (≥ 150 images/s
 on an H100-class GPU; ≥ 2× the batch-1 loop) and the JSON beside it.
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from difffeat.bench import BenchConfig, bench, table
+    from difffeat.extraction.bench import BenchConfig, bench, table
     from difffeat.zoo import load_pipeline
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -42,10 +42,10 @@ def main() -> None:
     ap.add_argument("--results", action="store_true")
     args = ap.parse_args()
     from difffeat import load_pipeline
-    from difffeat.bench import synthetic_images
-    from difffeat.runner import ExtractRunConfig, run_extraction
-    from difffeat.store import FeatureStore
-    from difffeat.store_merge import merge_stores
+    from difffeat.extraction.bench import synthetic_images
+    from difffeat.extraction.runner import ExtractRunConfig, run_extraction
+    from difffeat.store.feature_store import FeatureStore
+    from difffeat.store.merge import merge_stores
 
     start_load = " ".join(f"{v:.1f}" for v in os.getloadavg())
     pipe = load_pipeline("mini")

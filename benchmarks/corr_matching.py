@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from difffeat.store import FeatureStoreWriter
+from difffeat.store.feature_store import FeatureStoreWriter
 from downstream.corr.evaluate import match_batch, prepare_pair
 from downstream.corr.features import PairFeatures
 from downstream.corr.match import lattice_descriptors, sample_descriptors, similarity

@@ -199,7 +199,7 @@ def extract(work: Path, root: Path, expected: int, threads: int, batch: int) -> 
     cli(["extract", f"ade20k:{root}", "--out", str(store), "--model", "mini", "--layer", "dift", "--t", "50",
          "--clean", "--size", str(FRAME[0]), str(FRAME[1]), "--resize", "stretch", "--batch-size", str(batch)],
         threads, work / "extract.log")
-    from difffeat.store import FeatureStore
+    from difffeat.store.feature_store import FeatureStore
 
     got = len(FeatureStore(store))
     if got != expected:
@@ -252,7 +252,6 @@ def _time_original(model, ds, classes, batch: int, prune: bool, confusion: str
     the mean number of classes resized per image. `prune` is `labels_at_original`'s (False: every class resized, the
     earlier path); `confusion` is "library" (`SegMetrics`, what eval-seg uses) or "torchmetrics" (its multiclass
     confusion matrix, the earlier one)."""
-    import torch
     from torchmetrics.functional.classification import multiclass_confusion_matrix
 
     from difffeat.data.original_labels import candidate_classes, labels_at_original
@@ -294,7 +293,7 @@ def breakdown(run: Path, store: Path, root: Path, count: int, batch: int) -> dic
     import torch
     import torch.nn.functional as F
 
-    from difffeat.store import FeatureStore
+    from difffeat.store.feature_store import FeatureStore
     from downstream.seg.data import SegDataset, collate
     from downstream.seg.evaluate import load_run
     from downstream.seg.metrics import SegMetrics

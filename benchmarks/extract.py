@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from difffeat import load_pipeline
-from difffeat.capture import Capture
 from difffeat.data.images import load_image, to_tensor
 from difffeat.data.shapes_lt import synthesize
-from difffeat.layers import resolve_layers
+from difffeat.extraction.capture import Capture
+from difffeat.models.layers import resolve_layers
 
 
 def naive(pipe, paths, layers, t, ensemble, out_dir):
@@ -153,7 +153,7 @@ def main() -> None:
             "naive": timed(naive, pipe, paths, layers, args.t, args.ensemble, tmp / "npy"),
             "dift": timed(dift, pipe, paths, layers, args.t, args.ensemble),
         }
-        from difffeat.runner import ExtractRunConfig, run_extraction
+        from difffeat.extraction.runner import ExtractRunConfig, run_extraction
 
         # bare and difffeat are close: alternate them and keep each one's best of `--repeats`, so that
         # a passing load on the machine does not decide the ratio.

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from difffeat import load_pipeline  # noqa: E402
 from difffeat.data.shapes_lt import synthesize  # noqa: E402
-from difffeat.runner import ExtractRunConfig, run_extraction  # noqa: E402
+from difffeat.extraction.runner import ExtractRunConfig, run_extraction  # noqa: E402
 from gate.sweeping import SweepConfig, sweep  # noqa: E402
 
 VARIANTS = {"plain": [], "caption": ["prompt:caption"]}

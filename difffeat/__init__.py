@@ -8,9 +8,9 @@ from difffeat.zoo import load_pipeline
 
 # Heavy names (they import torch and diffusers) load on first use, so `difffeat data synth` starts fast.
 _LAZY = {
-    "list_layers": "difffeat.layers",
-    "FeatureExtractor": "difffeat.extract",
-    "FeatureStore": "difffeat.store",
+    "list_layers": "difffeat.models.layers",
+    "FeatureExtractor": "difffeat.extraction.extract",
+    "FeatureStore": "difffeat.store.feature_store",
 }
 
 # Functions other packages provide to the core's namespace (`difffeat.sweep` from gate), through the

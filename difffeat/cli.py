@@ -13,10 +13,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from difffeat.config_cli import add_config_arguments, flag_of
 from difffeat.errors import UserError
-from difffeat.run import ConfigError
-from difffeat.runner import ExtractRunConfig
+from difffeat.extraction.runner import ExtractRunConfig
+from difffeat.spine.config_cli import add_config_arguments, flag_of
+from difffeat.spine.run import ConfigError
 from difffeat.zoo.recipe_config import MiniTrainConfig
 
 # Other packages add sub-commands by declaring `add_commands(subparsers)` in this entry-point group (pyproject.toml);
@@ -25,8 +25,8 @@ COMMAND_GROUP = "difffeat.commands"
 
 
 def _cmd_data_synth(args) -> None:
-    from difffeat.progress import Stopwatch
-    from difffeat.run import check_seed
+    from difffeat.spine.run import check_seed
+    from difffeat.utils.progress import Stopwatch
 
     check_seed(args.seed)  # before the set's folder is made
     watch = Stopwatch()
@@ -88,14 +88,14 @@ def _cmd_zoo_list(args) -> None:
 
 
 def _cmd_zoo_train_mini(args) -> None:
-    from difffeat.config_cli import config_from_args
+    from difffeat.spine.config_cli import config_from_args
     from difffeat.zoo.train import train_mini
 
     train_mini(args.run, args.out, config_from_args(MiniTrainConfig, args), progress=not args.quiet)
 
 
 def _cmd_zoo_eval_mini(args) -> None:
-    from difffeat.progress import Stopwatch
+    from difffeat.utils.progress import Stopwatch
     from difffeat.zoo.quality import evaluate_quality
 
     watch = Stopwatch()
@@ -111,7 +111,7 @@ def _cmd_zoo_eval_mini(args) -> None:
 
 
 def _cmd_zoo_report(args) -> None:
-    from difffeat.progress import Stopwatch
+    from difffeat.utils.progress import Stopwatch
     from difffeat.zoo.report import write_mini_report
 
     watch = Stopwatch()
@@ -123,7 +123,7 @@ def _cmd_zoo_report(args) -> None:
 
 
 def _cmd_sample(args) -> None:
-    from difffeat.progress import Stopwatch
+    from difffeat.utils.progress import Stopwatch
     from difffeat.zoo.sampling import sample_to_folder
 
     watch = Stopwatch()
@@ -141,7 +141,7 @@ def _cmd_sample(args) -> None:
 
 
 def _cmd_layers(args) -> None:
-    from difffeat.layers import LAYER_PRESETS, list_layers, resolve_layers
+    from difffeat.models.layers import LAYER_PRESETS, list_layers, resolve_layers
     from difffeat.zoo import load_pipeline
 
     pipe = load_pipeline(args.model)
@@ -156,8 +156,8 @@ def _cmd_layers(args) -> None:
 
 
 def _extract_config(args):
-    from difffeat.config_cli import config_from_args
-    from difffeat.runner import ExtractRunConfig
+    from difffeat.extraction.runner import ExtractRunConfig
+    from difffeat.spine.config_cli import config_from_args
 
     if args.config:  # a manifest.json or a bare config; only the image source and the output may change
         cfg = ExtractRunConfig.from_run(args.config, out=args.out)  # another command's config: one line naming it
@@ -177,7 +177,7 @@ def _checked_techniques(cfg):
     """`cfg` once its technique specs parse (before the model loads), each technique given once."""
     if not cfg.techniques:
         return cfg
-    from difffeat.conditioning import technique_provider
+    from difffeat.extraction.conditioning import technique_provider
 
     provider, seen = technique_provider(), set()
     for spec in cfg.techniques:
@@ -194,7 +194,7 @@ def _checked_techniques(cfg):
 def _variants(args) -> dict[str, list[str]]:
     if not args.variants and not args.variant:
         return {}
-    from difffeat.conditioning import technique_provider
+    from difffeat.extraction.conditioning import technique_provider
 
     provider = technique_provider()
     variants = provider.read_variants(args.variants) if args.variants else {}
@@ -206,8 +206,8 @@ def _variants(args) -> dict[str, list[str]]:
 
 
 def _cmd_extract(args) -> None:
-    from difffeat.progress import Stopwatch, human_bytes
-    from difffeat.runner import run_extraction
+    from difffeat.extraction.runner import run_extraction
+    from difffeat.utils.progress import Stopwatch, human_bytes
 
     cfg = _extract_config(args)
     out = Path(cfg.out)
@@ -250,8 +250,8 @@ def _remove_new_store(out: Path) -> None:
 
 
 def _cmd_inspect(args) -> None:
-    from difffeat.progress import Stopwatch
-    from difffeat.store import FeatureStore, summarize
+    from difffeat.store.feature_store import FeatureStore, summarize
+    from difffeat.utils.progress import Stopwatch
 
     watch = Stopwatch()
     store = FeatureStore(args.store)
@@ -333,13 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="read every shard and check it against its checksum")
     p.set_defaults(func=_cmd_inspect)
 
-    from difffeat.report import add_report_command
-    from difffeat.viz import add_viz_command
+    from difffeat.report.build import add_report_command
+    from difffeat.report.viz import add_viz_command
 
     add_viz_command(sub)  # the comparison picture of a store
     add_report_command(sub)  # one HTML page for GATE runs, stores and head runs
-    from difffeat.bench import add_bench_command
-    from difffeat.store_merge import add_store_commands
+    from difffeat.extraction.bench import add_bench_command
+    from difffeat.store.merge import add_store_commands
 
     add_bench_command(sub)  # throughput, memory and time split against baselines
     add_store_commands(sub)  # store merge, store parquet
@@ -439,7 +439,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     except (OSError, ValueError, IndexError):
         ours = False
     if ours and issubclass(category, UserWarning):
-        from difffeat.fastpath import warn_line
+        from difffeat.extraction.fastpath import warn_line
 
         warn_line(message, file)
     else:

@@ -5,9 +5,9 @@ import argparse
 from collections.abc import Callable
 from typing import TypeVar
 
-from difffeat.config_cli import config_from_args
 from difffeat.errors import UserError
-from difffeat.run import Config
+from difffeat.spine.config_cli import config_from_args
+from difffeat.spine.run import Config
 
 C = TypeVar("C", bound=Config)
 

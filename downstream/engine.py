@@ -3,7 +3,7 @@ checks and checkpoint / resume of model, optimizer and RNG.
 
 Batches are a pure function of (seed, iteration), so a resumed run and every process of a launch see the
 same stream; with the RNG state restored from the checkpoint, an interrupted run ends with the weights of
-an uninterrupted one. Checkpoints go through the run spine (`difffeat.run.Checkpoints`): safetensors and
+an uninterrupted one. Checkpoints go through the run spine (`difffeat.spine.run.Checkpoints`): safetensors and
 JSON, never pickle.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from difffeat.errors import UserError
-from difffeat.run import CHECKPOINTS, Checkpoint, Checkpoints, load_tensors, rng_state, set_rng_state
+from difffeat.spine.run import CHECKPOINTS, Checkpoint, Checkpoints, load_tensors, rng_state, set_rng_state
 
 
 # ------------------------------------------------------------------------------------------------ launch

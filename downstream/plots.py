@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from difffeat.atomic import atomic_path
+from difffeat.utils.atomic import atomic_path
 
 
 def save_confusion_png(matrix: torch.Tensor, names: Sequence[str], path: str | os.PathLike,

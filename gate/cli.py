@@ -16,8 +16,8 @@ from pathlib import Path
 
 
 def _config(args):
-    from difffeat.config_cli import config_from_args
     from difffeat.errors import UserError
+    from difffeat.spine.config_cli import config_from_args
     from gate.candidates import read_candidates
     from gate.config import GateConfig
 
@@ -35,7 +35,7 @@ def _config(args):
 
 
 def _cmd_gate(args) -> None:
-    from difffeat.run import check_new_file
+    from difffeat.spine.run import check_new_file
     from difffeat.zoo import load_pipeline
     from gate.ranking import rank
     from gate.report import report_folder, write_report
@@ -46,7 +46,7 @@ def _cmd_gate(args) -> None:
     folder = report_folder(args.out, cfg, overwrite=args.overwrite)  # refused now, not after the work
     if args.emit:
         check_new_file(args.emit, args.overwrite, "--emit")
-    from difffeat.progress import Stopwatch
+    from difffeat.utils.progress import Stopwatch
 
     watch = Stopwatch()
     pipe = load_pipeline(cfg.model)
@@ -83,7 +83,7 @@ def _cmd_gate(args) -> None:
 
 def add_commands(subparsers) -> None:
     """Add `gate` to difffeat's sub-commands (its flags made from `GateConfig`'s fields)."""
-    from difffeat.config_cli import add_config_arguments
+    from difffeat.spine.config_cli import add_config_arguments
     from gate.config import GateConfig
 
     p = subparsers.add_parser("gate", help="rank candidate techniques by content-shift suppression (GATE)",

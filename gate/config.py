@@ -1,11 +1,11 @@
 """`GateConfig`: everything that defines a GATE run, in a module that imports no torch, so that `difffeat gate`'s
-flags are made from it when the command line starts (`difffeat.config_cli`)."""
+flags are made from it when the command line starts (`difffeat.spine.config_cli`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from difffeat.run import Config, ConfigError, option
+from difffeat.spine.run import Config, ConfigError, option
 
 # Each score GATE computes, and whether higher is better (the order is the `--primary` choices' order).
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "edge_f1": True, "lpips": False, "feature_score": True}

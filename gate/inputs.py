@@ -58,7 +58,7 @@ def load_inputs(spec: str, resolution: tuple[int, int], n: int | None = None, se
     Returns (inputs, the `ImageSource`, its `PromptSource`): the probe reads labels through them.
     """
     from difffeat.data.sources import ImageSource
-    from difffeat.runner import ExtractRunConfig, PromptSource
+    from difffeat.extraction.runner import ExtractRunConfig, PromptSource
 
     source = ImageSource(spec)
     if not source.items:

@@ -142,7 +142,7 @@ def run_probe(pipe, result, progress: bool = False) -> dict:
     from tqdm.auto import tqdm
 
     from difffeat.data.images import BadImageError
-    from difffeat.layers import native_resolution
+    from difffeat.models.layers import native_resolution
     from gate.inputs import drop_unusable, load_inputs
     from gate.reconstruct import Reconstructor
 

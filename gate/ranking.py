@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from difffeat.errors import UserError
-from difffeat.run import ConfigError
+from difffeat.spine.run import ConfigError
 from gate.candidates import REFERENCE, check_candidates
 from gate.config import FEATURE_REFERENCES, GateConfig  # noqa: F401
 from gate.inputs import GateInputs, drop_unusable, require_enough
@@ -287,7 +287,7 @@ def _first_control(stack, images: torch.Tensor, keys: list[str]) -> torch.Tensor
 
 
 def _inputs(pipe, images, cfg: GateConfig, keys, prompts, fields) -> GateInputs:
-    from difffeat.layers import native_resolution
+    from difffeat.models.layers import native_resolution
     from gate.inputs import load_inputs
 
     if isinstance(images, GateInputs):

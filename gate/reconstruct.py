@@ -20,8 +20,8 @@ class Reconstructor:
 
     def __init__(self, pipe, inputs: GateInputs, strength: float = 0.7, steps: int = 25, seed: int = 0,
                  layers: Sequence[str] = ("dift",), batch_size: int = 8, reuse: bool = True):
-        from difffeat.extract import encode_latents
-        from difffeat.prompts import PromptEncoder
+        from difffeat.extraction.extract import encode_latents
+        from difffeat.models.prompts import PromptEncoder
 
         self.pipe, self.inputs = pipe, inputs
         self.strength, self.steps, self.seed = strength, steps, seed
@@ -31,7 +31,7 @@ class Reconstructor:
         self._stacks: dict[tuple[str, ...], object] = {}
 
     def _encoder(self):
-        from difffeat.prompts import PromptEncoder
+        from difffeat.models.prompts import PromptEncoder
 
         return self.encoder if self.reuse else PromptEncoder(self.pipe)
 
@@ -58,7 +58,7 @@ class Reconstructor:
                  ) -> dict[str, torch.Tensor]:
         """{layer: [B, C, h, w]} features of the inputs under `specs` at timestep t (noise=False: clean latents;
         noise seeded by `seed`, default the reconstructor's)."""
-        from difffeat.extract import FeatureExtractor
+        from difffeat.extraction.extract import FeatureExtractor
 
         x = self.inputs
         extractor = FeatureExtractor(self.pipe, self.layers, timesteps=(t,), seed=self.seed if seed is None else seed,

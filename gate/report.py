@@ -7,7 +7,7 @@ images of ControlNet candidates and the prompts of prompt candidates, then PCA p
 standard view of content shift) and, with a probe, each GATE score against probe quality (`probe.png`). `config.json`
 holds the resolved config and library versions: `difffeat gate --config OUT/config.json` repeats the run.
 
-The output folder is a run folder of the spine (`difffeat.run.RunFolder`, kind "gate"), checked before any
+The output folder is a run folder of the spine (`difffeat.spine.run.RunFolder`, kind "gate"), checked before any
 work (`report_folder`): difffeat never writes into a folder it did not make, and an earlier report is
 replaced only with ``overwrite`` — its own files only, never anything else in the folder.
 """
@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difffeat.atomic import atomic_path, write_atomic
-from difffeat.run import RunFolder
+from difffeat.spine.run import RunFolder
+from difffeat.utils.atomic import atomic_path, write_atomic
 from gate.candidates import REFERENCE
 from gate.score import HIGHER_IS_BETTER
 
@@ -170,7 +170,7 @@ def bar_chart(result, path: Path) -> Path:
 def pca_grid(result, n_images: int = 4) -> tuple[list[str], list[list[np.ndarray]]]:
     """PCA pictures of the first layer's features: one shared PCA over the clean t = 0 features and every
     candidate's features at t, for the first `n_images` images (colours mean the same across the grid)."""
-    from difffeat.viz import pca_rgb
+    from difffeat.report.viz import pca_rgb
 
     k = min(n_images, len(result.keys))
     rows = [("t = 0 (clean input)", result.reference_features[:k])]

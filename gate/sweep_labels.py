@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 
 from difffeat.data.label_csv import read_label_csv
 from difffeat.errors import UserError
-from difffeat.run import confine
+from difffeat.spine.run import confine
 
 IGNORE = 255
 EXAMPLES = 3  # keys shown when labels and images do not match

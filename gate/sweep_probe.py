@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from difffeat.errors import UserError
-from difffeat.extract import item_seed
+from difffeat.extraction.extract import item_seed
 from gate.probe import ridge_fit, ridge_predict
 from gate.stats import Interval, Statistic, bootstrap
 from gate.sweep_labels import IGNORE, grid_labels

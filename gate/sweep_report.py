@@ -16,7 +16,7 @@ import json
 
 import numpy as np
 
-from difffeat.atomic import atomic_path, write_atomic
+from difffeat.utils.atomic import atomic_path, write_atomic
 from gate.report import CSS
 
 LABEL = {"miou": "mIoU ↑", "accuracy": "accuracy ↑"}
@@ -83,7 +83,7 @@ def heat_map(result, variant: str, path) -> None:
 
 
 def write_outputs(result, run) -> None:
-    """Every output of a finished sweep into its run folder (`difffeat.run.RunFolder`)."""
+    """Every output of a finished sweep into its run folder (`difffeat.spine.run.RunFolder`)."""
     from pipelines.variants import write_variants_file
 
     write_table(result, run)

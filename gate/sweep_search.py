@@ -61,8 +61,8 @@ class Search:
 
     def __init__(self, cfg: SweepConfig, pipe, data: SweepInputs, plan: list[Candidate], spec, stacks: dict,
                  run=None, progress: bool = False):
-        from difffeat.extract import encode_latents
-        from difffeat.prompts import PromptEncoder
+        from difffeat.extraction.extract import encode_latents
+        from difffeat.models.prompts import PromptEncoder
         from gate.sweep_probe import Reducer
 
         self.cfg, self.pipe, self.data, self.plan, self.spec, self.stacks = cfg, pipe, data, plan, spec, stacks
@@ -116,7 +116,7 @@ class Search:
         return list(dict.fromkeys(c.group for c in self.alive(rung)))
 
     def extractor(self, cands: list[Candidate], timesteps: list[int], layers: list[str] | None = None):
-        from difffeat.extract import FeatureExtractor
+        from difffeat.extraction.extract import FeatureExtractor
 
         first = cands[0]
         wanted = layers or list(dict.fromkeys(c.layer for c in cands))

@@ -10,7 +10,7 @@ Cost: the VAE encodes each image once; for each (variant, noise mode) the extrac
 maps are reduced as they come, so memory stays flat. **Successive halving** spends the images where they
 matter: every configuration is scored on the first `min_images` images (a seeded shuffle), the top `keep`
 fraction goes on, the image count doubles, and so on until all `n` images; a configuration dropped at a rung
-keeps the score it had there (its row says which rung). The run folder (`difffeat.run.RunFolder`, kind
+keeps the score it had there (its row says which rung). The run folder (`difffeat.spine.run.RunFolder`, kind
 "sweep") checkpoints after every (rung, variant, noise mode) unit, and a resumed run gives the same ranking.
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from difffeat.errors import UserError
-from difffeat.run import Config, ConfigError, RunFolder, option
+from difffeat.spine.run import Config, ConfigError, RunFolder, option
 from gate.candidates import NAME
 from gate.sweep_search import Candidate, Search, kept_count, rung_sizes
 
@@ -38,7 +38,7 @@ LAYER_SETS = {
     "all-blocks": lambda names: [n for n in names if re.fullmatch(r"(down_blocks|up_blocks)\.\d+|mid_block", n)],
 }
 # Its own files by exact name: a heat map per variant of the saved config, never a glob over `heatmap-*` (a user's
-# `heatmap-mine.png` beside them stays; `difffeat.run.RunFolder`).
+# `heatmap-mine.png` beside them stays; `difffeat.spine.run.RunFolder`).
 OWNED = ("ranking.csv", "ranking.json", "heatmap-{variants}.png", "report.html", "best.json", "variants.yaml")
 UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
@@ -132,7 +132,7 @@ class SweepConfig(Config):
 
 def expand_layers(pipe, wanted: list[str], resolution: tuple[int, int]) -> list[str]:
     """Layer names in forward order: the sweep's layer sets, presets and module names (checked)."""
-    from difffeat.layers import list_layers, resolve_layers
+    from difffeat.models.layers import list_layers, resolve_layers
 
     names = [name for name, _ in list_layers(pipe, *resolution)]
     plain = []
@@ -150,8 +150,8 @@ def estimate_memory(cfg: SweepConfig, pipe, shapes: dict[str, tuple[int, int, in
     few of its largest activations). "the process itself" is what this process holds now, before any sweep work
     (Python, torch, the libraries; the model's weights on the host are their own part): a budget below it and the
     weights can never be kept."""
-    from difffeat.layers import latent_size, list_layers
-    from difffeat.measure import rss_bytes
+    from difffeat.models.layers import latent_size, list_layers
+    from difffeat.utils.measure import rss_bytes
 
     h_img, w_img = resolution
     lh, lw = latent_size(pipe, h_img, w_img)
@@ -204,7 +204,7 @@ def load_sweep_inputs(cfg: SweepConfig, source, labelset, resolution: tuple[int,
     """Images (resized), prompts, fields and targets of the labelled images drawn; bad ones dropped and named."""
     import numpy as np
 
-    from difffeat.runner import ExtractRunConfig, PromptSource
+    from difffeat.extraction.runner import ExtractRunConfig, PromptSource
     from gate.inputs import drop_unusable, read_items, sample_items
     from gate.sweep_labels import IGNORE, load_mask
     from gate.sweep_probe import Targets
@@ -296,7 +296,7 @@ class SweepResult:
     def extract_config(self, row: dict | None = None) -> dict:
         """The bare `difffeat extract` config of a row (default the winner, with the greedy layer set when one
         was selected): `difffeat extract --config FILE [IMAGES] --out DIR` runs it as is."""
-        from difffeat.runner import ExtractRunConfig
+        from difffeat.extraction.runner import ExtractRunConfig
 
         row = row or self.best()
         c, cfg = self.candidate(row), self.config
@@ -334,9 +334,9 @@ def sweep(images: str | None = None, labels: str | None = None, out: str | None 
 
     Returns None when `stop_after` (units of work of this call) stopped it early; `resume=True` goes on.
     """
-    from difffeat.conditioning import technique_provider, technique_stack
     from difffeat.data.sources import ImageSource
-    from difffeat.layers import list_layers, native_resolution
+    from difffeat.extraction.conditioning import technique_provider, technique_stack
+    from difffeat.models.layers import list_layers, native_resolution
     from difffeat.zoo import load_pipeline
     from gate.sweep_labels import match_labels
     from gate.sweep_probe import PROBES, ProbeSpec
@@ -434,7 +434,7 @@ def _field_help(name: str) -> str:
 
 def add_sweep_command(subparsers) -> None:
     """Add `sweep` to difffeat's sub-commands (flags generated from `SweepConfig`)."""
-    from difffeat.config_cli import add_config_arguments
+    from difffeat.spine.config_cli import add_config_arguments
 
     p = subparsers.add_parser("sweep", help="probe-scored search over layers, timesteps, techniques and noise "
                                             "modes; writes the best extraction config",
@@ -460,7 +460,7 @@ def add_sweep_command(subparsers) -> None:
 
 
 def _variants_from_args(args) -> dict[str, list[str]] | None:
-    from difffeat.conditioning import technique_provider
+    from difffeat.extraction.conditioning import technique_provider
 
     if not args.techniques and not args.variant:
         return None
@@ -474,8 +474,8 @@ def _variants_from_args(args) -> dict[str, list[str]] | None:
 
 
 def _cmd_sweep(args) -> None:
-    from difffeat.config_cli import config_from_args, flag_of
-    from difffeat.progress import Stopwatch
+    from difffeat.spine.config_cli import config_from_args, flag_of
+    from difffeat.utils.progress import Stopwatch
 
     watch = Stopwatch()
     for name in ("timesteps", "ensemble"):

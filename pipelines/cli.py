@@ -17,7 +17,7 @@ def _cmd_techniques(args) -> None:
 
 
 def _cmd_lora_train(args) -> None:
-    from difffeat.config_cli import config_from_args
+    from difffeat.spine.config_cli import config_from_args
     from pipelines.lora_train import train_lora
     from pipelines.recipe_config import LoraTrainConfig
 
@@ -26,7 +26,7 @@ def _cmd_lora_train(args) -> None:
 
 
 def _cmd_controlnet_train(args) -> None:
-    from difffeat.config_cli import config_from_args
+    from difffeat.spine.config_cli import config_from_args
     from pipelines.recipe_config import ControlNetTrainConfig
     from pipelines.train_controlnet import train_controlnet
 
@@ -36,7 +36,7 @@ def _cmd_controlnet_train(args) -> None:
 
 def add_commands(sub) -> None:
     """Add `techniques`, `lora train` and `controlnet train`; the recipes' flags are made from their configs."""
-    from difffeat.config_cli import add_config_arguments
+    from difffeat.spine.config_cli import add_config_arguments
     from pipelines.recipe_config import ControlNetTrainConfig, LoraTrainConfig
 
     p = sub.add_parser("techniques", help="the generation techniques and their parameters (spec strings)")

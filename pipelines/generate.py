@@ -31,9 +31,9 @@ def img2img(pipe, images: torch.Tensor, techniques=(), prompts: Sequence[str] | 
     `latents`: the images' clean latents (VAE posterior mean × scaling factor) when already computed;
     `stack` / `prompt_encoder`: reuse a bound `TechniqueStack` / `PromptEncoder` across calls.
     """
-    from difffeat import dit
-    from difffeat.extract import encode_latents, item_seed, seeded_normal
-    from difffeat.prompts import PromptEncoder
+    from difffeat.extraction.extract import encode_latents, item_seed, seeded_normal
+    from difffeat.models import dit
+    from difffeat.models.prompts import PromptEncoder
     from pipelines.stack import TechniqueStack
 
     if not 0 < strength <= 1:
@@ -81,7 +81,7 @@ def sampler(pipe, steps: int, start: int, latent_hw: tuple[int, int]):
     own FlowMatchEulerDiscreteScheduler (FLUX's resolution-dependent shift for latents of size `latent_hw`)."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    from difffeat import dit
+    from difffeat.models import dit
 
     if not dit.is_flow_matching(pipe.scheduler):
         scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

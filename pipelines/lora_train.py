@@ -16,8 +16,8 @@ diffusers' LoRA format (`pytorch_lora_weights.safetensors`), which `lora:DIR` lo
 folded into its up matrix (diffusers reads such a file with alpha = r, so the file gives exactly the trained model).
 Batches depend only on (seed, step), and a run resumes from its last checkpoint with the same result.
 
-The output folder is a run folder of the spine (`difffeat.run.RunFolder`, kind "lora"): `config.json`,
-`losses.csv`, the weights, and while training the checkpoints (`difffeat.run.Checkpoints`: safetensors and
+The output folder is a run folder of the spine (`difffeat.spine.run.RunFolder`, kind "lora"): `config.json`,
+`losses.csv`, the weights, and while training the checkpoints (`difffeat.spine.run.Checkpoints`: safetensors and
 JSON, never a pickle) and its lock (one process trains it at a time). Before anything is written, a model whose
 denoiser is not a UNet and a rank above every adapted layer's full rank are refused in one line (`check_adaptable`).
 A folder difffeat did not write (someone's LoRA) is never written into; a LoRA run of another config is replaced only
@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from difffeat.atomic import FILE_MODE
 from difffeat.errors import UserError
-from difffeat.run import CHECKPOINTS, ConfigError, RunFolder, refuse_pickled_checkpoints
+from difffeat.spine.run import CHECKPOINTS, ConfigError, RunFolder, refuse_pickled_checkpoints
+from difffeat.utils.atomic import FILE_MODE
 from pipelines.recipe_config import CAPTION_STYLES, LoraTrainConfig  # noqa: F401
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -158,8 +158,8 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True, overwrite: bool = Fa
     from difffeat import load_pipeline
     from difffeat.data.images import BadImageError, resize_image
     from difffeat.data.sources import ImageSource
-    from difffeat.layers import native_resolution
-    from difffeat.progress import Stopwatch
+    from difffeat.models.layers import native_resolution
+    from difffeat.utils.progress import Stopwatch
 
     watch = Stopwatch()  # model loading included: the summary says how long the call took
     cfg.validate()

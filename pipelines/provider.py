@@ -1,4 +1,4 @@
-"""What `pipelines` gives the core: the `difffeat.conditioning.TechniqueProvider` behind the entry point
+"""What `pipelines` gives the core: the `difffeat.extraction.conditioning.TechniqueProvider` behind the entry point
 ``difffeat.techniques: pipelines = "pipelines.provider:technique_provider"``.
 
 Light at import (the core loads it while building a parser or an extractor); each method imports what it uses.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from difffeat.conditioning import TechniqueProvider
+from difffeat.extraction.conditioning import TechniqueProvider
 
 
 class Provider(TechniqueProvider):

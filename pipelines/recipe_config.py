@@ -1,12 +1,12 @@
 """The configs of the techniques layer's training recipes (`difffeat lora train`, `difffeat controlnet train`), in a
 module that imports no torch: the command line makes their flags from these fields when it starts
-(`difffeat.config_cli`), and the trainers (`pipelines.lora_train`, `pipelines.train_controlnet`) read them."""
+(`difffeat.spine.config_cli`), and the trainers (`pipelines.lora_train`, `pipelines.train_controlnet`) read them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from difffeat.run import Config, ConfigError, option
+from difffeat.spine.run import Config, ConfigError, option
 
 CAPTION_STYLES = ("empty", "tags", "sentence")
 

@@ -1,6 +1,6 @@
 """`TechniqueStack`: techniques bound to one pipeline and composed in hook order; the one place that turns
 them into denoiser calls (a UNet's, or a diffusion transformer's: SD3, PixArt, FLUX), for extraction (`features`)
-and for generation (`eps`) alike. It implements the core's `difffeat.conditioning.ConditioningStack`.
+and for generation (`eps`) alike. It implements the core's `difffeat.extraction.conditioning.ConditioningStack`.
 
 Per batch, `conditioning(...)` gives a `Conditioning`: the prompt embeddings (after the prompt techniques,
 with the LoRA weights active), the unconditional branch for guidance, and the control inputs. Its denoiser call
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from difffeat.conditioning import BatchConditioning, ConditioningStack
 from difffeat.errors import UserError
+from difffeat.extraction.conditioning import BatchConditioning, ConditioningStack
 from difffeat.models.backbones import backbone_for
 from difffeat.models.backbones.base import ddim_step  # noqa: F401 (importable here as before)
 from pipelines.base import MissingInput, Technique, ordered
@@ -137,7 +137,7 @@ class TechniqueStack(ConditioningStack):
     def conditioning(self, encoder, prompts: Sequence[str], controls: Sequence[torch.Tensor], rows: Sequence[int],
                      resolution: tuple[int, int]) -> Conditioning:
         """The `Conditioning` of batch rows `rows` (indices into the final `prompts` and the control images)
-        with text embeddings from `encoder` (a `difffeat.prompts.PromptEncoder`); call inside `active()`."""
+        with text embeddings from `encoder` (a `difffeat.models.prompts.PromptEncoder`); call inside `active()`."""
         backbone, rows = backbone_for(self.pipe), list(rows)
         model = backbone.model
         # The encoder's extra conditions as the call takes them (SDXL's added conditions, pooled projections …).
@@ -262,7 +262,7 @@ class Conditioning(BatchConditioning):
 
     @torch.no_grad()
     def features(self, capture, z: torch.Tensor, t) -> dict[str, torch.Tensor]:
-        """The captured activations (difffeat.capture.Capture) of one denoiser call, guidance-combined."""
+        """The captured activations (difffeat.extraction.capture.Capture) of one denoiser call, guidance-combined."""
         args, kwargs = self._branches(z, t)
         return {name: self._combine(fmap) for name, fmap in capture.run(*args, **kwargs).items()}
 

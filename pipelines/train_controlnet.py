@@ -6,8 +6,8 @@ images. Loss: ε-prediction MSE of the frozen UNet with the ControlNet residuals
 the 1000 training steps. Half of the captions are dropped to the empty prompt so the ControlNet learns
 to read the control image rather than lean on the text (the ControlNet paper drops 50%).
 
-RUN is a run folder of the spine (`difffeat.run.RunFolder`, kind "controlnet"): `config.json`, `losses.csv`
-and checkpoints (`difffeat.run.Checkpoints`: safetensors and JSON, never a pickle). Training it again resumes
+RUN is a run folder of the spine (`difffeat.spine.run.RunFolder`, kind "controlnet"): `config.json`, `losses.csv`
+and checkpoints (`difffeat.spine.run.Checkpoints`: safetensors and JSON, never a pickle). Training it again resumes
 from the last checkpoint; batches depend only on (seed, step), so a resumed run ends with the same weights as
 an uninterrupted one. `export` writes a diffusers ControlNetModel folder.
 """
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from difffeat.errors import UserError
-from difffeat.run import start_model_training
+from difffeat.spine.run import start_model_training
 from pipelines.recipe_config import ControlNetTrainConfig
 
 KIND = "controlnet"
@@ -76,8 +76,8 @@ def train_controlnet(run: str | Path, out: str | Path | None = None, cfg: Contro
     from tqdm.auto import tqdm
 
     from difffeat import load_pipeline
-    from difffeat.layers import vae_scale_factor
-    from difffeat.progress import Stopwatch, log_line
+    from difffeat.models.layers import vae_scale_factor
+    from difffeat.utils.progress import Stopwatch, log_line
 
     watch = Stopwatch()  # model loading included: the summary says how long the call took
     cfg = (cfg or ControlNetTrainConfig()).validate()

@@ -117,7 +117,7 @@ def read_variants_file(path: str | Path) -> dict[str, list[str]]:
 def write_variants_file(path: str | Path, variants: dict[str, list[str]], comment: str = "") -> None:
     import yaml
 
-    from difffeat.atomic import write_atomic
+    from difffeat.utils.atomic import write_atomic
 
     head = "".join(f"# {line}\n" for line in comment.splitlines())
     write_atomic(Path(path), (head + yaml.safe_dump({"variants": variants}, sort_keys=False)).encode())

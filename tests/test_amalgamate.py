@@ -18,8 +18,8 @@ from PIL import Image
 from torch import nn
 
 from difffeat.cli import main
-from difffeat.run import Checkpoints, ConfigError, load_tensors
-from difffeat.store import FeatureStoreWriter
+from difffeat.spine.run import Checkpoints, ConfigError, load_tensors
+from difffeat.store.feature_store import FeatureStoreWriter
 from downstream.seg.amalgamate import (
     ASSIGNER_FORMS,
     WEIGHTINGS,

@@ -120,7 +120,7 @@ def test_materialize_gives_meta_components_random_weights_and_bench_runs_them(tm
     import torch
 
     import difffeat
-    from difffeat.bench import BenchConfig, bench
+    from difffeat.extraction.bench import BenchConfig, bench
     from difffeat.zoo.dit_presets import materialize
 
     pipe = difffeat.load_pipeline("mini-dit")

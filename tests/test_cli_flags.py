@@ -19,7 +19,7 @@ def _subparser(parser: argparse.ArgumentParser, path: list[str]) -> argparse.Arg
 
 
 def _configs():
-    from difffeat.runner import ExtractRunConfig
+    from difffeat.extraction.runner import ExtractRunConfig
     from difffeat.zoo.recipe_config import MiniTrainConfig
     from gate.config import GateConfig
     from pipelines.recipe_config import ControlNetTrainConfig, LoraTrainConfig
@@ -58,7 +58,7 @@ def test_every_flag_default_is_the_config_default(path, config):
 ])
 def test_no_flag_given_means_the_config_defaults(argv, config_name, expected):
     """Parsing a command line that gives no option yields exactly the config's defaults."""
-    from difffeat.config_cli import config_from_args
+    from difffeat.spine.config_cli import config_from_args
 
     config = {c.__name__: c for _, c in _configs()}[config_name]
     args = build_parser().parse_args(argv)

@@ -14,7 +14,7 @@ from difffeat.cli import main
 from difffeat.data.geometry import placement
 from difffeat.data.layouts.spair import PairSample
 from difffeat.errors import UserError
-from difffeat.store import FeatureStore, FeatureStoreWriter
+from difffeat.store.feature_store import FeatureStore, FeatureStoreWriter
 from downstream.corr import points as P
 from downstream.corr.evaluate import eval_corr, read_per_pair
 from downstream.corr.features import choose_layers
@@ -324,7 +324,7 @@ def test_layer_and_variant_choice_is_checked(tmp_path):
 def world(tmp_path_factory):
     """A small correspondence world and its clean `dift` features from mini and from mini-random."""
     from difffeat.data.synth_corr import synthesize_corr
-    from difffeat.runner import ExtractRunConfig, run_extraction
+    from difffeat.extraction.runner import ExtractRunConfig, run_extraction
 
     root = tmp_path_factory.mktemp("corr-world")
     data = synthesize_corr(root / "world", n=30, seed=0)

@@ -170,7 +170,7 @@ LAYOUTS = ["shapes-lt", "ade20k", "cityscapes", "voc", "coco-stuff", "coco-stuff
 def chains(tmp_path_factory, mini_pipe):
     """Per layout: synth (mixed sizes; ddpm-seg square) → extract train and val (clean) → train-seg → eval-seg."""
     from difffeat.data.synth_layouts import synthesize_layout
-    from difffeat.runner import ExtractRunConfig, run_extraction
+    from difffeat.extraction.runner import ExtractRunConfig, run_extraction
     from downstream.seg.config import SegTrainConfig
     from downstream.seg.evaluate import eval_seg
     from downstream.seg.train import train_seg
@@ -241,7 +241,7 @@ def test_original_resolution_scores_equal_an_independent_computation(tmp_path, m
     logits resized by hand (padding stripped as PIL placed it) and a numpy confusion; the extraction-size score
     differs."""
     from difffeat.data.shapes_lt import generate_scene
-    from difffeat.runner import ExtractRunConfig, run_extraction
+    from difffeat.extraction.runner import ExtractRunConfig, run_extraction
     from downstream.seg.config import SegTrainConfig
     from downstream.seg.evaluate import eval_seg, load_run
     from downstream.seg.train import train_seg
@@ -300,7 +300,7 @@ def test_original_resolution_scores_equal_an_independent_computation(tmp_path, m
 
 def test_a_profile_tail_list_on_raw_ids_and_a_long_class_list():
     from difffeat.data.label_maps import ADE20K_CLASSES
-    from difffeat.run import ConfigError
+    from difffeat.spine.run import ConfigError
     from downstream.seg.classes import load_classes
     from downstream.seg.profile import check_profile_classes, profile_fields
 
@@ -344,7 +344,7 @@ def test_a_layout_names_the_profile_whose_tail_ids_number_its_classes():
 @pytest.mark.slow
 def test_a_layout_store_repeats_from_its_manifest(chains, tmp_path):
     """The recorded data set is not a setting: `extract --config MANIFEST` reads the images named again."""
-    from difffeat.runner import ExtractRunConfig
+    from difffeat.extraction.runner import ExtractRunConfig
 
     store = Path(chains["ade20k"][1]["val"])
     cfg = ExtractRunConfig.from_run(store / "manifest.json", out=str(tmp_path / "again"))

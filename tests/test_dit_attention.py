@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import difffeat
-from difffeat import dit
-from difffeat.attention_feature import probs_processor
-from difffeat.capture import Capture
 from difffeat.errors import UserError
+from difffeat.extraction.capture import Capture
+from difffeat.models import dit
+from difffeat.models.attention_feature import probs_processor
 
 PROMPTS = ["a large red circle in the center", "a small blue star"]
 

@@ -11,10 +11,10 @@ import torch
 from test_transformers import tiny_flux, tiny_pixart
 
 import difffeat
-from difffeat import dit
-from difffeat.attention_feature import probs_processor, probs_processor_for
-from difffeat.capture import Capture
 from difffeat.errors import UserError
+from difffeat.extraction.capture import Capture
+from difffeat.models import dit
+from difffeat.models.attention_feature import probs_processor, probs_processor_for
 from difffeat.zoo import mmdit
 
 PROMPTS = ["a red circle", "a small blue star at the top left of a big green square"]

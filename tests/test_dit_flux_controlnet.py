@@ -6,9 +6,9 @@ import torch
 from test_transformers import images, tiny_flux, tiny_sd3
 
 import difffeat
-from difffeat import dit
 from difffeat.errors import UserError
-from difffeat.extract import encode_latents, item_seed, seeded_normal
+from difffeat.extraction.extract import encode_latents, item_seed, seeded_normal
+from difffeat.models import dit
 from difffeat.zoo import mmdit
 from pipelines import TechniqueStack
 from pipelines.canny import canny_tensor

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 import difffeat
-from difffeat import dit
 from difffeat.errors import UserError
+from difffeat.models import dit
 from difffeat.zoo import mmdit
 
 LAYER = "transformer_blocks.1"

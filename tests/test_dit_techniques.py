@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import difffeat
-from difffeat import dit
 from difffeat.errors import UserError
-from difffeat.extract import encode_latents, item_seed, seeded_normal
+from difffeat.extraction.extract import encode_latents, item_seed, seeded_normal
+from difffeat.models import dit
 from difffeat.zoo import mmdit
 from pipelines import TechniqueStack, img2img
 

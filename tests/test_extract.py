@@ -3,7 +3,7 @@ import torch
 
 from difffeat import load_pipeline
 from difffeat.errors import UserError
-from difffeat.extract import FeatureExtractor, concat_features, item_seed, seeded_normal
+from difffeat.extraction.extract import FeatureExtractor, concat_features, item_seed, seeded_normal
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 
 from difffeat.cli import main
 from difffeat.data.shapes_lt import synthesize
-from difffeat.store import FeatureStore
+from difffeat.store.feature_store import FeatureStore
 
 MODEL = "mini-random"  # same code path as "mini", no dependence on trained weights
 # Kept small (this file was a third of the suite's time): N_ALL images, N_TRAIN of them in train/ and one in each of
@@ -51,7 +51,7 @@ def _arrays_equal(a: FeatureStore, b: FeatureStore, rtol=1e-5):
 def test_extract_cli_end_to_end_matches_the_library(train_images, tmp_path):
     from difffeat import load_pipeline
     from difffeat.data.images import load_image, sidecar_caption
-    from difffeat.extract import FeatureExtractor
+    from difffeat.extraction.extract import FeatureExtractor
 
     out = tmp_path / "store"
     rc = main(["--quiet", "extract", str(train_images), "--out", str(out), "--model", MODEL, "--layer", "dift",
@@ -187,7 +187,7 @@ def test_two_processes_make_the_one_process_store(train_images, one_process_stor
 def test_imagefolder_takes_listed_images_with_label_prompts(train_images, tmp_path):
     from difffeat import load_pipeline
     from difffeat.data.images import load_image
-    from difffeat.extract import FeatureExtractor
+    from difffeat.extraction.extract import FeatureExtractor
 
     root = train_images.parent.parent
     out = tmp_path / "store"

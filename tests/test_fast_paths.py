@@ -21,7 +21,7 @@ import torch._dynamo.exc
 from difffeat.cli import main
 from difffeat.data.shapes_lt import synthesize
 from difffeat.errors import UserError
-from difffeat.store import FeatureStore
+from difffeat.store.feature_store import FeatureStore
 
 MODEL = "mini-random"
 
@@ -72,7 +72,7 @@ class Recorder:
 
 
 def test_write_behind_keeps_order_and_bounds_what_waits():
-    from difffeat.write_behind import WriteBehind
+    from difffeat.extraction.write_behind import WriteBehind
 
     def jobs(wb):
         for b in range(6):
@@ -98,7 +98,7 @@ def test_write_behind_keeps_order_and_bounds_what_waits():
 
 
 def test_write_behind_raises_the_threads_error_once_and_writes_nothing_after():
-    from difffeat.write_behind import WriteBehind
+    from difffeat.extraction.write_behind import WriteBehind
 
     rec = Recorder(fail_at="1-0")
     wb = WriteBehind(rec, max_pending=4)
@@ -114,7 +114,7 @@ def test_write_behind_raises_the_threads_error_once_and_writes_nothing_after():
 
 
 def test_a_failing_background_write_ends_the_run_with_one_line(images, tmp_path, monkeypatch, capsys):
-    from difffeat.store import FeatureStoreWriter
+    from difffeat.store.feature_store import FeatureStoreWriter
 
     def full(self, final, images):
         raise UserError(f"{final.parent}: cannot write feature shard {final.name} (No space left on device)")
@@ -129,8 +129,8 @@ def test_a_failing_background_write_ends_the_run_with_one_line(images, tmp_path,
 # ------------------------------------------------------------------------------------- decoding workers
 def _loader(images, workers, prompt_source="sidecar", thread=False):
     from difffeat.data.sources import ImageSource
-    from difffeat.loading import BatchLoader
-    from difffeat.runner import ExtractRunConfig, PromptSource
+    from difffeat.extraction.runner import ExtractRunConfig, PromptSource
+    from difffeat.models.loading import BatchLoader
 
     source = ImageSource(str(images))
     prompts = PromptSource(ExtractRunConfig(images=str(images), out="", prompt_source=prompt_source), source)
@@ -153,7 +153,7 @@ def test_worker_processes_decode_the_same_batches(images, tmp_path):
 
 
 def test_a_decoding_thread_stops_with_its_consumer_and_passes_on_its_errors(images, monkeypatch):
-    import difffeat.loading as loading
+    import difffeat.models.loading as loading
 
     batches = iter(_loader(images, 0, thread=True))
     next(batches)
@@ -208,7 +208,7 @@ def test_report_and_inspect_show_speed_and_memory(images, tmp_path, capsys):
 # ---------------------------------------------------------------------------------- attention backends
 def test_xformers_that_cannot_run_says_why_then_uses_sdpa(images, tmp_path, capsys):
     from difffeat import load_pipeline
-    from difffeat.fastpath import use_attention
+    from difffeat.extraction.fastpath import use_attention
 
     said = []
     assert use_attention(load_pipeline(MODEL), "xformers", "cpu", warn=said.append) == "sdpa"
@@ -225,7 +225,7 @@ class Broken(torch._dynamo.exc.TorchDynamoException):
 
 
 def test_compile_failing_at_the_first_call_falls_back_with_one_line(monkeypatch):
-    from difffeat.fastpath import Compiled
+    from difffeat.extraction.fastpath import Compiled
 
     def compile_that_fails_later(fn, **kwargs):
         def call(*a, **k):
@@ -285,8 +285,8 @@ def test_auto_batch_size_probes_within_the_limit_and_is_cached(images, tmp_path,
     """Fake memory: 100 MiB per image under an 850 MiB limit, so batches above 8 do not fit: the probe stays under
     it and the next run takes the cached choice. (Whether the choice runs within 10 % of the best fixed batch is a
     timing, measured by benchmarks/auto_batch.py, not asserted here.)"""
-    from difffeat import autobatch
-    from difffeat.runner import ExtractRunConfig, run_extraction
+    from difffeat.extraction import autobatch
+    from difffeat.extraction.runner import ExtractRunConfig, run_extraction
 
     real = autobatch.extraction_probe
     monkeypatch.setattr(autobatch, "extraction_probe",
@@ -315,7 +315,7 @@ def test_auto_batch_size_probes_within_the_limit_and_is_cached(images, tmp_path,
 
 
 def test_a_batch_that_cannot_fit_gives_the_numbers_and_the_batch_that_would():
-    from difffeat import autobatch
+    from difffeat.extraction import autobatch
 
     def probe(b):  # 50 MiB fixed, 100 MiB per image
         return 0.01 * b, 50 * 2**20 + b * 100 * 2**20
@@ -342,7 +342,7 @@ def test_a_batch_too_big_for_the_memory_is_refused_before_it_runs(images, tmp_pa
 
 def test_running_out_of_device_memory_names_the_batch_that_would_fit(images, tmp_path, monkeypatch, capsys):
     """What a CUDA out-of-memory error becomes (raised here by hand: there is no GPU)."""
-    import difffeat.runner as runner
+    import difffeat.extraction.runner as runner
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

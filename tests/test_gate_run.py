@@ -186,7 +186,7 @@ def test_report_folder_is_a_gate_run_folder(tmp_path):
     ("strength", float("nan"), "finite"),
 ])
 def test_gate_config_names_the_field(field, value, words):
-    from difffeat.run import ConfigError
+    from difffeat.spine.run import ConfigError
     from gate.ranking import GateConfig
 
     with pytest.raises(ConfigError) as e:

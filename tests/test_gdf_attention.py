@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from difffeat import load_pipeline
-from difffeat.attention_feature import attention_groups, attention_modules, merge_attention
 from difffeat.errors import UserError
-from difffeat.extract import FeatureExtractor
-from difffeat.layers import list_layers, resolve_layers
+from difffeat.extraction.extract import FeatureExtractor
+from difffeat.models.attention_feature import attention_groups, attention_modules, merge_attention
+from difffeat.models.layers import list_layers, resolve_layers
 from difffeat.zoo.presets import build_unet
 
 
@@ -108,7 +108,7 @@ def test_extractor_preset_and_fixed_attention_prompt(pipe):
 
 
 def test_concat_nearest_is_gdf_aggregate_output():
-    from difffeat.extract import concat_features
+    from difffeat.extraction.extract import concat_features
 
     a, b = torch.rand(1, 2, 4, 4), torch.rand(1, 3, 8, 8)
     out = concat_features({"a": a, "b": b}, mode="nearest")

@@ -94,7 +94,7 @@ def test_discover_leaves_out_difffeat_outputs_and_excluded_folders(image_tree):
     import json
 
     from difffeat.data.sources import ImageSource
-    from difffeat.store import FeatureStoreWriter
+    from difffeat.store.feature_store import FeatureStoreWriter
 
     FeatureStoreWriter(image_tree / "feats", {"model": "mini"}).close()
     (image_tree / "feats" / "pca.png").write_bytes(b"x")  # `viz … --out feats/pca.png`

@@ -3,7 +3,7 @@ import torch
 
 from difffeat import load_pipeline
 from difffeat.errors import UserError
-from difffeat.layers import LAYER_PRESETS, list_layers, resolve_layers
+from difffeat.models.layers import LAYER_PRESETS, list_layers, resolve_layers
 from difffeat.zoo.presets import build_unet
 
 

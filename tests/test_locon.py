@@ -164,7 +164,7 @@ def test_plain_lora_file_keeps_its_alpha(tmp_path, monkeypatch):
 @pytest.mark.parametrize("bad, message", [({"conv_rank": 0}, "conv_rank: must be ≥ 1"),
                                           ({"conv_alpha": 0.0}, "conv_alpha: must be > 0")])
 def test_bad_conv_options(tmp_path, bad, message):
-    from difffeat.run import ConfigError
+    from difffeat.spine.run import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         LoraTrainConfig(images=str(tmp_path), out=str(tmp_path / "o"), conv=True, **bad).validate()

@@ -3,8 +3,8 @@ resumed run never removes the temporary file it is writing (issue #27 item 5).""
 
 import os
 
-import difffeat.lock
-import difffeat.run
+import difffeat.spine.run
+import difffeat.utils.lock
 
 
 def test_a_live_process_of_another_user_keeps_its_temporary_file(tmp_path, monkeypatch):
@@ -21,8 +21,8 @@ def test_a_live_process_of_another_user_keeps_its_temporary_file(tmp_path, monke
         raise ProcessLookupError(pid)
 
     monkeypatch.setattr(os, "kill", kill)
-    assert difffeat.lock.pid_alive(424242) and difffeat.run._pid_alive(theirs.name)
-    run = difffeat.run.RunFolder.__new__(difffeat.run.RunFolder)
+    assert difffeat.utils.lock.pid_alive(424242) and difffeat.spine.run._pid_alive(theirs.name)
+    run = difffeat.spine.run.RunFolder.__new__(difffeat.spine.run.RunFolder)
     run.path = folder
     run.remove_stale_temp_files()
     assert theirs.exists() and not gone.exists()

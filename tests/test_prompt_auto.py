@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from difffeat.cli import main
-from difffeat.store import FeatureStore
+from difffeat.store.feature_store import FeatureStore
 
 MODEL = "mini"
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "green", "circle", "square", "triangle",
@@ -81,7 +81,7 @@ def test_captions_recorded_deterministic_used_and_not_recomputed_on_resume(capti
     captions are recorded per image, the same in both (deterministic), only the two new images are captioned by
     the resumed run, and each image's features are those of its caption given as the prompt."""
     from difffeat.data.images import load_image
-    from difffeat.extract import FeatureExtractor
+    from difffeat.extraction.extract import FeatureExtractor
     from pipelines.techniques.auto_caption import Captioner
 
     spec = f"prompt:auto,model={captioner},max_tokens=8"
@@ -169,7 +169,7 @@ def test_a_model_that_cannot_be_loaded_is_one_line_naming_it(images, tmp_path, c
 
 
 def test_store_keeps_captions_beside_features_and_through_a_discard(tmp_path):
-    from difffeat.store import FeatureStoreWriter
+    from difffeat.store.feature_store import FeatureStoreWriter
 
     config = {"model": "x"}
     with FeatureStoreWriter(tmp_path / "s", config, shard_size=8) as w:

@@ -30,7 +30,7 @@ images of another size needs `resize="stretch"` (`difffeat extract --resize stre
 to resize as both released tools do, which is what the difffeat side does here.
 
 Noise: difffeat has no argument to pass noise in, so the test reproduces its documented seeding rule
-(`difffeat/extract.py`: per item, seeded by (seed, image key, t, draw); the posterior sample by (seed, key,
+(`difffeat/extraction/extract.py`: per item, seeded by (seed, image key, t, draw); the posterior sample by (seed, key,
 "posterior")) and hands those draws to the references; a spy on difffeat's draws checks that they are the very
 tensors difffeat used.
 
@@ -97,7 +97,7 @@ def normal(shape, seed: int) -> torch.Tensor:
 
 def test_noise_rule_is_difffeats():
     """The restated seed rule gives difffeat's own seeds (a cheap guard; the spies below check the draws)."""
-    from difffeat.extract import item_seed
+    from difffeat.extraction.extract import item_seed
 
     for parts in (("img", 51, 0), ("img", 261, 3), ("a/b.png", "posterior")):
         assert difffeat_seed(SEED, *parts) == item_seed(SEED, *parts)
@@ -203,7 +203,7 @@ class TestGDFLegacyParity:
         t = int(gdf_timestep(GDF_T))  # the timestep GDF really uses (see the module docstring)
         extractor = FeatureExtractor(pipe, ["gdf-legacy"], timesteps=(t,), ensemble=1, seed=SEED,
                                      prompt=GDF_PROMPT, posterior="sample", resolution=(SIZE, SIZE))
-        import difffeat.extract as extract
+        import difffeat.extraction.extract as extract
 
         drawn: dict[int, torch.Tensor] = {}
         original = extract.seeded_normal
@@ -321,7 +321,7 @@ class TestDIFTParity:
         extractor = FeatureExtractor(pipe, ["dift"], timesteps=(DIFT_T,), ensemble=DIFT_ENSEMBLE, seed=SEED,
                                      prompt=f"a photo of a {DIFT_CATEGORY}", posterior="sample",
                                      resolution=(SIZE, SIZE), batch_size=DIFT_ENSEMBLE)
-        import difffeat.extract as extract
+        import difffeat.extraction.extract as extract
 
         drawn: dict[int, torch.Tensor] = {}
         original = extract.seeded_normal

@@ -107,7 +107,7 @@ def test_the_gpu_script_runs_in_its_tiny_form(tmp_path):
 
 def test_the_report_shows_a_protocol_run_beside_its_anchors(tmp_path):
     """`difffeat report` on a protocol's folder: one section, our numbers and the anchors in one table."""
-    from difffeat.report import ReportConfig, write_report
+    from difffeat.report.build import ReportConfig, write_report
 
     results = {"protocol": "ade20k", "title": "t", "is_protocol": True, "departures": [],
                "results": {"head": {"miou": summarise([40.0, 42.0])}},

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from difffeat.cli import main
-from difffeat.store import FeatureStore, FeatureStoreWriter
+from difffeat.store.feature_store import FeatureStore, FeatureStoreWriter
 
 PWNED = "pwned"  # the file a crafted pickle would create if it were ever unpickled
 
@@ -245,7 +245,7 @@ def manifest_bad_resolution(tmp: Path) -> list[str]:
 
 def resume_without_state(tmp: Path) -> list[str]:
     """A mini-model run whose VAE checkpoint folder lost its state.json."""
-    from difffeat.run import RunFolder
+    from difffeat.spine.run import RunFolder
     from difffeat.zoo.recipe_config import MiniTrainConfig
 
     cfg = MiniTrainConfig(n_train=2, vae_steps=1, unet_steps=1)
@@ -387,7 +387,7 @@ def test_two_runs_on_one_store_at_once(tmp_path, capsys):
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys
-            from difffeat.store import FeatureStore, FeatureStoreWriter
+            from difffeat.store.feature_store import FeatureStore, FeatureStoreWriter
             w = FeatureStoreWriter({str(store)!r}, FeatureStore({str(store)!r}).manifest["config"], resume=True)
             print("holding", flush=True)
             sys.stdin.read()  # until the test lets go
@@ -434,7 +434,7 @@ def test_lora_run_folder_rules(tmp_path):
     import torch
 
     from difffeat.errors import UserError
-    from difffeat.run import Checkpoints
+    from difffeat.spine.run import Checkpoints
     from pipelines.lora_train import LoraTrainConfig, train_lora
 
     src = images(tmp_path / "imgs", 2)
@@ -466,7 +466,7 @@ def test_lora_run_folder_rules(tmp_path):
 
 def test_controlnet_checkpoint_is_safetensors_and_a_pickle_in_its_place_runs_no_code(tmp_path):
     from difffeat.errors import UserError
-    from difffeat.run import Checkpoints
+    from difffeat.spine.run import Checkpoints
     from pipelines.train_controlnet import ControlNetTrainConfig, train_controlnet
 
     cfg = ControlNetTrainConfig(model="mini-random", n_train=2, steps=1, batch_size=2)
@@ -487,7 +487,7 @@ def test_a_checkpoint_pointer_cannot_lead_out_of_its_run(tmp_path):
     import torch
 
     from difffeat.errors import UserError
-    from difffeat.run import Checkpoints
+    from difffeat.spine.run import Checkpoints
 
     other = Checkpoints(tmp_path / "other-run" / "checkpoints")
     other.save(5, model={"w": torch.ones(2)})
@@ -531,7 +531,7 @@ def test_inspect_into_a_closed_pipe_exits_quietly(tmp_path):
 def test_a_batch_that_cannot_fit_is_refused_from_shapes(size, batch, words, tmp_path, capsys, monkeypatch):
     import resource
 
-    from difffeat.autobatch import MEMORY_LIMIT_ENV
+    from difffeat.extraction.autobatch import MEMORY_LIMIT_ENV
 
     monkeypatch.setenv(MEMORY_LIMIT_ENV, str(4 * 2**30))
     images(tmp_path / "imgs", 2)

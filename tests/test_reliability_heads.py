@@ -20,7 +20,7 @@ from PIL import Image
 
 from difffeat.cli import main
 from difffeat.errors import UserError
-from difffeat.store import FeatureStoreWriter
+from difffeat.store.feature_store import FeatureStoreWriter
 from downstream.seg.config import SegTrainConfig
 from downstream.seg.train import train_seg
 
@@ -120,7 +120,7 @@ def test_eval_seg_refuses_another_extraction_and_takes_another_split(root, tmp_p
 
 
 def test_report_shows_whether_the_stores_are_still_those_trained_on(root, tmp_path):
-    from difffeat.report import build_page, find_runs
+    from difffeat.report.build import build_page, find_runs
 
     store = write_store(tmp_path / "feat", images=str(root))
     run = train_seg(seg_config(store, root, tmp_path / "run", iterations=2), progress=False)
@@ -132,7 +132,7 @@ def test_report_shows_whether_the_stores_are_still_those_trained_on(root, tmp_pa
 
 HOLD = textwrap.dedent("""
     import sys, time
-    from difffeat.lock import FolderLock
+    from difffeat.utils.lock import FolderLock
     lock = FolderLock(sys.argv[1], "a run").acquire()
     print("held", flush=True)
     time.sleep(120)
@@ -250,7 +250,7 @@ def make_sweep(folder):
 
 
 def test_report_shows_a_sweep_as_a_sweep(tmp_path):
-    from difffeat.report import build_page, find_runs
+    from difffeat.report.build import build_page, find_runs
 
     make_sweep(tmp_path / "sweep")
     found = find_runs([tmp_path / "sweep"])
@@ -262,7 +262,7 @@ def test_report_shows_a_sweep_as_a_sweep(tmp_path):
 
 
 def test_report_says_why_a_seg_run_has_no_scores(root, tmp_path):
-    from difffeat.report import build_page, find_runs
+    from difffeat.report.build import build_page, find_runs
 
     store = write_store(tmp_path / "feat", images=str(root))
     unfinished = tmp_path / "unfinished"

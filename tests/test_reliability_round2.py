@@ -24,7 +24,7 @@ from PIL import Image
 from test_reliability import PWNED, Case, assert_one_line, images, payload_pickle, run_cli, snapshot
 
 from difffeat.errors import UserError
-from difffeat.store import MERGING, FeatureStore, FeatureStoreWriter
+from difffeat.store.feature_store import MERGING, FeatureStore, FeatureStoreWriter
 
 ENOSPC = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
 
@@ -32,7 +32,7 @@ ENOSPC = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, mes
 # ---------------------------------------------------------------------------------------------- helpers
 def extract_store(path: Path, n: int = 1) -> Path:
     """A store whose manifest holds a real extraction config (what `extract` writes)."""
-    from difffeat.runner import ExtractRunConfig
+    from difffeat.extraction.runner import ExtractRunConfig
 
     config = ExtractRunConfig(images="imgs", out=str(path), model="mini-random", layers=["mid_block"]).store_config()
     with FeatureStoreWriter(path, config) as w:
@@ -43,7 +43,7 @@ def extract_store(path: Path, n: int = 1) -> Path:
 
 def sweep_run(tmp: Path) -> Path:
     """A sweep run folder's config.json (what `difffeat sweep` writes first)."""
-    from difffeat.run import RunFolder
+    from difffeat.spine.run import RunFolder
     from gate.sweeping import SweepConfig
 
     cfg = SweepConfig(images=str(images(tmp / "imgs", 2)), labels=str(tmp), out=str(tmp / "sw"), model="mini-random")
@@ -224,8 +224,8 @@ def test_bad_input(case: Case, tmp_path, capsys):
 
 def test_configs_are_checked_for_types_and_seeds_in_the_library_too():
     """The checks live in `Config` itself: any config, however it was made, names the field."""
-    from difffeat.run import ConfigError
-    from difffeat.runner import ExtractRunConfig
+    from difffeat.extraction.runner import ExtractRunConfig
+    from difffeat.spine.run import ConfigError
     from gate.config import GateConfig
 
     with pytest.raises(ConfigError, match=r"timesteps: must be a list of whole numbers, got 'fifty'"):
@@ -271,7 +271,7 @@ def test_disk_full_in_a_trainer_is_one_line_and_leaves_no_temporary_file(tmp_pat
 def test_save_tensors_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
     import torch
 
-    from difffeat.run import save_tensors
+    from difffeat.spine.run import save_tensors
 
     full_safetensors(monkeypatch, [])
     with pytest.raises(UserError, match=r"^.*: cannot write model.safetensors \(No space left on device\)$"):
@@ -290,7 +290,7 @@ def full_lock_files(monkeypatch) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(fd, data)
 
-    monkeypatch.setattr("difffeat.lock.os.write", write)
+    monkeypatch.setattr("difffeat.utils.lock.os.write", write)
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to tell a lock file's descriptor")
@@ -366,7 +366,7 @@ KILLED_MERGE = textwrap.dedent("""
 
     builtins.open = io.open = open_
     from difffeat.cli import build_parser, main
-    import difffeat.store_merge, tqdm.auto, safetensors.numpy
+    import difffeat.store.merge, tqdm.auto, safetensors.numpy
     build_parser()  # every import made before the count starts
     counting = True
     code = main(["store", "merge", *sys.argv[2:]])  # no --quiet, which imports diffusers (seconds)
@@ -422,7 +422,7 @@ def test_a_killed_merge_is_refused_by_every_reader_and_resume_finishes_it(tmp_pa
 
 
 def test_a_reader_names_an_unfinished_merge_and_how_to_finish_it(tmp_path):
-    from difffeat.store_merge import merge_stores
+    from difffeat.store.merge import merge_stores
 
     parts = sharded_stores(tmp_path)
     merge_stores(tmp_path / "m", parts)

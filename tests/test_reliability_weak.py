@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from test_reliability import assert_one_line, images, run_cli, snapshot
 
-from difffeat.store import FeatureStore
+from difffeat.store.feature_store import FeatureStore
 
 MODEL = ["--model", "mini-random"]
 
@@ -76,7 +76,7 @@ def test_a_sweep_budget_below_what_the_process_holds_is_refused(shapes_dir, tmp_
 def test_sweep_overwrite_removes_its_own_heat_maps_by_name_and_keeps_the_users(shapes_dir, tmp_path, capsys):
     """`sweep --overwrite` removes the heat maps of the variants its old run had (exact names from its saved config),
     never a glob over `heatmap-*`: the user's `heatmap-mine.png` survives, byte for byte and untouched."""
-    from difffeat.run import RunFolder
+    from difffeat.spine.run import RunFolder
     from gate.sweeping import KIND, OWNED, SweepConfig
 
     out = tmp_path / "sw"
@@ -128,8 +128,8 @@ def test_a_variants_file_naming_a_variant_twice_is_refused(name, text, words, tm
 def test_extract_on_a_transformer_without_layer_takes_its_middle_block(tmp_path, capsys):
     """The default layer preset `auto` is DIFT's `up_blocks.1` on a UNet and `dit-middle` on a transformer, so
     `extract --model mini-dit` with no `--layer` runs; an explicit `--layer dift` there is still refused."""
-    from difffeat.layers import resolve_layers
-    from difffeat.runner import ExtractRunConfig
+    from difffeat.extraction.runner import ExtractRunConfig
+    from difffeat.models.layers import resolve_layers
     from difffeat.zoo import load_pipeline
 
     assert ExtractRunConfig(images="x", out="y").layers == ["auto"]
@@ -150,7 +150,7 @@ def test_extract_refused_for_memory_leaves_no_store_and_a_retry_at_another_size_
     """`extract --size 4096 4096` refused for memory before any feature: the store it had begun is taken away (a new
     folder entirely; an empty folder of the user's stays, empty), so the retry at another size is not refused as
     "a feature store run of another config"."""
-    from difffeat.autobatch import MEMORY_LIMIT_ENV
+    from difffeat.extraction.autobatch import MEMORY_LIMIT_ENV
 
     monkeypatch.setenv(MEMORY_LIMIT_ENV, str(4 * 2**30))
     imgs = images(tmp_path / "imgs", 2)
@@ -209,7 +209,7 @@ def test_a_resume_at_another_batch_size_differs_only_by_float_rounding(tmp_path)
     """A store extracted in one go (batch 4) and one begun at batch 1 and resumed at batch 3: the same keys, features
     equal to float32 rounding (CPU matrix kernels sum in another order for another batch; the issue saw 8.6e-6).
     Noise is drawn per image key, so nothing but rounding differs."""
-    from difffeat.runner import ExtractRunConfig, run_extraction
+    from difffeat.extraction.runner import ExtractRunConfig, run_extraction
     from difffeat.zoo import load_pipeline
 
     pipe = load_pipeline("mini-random")

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from difffeat.cli import main
-from difffeat.report import find_runs
-from difffeat.report_sections.check import check_report, check_static
-from difffeat.store import FeatureStoreWriter
+from difffeat.report.build import find_runs
+from difffeat.report.sections.check import check_report, check_static
+from difffeat.store.feature_store import FeatureStoreWriter
 
 CLASSES = {"names": ["background", "stripes", "circle", "star"], "ignore_index": 255,
            "pixel_counts": [900, 300, 60, 5], "groups": {"head": ["background", "stripes"], "middle": ["circle"],

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from difffeat.errors import UserError
-from difffeat.store import FeatureStoreWriter
+from difffeat.store.feature_store import FeatureStoreWriter
 from downstream.groups import head_middle_tail
 from downstream.seg.classes import SegClasses, load_classes
 from downstream.seg.data import SegDataset

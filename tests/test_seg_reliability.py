@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-import difffeat.run
+import difffeat.spine.run
 from difffeat.cli import main
 from difffeat.errors import UserError
-from difffeat.run import ConfigError
-from difffeat.store import FeatureStoreWriter
+from difffeat.spine.run import ConfigError
+from difffeat.store.feature_store import FeatureStoreWriter
 from downstream.seg.classes import SegClasses, load_classes
 from downstream.seg.config import SegTrainConfig
 from downstream.seg.data import FeatureSpec, SegDataset
@@ -137,14 +137,14 @@ def test_a_diverging_loss_stops_training(flat, tmp_path, capsys):
 # ----------------------------------------------------------------- item 11: no temp folder after a failure
 def test_a_failed_checkpoint_write_leaves_no_temp_folder(flat, tmp_path, monkeypatch):
     root, store, _ = flat
-    real = difffeat.run.save_tensors
+    real = difffeat.spine.run.save_tensors
 
     def disk_full(path, tensors, metadata=None):
         if "optimizer" in str(path):
             raise UserError(f"{path.parent}: cannot write {path.name} (No space left on device)")
         real(path, tensors, metadata)
 
-    monkeypatch.setattr(difffeat.run, "save_tensors", disk_full)
+    monkeypatch.setattr(difffeat.spine.run, "save_tensors", disk_full)
     cfg = SegTrainConfig(features=[str(store)], masks=str(root), out=str(tmp_path / "run"), iterations=2,
                          batch_size=2, hidden=8)
     with pytest.raises(UserError, match="No space left"):
@@ -165,7 +165,7 @@ def test_weighted_on_one_two_variant_store_differs_from_concat(flat, tmp_path):
     for mode in ("concat", "weighted"):
         cfg = SegTrainConfig(features=[str(store)], masks=str(root), out=str(tmp_path / mode), iterations=2,
                              batch_size=2, hidden=8, variants=mode)
-        runs[mode] = difffeat.run.load_tensors(train_seg(cfg, progress=False) / "model.safetensors")[0]
+        runs[mode] = difffeat.spine.run.load_tensors(train_seg(cfg, progress=False) / "model.safetensors")[0]
     # concat: a conv projection per map; weighted: one per layer, after the learned sum over the two variants
     assert "amalgamate.logits.0" in runs["weighted"] and "amalgamate.logits.0" not in runs["concat"]
     assert "head.proj.1.0.weight" in runs["concat"] and "head.proj.1.0.weight" not in runs["weighted"]

@@ -73,7 +73,7 @@ def test_docstring_examples():
 def world(tmp_path_factory):
     """30 Shapes-LT scenes (24 train, 3 val, 3 test) and their mini-random `dift` features."""
     from difffeat.data.shapes_lt import synthesize
-    from difffeat.runner import ExtractRunConfig, run_extraction
+    from difffeat.extraction.runner import ExtractRunConfig, run_extraction
 
     root = tmp_path_factory.mktemp("seg-sampler")
     data = synthesize(root / "shapes", n=30, seed=5)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from difffeat.cli import main
 from difffeat.errors import UserError
-from difffeat.store import FeatureStore
+from difffeat.store.feature_store import FeatureStore
 from downstream.engine import batch_indices, poly_factor
 from downstream.seg.config import SegTrainConfig
 from downstream.seg.evaluate import eval_seg
@@ -21,7 +21,7 @@ from downstream.seg.train import train_seg
 def world(tmp_path_factory):
     """30 Shapes-LT scenes (24 train, 3 val, 3 test) and their mini-random `dift` features."""
     from difffeat.data.shapes_lt import synthesize
-    from difffeat.runner import ExtractRunConfig, run_extraction
+    from difffeat.extraction.runner import ExtractRunConfig, run_extraction
 
     root = tmp_path_factory.mktemp("seg")
     data = synthesize(root / "shapes", n=30, seed=5)
@@ -131,7 +131,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(world, tmp_path, capsys):
     bad[10, 10] = 20
     Image.fromarray(bad, "L").save(masks / "000000.png")
     store = tmp_path / "one"
-    from difffeat.store import FeatureStoreWriter
+    from difffeat.store.feature_store import FeatureStoreWriter
 
     with FeatureStoreWriter(store, {"resolution": [64, 64], "images": None}) as w:
         w.add("000000.png", {"x": np.zeros((2, 16, 16), np.float32)})

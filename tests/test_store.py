@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from difffeat.errors import UserError
-from difffeat.store import FeatureStore, FeatureStoreWriter, config_hash, store_exists, summarize
-from difffeat.viz import pca_rgb, save_pca_image
+from difffeat.report.viz import pca_rgb, save_pca_image
+from difffeat.store.feature_store import FeatureStore, FeatureStoreWriter, config_hash, store_exists, summarize
 
 CONFIG = {"model": "mini", "layers": ["up.0", "mid"], "timesteps": [50], "seed": 0, "techniques": [],
           "resolution": 64, "ensemble": 1}
@@ -232,7 +232,7 @@ def test_disk_full_leaves_no_partial_shard(tmp_path, monkeypatch):
     def full(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("difffeat.store.os.replace", full)
+    monkeypatch.setattr("difffeat.store.feature_store.os.replace", full)
     w.add(KEYS[0], features(KEYS[0]))
     with pytest.raises(UserError, match="No space left on device") as e:
         w.add(KEYS[1], features(KEYS[1]))

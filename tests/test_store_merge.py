@@ -10,7 +10,7 @@ import pytest
 
 from difffeat.cli import main
 from difffeat.data.shapes_lt import synthesize
-from difffeat.store import FeatureStore
+from difffeat.store.feature_store import FeatureStore
 
 MODEL = "mini-random"
 
@@ -118,7 +118,7 @@ def test_merge_refuses_what_cannot_be_one_store(stores, images, tmp_path, capsys
     assert rc == 2 and f"key {key!r} is in both {parts[0]} and {twin}" in err
     rc, err = merge(parts[0] / "inside", parts[0], parts[1])
     assert rc == 2 and "cannot be" in err
-    from difffeat.lock import FolderLock
+    from difffeat.utils.lock import FolderLock
 
     with FolderLock(parts[1] / ".lock-r000", "test"):
         rc, err = merge(tmp_path / "m3", parts[0], parts[1])
@@ -145,7 +145,7 @@ def test_across_file_systems_symlinks_or_a_clear_error(stores, tmp_path, monkeyp
 
 
 def test_partial_merges_say_what_is_missing(stores, tmp_path):
-    from difffeat.store_merge import merge_stores
+    from difffeat.store.merge import merge_stores
 
     report = merge_stores(tmp_path / "m", [stores / "part0", stores / "part2"])
     assert report["notes"] == ["shards 1 of 3 are not among the merged stores"]

@@ -1,9 +1,10 @@
 """Issue #27: store readers flag features far outside the range recorded at extraction, and a shard whose checksum was
 stripped is not counted as sound.
 
-Every shard records, per image and layer, [min, max, mean] of the values as stored (`difffeat.store.value_range`);
-`FeatureStore.__getitem__` (what every head, export and merge reads through) compares each layer it returns with its
-record and warns once per key, naming it. docs/reliability.md ("Round two: stores, locks and configs") lists these.
+Every shard records, per image and layer, [min, max, mean] of the values as stored
+(`difffeat.store.feature_store.value_range`); `FeatureStore.__getitem__` (what every head, export and merge reads
+through) compares each layer it returns with its record and warns once per key, naming it. docs/reliability.md ("Round
+two: stores, locks and configs") lists these.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from test_reliability import assert_one_line, run_cli
 
-from difffeat.store import STRIPPED, FeatureRangeWarning, FeatureStore, FeatureStoreWriter, check_shard, value_range
+from difffeat.store.feature_store import (
+    STRIPPED,
+    FeatureRangeWarning,
+    FeatureStore,
+    FeatureStoreWriter,
+    check_shard,
+    value_range,
+)
 
 
 def make_store(path: Path, n: int = 4, shard_size: int = 2) -> Path:

@@ -194,7 +194,7 @@ def test_resume_after_interruption_gives_the_same_ranking(swept, mini_pipe, tmp_
 
 
 def test_winner_config_runs_through_extract(swept, shapes_dir, tmp_path):
-    from difffeat.store import FeatureStore
+    from difffeat.store.feature_store import FeatureStore
 
     best = json.loads((swept / "best.json").read_text())
     top = json.loads((swept / "ranking.json").read_text())["ranking"][0]

@@ -98,7 +98,7 @@ def test_prompt_techniques_chain_like_applying_one_after_another(mini_pipe):
 
 # ---------------------------------------------------------------------------------------------- long prompts
 def test_long_prompts_are_chunked_not_cut(mini_pipe):
-    from difffeat.prompts import PromptEncoder, prompt_token_count
+    from difffeat.models.prompts import PromptEncoder, prompt_token_count
 
     words = "a large red circle at the top left a small blue square in the center".split()
     prompt = " ".join((words * 12)[:100])
@@ -127,7 +127,7 @@ def hooked(pipe, layer, z, t, emb, **kwargs):
 
 
 def noised(pipe, ex, x, keys, t):
-    from difffeat.extract import item_seed, seeded_normal
+    from difffeat.extraction.extract import item_seed, seeded_normal
 
     z0 = ex.encode_latents(x, keys)
     eps = torch.stack([seeded_normal(z0.shape[1:], item_seed(ex.seed, k, t, 0)) for k in keys])
@@ -202,7 +202,7 @@ def test_img2img_matches_diffusers_semantics(mini_pipe, images):
     against a hand-written DDIM loop on diffusers' scheduler instead)."""
     from diffusers import DDIMScheduler
 
-    from difffeat.extract import encode_latents, item_seed, seeded_normal
+    from difffeat.extraction.extract import encode_latents, item_seed, seeded_normal
     from pipelines import img2img
 
     x, caps = images
@@ -223,7 +223,7 @@ def test_img2img_matches_diffusers_semantics(mini_pipe, images):
 
 # ---------------------------------------------------------------------------------------------- variants
 def _run(shapes_dir, out, **kw):
-    from difffeat.runner import ExtractRunConfig, run_extraction
+    from difffeat.extraction.runner import ExtractRunConfig, run_extraction
 
     cfg = ExtractRunConfig(images=str(shapes_dir / "test"), out=str(out), layers=["dift"], timesteps=[50],
                            prompt_source="csv", **kw)  # an imagefolder: captions from its metadata.csv rows

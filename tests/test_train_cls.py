@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from difffeat.cli import main
-from difffeat.store import FeatureStore, FeatureStoreWriter
+from difffeat.store.feature_store import FeatureStore, FeatureStoreWriter
 from downstream.cls import ClsTrainConfig, Objective, load_run, pool, shifted_test_sets, train_cls
 from downstream.engine import cosine_factor
 
@@ -351,7 +351,7 @@ def test_methods_optimizers_and_heads_are_registries_matching_the_config_choices
 
 def test_flags_keep_their_names_and_defaults():
     from difffeat.cli import build_parser
-    from difffeat.config_cli import config_from_args
+    from difffeat.spine.config_cli import config_from_args
     from downstream.cls.config import ClsTrainConfig, DirMixEConfig, EvalClsConfig
 
     parser = build_parser()

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from difffeat import load_pipeline
 from difffeat.errors import UserError
-from difffeat.run import Checkpoints
+from difffeat.spine.run import Checkpoints
 from difffeat.zoo.train import MiniTrainConfig, train_mini
 
 TINY = MiniTrainConfig(n_train=48, vae_steps=3, unet_steps=4, batch_size=4, checkpoint_every=2, warmup=2)

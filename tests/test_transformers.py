@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import difffeat
-from difffeat import dit, ditf
 from difffeat.errors import UserError
-from difffeat.layers import list_layers, resolve_layers
+from difffeat.models import dit, ditf
+from difffeat.models.layers import list_layers, resolve_layers
 from difffeat.zoo import dit_presets, mmdit
 
 

@@ -10,8 +10,7 @@ from PIL import Image
 
 from difffeat.cli import main
 from difffeat.errors import UserError
-from difffeat.store import FeatureStore, FeatureStoreWriter
-from difffeat.viz import (
+from difffeat.report.viz import (
     choose_columns,
     comparison_grid,
     cosine_map,
@@ -20,6 +19,7 @@ from difffeat.viz import (
     render_grid,
     store_columns,
 )
+from difffeat.store.feature_store import FeatureStore, FeatureStoreWriter
 
 KEYS = ["a.png", "sub/b.png", "c.png"]  # c.png has no file: its input tile is grey
 

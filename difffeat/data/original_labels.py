@@ -12,9 +12,10 @@ ids that argmax gives, by two facts about bilinear resizing (weights ≥ 0 that 
    (two adjacent rows × two adjacent columns) and its logits are a convex combination of the cell's four
    corners. Where one class's minimum over the corners beats every other class's maximum by a margin, the whole
    cell is that class: those pixels are filled by an index gather. The other pixels (along class boundaries) are
-   interpolated here in float64 with `F.interpolate`'s own weights (read off by resizing one-hot rows); where the best classes of a pixel are closer than float32 rounding could
-   separate, `F.interpolate` itself resizes the classes involved, so ties and near-ties are decided by its own
-   values (first maximum) and the ids never differ (tests/test_original_resolution.py).
+   interpolated here in float64 with `F.interpolate`'s own weights (read off by resizing one-hot rows); where the best
+   classes of a pixel are closer than float32 rounding could separate, `F.interpolate` itself resizes the classes
+   involved, so ties and near-ties are decided by its own values (first maximum) and the ids never differ
+   (tests/test_original_resolution.py).
 
 A centre-crop placement (`grid_sample`), and logits on an accelerator, get the class pruning only.
 """

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from difffeat.errors import UserError
-from difffeat.run import RUN_FORMAT, RunFolder
+from difffeat.spine.run import RUN_FORMAT, RunFolder
 
 KIND = "shapes-lt"
 CLASSES = "classes.json"  # the class table, and the marker that says difffeat made the folder

@@ -34,7 +34,7 @@ from difffeat.data.images import (
     load_image,
 )
 from difffeat.errors import UserError
-from difffeat.run import confine_name
+from difffeat.spine.run import confine_name
 
 
 def input_root(spec: str, parsed=None) -> str | None:

@@ -57,7 +57,7 @@ from PIL import Image
 from difffeat.data.shapes_lt import CLASSES, STUFF_COLOURS, THING_CLASSES, THING_COLOURS, split_sizes
 from difffeat.data.synth_layouts import SIZE_CYCLES
 from difffeat.errors import UserError
-from difffeat.run import RUN_FORMAT, RunFolder
+from difffeat.spine.run import RUN_FORMAT, RunFolder
 
 KIND = "shapes-lt-corr"
 CATEGORIES = THING_CLASSES

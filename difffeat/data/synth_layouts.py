@@ -77,7 +77,7 @@ from difffeat.data.shapes_lt import (
     split_sizes,
 )
 from difffeat.errors import UserError
-from difffeat.run import RUN_FORMAT, RunFolder
+from difffeat.spine.run import RUN_FORMAT, RunFolder
 
 KIND = "shapes-lt-world"
 JPEG_QUALITY = 95

@@ -1,7 +1,7 @@
 """Layer presets by name: each maps a model's hookable layer names (forward order) to the layers it uses.
 
 One registry for every backbone (`register_layer_preset`); a preset that selects nothing on a model does not fit it,
-and `difffeat.layers.resolve_layers` says so.
+and `difffeat.models.layers.resolve_layers` says so.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from difffeat.errors import UserError
 
 def add_zoo_commands(zoo) -> None:
     """`zoo train-mini-dit` and `zoo eval-mini-dit` on the `difffeat zoo` sub-command parser."""
-    from difffeat.config_cli import add_config_arguments
+    from difffeat.spine.config_cli import add_config_arguments
     from difffeat.zoo.train_dit import MiniDitTrainConfig
 
     p = zoo.add_parser("train-mini-dit", help="train the built-in mini-dit (SD3-architecture) model")
@@ -29,7 +29,7 @@ def add_zoo_commands(zoo) -> None:
 
 
 def _cmd_train(args) -> None:
-    from difffeat.config_cli import config_from_args
+    from difffeat.spine.config_cli import config_from_args
     from difffeat.zoo.train_dit import MiniDitTrainConfig, train_mini_dit
 
     train_mini_dit(args.run, args.out, config_from_args(MiniDitTrainConfig, args), progress=not args.quiet)
@@ -39,9 +39,9 @@ def _cmd_eval(args) -> None:
     import json
     import sys
 
-    from difffeat.atomic import write_json_atomic
-    from difffeat.progress import Stopwatch
-    from difffeat.run import check_new_file
+    from difffeat.spine.run import check_new_file
+    from difffeat.utils.atomic import write_json_atomic
+    from difffeat.utils.progress import Stopwatch
     from difffeat.zoo.dit_quality import evaluate_dit_quality
 
     if args.n < 2:

@@ -89,7 +89,7 @@ def img2img_images(pipe, scenes, strength: float = 0.5, seed: int = 0, steps: in
     from diffusers import StableDiffusion3Img2ImgPipeline
     from PIL import Image
 
-    from difffeat.progress import step_callback
+    from difffeat.utils.progress import step_callback
     from difffeat.zoo.mmdit import T5_TOKENS
 
     i2i = StableDiffusion3Img2ImgPipeline(**{k: v for k, v in pipe.components.items()
@@ -155,8 +155,8 @@ def write_mini_dit_report(run, model: str, out_dir, seed: int = 0, n: int = 8) -
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from difffeat.atomic import atomic_path, write_atomic
-    from difffeat.run import mkdir
+    from difffeat.spine.run import mkdir
+    from difffeat.utils.atomic import atomic_path, write_atomic
     from difffeat.zoo import load_pipeline
     from difffeat.zoo.sampling import grid
     from difffeat.zoo.train_dit import read_losses

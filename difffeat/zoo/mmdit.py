@@ -31,7 +31,7 @@ TEXT_TOKENS = 48  # CLIP window: the longest Shapes-LT caption is 40 tokens with
 T5_TOKENS = 0  # zero-filled T5 tokens the model was trained with (SD3's default is 256): pass as max_sequence_length
 TEXT_WIDTH = 128  # the mini CLIP encoder's width
 INDEX_KEY = "_difffeat_max_sequence_length"  # where a saved folder records T5_TOKENS (read by the registry)
-SEQUENCE_LENGTH_ATTR = "difffeat_max_sequence_length"  # where a loaded pipeline keeps it (`difffeat.dit`)
+SEQUENCE_LENGTH_ATTR = "difffeat_max_sequence_length"  # where a loaded pipeline keeps it (`difffeat.models.dit`)
 
 TRANSFORMER_CONFIG = dict(
     sample_size=LATENT_SIZE,
@@ -122,7 +122,7 @@ def save_pipeline(pipe, out: str | Path) -> Path:
     diffusers ignores (``_``-prefixed), so that `difffeat.load_pipeline` of the folder encodes prompts alike."""
     import json
 
-    from difffeat.atomic import write_json_atomic
+    from difffeat.utils.atomic import write_json_atomic
 
     out = Path(out)
     pipe.save_pretrained(out, safe_serialization=True)

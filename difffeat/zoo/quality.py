@@ -134,7 +134,7 @@ def img2img_psnr(pipe, scenes: list[Scene], strength: float = 0.5, seed: int = 0
     from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
     from PIL import Image
 
-    from difffeat.progress import step_callback
+    from difffeat.utils.progress import step_callback
 
     components = {**pipe.components, "scheduler": DDIMScheduler.from_config(pipe.scheduler.config)}
     i2i = StableDiffusionImg2ImgPipeline(**components)

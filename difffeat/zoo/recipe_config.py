@@ -1,11 +1,11 @@
 """`MiniTrainConfig`: the mini model's training recipe (`difffeat zoo train-mini`), in a module that imports no torch,
-so the command line makes its flags from these fields when it starts (`difffeat.config_cli`)."""
+so the command line makes its flags from these fields when it starts (`difffeat.spine.config_cli`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from difffeat.run import Config, ConfigError, option
+from difffeat.spine.run import Config, ConfigError, option
 
 
 @dataclass

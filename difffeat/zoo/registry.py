@@ -268,7 +268,7 @@ def load_pipeline(model: str | os.PathLike = "mini", device: str = "cpu", dtype=
     else:
         raise UserError(f"{name}: no such model folder or file, and not a built-in name "
                         f"({', '.join(MODELS)}) or a Hub id (owner/name)")
-    from difffeat.dit import denoiser
+    from difffeat.models.dit import denoiser
 
     if denoiser(pipe).device.type == "meta":  # a shape-only preset (transformers at their real size): no values to move
         return pipe

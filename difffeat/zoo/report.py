@@ -11,8 +11,8 @@ import csv
 import json
 from pathlib import Path
 
-from difffeat.atomic import atomic_path, write_atomic
-from difffeat.run import mkdir
+from difffeat.spine.run import mkdir
+from difffeat.utils.atomic import atomic_path, write_atomic
 
 
 def plot_losses(losses_csv: str | Path, out_png: str | Path) -> None:

@@ -12,9 +12,9 @@ import math
 import os
 from pathlib import Path
 
-from difffeat.atomic import atomic_path
 from difffeat.errors import UserError
-from difffeat.run import ConfigError, RunFolder
+from difffeat.spine.run import ConfigError, RunFolder
+from difffeat.utils.atomic import atomic_path
 
 SAMPLE_FILES = ("[0-9][0-9][0-9][0-9]*.png", "grid.png")  # a sample run's own pictures
 
@@ -48,7 +48,7 @@ def sample(pipe, prompts: list[str], steps: int = 50, guidance: float = 4.0, see
     import torch
     from tqdm.auto import tqdm
 
-    from difffeat.progress import step_callback
+    from difffeat.utils.progress import step_callback
 
     ddim = ddim_pipeline(pipe)
     ddim.set_progress_bar_config(disable=True)  # diffusers' own bar starts again for every batch

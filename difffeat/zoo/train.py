@@ -9,9 +9,9 @@ Three stages, each resumable from the checkpoint in the run folder:
    10% coarse, 10% empty (so the unconditional branch of CFG works), AdamW with warm-up and cosine decay,
    EMA weights exported.
 
-The run folder is a run folder of the spine (`difffeat.run.RunFolder`, kind "mini"): `config.json` (the
+The run folder is a run folder of the spine (`difffeat.spine.run.RunFolder`, kind "mini"): `config.json` (the
 config, its hash, library versions), a loss log `losses.csv`, and checkpoints per stage under
-`checkpoints/vae` and `checkpoints/unet` (`difffeat.run.Checkpoints`: safetensors and JSON, never a pickle).
+`checkpoints/vae` and `checkpoints/unet` (`difffeat.spine.run.Checkpoints`: safetensors and JSON, never a pickle).
 Training the same run folder again resumes it. The pipeline is exported in diffusers format.
 """
 
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from difffeat.data.shapes_lt import iter_scenes
 from difffeat.errors import UserError
-from difffeat.progress import Stopwatch, log_line
-from difffeat.run import Checkpoints, start_model_training
+from difffeat.spine.run import Checkpoints, start_model_training
+from difffeat.utils.progress import Stopwatch, log_line
 from difffeat.zoo import mini
 from difffeat.zoo.recipe_config import MiniTrainConfig
 

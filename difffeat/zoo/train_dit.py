@@ -10,10 +10,10 @@ The VAE and the CLIP text encoder are mini's, frozen (`difffeat.zoo.mmdit`); onl
    guidance and unconditional extraction), embedded exactly as the pipeline embeds them when it generates.
    AdamW with warm-up and cosine decay, gradient clipping, EMA weights exported.
 
-Batches depend only on (seed, step); checkpoints (`difffeat.run.Checkpoints`: safetensors and JSON, never a
+Batches depend only on (seed, step); checkpoints (`difffeat.spine.run.Checkpoints`: safetensors and JSON, never a
 pickle) are written every `checkpoint_every` steps, so an interrupted run resumes to the same weights. The run
-folder (`difffeat.run.RunFolder`, kind "mini-dit") holds `config.json`, the loss log `losses.csv` (steps done, mean
-loss since the previous row, learning rate, seconds) and the export `pipeline/` (diffusers format, safetensors).
+folder (`difffeat.spine.run.RunFolder`, kind "mini-dit") holds `config.json`, the loss log `losses.csv` (steps done,
+mean loss since the previous row, learning rate, seconds) and the export `pipeline/` (diffusers format, safetensors).
 
 This module imports torch only when training runs, so the command line builds its parser without it.
 """
@@ -27,9 +27,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from difffeat.atomic import write_atomic
 from difffeat.errors import UserError
-from difffeat.run import Config, ConfigError, RunFolder, check_new_folder, is_inside, option
+from difffeat.spine.run import Config, ConfigError, RunFolder, check_new_folder, is_inside, option
+from difffeat.utils.atomic import write_atomic
 
 KIND = "mini-dit"
 LOSSES = "losses.csv"
@@ -126,7 +126,7 @@ def _training_data(cfg: MiniDitTrainConfig):
 
 def _latents(folder: RunFolder, vae, x):
     """(posterior mean, std) of the train images under the frozen VAE; encoded once, then read from the run."""
-    from difffeat.run import load_tensors
+    from difffeat.spine.run import load_tensors
     from difffeat.zoo.train import encode_latents
 
     path = folder.file(LATENTS)
@@ -157,7 +157,7 @@ def train_mini_dit(run: str | Path, out: str | Path | None = None, cfg: MiniDitT
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
-    from difffeat.progress import Stopwatch, log_line
+    from difffeat.utils.progress import Stopwatch, log_line
     from difffeat.zoo import mmdit
 
     watch = Stopwatch()  # model building included: the summary says how long the call took

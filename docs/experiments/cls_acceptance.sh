@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from difffeat.store import FeatureStoreWriter, store_exists
+from difffeat.store.feature_store import FeatureStoreWriter, store_exists
 
 digits = load_digits()
 x, y = digits.images, digits.target

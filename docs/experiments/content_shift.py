@@ -123,19 +123,21 @@ def rows(w: Path, prep: dict, attention: bool = True) -> list[dict]:
     """Every head to train: name, stores, layers, head options and a priority (lower trains first)."""
     feat, attn = str(w / "feat"), str(w / "feat-attn")
     layers_of = (lambda variants: [f"{v}/{lay}" for v in variants for lay in LAYERS])
-    out = [{"row": "plain", "group": "single", "priority": 0, "features": [feat], "layers": layers_of(["plain"])}]
-    out += [{"row": c, "group": "single", "priority": 0, "features": [feat], "layers": layers_of([c])}
-            for c in prep["candidates"]]
+    # Priorities: plain and GATE's first choice, then plain + its choices concatenated and amalgamated (n = 2), then
+    # the other candidates (GATE's ranking against the heads), then the other fusions; the long-tail rows last.
     fused, _ = fused_set(prep["ranking"])
+    out = [{"row": "plain", "group": "single", "priority": 0, "features": [feat], "layers": layers_of(["plain"])}]
+    out += [{"row": c, "group": "single", "priority": 0 if c == fused[1] else 2, "features": [feat],
+             "layers": layers_of([c])} for c in prep["candidates"]]
     for name, opts in FUSIONS:
-        out.append({"row": name, "group": "fused", "priority": 1 if name in ("concat", "amalgamate-n2") else 2,
+        out.append({"row": name, "group": "fused", "priority": 1 if name in ("concat", "amalgamate-n2") else 3,
                     "features": [feat], "layers": layers_of(fused), **opts})
     if attention:
         att = attention_layers(w)
-        out.append({"row": "plain+attn", "group": "attention", "priority": 4, "features": [feat, attn],
+        out.append({"row": "plain+attn", "group": "attention", "priority": 5, "features": [feat, attn],
                     "layers": layers_of(["plain"]) + att})
         for name, opts in FUSIONS:
-            out.append({"row": f"{name}+attn", "group": "attention", "priority": 4, "features": [feat, attn],
+            out.append({"row": f"{name}+attn", "group": "attention", "priority": 5, "features": [feat, attn],
                         "layers": layers_of(fused) + att, **opts})
     return out
 
@@ -148,9 +150,9 @@ def tail_rows(w: Path, specs: list[dict], seeds) -> list[dict]:
         return []
     best = max(fused, key=lambda r: statistics.mean(m["miou"] for m in scores_of(w, r["row"], "aucseg", seeds)))
     base = {k: v for k, v in best.items() if k not in ("row", "group", "priority")}
-    return [{**base, "row": f"{best['row']}+bank", "group": "long-tail", "priority": 3, "memory_bank": True,
+    return [{**base, "row": f"{best['row']}+bank", "group": "long-tail", "priority": 4, "memory_bank": True,
              "losses": ("aucseg",)},
-            {**base, "row": f"{best['row']}+sampler", "group": "long-tail", "priority": 3, "sampler": "class-aware",
+            {**base, "row": f"{best['row']}+sampler", "group": "long-tail", "priority": 4, "sampler": "class-aware",
              "losses": ("aucseg",)}]
 
 
@@ -300,8 +302,8 @@ def summarize(w: Path, prep: dict, specs: list[dict], args, timing: dict) -> dic
             values = {gate_names[c]: np.asarray(per_image[c][metric], float) for c in gate_names if c in per_image}
             correlations[f"{metric} vs {loss} mIoU"] = spearman_interval(values, miou)
     fused, how = fused_set(ranking)
-    return {"table": table, "missing": missing, "curve": learning_curve(w, args.seeds, args.iterations), "spearman": correlations,
-            "fused": fused, "fused_how": how, "gate": ranking["ranking"],
+    return {"table": table, "missing": missing, "curve": learning_curve(w, args.seeds, args.iterations),
+            "spearman": correlations, "fused": fused, "fused_how": how, "gate": ranking["ranking"],
             "accepted": ranking["accepted"], "locon": prep["locon"], "timing": timing,
             "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "shard", "summarize_only")}}
 

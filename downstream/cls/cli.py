@@ -20,10 +20,10 @@ import argparse
 import contextlib
 import os
 
-from difffeat.config_cli import add_config_arguments, config_from_args, flag_of
 from difffeat.errors import UserError
-from difffeat.progress import Stopwatch
-from difffeat.run import ConfigError
+from difffeat.spine.config_cli import add_config_arguments, config_from_args, flag_of
+from difffeat.spine.run import ConfigError
+from difffeat.utils.progress import Stopwatch
 from downstream.cls.config import ClsTrainConfig, EvalClsConfig
 
 
@@ -37,7 +37,7 @@ def _flags(args: argparse.Namespace):
 
 
 def _cmd_train_cls(args: argparse.Namespace) -> None:
-    from difffeat.run import read_json
+    from difffeat.spine.run import read_json
     from downstream.cli_common import train_config_of
     from downstream.cls.evaluation import summary_line
     from downstream.cls.profile import config_from_profile

@@ -2,7 +2,7 @@
 hyper-parameters of DirMixE, its test-time aggregation and ReconBoost.
 
 Plain data, importable without torch (the CLI builds its flags from these fields at start-up). Every
-default is written once, here: the CLI flags come from the fields (`difffeat.config_cli`), and DirMixE's /
+default is written once, here: the CLI flags come from the fields (`difffeat.spine.config_cli`), and DirMixE's /
 ReconBoost's defaults are the fields of their own configs, which the train config's fields point to.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from difffeat.run import Config, ConfigError, option
+from difffeat.spine.run import Config, ConfigError, option
 
 METHODS = ("ce", "la", "vs", "ldam", "tla-adrw", "dirmixe", "drauc", "tkpr")
 OPTIMIZERS = ("none", "sam", "imbsam", "ssesam")

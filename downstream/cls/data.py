@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from difffeat.errors import UserError
-from difffeat.store import FeatureStore
+from difffeat.store.feature_store import FeatureStore
 from downstream.cls.config import SOURCE_MODES, ClsTrainConfig
 from downstream.cls.labels import Labels, encode_labels, infer_class_names, load_class_names, read_labels, some
 

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from difffeat.errors import UserError
-from difffeat.run import RunFolder, read_json
-from difffeat.store_identity import check_same_features
+from difffeat.spine.run import RunFolder, read_json
+from difffeat.store.identity import check_same_features
 from downstream.cls.config import ClsTrainConfig, EvalClsConfig
 from downstream.cls.data import ClsData, SourceSpec, check_test_classes, load_split
 from downstream.cls.dirmixe import EXPERT_NAMES, aggregate, test_time_aggregation

@@ -73,8 +73,8 @@ def apply_profile(values: Mapping[str, Any], name: str, given: Iterable[str] = (
 
 def config_from_profile(args):
     """The `ClsTrainConfig` of parsed train-cls arguments with profile ``args.profile`` filling the fields the
-    command line did not give (`difffeat.config_cli.given_fields`)."""
-    from difffeat.config_cli import config_from_args, given_fields
+    command line did not give (`difffeat.spine.config_cli.given_fields`)."""
+    from difffeat.spine.config_cli import config_from_args, given_fields
     from downstream.cls.config import ClsTrainConfig
 
     given = given_fields(args, ClsTrainConfig)

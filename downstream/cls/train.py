@@ -16,7 +16,7 @@ Batches are a pure function of (seed, epoch, position) and nothing else draws ra
 so a resumed run ends with the weights of an uninterrupted one. Under ``accelerate launch`` (or torchrun)
 process r of W takes batches r, r + W, … of each epoch's stream and the gradients are averaged
 (`parallel.GradientAverager`); one process computes exactly what a plain run does.
-A run is pinned to its stores (`difffeat.store_identity`: a resumed run whose store changed is refused, eval-cls
+A run is pinned to its stores (`difffeat.store.identity`: a resumed run whose store changed is refused, eval-cls
 refuses features extracted otherwise), and the main process holds the run folder's lock while it trains.
 """
 
@@ -30,8 +30,8 @@ import torch
 from tqdm.auto import tqdm
 
 from difffeat.errors import UserError
-from difffeat.run import ConfigError, RunFolder
-from difffeat.store_identity import check_unchanged, store_record
+from difffeat.spine.run import ConfigError, RunFolder
+from difffeat.store.identity import check_unchanged, store_record
 from downstream.cls.config import ClsTrainConfig
 from downstream.cls.data import ClsData, load_test_data, load_train_data
 from downstream.cls.drauc import DRAUCUpdater

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 
-from difffeat.config_cli import add_config_arguments, config_from_args
-from difffeat.progress import Stopwatch
+from difffeat.spine.config_cli import add_config_arguments, config_from_args
+from difffeat.utils.progress import Stopwatch
 from downstream.corr.config import CorrEvalConfig, MatchConfig
 
 

@@ -1,14 +1,14 @@
 """What defines a correspondence evaluation (`CorrEvalConfig`, eval-corr) and a live match (`MatchConfig`, match).
 
-Each field's default, help and bounds are written once, here, with `difffeat.run.option`; the CLI flags are generated
-from them (`downstream.corr.cli`). This module imports no torch: the CLI reads it at start-up.
+Each field's default, help and bounds are written once, here, with `difffeat.spine.run.option`; the CLI flags are
+generated from them (`downstream.corr.cli`). This module imports no torch: the CLI reads it at start-up.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from difffeat.run import Config, ConfigError, option
+from difffeat.spine.run import Config, ConfigError, option
 
 DEFAULT_ALPHAS = (0.05, 0.1, 0.15)
 DEVICES = ("auto", "cpu", "cuda")

@@ -68,7 +68,7 @@ def save_pictures(pictures: Sequence[MatchPicture], path: str | os.PathLike, col
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from difffeat.atomic import atomic_path
+    from difffeat.utils.atomic import atomic_path
 
     rows = max(1, -(-len(pictures) // columns))
     cols = min(columns, max(1, len(pictures)))

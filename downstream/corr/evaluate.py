@@ -32,7 +32,7 @@ import torch
 
 from difffeat.data.geometry import Placement
 from difffeat.errors import UserError
-from difffeat.run import RunFolder
+from difffeat.spine.run import RunFolder
 from downstream.corr import points as P
 from downstream.corr.config import CorrEvalConfig
 from downstream.corr.features import PairFeatures
@@ -258,7 +258,7 @@ def _main_alpha(alphas: Sequence[float]) -> float:
 
 
 def write_per_pair(path: Path, table: dict) -> None:
-    from difffeat.atomic import atomic_path
+    from difffeat.utils.atomic import atomic_path
 
     columns = [(norm, a) for norm in NORMALISATIONS for a in table["correct"][NORMALISATIONS[0]]]
     buf = io.StringIO()
@@ -318,8 +318,8 @@ def draw_examples(path: Path, prepared: Sequence[PreparedPair], predictions: Seq
 
 def write_report(path: Path, results: dict, examples: Path) -> None:
     """report.html: the scores (overall and per category) and the example pairs, one self-contained page."""
-    from difffeat.atomic import atomic_path
-    from difffeat.report_sections.page import CSP, CSS, esc, img_file, table
+    from difffeat.report.sections.page import CSP, CSS, esc, img_file, table
+    from difffeat.utils.atomic import atomic_path
 
     def pct(value, low=None, high=None) -> str:
         if value is None or value != value:

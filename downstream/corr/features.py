@@ -16,7 +16,7 @@ import torch
 
 from difffeat.data.geometry import Placement
 from difffeat.errors import UserError
-from difffeat.store import FeatureStore
+from difffeat.store.feature_store import FeatureStore
 
 
 def variants_of(store: FeatureStore) -> list[str]:

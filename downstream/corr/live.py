@@ -12,7 +12,7 @@ import torch
 
 from difffeat.data.geometry import placement
 from difffeat.errors import UserError
-from difffeat.run import check_new_file
+from difffeat.spine.run import check_new_file
 from downstream.corr import points as P
 from downstream.corr.config import MatchConfig
 from downstream.corr.match import match_points
@@ -45,7 +45,7 @@ def match_images(config: MatchConfig, progress: bool = True) -> dict:
     """Extract, match and draw (module doc); returns the points, their matches (target pixels), cosines and notes."""
     from difffeat import FeatureExtractor, load_pipeline
     from difffeat.data.images import load_image, resize_image, to_tensor
-    from difffeat.layers import native_resolution
+    from difffeat.models.layers import native_resolution
     from downstream.corr.draw import MatchPicture, save_pictures
 
     out = check_new_file(config.out, config.overwrite, "picture")

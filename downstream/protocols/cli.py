@@ -29,13 +29,13 @@ def _cmd_show(args: argparse.Namespace) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    from difffeat.progress import Stopwatch
+    from difffeat.utils.progress import Stopwatch
     from downstream.protocols.protocol import load_protocol, parse_override
     from downstream.protocols.runner import run_protocol
 
     variants = {}
     if args.variants:
-        from difffeat.conditioning import technique_provider
+        from difffeat.extraction.conditioning import technique_provider
 
         variants = technique_provider().read_variants(args.variants)
     watch = Stopwatch()

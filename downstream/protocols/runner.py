@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from difffeat.atomic import write_json_atomic
 from difffeat.data.layouts import LAYOUTS, detect_layout, open_data
 from difffeat.errors import UserError
-from difffeat.run import library_versions, read_json
+from difffeat.spine.run import library_versions, read_json
+from difffeat.utils.atomic import write_json_atomic
 from downstream.protocols.protocol import Protocol
 
 # two-sided 95 % quantiles of Student's t for 1…10 degrees of freedom (then the normal's 1.96 is close enough)
@@ -79,8 +79,8 @@ class TaskRunner:
     # ----------------------------------------------------------------------------------------------- steps
     def extract(self, split: str | None, name: str) -> str:
         """The feature store of `split` (every split: None), made or resumed in OUT/features-<name>."""
-        from difffeat.runner import ExtractRunConfig, run_extraction
-        from difffeat.store import store_exists
+        from difffeat.extraction.runner import ExtractRunConfig, run_extraction
+        from difffeat.store.feature_store import store_exists
 
         ex = self.settings["extract"]
         store = self.out / f"features-{name}"

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from difffeat.run import RunFolder
+from difffeat.spine.run import RunFolder
 from downstream.plots import save_figure
 from downstream.seg.amalgamate import Amalgamation
 from downstream.seg.data import SegDataset, collate

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from difffeat.errors import UserError
-from difffeat.run import ConfigError, read_json
+from difffeat.spine.run import ConfigError, read_json
 from downstream.groups import head_middle_tail
 
 IGNORE_INDEX = 255

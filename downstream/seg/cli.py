@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from difffeat.config_cli import add_config_arguments, config_from_args
-from difffeat.progress import Stopwatch
-from difffeat.run import read_json
+from difffeat.spine.config_cli import add_config_arguments, config_from_args
+from difffeat.spine.run import read_json
+from difffeat.utils.progress import Stopwatch
 from downstream.seg.config import SegEvalConfig, SegTrainConfig
 
 

@@ -1,7 +1,7 @@
 """What defines a segmentation run: `SegTrainConfig` (train-seg), `HeadConfig` (the model part of it) and
 `SegEvalConfig` (eval-seg).
 
-Each field's default, help, choices and bounds are written once, here, with `difffeat.run.option`; the
+Each field's default, help, choices and bounds are written once, here, with `difffeat.spine.run.option`; the
 configs validate themselves (`ConfigError` names the field) and the CLI flags are generated from them
 (`downstream.seg.cli`). This module imports no torch: the CLI reads it at start-up.
 """
@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from difffeat.run import Config, ConfigError, option
+from difffeat.spine.run import Config, ConfigError, option
 from downstream.seg.objective import CLASS_WEIGHTS, LOSSES
 from downstream.seg.sampler import SAMPLERS
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from difffeat.errors import UserError
-from difffeat.store import FeatureStore
+from difffeat.store.feature_store import FeatureStore
 from downstream.seg.classes import SegClasses
 from downstream.seg.config import MASK_SIZE_MODES
 from downstream.seg.feature_spec import FeatureSpec, variant_key  # noqa: F401 (importable here as before)

@@ -8,7 +8,7 @@ argmax (`difffeat.data.original_labels`: the same ids without resizing every map
 are summed over the whole split. It streams: one image's mask at a time.
 
 `eval_seg` refuses stores whose features were extracted otherwise than the run's training stores (another model,
-timestep, technique …; `difffeat.store_identity`); another split of the same data extracted the same way is the
+timestep, technique …; `difffeat.store.identity`); another split of the same data extracted the same way is the
 normal case. An evaluation writes ``metrics.json`` (scores, confusion matrix, what was evaluated, the identity of the
 stores scored) and ``confusion.png`` into its own folder, ``RUN/eval-<split>`` by default, with its config; running
 it again replaces them.
@@ -24,9 +24,9 @@ import torch
 
 from difffeat.data.original_labels import labels_at_original
 from difffeat.errors import UserError
-from difffeat.run import RunFolder, read_json
-from difffeat.store import FeatureStore
-from difffeat.store_identity import check_same_features, store_record
+from difffeat.spine.run import RunFolder, read_json
+from difffeat.store.feature_store import FeatureStore
+from difffeat.store.identity import check_same_features, store_record
 from downstream.engine import load_trained_weights, make_accelerator
 from downstream.plots import save_confusion_png
 from downstream.seg.classes import SegClasses

@@ -5,8 +5,8 @@ A mask root is an HF imagefolder / Shapes-LT root (its ``metadata.csv`` files ma
 turned into ``masks``, under the key's own relative path, or by its stem (``.png``).
 
 Keys come from a feature store and mask names from ``metadata.csv``: both are read from files, so every
-name they make stays inside the mask root as written (`difffeat.run.confine_name`: no absolute name, no ``..`` out of
-it); symbolic links in the mask root are followed, as image discovery follows them (a data set assembled from links
+name they make stays inside the mask root as written (`difffeat.spine.run.confine_name`: no absolute name, no ``..`` out
+of it); symbolic links in the mask root are followed, as image discovery follows them (a data set assembled from links
 is its owner's choice, a name climbing out of it is not). An image is never taken for its own
 mask: a key's ``masks/`` twin is tried before the key's own path, and no file under an ``images`` folder,
 nor the very image the features came from, is ever a mask.
@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from difffeat.errors import UserError
-from difffeat.run import confine_name, is_inside
+from difffeat.spine.run import confine_name, is_inside
 
 IGNORE_INDEX = 255
 IMAGES, MASKS = "images", "masks"

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difffeat.run import ConfigError
+from difffeat.spine.run import ConfigError
 from downstream.seg.amalgamate import Amalgamation, VariantSum, variant_layout
 from downstream.seg.config import HeadConfig
 from downstream.seg.data import FeatureSpec

@@ -111,7 +111,7 @@ def build_objective(config: SegTrainConfig, classes: SegClasses, pixel_counts, r
     """The objective `config` asks for; each process of a launch keeps its own memory bank (as AUCSeg keeps
     one per data-loader worker) and its own adaptive amalgamation weighting (which steps on its own loss), seeded
     by its rank."""
-    from difffeat.run import ConfigError
+    from difffeat.spine.run import ConfigError
     from downstream.losses.aucseg import class_weights_from_counts
 
     power = CLASS_WEIGHTS[config.class_weights]

@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image
 
 from difffeat.errors import UserError
-from difffeat.run import confine
-from difffeat.store import FeatureStoreWriter
+from difffeat.spine.run import confine
+from difffeat.store.feature_store import FeatureStoreWriter
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 

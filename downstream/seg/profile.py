@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from difffeat.errors import UserError
-from difffeat.run import ConfigError
+from difffeat.spine.run import ConfigError
 from downstream.profile_apply import overlay_profile
 from downstream.profiles import profile, settings
 from downstream.seg.classes import check_tail_classes  # noqa: F401 (importable here as before)
@@ -50,8 +50,8 @@ def apply_profile(values: Mapping[str, Any], name: str, given: Iterable[str] = (
 
 def config_from_profile(args):
     """The `SegTrainConfig` of parsed train-seg arguments with profile ``args.profile`` filling the fields the
-    command line did not give (`difffeat.config_cli.given_fields`)."""
-    from difffeat.config_cli import config_from_args, given_fields
+    command line did not give (`difffeat.spine.config_cli.given_fields`)."""
+    from difffeat.spine.config_cli import config_from_args, given_fields
     from downstream.seg.config import SegTrainConfig
 
     given = given_fields(args, SegTrainConfig)

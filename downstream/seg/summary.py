@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from difffeat.errors import UserError
-from difffeat.run import confine, read_json, read_saved_config
+from difffeat.spine.run import confine, read_json, read_saved_config
 
 SCORES = ("miou", "miou_head", "miou_middle", "miou_tail", "pixel_accuracy")
 VARYING = ("seed", "out", "extra")

@@ -28,7 +28,7 @@ from PIL import Image
 from difffeat.data.geometry import Placement
 from difffeat.data.layouts import Layout, detect_layout, open_data, parse_data_spec
 from difffeat.errors import UserError
-from difffeat.store import FeatureStore
+from difffeat.store.feature_store import FeatureStore
 from downstream.seg.masks import MaskFinder, read_mask, resize_mask
 
 

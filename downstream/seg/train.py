@@ -18,7 +18,7 @@ one seeded batch stream (so a resumed run continues the same stream) and keeps i
 interrupted run continues from its latest checkpoint with `resume=True` and, on one process, ends with the
 same weights as an uninterrupted one. A loss that stops being finite ends the run with one clear error.
 
-A run is pinned to its stores: config.json records each store's identity (`difffeat.store_identity`), and a resumed
+A run is pinned to its stores: config.json records each store's identity (`difffeat.store.identity`), and a resumed
 run whose store changed since (another config, other shards) is refused. One process trains a run at a time: the
 main process holds the run folder's lock (`RunFolder.lock`) until it returns.
 """
@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from difffeat.errors import UserError
-from difffeat.run import RunFolder, utc_now
-from difffeat.store import FeatureStore
-from difffeat.store_identity import check_unchanged, store_record
+from difffeat.spine.run import RunFolder, utc_now
+from difffeat.store.feature_store import FeatureStore
+from difffeat.store.identity import check_unchanged, store_record
 from downstream.engine import (
     BatchStream,
     check_finite,
@@ -92,7 +92,7 @@ def load_data(config: SegTrainConfig) -> tuple[SegDataset, SegDataset | None]:
 
 def run_record(train: SegDataset) -> dict:
     """What config.json keeps beside the config: classes, feature specs, mask size and the stores used, each with its
-    identity (`difffeat.store_identity`: which features, which shards), which --resume, eval-seg and report check."""
+    identity (`difffeat.store.identity`: which features, which shards), which --resume, eval-seg and report check."""
     stores = [store_record(s.path, STORE_FIELDS) for s in train.stores]
     return {"classes": train.classes.to_dict(), "specs": [s.to_dict() for s in train.specs],
             "variants": variant_names(train.specs), "mask_size": list(train.mask_size), "stores": stores}

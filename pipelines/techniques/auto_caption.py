@@ -8,7 +8,7 @@ ViT-GPT2 `VisionEncoderDecoderModel` …). Captions are decoded greedily (no sam
 
 The captioner sees the image as the diffusion model does (resized to the run's size, `[0, 1]` → 8-bit RGB).
 Each image is captioned once: captions are kept by the image's pixels (a digest of the 8-bit image), with the
-loaded model, on the pipeline (`difffeat.conditioning.pipe_cache`), so variants, GATE candidates and repeated
+loaded model, on the pipeline (`difffeat.extraction.conditioning.pipe_cache`), so variants, GATE candidates and repeated
 calls reuse them. The caption replaces the prompt; a later prompt technique builds on it (`prompt:auto` then
 `prompt:fine` gives "CAPTION, high quality, …"). `difffeat extract` records each image's caption in the store
 (`FeatureStore.captions(key)`, beside its features in the shard), so a resumed run never recomputes those of
@@ -25,8 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from difffeat.conditioning import pipe_cache
 from difffeat.errors import UserError
+from difffeat.extraction.conditioning import pipe_cache
 from difffeat.zoo.registry import offline, quiet_local_loading
 from pipelines.base import Technique, register_technique
 
@@ -124,7 +124,7 @@ class AutoCaption(Technique):
 
     def bind(self, pipe) -> Captioner:
         """The captioner for `pipe`'s device, loaded once per pipeline and model."""
-        from difffeat import dit
+        from difffeat.models import dit
 
         device = dit.denoiser(pipe).device
         loaded = pipe_cache(pipe, "captioners")

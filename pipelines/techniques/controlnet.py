@@ -22,7 +22,7 @@ block), or in pixels (XLabs style, with an input hint block; its residuals repea
 and the ControlNet called with the transformer's own hidden states, timestep, guidance, text and ids. Union
 ControlNets (a `controlnet_mode` per call) are refused.
 
-A loaded ControlNet is kept on the pipeline it was loaded for (`difffeat.conditioning.pipe_cache`), keyed by
+A loaded ControlNet is kept on the pipeline it was loaded for (`difffeat.extraction.conditioning.pipe_cache`), keyed by
 source, device and dtype: stacks of one pipeline share it, and it is freed with the pipeline.
 """
 
@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from difffeat.conditioning import pipe_cache
 from difffeat.errors import UserError
+from difffeat.extraction.conditioning import pipe_cache
 from pipelines.base import MissingInput, Technique, register_technique
 
 MAP_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")

@@ -44,7 +44,7 @@ VOLATILE_KEYS = {"seconds", "elapsed", "elapsed_s", "duration", "time", "wall", 
                  "images_per_second", "img_per_s", "throughput",
                  # a digest of shard checksums, which cover the input files' modification times (stamps)
                  "shards_digest"}
-# The run spine's bookkeeping in a run's marker file (difffeat/run.py): not results.
+# The run spine's bookkeeping in a run's marker file (difffeat/spine/run.py): not results.
 MARKER_KEYS = {"format", "kind", "config_hash"}
 VOLATILE_PATTERN = re.compile(r"(seconds|elapsed|created|timestamp|version|per_s(ec)?$|throughput)")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from difffeat.data.layouts.base import Layout, Sample, register_layout, subfolders
 from difffeat.data.shapes_lt import CLASS_NAMES
 from difffeat.errors import UserError
-from difffeat.run import confine_name
+from difffeat.spine.run import confine_name
 
 
 @register_layout

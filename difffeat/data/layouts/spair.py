@@ -28,7 +28,7 @@ import numpy as np
 
 from difffeat.data.layouts.base import INVALID, Layout, Sample, files_in, register_layout, subfolders
 from difffeat.errors import UserError
-from difffeat.run import confine_name
+from difffeat.spine.run import confine_name
 
 IMAGES = "JPEGImages"
 PAIRS = "PairAnnotation"

@@ -15,7 +15,7 @@ from pathlib import Path
 from difffeat.data.label_maps import VOC_CLASSES
 from difffeat.data.layouts.base import Layout, Sample, register_layout
 from difffeat.errors import UserError
-from difffeat.run import confine_name
+from difffeat.spine.run import confine_name
 
 LISTS = Path("ImageSets") / "Segmentation"
 MASK_FOLDERS = ("SegmentationClass", "SegmentationClassAug")

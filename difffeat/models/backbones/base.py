@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from difffeat.errors import UserError
-from difffeat.run import ConfigError
+from difffeat.spine.run import ConfigError
 
 BACKBONES: list[type[Backbone]] = []  # in registration order; the first that fits a pipeline is its backbone
 
@@ -137,7 +137,7 @@ class Backbone:
 
     def feature_maps(self, layers: Sequence[str], latent_hw: tuple[int, int], resolution: tuple[int, int]):
         """A context manager giving how hooked outputs of `layers` become maps (`Capture`'s `to_map`), or None for
-        the default rule (`difffeat.capture.Capture.default_map`)."""
+        the default rule (`difffeat.extraction.capture.Capture.default_map`)."""
         return contextlib.nullcontext(None)
 
     # ---------------------------------------------------------------------------------------- attention

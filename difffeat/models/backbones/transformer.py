@@ -5,7 +5,7 @@ makes differ from the text's), laid back on the patch grid (latent size / patch 
 
 `--t` keeps its meaning, an integer in [0, 1000) from nearly clean to pure noise; on a flow-matching scheduler
 (SD3, FLUX) it maps to the σ of the scheduler's own training table (`Backbone.sigma_of_t`). DiTF's fixes are layer
-options (``NAME:remod``, ``NAME:massive=zero|clip``): `difffeat.ditf`.
+options (``NAME:remod``, ``NAME:massive=zero|clip``): `difffeat.models.ditf`.
 """
 
 from __future__ import annotations
@@ -95,9 +95,9 @@ class TransformerBackbone(Backbone):
         return dict(vars(self.model)["difffeat_layer_shapes"][self.latent_size(height, width)][1])
 
     def feature_maps(self, layers: Sequence[str], latent_hw: tuple[int, int], resolution: tuple[int, int]):
-        """Image tokens on the patch grid with the DiTF options applied (`difffeat.ditf.TokenMaps`, a context that
-        records each block's modulation while `remod` layers are requested)."""
-        from difffeat.ditf import TokenMaps
+        """Image tokens on the patch grid with the DiTF options applied (`difffeat.models.ditf.TokenMaps`, a context
+        that records each block's modulation while `remod` layers are requested)."""
+        from difffeat.models.ditf import TokenMaps
 
         return TokenMaps(self.model, list(layers), self.token_index(*resolution), latent_hw)
 
@@ -108,8 +108,8 @@ class TransformerBackbone(Backbone):
                 if hasattr(m, "processor") and getattr(m, "add_k_proj", None) is not None], "joint attention"
 
     def attention_recorder(self, latent_hw: tuple[int, int]):
-        """`difffeat.dit_attention.probs_processor` with this latent size's image token count bound."""
-        from difffeat.dit_attention import probs_processor
+        """`difffeat.models.dit_attention.probs_processor` with this latent size's image token count bound."""
+        from difffeat.models.dit_attention import probs_processor
 
         p = self.patch_size()
         return functools.partial(probs_processor, image_tokens=(latent_hw[0] // p) * (latent_hw[1] // p))

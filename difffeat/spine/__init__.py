@@ -1,0 +1,1 @@
+"""The run spine under every command: configs as data, their flags, run folders."""

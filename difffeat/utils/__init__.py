@@ -1,0 +1,1 @@
+"""Tools every layer uses: locks, atomic writes, measurements, progress lines."""
