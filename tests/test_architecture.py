@@ -147,6 +147,64 @@ def test_no_import_circle():
         " → ".join(c) for c in circles)
 
 
+# The core's layers, lowest first (docs/architecture.md, "The core, one folder per layer"): a sub-package imports only
+# those before it. The top-level modules: `errors` and `lazy` are below every layer, the package face (`difffeat`,
+# which loads the zoo) just above the zoo, `cli` and `__main__` above every layer.
+CORE_LAYERS = ("utils", "spine", "data", "models", "zoo", "store", "extraction", "report")
+CORE_TOP = {"errors": -1, "lazy": -1, "": CORE_LAYERS.index("zoo") + 0.5, "cli": len(CORE_LAYERS),
+            "__main__": len(CORE_LAYERS) + 1}
+
+
+def _core_layer(module: str) -> float | None:
+    parts = module.split(".")
+    if parts[0] != "difffeat":
+        return None
+    name = parts[1] if len(parts) > 1 else ""
+    return CORE_LAYERS.index(name) if name in CORE_LAYERS else CORE_TOP.get(name)
+
+
+def _climbing_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Imports inside the core from a layer to the same or a higher one in another sub-package (same-package
+    imports are the circle test's business)."""
+    found = []
+    for module, targets in sorted(graph.items()):
+        low = _core_layer(module)
+        if low is None:
+            continue
+        for target in sorted(targets):
+            high = _core_layer(target)
+            if high is not None and high >= low and module.split(".")[:2] != target.split(".")[:2]:
+                found.append(f"{module} → {target}")
+    return found
+
+
+def test_the_core_layers_import_downwards_only():
+    graph = _import_graph()
+    unknown = sorted({m.split(".")[1] for m in graph if m.startswith("difffeat.") and _core_layer(m) is None})
+    assert unknown == [], f"core sub-packages or modules without a layer in CORE_LAYERS: {unknown}"
+    climbing = _climbing_imports(graph)
+    assert climbing == [], "imports that climb the core's layers (docs/architecture.md):\n" + "\n".join(climbing)
+
+
+def test_the_layer_scan_sees_a_climbing_import():
+    graph = {"difffeat.store.feature_store": {"difffeat.extraction.runner", "difffeat.data.geometry"},
+             "difffeat.data.images": {"difffeat.spine.run"}, "difffeat.models.maps": {"difffeat.models.layers"}}
+    assert _climbing_imports(graph) == ["difffeat.store.feature_store → difffeat.extraction.runner"]
+
+
+def test_the_architecture_page_names_every_core_sub_package_and_no_other():
+    """docs/architecture.md draws the layers this test enforces: its table names each sub-package, in order."""
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    named = re.findall(r"^\| `difffeat/(\w+)/` \|", page, flags=re.M)
+    assert tuple(named) == CORE_LAYERS
+    on_disk = {p.parent.name for p in (ROOT / "difffeat").glob("*/__init__.py")}
+    assert on_disk == set(CORE_LAYERS)
+    top = {p.stem for p in (ROOT / "difffeat").glob("*.py")} - {"__init__"}
+    assert top == {name for name in CORE_TOP if name} | {"__main__"}
+    chain = " ──► ".join(["cli", *reversed(CORE_LAYERS)])
+    assert chain in page, chain
+
+
 def test_the_circle_scan_sees_a_lazy_circle_and_ignores_typing_imports(tmp_path):
     pkg = tmp_path / "difffeat"
     pkg.mkdir()
@@ -162,7 +220,7 @@ def test_the_circle_scan_sees_a_lazy_circle_and_ignores_typing_imports(tmp_path)
 
 
 FAMILY_NAMES = {"unet", "sd3", "pixart", "flux"}
-BACKBONE_HOME = ("difffeat/models/backbones/", "difffeat/dit.py")  # the classes, and dit.py's functions of old
+BACKBONE_HOME = ("difffeat/models/backbones/", "difffeat/models/dit.py")  # the classes, and dit.py's functions of old
 
 
 def _family_branches(path: Path, root: Path = ROOT) -> list[str]:
@@ -314,8 +372,8 @@ def test_config_errors_name_the_flag(argv, message, capsys):
 
 
 def test_config_errors_name_the_field_in_the_library():
-    from difffeat.run import ConfigError
-    from difffeat.runner import ExtractRunConfig
+    from difffeat.extraction.runner import ExtractRunConfig
+    from difffeat.spine.run import ConfigError
 
     with pytest.raises(ConfigError, match=r"^prompt_source: must be one of fixed, sidecar, csv, label"):
         ExtractRunConfig.from_dict({"images": "a", "out": "b", "prompt_source": "captions"})

@@ -97,8 +97,7 @@ def _skipped_note(skipped: list[str]) -> str:
 def is_difffeat_output(folder: str | os.PathLike) -> bool:
     """Whether `folder` holds what difffeat wrote: a feature store (a difffeat ``manifest.json``) or a run
     (a ``config.json`` run marker). Its pictures are results (a PCA picture, samples), not inputs."""
-    from difffeat.spine.run import RUN_FORMAT
-    from difffeat.store.feature_store import FORMAT as STORE_FORMAT
+    from difffeat.spine.run import RUN_FORMAT, STORE_FORMAT
 
     for name, fmt in (("manifest.json", STORE_FORMAT), ("config.json", RUN_FORMAT)):
         file = Path(folder) / name

@@ -19,6 +19,7 @@ from typing import ClassVar
 from difffeat.errors import UserError
 from difffeat.extraction.fastpath import ATTENTION_BACKENDS
 from difffeat.spine.run import Config, ConfigError, option
+from difffeat.store.feature_store import SHARDING_FIELDS
 from difffeat.utils.atomic import write_json_atomic
 
 PROMPT_SOURCES = ("fixed", "sidecar", "csv", "label")
@@ -117,7 +118,7 @@ class ExtractRunConfig(Config):
     RUN_ONLY: ClassVar[tuple[str, ...]] = (
         "out", "batch_size", "shard_size", "workers", "background_write", "background_decode", "compile",
         "compile_backend", "compile_mode", "channels_last", "pad_batches", "attention_backend", "max_memory")
-    SHARDING: ClassVar[tuple[str, ...]] = ("shard_index", "num_shards")
+    SHARDING: ClassVar[tuple[str, ...]] = SHARDING_FIELDS
     # The data set the images came from (layout, root, split): the store records it for train-seg and eval-seg;
     # a repeated run reads the images named by `images` again.
     recorded_fields: ClassVar[tuple[str, ...]] = ("data",)

@@ -42,6 +42,7 @@ from difffeat.errors import UserError
 from difffeat.utils.atomic import atomic_path, write_json_atomic
 
 RUN_FORMAT = "difffeat-run/1"
+STORE_FORMAT = "difffeat-store/1"  # a feature store's manifest (difffeat.store); here so data can tell outputs apart
 VERSIONED = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "numpy", "difffeat")
 CHECKPOINTS = "checkpoints"
 

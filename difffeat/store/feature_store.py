@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from difffeat.errors import UserError
-from difffeat.spine.run import RunFolder, canonical_json, config_hash, library_versions, mkdir
+from difffeat.spine.run import STORE_FORMAT, RunFolder, canonical_json, config_hash, library_versions, mkdir
 from difffeat.utils.atomic import atomic_path
 from difffeat.utils.lock import FolderLock
 
@@ -45,7 +45,10 @@ __all__ = ["FeatureRangeWarning", "FeatureStore", "FeatureStoreWriter", "check_s
            "summarize", "value_range"]
 # config_hash and library_versions: from difffeat.spine.run, kept importable here
 
-FORMAT = "difffeat-store/1"
+FORMAT = STORE_FORMAT
+# The config fields that differ between the stores of one sharded extraction (each job a part): what a merge lets
+# differ (difffeat.store.merge) and what a store's identity leaves out.
+SHARDING_FIELDS = ("shard_index", "num_shards")
 KIND = "feature store"
 MANIFEST = "manifest.json"
 SHARDS = "shards"

@@ -4,7 +4,7 @@ Jobs on several machines (``extract --shard-index i --num-shards n``, or whole `
 on separate file systems) each write a store of their part of the images. Merging makes one store equal
 to what a single run over all images would have written, key for key:
 
-- the configs must agree apart from the sharding fields (`ExtractRunConfig.SHARDING`); the merged store's
+- the configs must agree apart from the sharding fields (`SHARDING_FIELDS`); the merged store's
   config is the shared one without them, so its config hash is a one-job run's;
 - every shard file is hard-linked into OUT under a renumbered rank (each source rank gets a new one, in
   the order the stores are given); a shard is never changed after it is written (a resumed run replaces
@@ -47,10 +47,9 @@ def _check_not_being_written(store: Path) -> None:
 
 
 def _merged_config(stores: list[Path], manifests: list[dict]) -> dict:
-    from difffeat.extraction.runner import ExtractRunConfig
     from difffeat.spine.run import differing_fields
+    from difffeat.store.feature_store import SHARDING_FIELDS as sharding
 
-    sharding = ExtractRunConfig.SHARDING
     first = manifests[0]["config"]
     for store, manifest in zip(stores[1:], manifests[1:]):
         differ = differing_fields(first, manifest["config"], ignore=sharding)
