@@ -1,24 +1,20 @@
-"""`TechniqueStack`: techniques bound to one pipeline and composed in hook order; the one place that turns
-them into denoiser calls (a UNet's, or a diffusion transformer's: SD3, PixArt, FLUX), for extraction (`features`)
-and for generation (`eps`) alike. It implements the core's `difffeat.extraction.conditioning.ConditioningStack`.
-
-Per batch, `conditioning(...)` gives a `Conditioning`: the prompt embeddings (after the prompt techniques,
-with the LoRA weights active), the unconditional branch for guidance, and the control inputs. Its denoiser call
-runs every residual technique (ControlNet) on the same latents and adds their residuals, then combines the
-guidance branches; `prepare_latents` runs a schedule technique's denoising steps with that same call before
-the feature pass.
+"""`TechniqueStack`: techniques bound to one pipeline and composed in hook order. It implements the core's
+`difffeat.extraction.conditioning.ConditioningStack`, whose `Conditioning` makes every denoiser call (a UNet's, or a
+diffusion transformer's: SD3, PixArt, FLUX), for extraction (`features`) and generation (`eps`) alike; the stack
+only contributes to it: the prompts (after the prompt techniques, with the LoRA weights active), the guidance
+technique's negative prompt and combination of branches, the schedule technique's steps, and the control inputs
+with the residual keyword arguments every residual technique (ControlNet) gives the call, summed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 
 from difffeat.errors import UserError
-from difffeat.extraction.conditioning import BatchConditioning, ConditioningStack
+from difffeat.extraction.conditioning import Conditioning, ConditioningStack  # noqa: F401 (importable here)
 from difffeat.models.backbones import backbone_for
 from difffeat.models.backbones.base import ddim_step  # noqa: F401 (importable here as before)
 from pipelines.base import MissingInput, Technique, ordered
@@ -129,39 +125,29 @@ class TechniqueStack(ConditioningStack):
         finally:
             activate_adapters(self.pipe, [])
 
-    # ------------------------------------------------------------------------------------------ batches
+    # ------------------------------------------------------------------- what the stack adds to the call
+    def negative_prompt(self) -> str | None:
+        return None if self.guidance is None else self.guidance.negative_prompt()
+
+    def combine_guidance(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.guidance.guidance(uncond, cond)
+
+    def steps(self, t: int) -> list[int]:
+        return self.schedule.schedule(t) if self.schedule is not None else [t]
+
     def control_images(self, images: torch.Tensor, keys: list[str]) -> list[torch.Tensor]:
         """Per residual technique, the control images [B, 3, H, W] of images [B, 3, H, W] in [0, 1]."""
         return [t.control_images(images, keys) for t, _ in self.residuals]
 
-    def conditioning(self, encoder, prompts: Sequence[str], controls: Sequence[torch.Tensor], rows: Sequence[int],
-                     resolution: tuple[int, int]) -> Conditioning:
-        """The `Conditioning` of batch rows `rows` (indices into the final `prompts` and the control images)
-        with text embeddings from `encoder` (a `difffeat.models.prompts.PromptEncoder`); call inside `active()`."""
-        backbone, rows = backbone_for(self.pipe), list(rows)
-        model = backbone.model
-        # The encoder's extra conditions as the call takes them (SDXL's added conditions, pooled projections …).
-        extra = lambda a: backbone.call_conditions(a, resolution)
-        texts = [prompts[i] for i in rows]
-        embeds, added = encoder(texts, self.weights_key)
-        uncond = uncond_added = None
-        if self.guidance is not None:
-            uncond, uncond_added = encoder([self.guidance.negative_prompt()] * len(rows), self.weights_key,
-                                           length=embeds.shape[1])
-            if uncond.shape[1] > embeds.shape[1]:  # a negative prompt longer than every prompt
-                embeds, _ = encoder(texts, self.weights_key, length=uncond.shape[1])
-            uncond = uncond.to(model.device, model.dtype)
-            uncond_added = extra(uncond_added)
-        # Control inputs as each network takes them (an SD3 ControlNet: VAE latents), once per batch.
-        controls = [t.prepare_control(loaded, self.pipe, c[rows]).to(model.device, model.dtype)
-                    for (t, loaded), c in zip(self.residuals, controls)]
-        return self.condition(embeds.to(model.device, model.dtype), extra(added), uncond, uncond_added, controls)
+    def prepare_controls(self, controls: Sequence[torch.Tensor], rows: Sequence[int]) -> list[torch.Tensor]:
+        return [t.prepare_control(loaded, self.pipe, c[list(rows)]) for (t, loaded), c in zip(self.residuals, controls)]
 
-    def condition(self, embeds: torch.Tensor, added: dict | None = None, uncond: torch.Tensor | None = None,
-                  uncond_added: dict | None = None, controls: Sequence[torch.Tensor] = ()) -> Conditioning:
-        if self.guidance is not None and uncond is None:
-            raise ValueError("guidance needs the unconditional embeddings")
-        return Conditioning(self, embeds, added, uncond, uncond_added, list(controls))
+    def residual_kwargs(self, x, timestep, embeds, controls: Sequence[torch.Tensor], call_kwargs: dict) -> dict:
+        residuals: dict = {}  # the denoiser's residual keyword arguments, summed over the ControlNets
+        for (technique, loaded), control in zip(self.residuals, controls):
+            more = technique.residuals(loaded, x, timestep, embeds, control, call_kwargs)
+            add_residuals(residuals, more, technique.spec)
+        return residuals
 
 
 def activate_adapters(pipe, adapters: list[tuple[str, float]]) -> None:
@@ -198,84 +184,3 @@ def add_residuals(into: dict, more: dict, spec: str) -> None:
         elif value != into[key]:
             raise UserError(f"{spec}: {key}={value} where the stack's other ControlNet has {into[key]}; ControlNets "
                             "used together must agree (XLabs-style FLUX ControlNets do not mix with InstantX-style)")
-
-
-@dataclass
-class Conditioning(BatchConditioning):
-    """One batch's conditioning under a stack; rows of every tensor line up with the batch's latents."""
-
-    stack: TechniqueStack
-    embeds: torch.Tensor
-    added: dict | None
-    uncond: torch.Tensor | None
-    uncond_added: dict | None
-    controls: list[torch.Tensor]
-
-    def subset(self, rows: list[int]) -> Conditioning:
-        """The conditioning of some rows of the batch."""
-        pick = lambda d: None if d is None else {k: v[rows] for k, v in d.items()}
-        return Conditioning(self.stack, self.embeds[rows], pick(self.added),
-                            None if self.uncond is None else self.uncond[rows], pick(self.uncond_added),
-                            [c[rows] for c in self.controls])
-
-    def _branches(self, z, t, sigma=None):
-        """(args, kwargs) of the denoiser call; with guidance the batch is [uncond; cond]. The backbone makes the call
-        (`Backbone.call`; `sigma`: a flow-matching sampler's noise level, a scalar or [B]); ControlNet residuals join
-        it as the keyword arguments each ControlNet gives for that call (a UNet's `down_block_additional_residuals`,
-        SD3's `block_controlnet_hidden_states`, FLUX's `controlnet_block_samples`, …)."""
-        backbone = backbone_for(self.stack.pipe)
-        t = torch.as_tensor(t, device=backbone.model.device)
-        t = t.expand(len(z)) if t.ndim == 0 else t
-        embeds, added, controls = self.embeds, self.added, self.controls
-        if self.stack.guidance is not None:
-            z, t = torch.cat([z, z]), torch.cat([t, t])
-            embeds = torch.cat([self.uncond, embeds])
-            if added is not None:
-                added = {k: torch.cat([self.uncond_added[k], v]) for k, v in added.items()}
-            controls = [torch.cat([c, c]) for c in controls]
-            if sigma is not None and torch.as_tensor(sigma).ndim > 0:
-                sigma = torch.cat([torch.as_tensor(sigma)] * 2)
-        args, kwargs = backbone.call(z, t, embeds, added, sigma=sigma)
-        x, timestep = backbone.control_inputs(args, kwargs)  # the latents and timestep as a ControlNet sees them
-        residuals: dict = {}  # the denoiser's residual keyword arguments, summed over the ControlNets
-        for (technique, loaded), control in zip(self.stack.residuals, controls):
-            more = technique.residuals(loaded, x, timestep, embeds, control, kwargs)
-            add_residuals(residuals, more, technique.spec)
-        kwargs.update(residuals)
-        return args, kwargs
-
-    def _combine(self, out: torch.Tensor) -> torch.Tensor:
-        if self.stack.guidance is None:
-            return out
-        uncond, cond = out.chunk(2)
-        return self.stack.guidance.guidance(uncond, cond)
-
-    @torch.no_grad()
-    def eps(self, z: torch.Tensor, t, sigma=None) -> torch.Tensor:
-        """The denoiser's prediction for latents z at timestep(s) t, with every technique applied: the noise ε
-        (UNets, PixArt), or a flow-matching transformer's velocity (SD3, FLUX; at noise level `sigma` when given,
-        else at σ(t), `Backbone.sigma_of_t`)."""
-        backbone = backbone_for(self.stack.pipe)
-        args, kwargs = self._branches(z, t, sigma)
-        out = backbone.model(*args, **kwargs).sample
-        return self._combine(backbone.prediction(out, tuple(z.shape[-2:])))
-
-    @torch.no_grad()
-    def features(self, capture, z: torch.Tensor, t) -> dict[str, torch.Tensor]:
-        """The captured activations (difffeat.extraction.capture.Capture) of one denoiser call, guidance-combined."""
-        args, kwargs = self._branches(z, t)
-        return {name: self._combine(fmap) for name, fmap in capture.run(*args, **kwargs).items()}
-
-    @torch.no_grad()
-    def prepare_latents(self, z0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
-        """The latents the feature pass sees at timestep t: z0 noised at t, or, under a schedule technique
-        (denoise-from), noised at its start and denoised down to t with every technique applied (DDIM, η = 0; a
-        flow-matching model: Euler steps z ← z + (σ(s') − σ(s))·v between the σ of the timesteps)."""
-        backbone = backbone_for(self.stack.pipe)
-        schedule = self.stack.schedule
-        steps = schedule.schedule(t) if schedule is not None else [t]
-        z = backbone.noise_latents(z0, noise, steps[0])
-        for s, s_next in zip(steps[:-1], steps[1:]):
-            z = backbone.step(z, self.eps(z, s), s, s_next)
-        return z
-

@@ -291,6 +291,22 @@ def test_extraction_finds_the_technique_provider_without_importing_it():
     assert proc.stdout.split(maxsplit=1) == ["pipelines.stack", "['prompt:fine', 'controlnet:canny']\n"]
 
 
+def test_extraction_without_techniques_is_the_cores_own():
+    """No technique: the core's PlainStack makes the denoiser call; no technique provider is loaded."""
+    proc = _python("""
+        import sys
+        import torch
+        from difffeat import FeatureExtractor, load_pipeline
+        pipe = load_pipeline("mini-random")
+        fe = FeatureExtractor(pipe, ["up_blocks.1"])
+        out = fe.extract(torch.rand(2, 3, 64, 64), keys=["a", "b"])
+        assert "pipelines" not in sys.modules, sorted(m for m in sys.modules if m.startswith("pipelines"))
+        print(type(fe.stack).__name__, len(out["up_blocks.1"]))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["PlainStack", "2"]
+
+
 def test_every_file_in_the_techniques_folder_is_a_registered_technique():
     from pipelines.base import TECHNIQUES, load_techniques
 

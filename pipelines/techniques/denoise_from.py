@@ -8,7 +8,7 @@ runs about ten one-timestep PNDM steps down to the feature timestep, all with th
 (default: one step per timestep, at most 10 steps). The noise is the same seeded draw the plain extraction
 uses at the feature timestep, so variants with and without denoise-from share their noise. On a flow-matching
 transformer (SD3, FLUX) the steps are Euler steps on the predicted velocity between the σ of those timesteps
-(`pipelines.stack.Conditioning.prepare_latents`).
+(`difffeat.extraction.conditioning.Conditioning.prepare_latents`).
 """
 
 from __future__ import annotations
