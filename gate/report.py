@@ -18,6 +18,7 @@ import base64
 import csv
 import html
 import io
+import json
 import os
 from pathlib import Path
 
@@ -41,7 +42,9 @@ MEANING = {
 }
 COLORS = {"reference": "#8a8a8a", "accepted": "#2e8b57", "other": "#4a78b5"}
 KIND = "gate"
-OWNED = ("ranking.csv", "ranking.json", "per_image.csv", "scores.png", "pca.png", "probe.png", "report.html")
+OWNED = ("ranking.csv", "ranking.json", "per_image.csv", "scores.png", "pca.png", "probe.png", "report.html",
+         "reconstructions", "reconstructions.json")
+RECONSTRUCTIONS = "reconstructions"  # the folder of the reconstruction pictures; reconstructions.json lists them
 DIFF_GAIN = 4  # |reconstruction − input| is shown ×4 (differences of a few percent are otherwise black)
 
 
@@ -180,6 +183,37 @@ def pca_grid(result, n_images: int = 4) -> tuple[list[str], list[list[np.ndarray
     return [name for name, _ in rows], [rgb[i * k : (i + 1) * k] for i in range(len(rows))]
 
 
+def write_reconstructions(result, folder: RunFolder, count: int) -> Path:
+    """The first `count` images as picture files — the input, each candidate's reconstruction (best first) and
+    |reconstruction − input| — in RUN/reconstructions/, and ``reconstructions.json`` listing them per image with the
+    primary score and whether it beats reference on that image ("up" / "down" / ""): what `difffeat report` shows,
+    without reading report.html. The list is written last: a run cut short has none."""
+    primary = result.primary
+    names = result.ranking()
+    better = HIGHER_IS_BETTER[primary]
+    pictures = folder.file(RECONSTRUCTIONS)
+    pictures.mkdir(exist_ok=True)
+    rows = []
+    for i in range(min(count, len(result.keys))):
+        stem = f"{RECONSTRUCTIONS}/{i:03d}"
+        write_atomic(folder.file(f"{stem}-input.png"), _png(_uint8(result.inputs[i])))
+        ref_v = result.evaluations[REFERENCE].per_image[primary][i]
+        cells = []
+        for j, n in enumerate(names):
+            ev = result.evaluations[n]
+            v = float(ev.per_image[primary][i])
+            write_atomic(folder.file(f"{stem}-c{j}.png"), _png(_uint8(ev.recon[i])))
+            write_atomic(folder.file(f"{stem}-c{j}-diff.png"), _png(difference_map(ev.recon[i], result.inputs[i])))
+            side = "" if n == REFERENCE or v == ref_v else "up" if (v > ref_v) == better else "down"
+            cells.append({"candidate": n, "file": f"{stem}-c{j}.png", "difference": f"{stem}-c{j}-diff.png",
+                          "score": v, "versus_reference": side})
+        rows.append({"key": result.keys[i], "input": f"{stem}-input.png", "cells": cells})
+    listing = folder.file("reconstructions.json")
+    write_atomic(listing, json.dumps({"primary": primary, "difference_gain": DIFF_GAIN, "columns": names,
+                                      "images": rows}, indent=1))
+    return listing
+
+
 def write_report(result, out: str | os.PathLike | RunFolder, report_images: int = 8, pca_images: int = 4,
                  overwrite: bool = False) -> Path:
     """Write every output of a run into `out` (a folder, or the `report_folder` checked before the run);
@@ -187,6 +221,7 @@ def write_report(result, out: str | os.PathLike | RunFolder, report_images: int 
     folder = out if isinstance(out, RunFolder) else report_folder(out, result.config, overwrite=overwrite)
     folder.create()
     write_tables(result, folder)
+    write_reconstructions(result, folder, report_images)
     chart = bar_chart(result, folder.file("scores.png"))
     labels, pcas = pca_grid(result, pca_images)
     scale = max(1, 96 // pcas[0][0].shape[0])

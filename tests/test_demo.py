@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from apps.demo import plan
-from difffeat.report.sections.check import check_report
+from difffeat.report.check import check_report
 
 
 def run(*args, timeout=1200):

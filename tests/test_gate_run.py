@@ -86,6 +86,13 @@ def test_cli_report_config_and_emit_round_trip(mini_pipe, shapes_dir, tmp_path):
     header = (out / "ranking.csv").read_text().splitlines()[0]
     assert header.startswith("rank,candidate,techniques,psnr,psnr_low,psnr_high")
     assert (out / "scores.png").stat().st_size > 0 and (out / "pca.png").stat().st_size > 0
+    # the reconstructions as files, listed for `difffeat report` (which never reads report.html)
+    listing = json.loads((out / "reconstructions.json").read_text())
+    assert listing["primary"] == "psnr" and listing["columns"][0] == json.loads(
+        (out / "ranking.json").read_text())["ranking"][0]["candidate"]
+    for row in listing["images"]:
+        for name in [row["input"]] + [c[k] for c in row["cells"] for k in ("file", "difference")]:
+            assert (out / name).read_bytes().startswith(b"\x89PNG"), name
 
 
 def test_emit_of_accepted_and_greedy_variants(tmp_path):

@@ -15,7 +15,7 @@ from PIL import Image
 
 from difffeat.cli import main
 from difffeat.report.build import find_runs
-from difffeat.report.sections.check import check_report, check_static
+from difffeat.report.check import check_report, check_static
 from difffeat.store.feature_store import FeatureStoreWriter
 
 CLASSES = {"names": ["background", "stripes", "circle", "star"], "ignore_index": 255,
@@ -40,7 +40,7 @@ def write_json(path, obj) -> None:
 
 
 def make_gate(folder) -> None:
-    """A GATE run folder as `difffeat gate` writes it today (ranking.json, pictures, report.html)."""
+    """A GATE run folder as `difffeat gate` writes it today (ranking.json, pictures, reconstructions as files)."""
     def row(rank, name, psnr, imp, accepted):
         return {"rank": rank, "candidate": name, "techniques": "controlnet:canny" if name == "canny" else HOSTILE,
                 "psnr": psnr, "psnr_low": psnr - 1, "psnr_high": psnr + 1, "ssim": 0.6, "ssim_low": 0.5,
@@ -57,14 +57,25 @@ def make_gate(folder) -> None:
     write_json(folder / "config.json", {"config": {"model": "mini"}, "versions": {}})
     (folder / "scores.png").write_bytes(png((60, 30)))
     (folder / "pca.png").write_bytes(png((48, 36), (10, 200, 10)))
-    cells = "".join(f"<tr><td><img alt='input' src='{uri(png())}'>{key}</td>"
-                    f"<td><img alt='canny' src='{uri(png(colour=(0, 0, 200)))}'><span class='up'>21.0</span></td>"
-                    f"<td><img alt='reference' src='{uri(png())}'><span class=''>20.0</span></td></tr>"
-                    for key in ("images/a.png", "images/b.png"))
-    (folder / "report.html").write_text(
-        "<html><body><h2>Ranking</h2><table><tr><td>x</td></tr></table><h2>Reconstructions</h2><p>…</p>"
-        f"<div><table class='grid'><tr><th>input</th><th>canny</th><th>reference</th></tr>{cells}</table></div>"
-        "<h2>Features</h2><table><tr><td><img src='x'></td></tr></table></body></html>")
+    recon = folder / "reconstructions"
+    recon.mkdir()
+    images = []
+    for i, key in enumerate(("images/a.png", "images/b.png")):
+        (recon / f"{i:03d}-input.png").write_bytes(png())
+        cells = []
+        for j, (name, score, side, colour) in enumerate((("canny", 21.0, "up", (0, 0, 200)),
+                                                         ("reference", 20.0, "", (128, 128, 128)))):
+            (recon / f"{i:03d}-c{j}.png").write_bytes(png(colour=colour))
+            (recon / f"{i:03d}-c{j}-diff.png").write_bytes(png(colour=(20, 20, 20)))
+            cells.append({"candidate": name, "file": f"reconstructions/{i:03d}-c{j}.png",
+                          "difference": f"reconstructions/{i:03d}-c{j}-diff.png", "score": score,
+                          "versus_reference": side})
+        images.append({"key": key, "input": f"reconstructions/{i:03d}-input.png", "cells": cells})
+    write_json(folder / "reconstructions.json", {"primary": "psnr", "difference_gain": 4,
+                                                 "columns": ["canny", "reference"], "images": images})
+    # GATE's own page is not read by the report (its pictures come from the files above)
+    (folder / "report.html").write_text("<html><body><h2>Reconstructions</h2><table><tr><td><img src='x'>"
+                                        "</td></tr></table></body></html>")
 
 
 def seg_scores(miou: float) -> dict:
@@ -136,9 +147,10 @@ def test_report_shows_every_part_of_the_chain(chain, tmp_path, capsys):
     said = capsys.readouterr().out
     assert f"wrote {out}" in said and "1 GATE(s), 1 feature store(s), 2 segmentation head(s), 1 classification" in said
     page = out.read_text()
-    # gate: 3 pictures of its own + 2×3 reconstructions; store: its grid; seg: bars, confusion, curves ×2; cls: 2
-    assert_page_ok(out, min_images=2 + 6 + 1 + 6 + 2)
-    assert page.count("class='pix'") == 6  # the reconstructions, re-read from GATE's own page
+    # gate: 2 pictures of its own + 2×5 reconstructions; store: its grid; seg: bars, confusion, curves ×2; cls: 2
+    assert_page_ok(out, min_images=2 + 10 + 1 + 6 + 2)
+    # the reconstructions (input, 2 candidates, 2 differences per image) from reconstructions.json's files
+    assert page.count("class='pix'") == 10
     for text in ("my chain", "Segmentation heads compared", "GATE · ", "Feature store · ", "Classification head · ",
                  "accepted", "worse than reference", "Greedy forward selection kept <b>canny</b>", "Reconstructions",
                  "canny/up_blocks.1", "plain/up_blocks.1", "Dirichlet", "forward-10"):
@@ -202,3 +214,58 @@ def test_page_check_finds_a_broken_picture(tmp_path):
     found = check_report(bad)
     if found["browser"]:  # and the browser sees it too
         assert any("could not draw image 'broken'" in p for p in found["problems"])
+
+
+def test_gate_reconstructions_come_from_its_files_and_stay_inside_the_run(chain, tmp_path, capsys):
+    """No reconstructions.json (an older run): a note, the rest of the section shown. A listed name outside the run
+    folder: the section is not shown, naming why; the page still is."""
+    import json as _json
+
+    listing = chain / "gate" / "reconstructions.json"
+    saved = listing.read_text()
+    listing.unlink()
+    out = tmp_path / "older.html"
+    assert main(["report", str(chain / "gate"), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "keeps none as files" in page and "class='pix'" not in page and "Greedy forward selection" in page
+    data = _json.loads(saved)
+    data["images"][0]["cells"][0]["file"] = "../../secret.png"
+    listing.write_text(_json.dumps(data))
+    out = tmp_path / "hostile.html"
+    assert main(["report", str(chain / "gate"), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "not shown" in err and "../../secret.png" in err and err.count("\n") == 1, err
+    assert "Could not show this folder" in out.read_text()
+
+
+def test_a_package_adds_a_section_kind_through_the_entry_point_group(tmp_path):
+    """A kind of folder the core does not know, registered by an installed package, is recognised and shown."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    (tmp_path / "notes_plugin.py").write_text(textwrap.dedent('''
+        from difffeat.report.kinds import SectionKind
+        from difffeat.report.page import Section, esc
+
+        def render(path, marker, anchor, shown, n_images):
+            text = (path / "NOTES.txt").read_text()
+            return Section("notes", f"notes · {shown}", anchor, f"<pre>{esc(text)}</pre>", "a notes folder")
+
+        NOTES = SectionKind("notes", "notes folder", lambda path, marker: (path / "NOTES.txt").is_file(), render,
+                            page_rank=5, chain_step="someone left notes")
+    '''))
+    info = tmp_path / "notes_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: notes-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[difffeat.report_sections]\nnotes = notes_plugin:NOTES\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "NOTES.txt").write_text("<b>hello</b> from a plugin")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "difffeat", "report", str(tmp_path / "run"), "--out",
+                           str(tmp_path / "r.html")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 notes folder(s)" in proc.stdout
+    page = (tmp_path / "r.html").read_text()
+    assert "&lt;b&gt;hello&lt;/b&gt; from a plugin" in page and "Someone left notes." in page

@@ -1,12 +1,12 @@
 """`difffeat report RUN_OR_STORE… --out report.html`: one self-contained page for a whole chain.
 
 It gathers what exists under the folders given — GATE runs, sweeps, feature stores, segmentation and classification
-head runs, and folders holding them (a `difffeat demo` folder, a ``runs/`` folder) — and shows each as the
-section of its kind (`difffeat.report.sections`), after a table that compares every segmentation head. Folders
-are recognised by the marker difffeat writes (a run's ``config.json`` with ``"format": "difffeat-run/1"`` and
-its ``"kind"``, a store's ``manifest.json``), and by the files of runs written before those markers
-(``ranking.json``; a ``config.json`` with classes and masks, or with a method and labels). The report only
-reads files: it imports none of the packages that wrote them.
+head runs, protocol runs, and folders holding them (a `difffeat demo` folder, a ``runs/`` folder) — and shows each
+as the section of its kind, with a table comparing the folders of a kind where the kind has one (every
+segmentation head). The kinds are registered by the packages that write those folders (`difffeat.report.kinds`:
+the entry-point group ``difffeat.report_sections``; the store is the core's own), and each recognises its folders
+by the marker difffeat writes (a run's ``config.json`` with ``"format": "difffeat-run/1"`` and its ``"kind"``, a
+store's ``manifest.json``) or by the files of runs written before those markers. Sections only read files.
 
 The page is one HTML file with every picture embedded (base64 PNG), every text escaped, and a
 Content-Security-Policy that lets it load nothing and run nothing.
@@ -25,9 +25,6 @@ from difffeat.errors import UserError
 from difffeat.spine.run import RUN_FORMAT, Config, ConfigError, check_new_file, option
 
 SKIP_FOLDERS = ("checkpoints", "shards")  # parts of a run, never runs themselves
-KIND_ORDER = ("protocol", "gate", "sweep", "store", "train-seg", "train-cls")
-KIND_NAMES = {"gate": "GATE", "sweep": "sweep", "store": "feature store", "train-seg": "segmentation head",
-              "train-cls": "classification head", "protocol": "protocol run"}
 
 
 @dataclass
@@ -48,29 +45,16 @@ def _marker(path: Path) -> dict | None:
 
 
 def classify(path: Path) -> tuple[str | None, dict | None]:
-    """(kind, marker content) of a folder: one of `KIND_ORDER`, "container" (a run that holds runs, e.g. a
-    demo, or a run of a kind the report does not show), or None (not a difffeat folder)."""
-    from difffeat.report.sections.cls import is_cls_run
-    from difffeat.report.sections.gate import is_gate_run
-    from difffeat.report.sections.protocol import is_protocol_run
-    from difffeat.report.sections.seg import is_seg_run
-    from difffeat.report.sections.store import is_store
-    from difffeat.report.sections.sweep import is_sweep_run
+    """(kind, marker content) of a folder: the first registered kind that recognises it (`section_kinds`),
+    "container" (a run that holds runs, e.g. a demo, or a run of a kind the report does not show), or None (not a
+    difffeat folder)."""
+    from difffeat.report.kinds import section_kinds
 
-    if is_store(path):
-        return "store", None
-    if is_protocol_run(path):  # its steps' folders are shown through its table
-        return "protocol", None
     saved = _marker(path)
+    for kind in section_kinds():
+        if kind.detect(path, saved):
+            return kind.kind, saved
     marked = saved is not None and saved.get("format") == RUN_FORMAT
-    if marked and is_sweep_run(saved):  # a sweep writes a ranking.json too: its marker says what it is
-        return "sweep", saved
-    if marked and saved.get("kind") == "gate" or not marked and is_gate_run(path):
-        return "gate", saved
-    if is_seg_run(path, saved):
-        return "train-seg", saved
-    if is_cls_run(path, saved):
-        return "train-cls", saved
     return ("container", saved) if marked else (None, saved)
 
 
@@ -85,7 +69,7 @@ def find_runs(paths: list[str | Path], depth: int = 3) -> list[Found]:
             return
         seen.add(real)
         kind, saved = classify(path)
-        if kind in KIND_ORDER:
+        if kind not in (None, "container"):
             found.append(Found(path, kind, saved))
             return
         if level >= depth:
@@ -116,42 +100,34 @@ def find_runs(paths: list[str | Path], depth: int = 3) -> list[Found]:
 
 # ------------------------------------------------------------------------------------------------ page
 def _section(found: Found, anchor: str, n_images: int):
-    from difffeat.report.sections.cls import render_cls
-    from difffeat.report.sections.gate import render_gate
-    from difffeat.report.sections.page import Section, esc, note
-    from difffeat.report.sections.protocol import render_protocol
-    from difffeat.report.sections.seg import render_seg
-    from difffeat.report.sections.store import render_store
-    from difffeat.report.sections.sweep import render_sweep
+    from difffeat.report.kinds import kind_named
+    from difffeat.report.page import Section, esc, note
 
     shown = found.path.as_posix()
+    kind = kind_named(found.kind)
     try:
-        if found.kind == "protocol":
-            return render_protocol(found.path, anchor, shown)
-        if found.kind == "gate":
-            return render_gate(found.path, anchor, shown)
-        if found.kind == "sweep":
-            return render_sweep(found.path, found.saved or {}, anchor, shown)
-        if found.kind == "store":
-            return render_store(found.path, anchor, shown, n_images=n_images)
-        if found.kind == "train-seg":
-            return render_seg(found.path, found.saved or {}, anchor, shown)
-        return render_cls(found.path, found.saved or {}, anchor, shown)
+        return kind.render(found.path, found.saved, anchor, shown, n_images)
     except (UserError, KeyError, TypeError, ValueError, OSError) as e:
         # One folder written by another version must not cost the whole page: say what could not be shown.
         reason = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
         print(f"difffeat report: {shown}: not shown ({reason})", file=sys.stderr)
-        return Section(found.kind, f"{KIND_NAMES[found.kind]} · {shown}", anchor,
+        return Section(found.kind, f"{kind.title} · {shown}", anchor,
                        note(f"Could not show this folder: {reason}", "warn"), f"<i>not shown</i>: {esc(reason)}")
+
+
+def _page_order(found: list[Found]) -> list[Found]:
+    from difffeat.report.kinds import kind_named
+
+    return sorted(found, key=lambda f: (kind_named(f.kind).page_rank, f.kind))
 
 
 def build_page(found: list[Found], title: str = "difffeat report", n_images: int = 8) -> str:
     """The report page of the folders `found` (see `find_runs`)."""
     import difffeat
-    from difffeat.report.sections import seg
-    from difffeat.report.sections.page import CSP, CSS, esc, table
+    from difffeat.report.kinds import kind_named
+    from difffeat.report.page import CSP, CSS, esc, table
 
-    ordered = sorted(found, key=lambda f: KIND_ORDER.index(f.kind))
+    ordered = _page_order(found)
     sections = [_section(f, f"s{i + 1}", n_images) for i, f in enumerate(ordered)]
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
@@ -163,15 +139,15 @@ def build_page(found: list[Found], title: str = "difffeat report", n_images: int
     parts.append(note_chain(ordered))
     parts.append("<h2 id='contents'>Contents</h2>")
     parts.append(table(["kind", "folder", "in short"],
-                       [[esc(KIND_NAMES[s.kind]), f"<a href='#{s.anchor}'>{esc(s.title.split(' · ', 1)[-1])}</a>",
+                       [[esc(kind_named(s.kind).title), f"<a href='#{s.anchor}'>{esc(s.title.split(' · ', 1)[-1])}</a>",
                          s.overview if s.overview.startswith("<i>") else esc(s.overview)] for s in sections], left=3))
-    heads = [s for s in sections if s.kind == "train-seg" and s.data]
-    if heads:
-        parts.append("<h2 id='heads'>Segmentation heads compared</h2>")
-        parts.append("<p class='note'>Scores of each head on its first evaluation (eval-seg's test split when it ran, "
-                     "else training's validation split); the best mIoU per evaluation is highlighted. Head, middle and "
-                     "tail are the class groups by training pixel frequency.</p>")
-        parts.append(seg.comparison(heads))
+    for kind in dict.fromkeys(kind_named(f.kind) for f in ordered):  # a comparison per kind that has one
+        mine = [s for s in sections if s.kind == kind.kind]
+        compared = kind.compare(mine) if kind.compare is not None else ""
+        if compared:
+            parts.append(f"<h2 id='compare-{esc(kind.kind)}'>{esc(kind.compare_title)}</h2>")
+            parts.append(f"<p class='note'>{esc(kind.compare_note)}</p>")
+            parts.append(compared)
     for s in sections:
         parts.append(f"<h2 id='{s.anchor}'>{esc(s.title)}</h2>")
         parts.append(s.html)
@@ -182,16 +158,11 @@ def build_page(found: list[Found], title: str = "difffeat report", n_images: int
 
 def note_chain(found: list[Found]) -> str:
     """One paragraph saying how the parts of the page connect (the chain a newcomer follows)."""
-    from difffeat.report.sections.page import esc
+    from difffeat.report.kinds import kind_named
+    from difffeat.report.page import esc
 
-    kinds = {f.kind for f in found}
-    steps = [("gate", "GATE ranked the candidate techniques by how closely img2img with each stays to the input"),
-             ("sweep", "a sweep probed which layer, timestep and technique variant give the best features"),
-             ("store", "the feature store holds UNet features of the images under each chosen technique "
-                       "(one variant each)"),
-             ("train-seg", "segmentation heads were trained on those features and scored per class group"),
-             ("train-cls", "classification heads were scored on test sets resampled to shifted label distributions")]
-    said = [text for kind, text in steps if kind in kinds]
+    said = [kind.chain_step for kind in dict.fromkeys(kind_named(f.kind) for f in _page_order(found))
+            if kind.chain_step]
     text = "; ".join(said)
     return f"<p>{esc(text[:1].upper() + text[1:])}.</p>" if said else ""
 
@@ -233,8 +204,10 @@ def _cmd_report(args) -> None:
 
     watch = Stopwatch()
     out, found = write_report(config_from_args(ReportConfig, args))
-    counts = ", ".join(f"{sum(f.kind == k for f in found)} {KIND_NAMES[k]}(s)" for k in KIND_ORDER
-                       if any(f.kind == k for f in found))
+    from difffeat.report.kinds import kind_named
+
+    kinds = dict.fromkeys(f.kind for f in _page_order(found))
+    counts = ", ".join(f"{sum(f.kind == k for f in found)} {kind_named(k).title}(s)" for k in kinds)
     print(watch.finish_line(f"wrote {out} ({human_bytes(out.stat().st_size)}; {counts})"))
 
 

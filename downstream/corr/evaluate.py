@@ -318,7 +318,7 @@ def draw_examples(path: Path, prepared: Sequence[PreparedPair], predictions: Seq
 
 def write_report(path: Path, results: dict, examples: Path) -> None:
     """report.html: the scores (overall and per category) and the example pairs, one self-contained page."""
-    from difffeat.report.sections.page import CSP, CSS, esc, img_file, table
+    from difffeat.report.page import CSP, CSS, esc, img_file, table
     from difffeat.utils.atomic import atomic_path
 
     def pct(value, low=None, high=None) -> str:

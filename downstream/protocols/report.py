@@ -1,15 +1,15 @@
 """A protocol run's page: our numbers with their intervals beside the published anchors, then the exact settings,
 what departs from the protocol and from the paper's code, the library versions and the machine. One HTML file with
-no script and no outside resource (the report kit's style and policy: `difffeat.report.sections.page`)."""
+no script and no outside resource (the report kit's style and policy: `difffeat.report.page`)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from difffeat.report.sections.page import CSP, CSS, esc
-from difffeat.report.sections.protocol import results_table
+from difffeat.report.page import CSP, CSS, esc
 from difffeat.utils.atomic import write_atomic
+from downstream.protocols.report_section import results_table
 
 
 def render(results: dict) -> str:

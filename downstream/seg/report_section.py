@@ -14,7 +14,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from difffeat.report.sections.page import (
+from difffeat.report.kinds import SectionKind
+from difffeat.report.page import (
     Section,
     esc,
     figure_png,
@@ -259,3 +260,14 @@ def comparison(sections: list[Section]) -> str:
     return table(["run", "features", "loss", "head", "iterations", "evaluation", *[f"{n} (%)" for _, n in SCORES]],
                  rows, left=2, row_classes=classes)
 
+
+SEG_SECTION = SectionKind(
+    "train-seg", "segmentation head", is_seg_run,
+    lambda path, marker, anchor, shown, n_images: render_seg(path, marker or {}, anchor, shown),
+    detect_rank=40, page_rank=40,
+    chain_step="segmentation heads were trained on those features and scored per class group",
+    compare=lambda sections: comparison([s for s in sections if s.data]) if any(s.data for s in sections) else "",
+    compare_title="Segmentation heads compared",
+    compare_note="Scores of each head on its first evaluation (eval-seg's test split when it ran, else training's "
+                 "validation split); the best mIoU per evaluation is highlighted. Head, middle and tail are the class "
+                 "groups by training pixel frequency.")

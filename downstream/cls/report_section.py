@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from difffeat.report.sections.page import (
+from difffeat.report.kinds import SectionKind
+from difffeat.report.page import (
     Section,
     esc,
     figure_png,
@@ -115,3 +116,10 @@ def render_cls(path: Path, saved: dict, anchor: str, shown_as: str) -> Section:
     if (path / "curves.png").is_file():
         parts.append("<h3>Training</h3>" + img_file(path / "curves.png", "training curves"))
     return Section("train-cls", f"Classification head · {shown_as}", anchor, "\n".join(parts), overview)
+
+
+CLS_SECTION = SectionKind(
+    "train-cls", "classification head", is_cls_run,
+    lambda path, marker, anchor, shown, n_images: render_cls(path, marker or {}, anchor, shown),
+    detect_rank=50, page_rank=50,
+    chain_step="classification heads were scored on test sets resampled to shifted label distributions")

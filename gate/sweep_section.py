@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from difffeat.report.sections.page import Section, esc, img_file, note, num, read_json, read_json_or, table
+from difffeat.report.kinds import SectionKind
+from difffeat.report.page import Section, esc, img_file, note, num, read_json, read_json_or, table
+from difffeat.spine.run import RUN_FORMAT
 
 LABELS = {"miou": "mIoU ↑", "accuracy": "accuracy ↑"}
 MAX_ROWS = 12
@@ -63,3 +65,14 @@ def render_sweep(path: Path, saved: dict, anchor: str, shown_as: str) -> Section
         parts.append(f"<h3>Variant {esc(variant)}</h3>" + img_file(picture, f"sweep heat map, variant {variant}"))
     overview = f"best of {len(rows)} configuration(s): {best.get('config', '?')} ({metric} {num(best.get(metric))})"
     return Section("sweep", f"Sweep · {shown_as}", anchor, "\n".join(parts), overview)
+
+
+def _is_sweep_folder(path: Path, marker: dict | None) -> bool:
+    return marker is not None and marker.get("format") == RUN_FORMAT and is_sweep_run(marker)
+
+
+SWEEP_SECTION = SectionKind(
+    "sweep", "sweep", _is_sweep_folder,
+    lambda path, marker, anchor, shown, n_images: render_sweep(path, marker or {}, anchor, shown),
+    detect_rank=20, page_rank=20,  # a sweep writes a ranking.json too: it is asked before GATE
+    chain_step="a sweep probed which layer, timestep and technique variant give the best features")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from difffeat.errors import UserError
-from difffeat.report.sections.page import Section, esc, img, note, table
+from difffeat.report.page import Section, esc, img, note, table
 
 STORE_FORMAT = "difffeat-store/1"
 

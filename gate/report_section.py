@@ -2,31 +2,27 @@
 reconstructions and the PCA pictures, as `difffeat gate` shows them in its own report.
 
 Read from the run folder: ``ranking.json`` (the whole result), ``scores.png``, ``pca.png``, and the
-reconstructions, which GATE keeps only inside its ``report.html``: they are taken from that page's
-"Reconstructions" table (every picture decoded again, every text escaped again), or from a
-``reconstructions.png`` when the run has one.
+reconstructions: the pictures ``reconstructions.json`` lists (every name confined to the folder, every picture
+checked as a PNG), or a ``reconstructions.png`` when the run has one. GATE's own ``report.html`` is never read.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-from html.parser import HTMLParser
 from pathlib import Path
 
 from difffeat.errors import UserError
-from difffeat.report.sections.page import (
+from difffeat.report.kinds import SectionKind
+from difffeat.report.page import (
     Section,
     esc,
-    img,
     img_file,
     note,
     num,
-    png_bytes,
     read_json,
     read_json_or,
     table,
 )
+from difffeat.spine.run import RUN_FORMAT, confine
 
 REFERENCE = "reference"
 LABELS = {"psnr": "PSNR (dB) ↑", "ssim": "SSIM ↑", "edge_f1": "edge F1 ↑", "lpips": "LPIPS ↓",
@@ -42,93 +38,33 @@ def _fmt(value, metric: str) -> str:
     return num(value, 4) if metric == "psnr" else num(value, 3)
 
 
-class _ReconTable(HTMLParser):
-    """The cells of the first table after GATE's ``<h2>Reconstructions</h2>``: header texts, and per row the
-    cells' (picture data, text)."""
-
-    def __init__(self):
-        super().__init__()
-        self.state = "before"  # before → heading → table → done
-        self.header: list[str] = []
-        self.rows: list[list[tuple[bytes | None, str, str]]] = []
-        self._cell: list | None = None
-        self._tag = ""
-        self._heading = ""
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "h2":
-            if self.state == "table":
-                self.state = "done"
-            self._heading = ""
-            self._tag = "h2"
-        elif self.state == "heading" and tag == "table":
-            self.state = "table"
-        elif self.state == "table":
-            if tag == "tr":
-                self.rows.append([])
-            elif tag in ("td", "th"):
-                self._cell = [None, "", ""]
-                self._tag = tag
-            elif tag == "img" and self._cell is not None:
-                self._cell[0] = _decode(attrs.get("src") or "")
-            elif tag == "span" and self._cell is not None and attrs.get("class") in ("up", "down"):
-                self._cell[2] = attrs["class"]  # better / worse than reference on this image
-
-    def handle_endtag(self, tag):
-        if tag == "h2" and self._tag == "h2":
-            if self.state == "before" and self._heading.strip().lower().startswith("reconstruction"):
-                self.state = "heading"
-            self._tag = ""
-        elif self.state == "table" and tag in ("td", "th") and self._cell is not None:
-            if tag == "th":
-                self.header.append(self._cell[1].strip())
-            elif self.rows:
-                self.rows[-1].append((self._cell[0], self._cell[1].strip(), self._cell[2]))
-            self._cell = None
-        elif self.state == "table" and tag == "table":
-            self.state = "done"
-
-    def handle_data(self, data):
-        if self._tag == "h2":
-            self._heading += data
-        if self._cell is not None:
-            self._cell[1] += data
-
-
-def _decode(src: str) -> bytes | None:
-    prefix = "data:image/png;base64,"
-    if not src.startswith(prefix):
-        return None
-    try:
-        return png_bytes(base64.b64decode(src[len(prefix):], validate=True))
-    except (binascii.Error, ValueError, UserError):
-        return None
-
-
 def reconstructions(path: Path) -> str:
-    """The reconstructions grid of a GATE run, re-rendered from its own report (see the module doc)."""
+    """The reconstructions grid of a GATE run: the picture files its ``reconstructions.json`` lists (see
+    `gate.report.write_reconstructions`), or a ``reconstructions.png`` when the run has one."""
     if (path / "reconstructions.png").is_file():
         return img_file(path / "reconstructions.png", "reconstructions")
-    page = path / "report.html"
-    if not page.is_file():
-        return note("No reconstructions: the run has no report.html.")
-    parser = _ReconTable()
-    try:
-        parser.feed(page.read_text(encoding="utf-8", errors="replace"))
-    except (OSError, AssertionError) as e:
-        return note(f"{page}: unreadable ({e})")
-    rows = [r for r in parser.rows if r][:MAX_RECON_ROWS]
-    if not parser.header or not rows:
-        return note(f"{page}: no reconstructions table found.")
-    head = "".join(f"<th>{esc(h)}</th>" for h in parser.header)
+    listing = read_json_or(path / "reconstructions.json", None)
+    if listing is None:
+        return note("No reconstructions: this run keeps none as files (GATE runs of difffeat before 0.1 show them "
+                    "only in their own report.html).")
+    if not isinstance(listing, dict) or not isinstance(listing.get("images"), list):
+        raise UserError(f"{path / 'reconstructions.json'}: not a list of reconstructions (no 'images' list)")
+    primary = listing.get("primary", "psnr")
+
+    def picture(name, alt: str) -> str:  # every name read from the file stays inside the run folder
+        return img_file(confine(path, str(name), "reconstruction picture"), alt, cls="pix")
+
+    head = "<th>input</th>" + "".join(f"<th>{esc(c)}</th>" for c in listing.get("columns") or [])
     body = []
-    for row in rows:
-        cells = []
-        for picture, text, better in row:
-            pic = img(picture, text or "reconstruction", cls="pix") if picture else "<i>unreadable</i>"
-            cells.append(f"<td>{pic}<span class='{better}'>{esc(text)}</span></td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
+    for row in listing["images"][:MAX_RECON_ROWS]:
+        cells = [f"<td>{picture(row['input'], 'input')}<span>{esc(str(row.get('key', ''))[-18:])}</span></td>"]
+        diffs = ["<td class='note'>|recon − input|</td>"]
+        for cell in row.get("cells") or []:
+            side = cell.get("versus_reference") if cell.get("versus_reference") in ("up", "down") else ""
+            cells.append(f"<td>{picture(cell['file'], str(cell.get('candidate', '')))}"
+                         f"<span class='{side}'>{_fmt(cell.get('score'), primary)}</span></td>")
+            diffs.append(f"<td>{picture(cell['difference'], 'difference')}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr><tr>" + "".join(diffs) + "</tr>")
     return f"<div class='scroll'><table class='grid'><tr>{head}</tr>{''.join(body)}</table></div>"
 
 
@@ -201,3 +137,16 @@ def render_gate(path: Path, anchor: str, shown_as: str) -> Section:
     overview = (f"{len(rows) - 1} candidates on {result.get('images', '?')} images; accepted: "
                 f"{', '.join(map(str, accepted)) or 'none'}")
     return Section("gate", f"GATE · {shown_as}", anchor, "\n".join(parts), overview)
+
+
+def _is_gate_folder(path: Path, marker: dict | None) -> bool:
+    if marker is not None and marker.get("format") == RUN_FORMAT:
+        return marker.get("kind") == "gate"
+    return is_gate_run(path)  # a run written before folders carried a marker
+
+
+GATE_SECTION = SectionKind(
+    "gate", "GATE", _is_gate_folder,
+    lambda path, marker, anchor, shown, n_images: render_gate(path, anchor, shown),
+    detect_rank=30, page_rank=10,
+    chain_step="GATE ranked the candidate techniques by how closely img2img with each stays to the input")

@@ -1,7 +1,7 @@
 """Checks that a written report page shows what it should: every picture embedded and decodable, and — where
 Chromium is installed — that the page loads in a real browser with no console message and every picture drawn.
 
-    python -m difffeat.report.sections.check report.html      # prints the findings; exit 1 on a problem
+    python -m difffeat.report.check report.html      # prints the findings; exit 1 on a problem
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def check_report(path: str | os.PathLike, browser: bool = True) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m difffeat.report.sections.check REPORT.html", file=sys.stderr)
+        print("usage: python -m difffeat.report.check REPORT.html", file=sys.stderr)
         return 2
     found = check_report(argv[0])
     print(f"{found['images']} embedded images; checked by parsing" + (f" and in {found['browser']}" if found["browser"]

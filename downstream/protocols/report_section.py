@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from difffeat.report.sections.page import Section, esc, note
+from difffeat.report.kinds import SectionKind
+from difffeat.report.page import Section, esc, note
 
 RESULTS = "results.json"
 
@@ -64,3 +65,9 @@ def render_protocol(path: Path, anchor: str, shown_as: str) -> Section:
     metric = next(iter(first), None)
     overview = f"{metric} {_number(first.get(metric))}" if metric else ""
     return Section("protocol", f"Protocol {results['protocol']} · {shown_as}", anchor, "\n".join(parts), overview)
+
+
+PROTOCOL_SECTION = SectionKind(
+    "protocol", "protocol run", lambda path, marker: is_protocol_run(path),
+    lambda path, marker, anchor, shown, n_images: render_protocol(path, anchor, shown),
+    detect_rank=10, page_rank=0)  # its steps' folders are shown through its table
