@@ -111,13 +111,16 @@ class FeatureExtractor:
         attention_prompt: the prompt of the attention maps when it differs from the images' (GDF fixes one, so
             that a token channel means the same everywhere): they then come from a pass of their own with it.
         early_exit: stop the UNet after the deepest requested module (never changes values).
+        timer: receives the seconds of each phase (a `difffeat.utils.measure.PhaseTimer`; `difffeat bench`).
+        pad_batches: pad every denoiser batch to `batch_size` (one shape for a compiled denoiser; the padding rows
+            are dropped).
     """
 
     def __init__(self, pipe, layers: Sequence[str], timesteps: Sequence[int] = (50,), ensemble: int = 1,
                  seed: int = 0, noise: bool = True, prompt: str = "", techniques: Sequence | ConditioningStack = (),
                  batch_size: int = 8, posterior: str = "mean", resolution: tuple[int, int] | None = None,
                  capture_inputs: bool = False, attention: Sequence[str] = (), early_exit: bool = True,
-                 prompt_encoder=None, attention_prompt: str | None = None):
+                 prompt_encoder=None, attention_prompt: str | None = None, timer=None, pad_batches: bool = False):
         if ensemble < 1 or batch_size < 1:
             raise UserError(f"ensemble and batch_size must be ≥ 1 (got {ensemble}, {batch_size})")
         if posterior not in ("mean", "sample"):
@@ -153,10 +156,10 @@ class FeatureExtractor:
         self.stack = technique_stack(pipe, techniques)
         self.stack.check(self.timesteps, noise)
         self.prompt_encoder = prompt_encoder or PromptEncoder(pipe)
-        # Set by the extract runner's fast paths: time per phase (`difffeat.utils.measure`), and UNet batches padded to
-        # `batch_size` so that a compiled UNet sees one shape (padding rows are dropped; rows never mix).
-        self.timer = NullTimer()
-        self.pad_batches = False
+        # For the extract runner's fast paths: time per phase (`difffeat.utils.measure`), and denoiser batches padded
+        # to `batch_size` so that a compiled denoiser sees one shape (padding rows are dropped; rows never mix).
+        self.timer = timer or NullTimer()
+        self.pad_batches = pad_batches
 
     # ------------------------------------------------------------------------------------------ helpers
     @property

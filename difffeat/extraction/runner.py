@@ -222,106 +222,168 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
 
     `timer` (a `difffeat.utils.measure.PhaseTimer`) receives the seconds of each phase (`difffeat bench`).
     """
-    cfg.validate()  # before torch and the model load
-    import torch
-    from accelerate import PartialState
-    from tqdm.auto import tqdm
+    return ExtractionRun(cfg, overwrite=overwrite, resume=resume, progress=progress, pipe=pipe, timer=timer).run()
 
-    from difffeat.data.geometry import placement
-    from difffeat.data.sources import ImageSource
-    from difffeat.extraction.extract import FeatureExtractor
-    from difffeat.extraction.fastpath import Compiled, channels_last, use_attention, warn_line
-    from difffeat.extraction.write_behind import WriteBehind
-    from difffeat.models import dit
-    from difffeat.models.loading import BatchLoader, default_workers
-    from difffeat.store.feature_store import FeatureStoreWriter
-    from difffeat.utils.measure import NullTimer, is_cuda, peak_device_memory
-    from difffeat.utils.progress import peak_memory_bytes
-    from difffeat.zoo import load_pipeline
 
-    # Without CUDA, accelerate starts the gloo (CPU) group only when asked for CPU explicitly.
-    state = PartialState(cpu=not torch.cuda.is_available())
-    rank, world = state.process_index, state.num_processes
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != world:  # never let several processes write as if each were alone
-        raise UserError(f"launched as {launched} processes but accelerate sees {world}; check the launcher's flags")
-    source = ImageSource(cfg.images, exclude=[cfg.out])  # a store inside its input folder is not an input
-    items = source.items
-    prompts = PromptSource(cfg, source)
-    device = state.device
-    if pipe is None:
-        pipe = load_pipeline(cfg.model, device=str(device), dtype=cfg.dtype)
-    from difffeat.models.prompts import PromptEncoder
+class ExtractionRun:
+    """One `extract` run, in the steps `run` takes: the processes of the launch, the inputs, the model, one
+    extractor per variant, the store (what is done already, what is this process's share), the fast paths and
+    the batch size, the batch loop, the report. Each step leaves what the next needs on the run."""
 
-    encoder = PromptEncoder(pipe)  # variants share text embeddings (per LoRA weights)
-    first_batch = cfg.batch_size if isinstance(cfg.batch_size, int) else 1  # "auto" is settled below
-    extractors = {
-        name: FeatureExtractor(
-            pipe, cfg.layers, timesteps=cfg.timesteps, ensemble=cfg.ensemble, seed=cfg.seed, noise=cfg.noise,
-            techniques=[*cfg.techniques, *specs], batch_size=first_batch, posterior=cfg.posterior,
-            resolution=tuple(cfg.resolution) if cfg.resolution else None, capture_inputs=cfg.capture == "input",
-            attention=cfg.attention, prompt_encoder=encoder, attention_prompt=cfg.attention_prompt)
-        for name, specs in (cfg.variants or {"": []}).items()
-    }
-    extractor = next(iter(extractors.values()))
-    store_cfg = cfg.store_config()
-    # Canonical spec strings: the manifest names each technique one way, and repeating a run from it works.
-    store_cfg.update(layers=extractor.layers, resolution=list(extractor.resolution),
-                     techniques=[parse_spec(x) for x in cfg.techniques],
-                     variants={name: [parse_spec(x) for x in specs] for name, specs in cfg.variants.items()})
-    if source.data is not None:  # which data set, layout and split: train-seg finds the masks from it
-        store_cfg["data"] = source.data
-    # Rank 0 creates (or checks) the store before the others open it.
-    writer = None
-    made_folder = not os.path.lexists(cfg.out)
-    if rank == 0:
-        writer = FeatureStoreWriter(cfg.out, store_cfg, shard_size=cfg.shard_size, dtype=cfg.store_dtype,
-                                    rank=rank, overwrite=overwrite, resume=resume)
-        if writer.continuing:  # inputs changed or deleted since they were extracted: drop them (noted)
-            writer.discard(writer.stale_keys(source.stamps()))
-    state.wait_for_everyone()
-    if rank != 0:
-        writer = FeatureStoreWriter(cfg.out, store_cfg, shard_size=cfg.shard_size, dtype=cfg.store_dtype,
-                                    rank=rank, resume=True)
-    done = writer.done_keys()
-    ours = items[cfg.shard_index :: cfg.num_shards][rank::world]  # this job's share, then this process's
-    mine = [it for it in ours if it.key not in done]
-    timer = timer or NullTimer()
-    warn = warn_line if rank == 0 else _silent
-    if is_cuda(device):
-        torch.cuda.reset_peak_memory_stats(device)
-    failures: list[dict] = []
-    extracted = captioned = 0
-    with contextlib.ExitStack() as stack:
-        if rank == 0 and world == 1 and not writer.continuing:
+    def __init__(self, cfg: ExtractRunConfig, overwrite: bool = False, resume: bool = False, progress: bool = True,
+                 pipe=None, timer=None):
+        from difffeat.utils.measure import NullTimer
+
+        cfg.validate()  # before torch and the model load
+        self.cfg, self.overwrite, self.resume, self.progress = cfg, overwrite, resume, progress
+        self.pipe, self.timer = pipe, timer or NullTimer()
+        self.failures: list[dict] = []
+        self.extracted = self.captioned = 0
+
+    def run(self) -> dict:
+        self.start_processes()
+        self.find_inputs()
+        self.load_model()
+        self.build_extractors()
+        self.open_store()
+        with contextlib.ExitStack() as stack:
+            self.set_up(stack)
+            self.extract(stack)
+        return self.finish()
+
+    # ------------------------------------------------------------------------------------------- steps
+    def start_processes(self) -> None:
+        """This process's place in the launch (accelerate); refuses a launch accelerate does not see whole."""
+        import torch
+        from accelerate import PartialState
+
+        # Without CUDA, accelerate starts the gloo (CPU) group only when asked for CPU explicitly.
+        self.state = PartialState(cpu=not torch.cuda.is_available())
+        self.rank, self.world = self.state.process_index, self.state.num_processes
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != self.world:  # never let several processes write as if each were alone
+            raise UserError(f"launched as {launched} processes but accelerate sees {self.world}; check the "
+                            "launcher's flags")
+        self.device = self.state.device
+
+    def find_inputs(self) -> None:
+        from difffeat.data.sources import ImageSource
+
+        self.source = ImageSource(self.cfg.images, exclude=[self.cfg.out])  # a store inside its input is not input
+        self.items = self.source.items
+        self.prompts = PromptSource(self.cfg, self.source)
+
+    def load_model(self) -> None:
+        from difffeat.models.prompts import PromptEncoder
+        from difffeat.zoo import load_pipeline
+
+        if self.pipe is None:
+            self.pipe = load_pipeline(self.cfg.model, device=str(self.device), dtype=self.cfg.dtype)
+        self.encoder = PromptEncoder(self.pipe)  # variants share text embeddings (per LoRA weights)
+
+    def build_extractors(self) -> None:
+        """One extractor per variant (the plain one when there are none), and the store's config."""
+        from difffeat.extraction.extract import FeatureExtractor
+
+        cfg = self.cfg
+        self.first_batch = cfg.batch_size if isinstance(cfg.batch_size, int) else 1  # "auto" is settled in set_up
+        self.extractors = {
+            name: FeatureExtractor(
+                self.pipe, cfg.layers, timesteps=cfg.timesteps, ensemble=cfg.ensemble, seed=cfg.seed, noise=cfg.noise,
+                techniques=[*cfg.techniques, *specs], batch_size=self.first_batch, posterior=cfg.posterior,
+                resolution=tuple(cfg.resolution) if cfg.resolution else None, capture_inputs=cfg.capture == "input",
+                attention=cfg.attention, prompt_encoder=self.encoder, attention_prompt=cfg.attention_prompt,
+                timer=self.timer, pad_batches=cfg.compile)
+            for name, specs in (cfg.variants or {"": []}).items()
+        }
+        self.extractor = next(iter(self.extractors.values()))
+        store_cfg = cfg.store_config()
+        # Canonical spec strings: the manifest names each technique one way, and repeating a run from it works.
+        store_cfg.update(layers=self.extractor.layers, resolution=list(self.extractor.resolution),
+                         techniques=[parse_spec(x) for x in cfg.techniques],
+                         variants={name: [parse_spec(x) for x in specs] for name, specs in cfg.variants.items()})
+        if self.source.data is not None:  # which data set, layout and split: train-seg finds the masks from it
+            store_cfg["data"] = self.source.data
+        self.store_cfg = store_cfg
+
+    def open_store(self) -> None:
+        """The store's writer (rank 0 creates or checks it before the others open it), and this process's images
+        still to do."""
+        from difffeat.store.feature_store import FeatureStoreWriter
+
+        cfg, rank = self.cfg, self.rank
+        self.made_folder = not os.path.lexists(cfg.out)
+        writer = None
+        if rank == 0:
+            writer = FeatureStoreWriter(cfg.out, self.store_cfg, shard_size=cfg.shard_size, dtype=cfg.store_dtype,
+                                        rank=rank, overwrite=self.overwrite, resume=self.resume)
+            if writer.continuing:  # inputs changed or deleted since they were extracted: drop them (noted)
+                writer.discard(writer.stale_keys(self.source.stamps()))
+        self.state.wait_for_everyone()
+        if rank != 0:
+            writer = FeatureStoreWriter(cfg.out, self.store_cfg, shard_size=cfg.shard_size, dtype=cfg.store_dtype,
+                                        rank=rank, resume=True)
+        self.writer = writer
+        done = writer.done_keys()
+        self.ours = self.items[cfg.shard_index :: cfg.num_shards][rank :: self.world]  # the job's, then the process's
+        self.mine = [it for it in self.ours if it.key not in done]
+
+    def set_up(self, stack: contextlib.ExitStack) -> None:
+        """The writer held, the fast paths on (attention backend, channels-last, compile) and the batch size
+        settled (probed for "auto"), each undone when `stack` closes."""
+        import torch
+
+        from difffeat.extraction.fastpath import Compiled, channels_last, use_attention, warn_line
+        from difffeat.models import dit
+        from difffeat.utils.measure import is_cuda
+
+        cfg, pipe, writer = self.cfg, self.pipe, self.writer
+        self.warn = warn_line if self.rank == 0 else _silent
+        if is_cuda(self.device):
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.rank == 0 and self.world == 1 and not writer.continuing:
             # Runs after the writer has let go: a store this call made and that got nothing (refused for memory, a
             # failing first batch) is taken away again, so that a retry with other settings finds no store.
-            stack.push(lambda kind, error, tb: _remove_unstarted(writer, made_folder) if kind else None)
+            made = self.made_folder
+            stack.push(lambda kind, error, tb: _remove_unstarted(writer, made) if kind else None)
         stack.enter_context(writer)  # whatever fails below, the writer keeps what is complete and lets go
-        speed = {"attention": use_attention(pipe, cfg.attention_backend, device, warn),
-                 "channels_last": cfg.channels_last}
+        self.speed = {"attention": use_attention(pipe, cfg.attention_backend, self.device, self.warn),
+                      "channels_last": cfg.channels_last}
         stack.enter_context(channels_last(dit.denoiser(pipe), cfg.channels_last))
         if getattr(pipe, "vae", None) is not None:
             stack.enter_context(channels_last(pipe.vae, cfg.channels_last))
         t_probe = time.perf_counter()
-        batch_size, sizing = _batch_size(cfg, extractor, device, store_cfg) if mine else (first_batch, None)
-        speed["batch_size_seconds"] = round(time.perf_counter() - t_probe, 3)
-        for ext in extractors.values():
-            ext.batch_size, ext.timer, ext.pad_batches = batch_size, timer, cfg.compile
-        compiled = None
-        if cfg.compile and mine:
-            compiled = stack.enter_context(Compiled(dit.denoiser(pipe), cfg.compile_backend,
-                                                    None if cfg.compile_mode == "default" else cfg.compile_mode, warn))
-        workers = default_workers(device) if cfg.workers is None else cfg.workers
-        chunks = [mine[s : s + batch_size] for s in range(0, len(mine), batch_size)]
+        self.batch_size, self.sizing = (_batch_size(cfg, self.extractor, self.device, self.store_cfg) if self.mine
+                                        else (self.first_batch, None))
+        self.speed["batch_size_seconds"] = round(time.perf_counter() - t_probe, 3)
+        for ext in self.extractors.values():
+            ext.batch_size = self.batch_size
+        self.compiled = None
+        if cfg.compile and self.mine:
+            self.compiled = stack.enter_context(Compiled(dit.denoiser(pipe), cfg.compile_backend,
+                                                         None if cfg.compile_mode == "default" else cfg.compile_mode,
+                                                         self.warn))
+
+    def extract(self, stack: contextlib.ExitStack) -> None:
+        """The batch loop: decoded batches in, features (or a failure per image) out to the store."""
+        from tqdm.auto import tqdm
+
+        from difffeat.extraction.write_behind import WriteBehind
+        from difffeat.models.loading import BatchLoader, default_workers
+        from difffeat.utils.measure import is_cuda
+
+        cfg, timer, batch_size = self.cfg, self.timer, self.batch_size
+        self.workers = default_workers(self.device) if cfg.workers is None else cfg.workers
+        chunks = [self.mine[s : s + batch_size] for s in range(0, len(self.mine), batch_size)]
         # Workers fork here, before the writer's thread and the progress bar's start.
-        batches = iter(BatchLoader(source, prompts, chunks, extractor.resolution, cfg.resize, workers=workers,
-                                   pin_memory=is_cuda(device) and workers > 0, thread=cfg.background_decode))
+        batches = iter(BatchLoader(self.source, self.prompts, chunks, self.extractor.resolution, cfg.resize,
+                                   workers=self.workers, pin_memory=is_cuda(self.device) and self.workers > 0,
+                                   thread=cfg.background_decode))
         stack.callback(getattr(batches, "close", lambda: None))  # a decoding thread stops with the run
-        out = stack.enter_context(WriteBehind(writer, threaded=cfg.background_write, timer=timer))
-        bar = stack.enter_context(tqdm(total=len(mine), desc=f"extract[{rank}]" if world > 1 else "extract",
-                                       unit="img", disable=not progress or rank != 0))
-        t0 = time.perf_counter()
+        out = stack.enter_context(WriteBehind(self.writer, threaded=cfg.background_write, timer=timer))
+        bar = stack.enter_context(tqdm(total=len(self.mine), desc=f"extract[{self.rank}]" if self.world > 1
+                                       else "extract", unit="img", disable=not self.progress or self.rank != 0))
+        self.t0 = time.perf_counter()
         while True:
             with timer.phase("decode"):  # what the loop waits for decoding (all of it without workers)
                 batch = next(batches, None)
@@ -330,68 +392,89 @@ def run_extraction(cfg: ExtractRunConfig, overwrite: bool = False, resume: bool 
             if batch.error is not None:
                 raise UserError(batch.error)
             timer.add("decode_busy", batch.decode_seconds)
-            bad = [(item, reason) for item, reason in batch.failed]
-            rows = []
-            for j, item in enumerate(batch.items):  # what a technique needs (a caption) and the image lacks
-                why = next((w for e in extractors.values() if (w := e.stack.missing(item.key, batch.fields[j]))), None)
-                if why is None:
-                    rows.append(j)
-                else:
-                    bad.append((item, why))
-            for item, reason in bad:
-                failures.append({"key": item.key, "reason": reason})
-                out.fail(item.key, reason)
-            if rows:
-                x = batch.pixels if len(rows) == len(batch.items) else batch.pixels[rows]
-                keys = [batch.items[j].key for j in rows]
-                texts, fields = [batch.texts[j] for j in rows], [batch.fields[j] for j in rows]
-                if (cfg.pad_batches or cfg.compile) and len(rows) < batch_size:  # one batch shape, whatever is left
-                    pad = batch_size - len(rows)
-                    x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
-                    keys, texts, fields = keys + keys[-1:] * pad, texts + texts[-1:] * pad, fields + fields[-1:] * pad
-                try:
-                    feats, captions = _features(extractors, x, keys, texts, fields, cfg, timer)
-                except Exception as e:
-                    from difffeat.extraction.autobatch import is_out_of_memory
-
-                    if not is_out_of_memory(e):
-                        raise
-                    raise _ran_out(batch_size, device, sizing, cfg.max_memory) from None
-                keys = keys[: len(rows)]
-                places = [placement(batch.sizes[j], extractor.resolution, cfg.resize) for j in rows]
-                out.add(keys, {name: f[: len(rows)] for name, f in feats.items()}, [batch.stamps[j] for j in rows],
-                        captions[: len(rows)], [None if p.identity else p.to_dict() for p in places])
-                extracted += len(rows)
-                captioned += sum(1 for c in captions[: len(rows)] if c)
+            self._batch(batch, out)
             bar.update(batch.size)
-    seconds = time.perf_counter() - t0 if mine else 0.0
-    if compiled is not None:
-        speed["compile"] = {"backend": cfg.compile_backend, "mode": cfg.compile_mode, "failed": compiled.failed}
-    speed.update(workers=workers if mine else 0, background_write=cfg.background_write,
-                 background_decode=cfg.background_decode and not (mine and workers))
-    report = {
-        "rank": rank,
-        "world_size": world,
-        "shard": [cfg.shard_index, cfg.num_shards],
-        "images_found": len(items),
-        "images_of_this_process": len(ours),
-        "already_done": len(ours) - len(mine),
-        "extracted": extracted,
-        "captioned": captioned,  # images stored with captions (prompt:auto) by this run
-        "failed": failures,
-        "notes": writer.notes,
-        "seconds": round(seconds, 3),
-        "images_per_second": round(extracted / seconds, 3) if seconds > 0 and extracted else None,
-        "batch_size": batch_size,
-        "batch_sizing": sizing,
-        "speed": speed,
-        "peak_memory_bytes": peak_memory_bytes(),  # resident memory of this process and its decoding workers
-        "peak_device_memory_bytes": peak_device_memory(device),
-    }
-    if not isinstance(timer, NullTimer):
-        report["seconds_by_phase"] = timer.as_dict()
-    _write_report(Path(cfg.out), report, rank, world, state)
-    return report
+
+    def _batch(self, batch, out) -> None:
+        """One decoded batch: images a technique cannot take (a missing caption) recorded as failures, the rest
+        extracted (padded to the batch size where one shape is needed) and written."""
+        import torch
+
+        from difffeat.data.geometry import placement
+
+        cfg, batch_size = self.cfg, self.batch_size
+        bad = [(item, reason) for item, reason in batch.failed]
+        rows = []
+        for j, item in enumerate(batch.items):  # what a technique needs (a caption) and the image lacks
+            why = next((w for e in self.extractors.values() if (w := e.stack.missing(item.key, batch.fields[j]))),
+                       None)
+            if why is None:
+                rows.append(j)
+            else:
+                bad.append((item, why))
+        for item, reason in bad:
+            self.failures.append({"key": item.key, "reason": reason})
+            out.fail(item.key, reason)
+        if not rows:
+            return
+        x = batch.pixels if len(rows) == len(batch.items) else batch.pixels[rows]
+        keys = [batch.items[j].key for j in rows]
+        texts, fields = [batch.texts[j] for j in rows], [batch.fields[j] for j in rows]
+        if (cfg.pad_batches or cfg.compile) and len(rows) < batch_size:  # one batch shape, whatever is left
+            pad = batch_size - len(rows)
+            x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
+            keys, texts, fields = keys + keys[-1:] * pad, texts + texts[-1:] * pad, fields + fields[-1:] * pad
+        try:
+            feats, captions = _features(self.extractors, x, keys, texts, fields, cfg, self.timer)
+        except Exception as e:
+            from difffeat.extraction.autobatch import is_out_of_memory
+
+            if not is_out_of_memory(e):
+                raise
+            raise _ran_out(batch_size, self.device, self.sizing, cfg.max_memory) from None
+        keys = keys[: len(rows)]
+        places = [placement(batch.sizes[j], self.extractor.resolution, cfg.resize) for j in rows]
+        out.add(keys, {name: f[: len(rows)] for name, f in feats.items()}, [batch.stamps[j] for j in rows],
+                captions[: len(rows)], [None if p.identity else p.to_dict() for p in places])
+        self.extracted += len(rows)
+        self.captioned += sum(1 for c in captions[: len(rows)] if c)
+
+    def finish(self) -> dict:
+        """The run's report (also written to the store, one per process)."""
+        from difffeat.utils.measure import NullTimer, peak_device_memory
+        from difffeat.utils.progress import peak_memory_bytes
+
+        cfg, mine = self.cfg, self.mine
+        seconds = time.perf_counter() - self.t0 if mine else 0.0
+        speed = self.speed
+        if self.compiled is not None:
+            speed["compile"] = {"backend": cfg.compile_backend, "mode": cfg.compile_mode,
+                                "failed": self.compiled.failed}
+        speed.update(workers=self.workers if mine else 0, background_write=cfg.background_write,
+                     background_decode=cfg.background_decode and not (mine and self.workers))
+        report = {
+            "rank": self.rank,
+            "world_size": self.world,
+            "shard": [cfg.shard_index, cfg.num_shards],
+            "images_found": len(self.items),
+            "images_of_this_process": len(self.ours),
+            "already_done": len(self.ours) - len(mine),
+            "extracted": self.extracted,
+            "captioned": self.captioned,  # images stored with captions (prompt:auto) by this run
+            "failed": self.failures,
+            "notes": self.writer.notes,
+            "seconds": round(seconds, 3),
+            "images_per_second": round(self.extracted / seconds, 3) if seconds > 0 and self.extracted else None,
+            "batch_size": self.batch_size,
+            "batch_sizing": self.sizing,
+            "speed": speed,
+            "peak_memory_bytes": peak_memory_bytes(),  # resident memory of this process and its decoding workers
+            "peak_device_memory_bytes": peak_device_memory(self.device),
+        }
+        if not isinstance(self.timer, NullTimer):
+            report["seconds_by_phase"] = self.timer.as_dict()
+        _write_report(Path(cfg.out), report, self.rank, self.world, self.state)
+        return report
 
 
 def _remove_unstarted(writer, made_folder: bool) -> None:
