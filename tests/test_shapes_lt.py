@@ -218,3 +218,27 @@ def test_cli_synth_into_non_empty_folder(tmp_path):
     proc = subprocess.run(cmd[:-3] + [str(out), "--n", "6"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert len(list((out / "train" / "images").glob("*.png"))) == 4
+
+
+def test_splits_of_chosen_sizes_keep_every_scene_where_it_was(tmp_path, capsys):
+    """`--splits TRAIN VAL TEST` (e.g. a test split large enough for every tail class): scene i of a split is the one
+    an 80/10/10 set of the same seed has there; sizes that disagree with --n, or a layout, are refused."""
+    from difffeat.cli import main
+
+    assert main(["--quiet", "data", "synth", str(tmp_path / "big"), "--splits", "4", "2", "9"]) == 0
+    assert main(["--quiet", "data", "synth", str(tmp_path / "plain"), "--n", "20"]) == 0  # 16 / 2 / 2
+    config = json.loads((tmp_path / "big" / "classes.json").read_text())["config"]
+    assert config["splits"] == {"train": 4, "val": 2, "test": 9} and config["n"] == 15
+    assert len(list((tmp_path / "big" / "test" / "images").glob("*.png"))) == 9
+    for split, name in (("test", "000001.png"), ("train", "000003.png"), ("val", "000001.png")):
+        for kind in ("images", "masks"):
+            assert (tmp_path / "big" / split / kind / name).read_bytes() == \
+                (tmp_path / "plain" / split / kind / name).read_bytes(), (split, kind)
+    for argv, message in ((["--splits", "4", "2", "9", "--n", "10"], "disagree"),
+                          (["--splits", "4", "0", "9"], "positive counts"),
+                          (["--splits", "4", "2", "9", "--layout", "ade20k"], "plain Shapes-LT")):
+        capsys.readouterr()
+        assert main(["--quiet", "data", "synth", str(tmp_path / "bad"), *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "bad").exists()
