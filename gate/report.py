@@ -14,7 +14,6 @@ replaced only with ``overwrite`` — its own files only, never anything else in 
 
 from __future__ import annotations
 
-import base64
 import csv
 import html
 import io
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from difffeat.report.page import CSP, CSS, data_uri
 from difffeat.spine.run import RunFolder
 from difffeat.utils.atomic import atomic_path, write_atomic
 from gate.candidates import REFERENCE
@@ -106,10 +106,6 @@ def probe_scatter(result, path: Path) -> Path:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
-
-
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
 def _fmt(value: float, metric: str) -> str:
@@ -238,31 +234,14 @@ def write_report(result, out: str | os.PathLike | RunFolder, report_images: int 
 
 
 # ------------------------------------------------------------------------------------------------- HTML
-CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1180px;color:#222;
- padding:0 16px;line-height:1.45}
-h1{font-size:1.6em;margin-bottom:4px}h2{font-size:1.2em;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:3px}
-.sub{color:#666;font-size:.92em}.verdict{display:flex;gap:10px;flex-wrap:wrap;margin:12px 0}
-.pill{border-radius:14px;padding:3px 12px;font-size:.9em;border:1px solid #ccc}
-.pill.acc{background:#e5f4ea;border-color:#2e8b57;color:#1d5e39}.pill.rej{background:#f6f6f6;color:#555}
-.pill.worse{background:#fbeceb;border-color:#b03a2e;color:#8a2a20}
-table{border-collapse:collapse;font-size:.88em;margin:8px 0}th,td{padding:4px 9px;border-bottom:1px solid #e3e3e3;
- text-align:right;white-space:nowrap}th{background:#f5f5f5}td.l,th.l{text-align:left}
-td{vertical-align:top}td.tech{white-space:normal;max-width:230px;overflow-wrap:anywhere}
-tr.acc td{background:#f1faf4}tr.ref td{background:#f7f7f7}.ci{color:#777;font-size:.85em}
-.grid{border-collapse:separate;border-spacing:6px 4px}.grid td{border:none;text-align:center;vertical-align:top;
- font-size:.8em;color:#444;padding:0}.grid th{background:none;border:none;font-size:.82em;text-align:center}
-.grid img{width:112px;height:112px;image-rendering:pixelated;border:1px solid #ccc;display:block;margin:0 auto 2px}
-.up{color:#1d7a43}.down{color:#b03a2e}.note{color:#555;font-size:.88em}code{background:#f3f3f3;padding:0 3px}
-.scroll{overflow-x:auto}
-"""
 
 
 def _html(result, chart_png: bytes, pca_labels: list[str], pcas: list[list[np.ndarray]], report_images: int,
           scatter_png: bytes | None = None) -> str:
     cfg, esc, primary = result.config, html.escape, result.primary
     names = result.ranking()
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>GATE report</title><style>{CSS}</style>"
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='Content-Security-Policy' "
+             f"content=\"{CSP}\"><title>GATE report</title><style>{CSS}</style>"
              "</head><body>"]
     parts.append("<h1>GATE: which techniques suppress content shift</h1>")
     parts.append(f"<div class='sub'>model <code>{esc(cfg.model)}</code> · {len(result.keys)} images from "
@@ -316,7 +295,7 @@ def _html(result, chart_png: bytes, pca_labels: list[str], pcas: list[list[np.nd
             parts.append(f"<td>{imp.value:+.3g}<br><span class='ci'>[{imp.low:+.3g}, {imp.high:+.3g}]</span></td>"
                          f"<td>{p_text}</td><td>{'✔' if row['accepted'] else '✘'}</td>{seconds}</tr>")
     parts.append("</table></div>")
-    parts.append(f"<img alt='scores with intervals' src='{_data_uri(chart_png)}' style='max-width:100%'>")
+    parts.append(f"<img alt='scores with intervals' src='{data_uri(chart_png)}' style='max-width:100%'>")
     parts.append("<p class='note'>Bars: mean over images with its bootstrap interval; green = accepted (on the primary "
                  "score), grey = reference (also the dashed line), blue = not accepted.</p>")
     parts.append("<ul class='note'>" + "".join(
@@ -332,18 +311,18 @@ def _html(result, chart_png: bytes, pca_labels: list[str], pcas: list[list[np.nd
                  "<tr><th>input</th>" + "".join(f"<th>{esc(n)}</th>" for n in names) + "</tr>")
     better = HIGHER_IS_BETTER[primary]
     for i in range(k):
-        cells = [f"<td><img alt='input' src='{_data_uri(_png(_uint8(result.inputs[i])))}'>"
+        cells = [f"<td><img alt='input' src='{data_uri(_png(_uint8(result.inputs[i])))}'>"
                  f"{esc(result.keys[i][-18:])}</td>"]
         ref_v = result.evaluations[REFERENCE].per_image[primary][i]
         for n in names:
             ev = result.evaluations[n]
             v = ev.per_image[primary][i]
             cls = "" if n == REFERENCE or v == ref_v else "up" if (v > ref_v) == better else "down"
-            cells.append(f"<td><img alt='{esc(n)}' src='{_data_uri(_png(_uint8(ev.recon[i])))}'>"
+            cells.append(f"<td><img alt='{esc(n)}' src='{data_uri(_png(_uint8(ev.recon[i])))}'>"
                          f"<span class='{cls}'>{_fmt(v, primary)}</span></td>")
         parts.append("<tr>" + "".join(cells) + "</tr>")
         diffs = [f"<td><img alt='difference {esc(n)}' src='"
-                 f"{_data_uri(_png(difference_map(result.evaluations[n].recon[i], result.inputs[i])))}'></td>"
+                 f"{data_uri(_png(difference_map(result.evaluations[n].recon[i], result.inputs[i])))}'></td>"
                  for n in names]
         parts.append("<tr><td class='note'>|recon − input|</td>" + "".join(diffs) + "</tr>")
     parts.append("</table></div>")
@@ -354,7 +333,7 @@ def _html(result, chart_png: bytes, pca_labels: list[str], pcas: list[list[np.nd
                      "".join(f"<th>{esc(key[-18:])}</th>" for key in result.keys[:k]) + "</tr>")
         for n in controlled:
             control = result.evaluations[n].control
-            cells = "".join(f"<td><img alt='control' src='{_data_uri(_png(_uint8(control[i])))}'></td>"
+            cells = "".join(f"<td><img alt='control' src='{data_uri(_png(_uint8(control[i])))}'></td>"
                             for i in range(k))
             parts.append(f"<tr><th style='text-align:right;padding-right:8px'>{esc(n)}</th>{cells}</tr>")
         parts.append("</table></div>")
@@ -376,7 +355,7 @@ def _html(result, chart_png: bytes, pca_labels: list[str], pcas: list[list[np.nd
     parts.append(f"<tr><th></th>{heads}</tr>")
     for label, row in zip(pca_labels, pcas):
         parts.append(f"<tr><th style='text-align:right;padding-right:8px'>{esc(label)}</th>" + "".join(
-            f"<td><img alt='pca' src='{_data_uri(_png(m))}'></td>" for m in row) + "</tr>")
+            f"<td><img alt='pca' src='{data_uri(_png(m))}'></td>" for m in row) + "</tr>")
     parts.append("</table></div>")
     # ---------------------------------------------------------------- greedy, probe, dropped
     if result.greedy is not None:
@@ -412,7 +391,7 @@ def _html(result, chart_png: bytes, pca_labels: list[str], pcas: list[list[np.nd
                      "interval (GATE images and scored probe images resampled together): with so few candidates, only "
                      "|ρ| near 1 means much.</p>")
         if scatter_png is not None:
-            parts.append(f"<img alt='GATE scores against probe quality' src='{_data_uri(scatter_png)}' "
+            parts.append(f"<img alt='GATE scores against probe quality' src='{data_uri(scatter_png)}' "
                          "style='max-width:100%'>")
     if result.dropped:
         items = "".join(f"<li><code>{esc(d['key'])}</code>: {esc(d['reason'])}</li>" for d in result.dropped)

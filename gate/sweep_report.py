@@ -8,7 +8,6 @@ dropped by successive halving shows the score of the rung it reached (scored on 
 
 from __future__ import annotations
 
-import base64
 import csv
 import html
 import io
@@ -16,14 +15,10 @@ import json
 
 import numpy as np
 
+from difffeat.report.page import CSP, CSS, data_uri
 from difffeat.utils.atomic import atomic_path, write_atomic
-from gate.report import CSS
 
 LABEL = {"miou": "mIoU ↑", "accuracy": "accuracy ↑"}
-
-
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
 def write_table(result, run) -> None:
@@ -105,7 +100,8 @@ def page(result, pictures: dict[str, bytes]) -> str:
     """The self-contained HTML report (heat maps embedded)."""
     cfg, esc, metric = result.config, html.escape, result.metric
     best = result.best()
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>sweep report</title><style>{CSS}</style>"
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='Content-Security-Policy' "
+             f"content=\"{CSP}\"><title>sweep report</title><style>{CSS}</style>"
              "</head><body><h1>Sweep: which layer, timestep and technique</h1>"]
     parts.append(f"<div class='sub'>model <code>{esc(cfg.model)}</code> · {len(result.keys)} labelled images from "
                  f"<code>{esc(cfg.images)}</code> · labels <code>{esc(cfg.labels)}</code> ({esc(result.task)}, "
@@ -141,7 +137,7 @@ def page(result, pictures: dict[str, bytes]) -> str:
     for variant, png in pictures.items():
         specs = " + ".join(cfg.variants[variant]) or "no technique"
         parts.append(f"<p><b>{esc(variant)}</b> <code>{esc(specs)}</code></p><img alt='heat map {esc(variant)}' "
-                     f"src='{_data_uri(png)}' style='max-width:100%'>")
+                     f"src='{data_uri(png)}' style='max-width:100%'>")
     # ---------------------------------------------------------------- ranking
     rows = result.table()
     shown = rows[:40]

@@ -1,4 +1,5 @@
-"""Shared pieces of the report page: escaping, embedded pictures, tables, numbers, the style sheet.
+"""The page kit: escaping, embedded pictures, tables, numbers, the style sheet and the content policy of every page
+difffeat writes (`difffeat report`, GATE's and the sweep's own pages, protocol pages, eval-corr's).
 
 Every picture is embedded as a base64 PNG data URI after Pillow has decoded it, so the page is one file that
 shows everything or says which picture was unreadable; every text that comes from a file goes through
@@ -32,7 +33,8 @@ nav ul{columns:2;font-size:.92em}.verdict{display:flex;gap:10px;flex-wrap:wrap;m
 .pill.worse{background:#fbeceb;border-color:#b03a2e;color:#8a2a20}
 table{border-collapse:collapse;font-size:.88em;margin:8px 0}th,td{padding:4px 9px;border-bottom:1px solid #e3e3e3;
  text-align:right;white-space:nowrap}th{background:#f5f5f5}td.l,th.l{text-align:left}
-td{vertical-align:top}td.l{white-space:normal;overflow-wrap:anywhere;max-width:420px}td.wrap{white-space:normal;max-width:280px;overflow-wrap:anywhere}
+td{vertical-align:top}td.tech{white-space:normal;max-width:230px;overflow-wrap:anywhere}
+td.l{white-space:normal;overflow-wrap:anywhere;max-width:420px}td.wrap{white-space:normal;max-width:280px;overflow-wrap:anywhere}
 tr.acc td{background:#f1faf4}tr.ref td{background:#f7f7f7}tr.best td{background:#f1faf4}.ci{color:#777;font-size:.85em}
 .grid{border-collapse:separate;border-spacing:6px 4px}.grid td{border:none;text-align:center;vertical-align:top;
  font-size:.8em;color:#444;padding:0}.grid th{background:none;border:none;font-size:.82em;text-align:center}
