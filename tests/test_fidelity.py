@@ -405,6 +405,8 @@ def test_every_profile_sets_real_config_fields_with_valid_values():
     from downstream.seg.profile import profile_fields as seg_fields
 
     cls_names = {f.name for f in dataclasses.fields(ClsTrainConfig)}
+    cls_names |= {f"{f.name}.{sub.name}" for f in dataclasses.fields(ClsTrainConfig) if f.metadata.get("nested")
+                  for sub in dataclasses.fields(f.metadata["nested"])}  # a sub-config's fields: dirmixe.tau
     for name in ("cifar100-lt", "cifar10-lt", "imagenet-lt", "inat"):
         for method in METHODS:
             for optim in OPTIMIZERS:
@@ -413,8 +415,8 @@ def test_every_profile_sets_real_config_fields_with_valid_values():
                 head = "cosine" if method == "dirmixe" else None
                 if method == "drauc" and optim != "none":
                     continue
-                ClsTrainConfig(features=["f"], labels="l", out="o", method=method, optim=optim, head=head,
-                               **fields).resolve()
+                ClsTrainConfig.from_dict(dict(features=["f"], labels="l", out="o", method=method, optim=optim,
+                                              head=head, **fields)).resolve()
     assert cls_fields("cifar100-lt", "la", "imbsam")["imbsam_tail_weight"] == 2.0
     assert "imbsam_tail_weight" not in cls_fields("cifar100-lt", "la", "ssesam")
     for optim in ("imbsam", "ssesam"):  # the SAM scripts' schedule comes with either optimizer, and only with them

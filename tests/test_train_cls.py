@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from difffeat.cli import main
 from difffeat.store.feature_store import FeatureStore, FeatureStoreWriter
 from downstream.cls import ClsTrainConfig, Objective, load_run, pool, shifted_test_sets, train_cls
+from downstream.cls.config import AggregationConfig, DirMixEConfig, ReconBoostConfig
 from downstream.engine import cosine_factor
 
 NAMES = ["cat", "dog", "emu", "fox"]
@@ -123,8 +124,9 @@ def test_train_cls_and_eval_cls_cli_end_to_end(world, capsys):
 def test_dirmixe_with_sse_sam_reports_experts_and_test_time_aggregation(world):
     root, labels, _ = world
     cfg = ClsTrainConfig(features=[str(root / "s1")], labels=labels, split="train/", test_split="test/",
-                         method="dirmixe", optim="ssesam", epochs=10, batch_size=16, trials=12, dirichlet_draws=1,
-                         tta_epochs=2, tta_steps=4, out=str(root / "run-dm"))
+                         method="dirmixe", optim="ssesam", epochs=10, batch_size=16, dirichlet_draws=1,
+                         dirmixe=DirMixEConfig(trials=12), aggregation=AggregationConfig(epochs=2, steps_per_pass=4),
+                         out=str(root / "run-dm"))
     run = train_cls(cfg, progress=False)
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["mean_accuracy"]) == {"default", "tta", "expert_forward", "expert_uniform", "expert_backward"}
@@ -165,10 +167,11 @@ def _check_tta_adaptation_sets(root, labels, run, metrics):
 
 @pytest.mark.parametrize("kw", [
     {"method": "la", "optim": "ssesam", "sse_gamma": 0.5},
-    {"method": "dirmixe", "optim": "imbsam", "trials": 6},
+    {"method": "dirmixe", "optim": "imbsam", "dirmixe": DirMixEConfig(trials=6)},
     {"method": "drauc", "drauc_steps": 2},
     {"method": "tkpr", "optim": "sam", "tkpr_k": 2},
-    {"method": "tla-adrw", "fusion": "reconboost", "rb_stages": 3, "rb_stage_epochs": 2, "rb_correct_epochs": 1},
+    {"method": "tla-adrw", "fusion": "reconboost",
+     "reconboost": ReconBoostConfig(stages=3, stage_epochs=2, correct_epochs=1)},
 ])
 def test_resume_ends_with_the_weights_of_an_uninterrupted_run(world, kw):
     root, labels, _ = world
@@ -212,7 +215,8 @@ def test_zero_count_class_is_reported_and_floored_with_no_nan(world, recwarn):
     for method in ("la", "dirmixe"):
         cfg = ClsTrainConfig(features=[str(root / "s1")], labels=labels, split="train/", test_split="test/",
                              classes="cat,dog,emu,fox,gnu", method=method, optim="ssesam", epochs=4, batch_size=16,
-                             trials=6, dirichlet_draws=1, tta_epochs=1, tta_steps=2, out=str(root / f"zero-{method}"))
+                             dirmixe=DirMixEConfig(trials=6), dirichlet_draws=1,
+                             aggregation=AggregationConfig(epochs=1, steps_per_pass=2), out=str(root / f"zero-{method}"))
         run = train_cls(cfg, progress=False)
         report = json.loads((run / "report.json").read_text())
         assert report["zero_count_classes"] == ["gnu"]
@@ -349,6 +353,13 @@ def test_methods_optimizers_and_heads_are_registries_matching_the_config_choices
     assert tuple(HEADS) == config.HEADS
 
 
+def _field(cfg, name: str):
+    """A config value by its field name, ``sub.field`` for a sub-config's."""
+    for part in name.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def test_flags_keep_their_names_and_defaults():
     from difffeat.cli import build_parser
     from difffeat.spine.config_cli import config_from_args
@@ -360,15 +371,17 @@ def test_flags_keep_their_names_and_defaults():
     today = dict(sources="store", pool_grid=1, fusion="concat", method="ce", optim="none", head=None, hidden=256,
                  frame_dim=None, assignment="identity", scale=30.0, epochs=100, batch_size=128, lr=0.05,
                  weight_decay=5e-4, warmup_epochs=5, tau=1.0, rho=0.05, rho_tail=0.1, sse_gamma=0.7, tail_eta=None,
-                 dm_tau=1.3, lambda_var=5.0, trials=60, concentration=1e4, tta_epochs=5, tta_steps=0, rb_stages=16,
-                 rb_weight2=1.0, dirichlet_draws=3, drop_unseen=False, seed=0, checkpoint_every=10, device="auto",
-                 imbsam_tail_weight=2.0, tta_adapt="independent", tta_weight_decay=5e-4,
-                 forward_ratios=[50, 25, 10, 5, 2], backward_ratios=[2, 5, 10, 25, 50], dirichlet_ratio=100.0,
-                 dirichlet_concentration=None,
+                 dirichlet_draws=3, drop_unseen=False, seed=0, checkpoint_every=10, device="auto",
+                 imbsam_tail_weight=2.0, tta_adapt="independent", forward_ratios=[50, 25, 10, 5, 2],
+                 backward_ratios=[2, 5, 10, 25, 50], dirichlet_ratio=100.0, dirichlet_concentration=None,
                  many_above=100, few_below=20, drauc_schedule="step", drauc_alpha_step="released", tkpr_k=5,
                  tkpr_surrogate="logistic", tkpr_form="pairwise")
-    assert {k: getattr(cfg, k) for k in today} == today
-    assert cfg.dm_tau == DirMixEConfig.tau  # one source
+    # the sub-configs' fields (their flags kept: --dm-tau, --lambda-var, --trials, --concentration, --tta-*, --rb-*)
+    today.update({"dirmixe.tau": 1.3, "dirmixe.lambda_var": 5.0, "dirmixe.trials": 60, "dirmixe.concentration": 1e4,
+                  "aggregation.epochs": 5, "aggregation.steps_per_pass": 0, "aggregation.weight_decay": 5e-4,
+                  "reconboost.stages": 16, "reconboost.weight2": 1.0})
+    assert {k: _field(cfg, k) for k in today} == today
+    assert cfg.dirmixe.tau == DirMixEConfig.tau  # one source
     given = {"--features": ("features", ["f1", "f2"]), "--labels": ("labels", "l.csv"), "--out": ("out", "o"),
              "--config": None, "--split": ("split", "train/"), "--test-split": ("test_split", "test/"),
              "--test-labels": ("test_labels", "t.csv"), "--classes": ("classes", "a,b"), "--layer": ("layers", ["x"]),
@@ -378,12 +391,15 @@ def test_flags_keep_their_names_and_defaults():
              "--scale": ("scale", 2.0), "--epochs": ("epochs", 3), "--batch-size": ("batch_size", 4),
              "--lr": ("lr", 0.5), "--weight-decay": ("weight_decay", 0.0), "--warmup-epochs": ("warmup_epochs", 0),
              "--tau": ("tau", 2.0), "--rho": ("rho", 0.2), "--rho-tail": ("rho_tail", 0.3),
-             "--sse-gamma": ("sse_gamma", 0.5), "--tail-eta": ("tail_eta", 4.0), "--dm-tau": ("dm_tau", 1.1),
-             "--lambda-var": ("lambda_var", 1.0), "--trials": ("trials", 5), "--concentration": ("concentration", 9.0),
-             "--tta-epochs": ("tta_epochs", 2), "--tta-steps": ("tta_steps", 3), "--rb-stages": ("rb_stages", 2),
-             "--rb-weight2": ("rb_weight2", 0.5), "--dirichlet-draws": ("dirichlet_draws", 1),
+             "--sse-gamma": ("sse_gamma", 0.5), "--tail-eta": ("tail_eta", 4.0), "--dm-tau": ("dirmixe.tau", 1.1),
+             "--lambda-var": ("dirmixe.lambda_var", 1.0), "--trials": ("dirmixe.trials", 5),
+             "--concentration": ("dirmixe.concentration", 9.0), "--tta-epochs": ("aggregation.epochs", 2),
+             "--tta-steps": ("aggregation.steps_per_pass", 3), "--rb-stages": ("reconboost.stages", 2),
+             "--rb-lr": ("reconboost.lr", 0.2), "--rb-correct-lr": ("reconboost.correct_lr", 0.3),
+             "--tta-momentum": ("aggregation.momentum", 0.5), "--dm-switch-fraction": ("dirmixe.switch_fraction", 0.5),
+             "--rb-weight2": ("reconboost.weight2", 0.5), "--dirichlet-draws": ("dirichlet_draws", 1),
              "--imbsam-tail-weight": ("imbsam_tail_weight", 1.0), "--tta-adapt": ("tta_adapt", "scored"),
-             "--tta-weight-decay": ("tta_weight_decay", 0.0), "--forward-ratios": ("forward_ratios", [10.0]),
+             "--tta-weight-decay": ("aggregation.weight_decay", 0.0), "--forward-ratios": ("forward_ratios", [10.0]),
              "--backward-ratios": ("backward_ratios", [3.0]), "--dirichlet-ratio": ("dirichlet_ratio", 3.0),
              "--dirichlet-concentration": ("dirichlet_concentration", 1e5), "--many-above": ("many_above", 50.0),
              "--few-below": ("few_below", 5.0), "--drauc-epsilon": ("drauc_epsilon", 0.1),
@@ -398,13 +414,46 @@ def test_flags_keep_their_names_and_defaults():
                 argv += [flag, str(v)]
     args = parser.parse_args(argv)
     cfg = config_from_args(ClsTrainConfig, args)
-    assert all(getattr(cfg, field) == value for field, value in (v for v in given.values() if v is not None))
+    assert all(_field(cfg, field) == value for field, value in (v for v in given.values() if v is not None))
     assert cfg.drop_unseen and args.resume and args.overwrite and args.stop_after == 2 and args.config is None
     args = parser.parse_args(["eval-cls", "--run", "r", "--features", "f", "--labels", "l", "--split", "test/",
                               "--out", "o", "--no-tta", "--dirichlet-draws", "2", "--seed", "1", "--drop-unseen"])
     ev = config_from_args(EvalClsConfig, args)
     assert (ev.run, ev.features, ev.labels, ev.split, ev.out, ev.tta, ev.dirichlet_draws, ev.seed, ev.drop_unseen) \
         == ("r", ["f"], "l", "test/", "o", False, 2, 1, True)
+
+
+def test_sub_configs_are_nested_and_older_flat_configs_still_load(tmp_path, capsys):
+    """DirMixE, its test-time aggregation and ReconBoost are sub-configs: saved as nested dicts, their errors named
+    by field path in the library and by flag on the command line; a config written with the former flat names
+    (dm_tau, tta_lr, rb_lr …) loads to the same values."""
+    import json
+
+    from difffeat.cli import main
+    from difffeat.spine.run import ConfigError
+    from downstream.cls.config import ClsTrainConfig
+
+    base = {"features": ["f"], "labels": "l.csv", "out": str(tmp_path / "o")}
+    cfg = ClsTrainConfig.from_dict({**base, "dirmixe": {"tau": 1.6}, "aggregation.lr": 0.025,
+                                    "reconboost": {"stages": 2}})
+    saved = cfg.to_dict()
+    assert saved["dirmixe"]["tau"] == 1.6 and saved["aggregation"]["lr"] == 0.025 and saved["reconboost"]["stages"] == 2
+    assert "dm_tau" not in saved and ClsTrainConfig.from_dict(saved) == cfg
+    flat = {**base, "dm_tau": 1.6, "tta_lr": 0.025, "rb_stages": 2}
+    (tmp_path / "config.json").write_text(json.dumps({"config": flat}))
+    assert ClsTrainConfig.from_dict(flat) == cfg == ClsTrainConfig.from_run(tmp_path / "config.json")
+    with pytest.raises(ConfigError, match=r"^dirmixe\.trials: must be ≥ 1"):
+        ClsTrainConfig.from_dict({**base, "dirmixe": {"trials": 0}})
+    with pytest.raises(ConfigError, match=r"^aggregation: must be a mapping"):
+        ClsTrainConfig.from_dict({**base, "aggregation": 3})
+    assert main(["train-cls", "--features", "f", "--labels", "l", "--out", str(tmp_path / "x"), "--trials", "0"]) == 2
+    assert "--trials: must be ≥ 1" in capsys.readouterr().err
+    # what ReconBoost leaves to train-cls: learning rates (one serves both phases), momentum, weight decay
+    rb = ClsTrainConfig.from_dict({**base, "lr": 0.2, "momentum": 0.5}).reconboost_config()
+    assert (rb.lr, rb.correct_lr, rb.momentum, rb.weight_decay) == (0.2, 0.2, 0.5, 5e-4)
+    rb = ClsTrainConfig.from_dict({**base, "reconboost": {"lr": 0.01}}).reconboost_config()
+    assert (rb.lr, rb.correct_lr) == (0.01, 0.01)
+    assert ClsTrainConfig.from_dict({**base, "scale": 16.0}).dirmixe_config().scale == 16.0
 
 
 def test_a_bad_value_names_its_flag(world, tmp_path, capsys):
@@ -476,17 +525,20 @@ def test_profile_sets_the_released_values_and_given_flags_win():
     cfg = config_from_profile(_train_args("--method", "dirmixe", "--profile", "imagenet-lt", "--lambda-var", "3",
                                           "--dm-tau", "1.3"))
     # from the profile: ImageNet-LT's τ would be 1.6, but --dm-tau 1.3 (the default value, given) wins
-    assert (cfg.dm_tau, cfg.lambda_var, cfg.concentration, cfg.trials) == (1.3, 3.0, 1e4, 60)
+    dm = cfg.dirmixe
+    assert (dm.tau, dm.lambda_var, dm.concentration, dm.trials) == (1.3, 3.0, 1e4, 60)
     assert (cfg.dirichlet_ratio, cfg.dirichlet_concentration) == (50, 1e4)
     assert cfg.forward_ratios == [50, 25, 10, 5, 2] and cfg.backward_ratios == [2, 5, 10, 25, 50]
-    assert (cfg.tta_lr, cfg.tta_weight_decay, cfg.tta_batch_size) == (0.025, 5e-4, 64)
+    tta = cfg.aggregation
+    assert (tta.lr, tta.weight_decay, tta.batch_size) == (0.025, 5e-4, 64)
     assert cfg.extra == {"profile": "imagenet-lt"}
     cfg = config_from_profile(_train_args("--profile", "inat", "--method", "dirmixe"))
-    assert (cfg.concentration, cfg.dirichlet_ratio, cfg.dirichlet_concentration, cfg.dm_tau) == (1e5, 3, 1e5, 1.3)
+    assert (cfg.dirmixe.concentration, cfg.dirichlet_ratio, cfg.dirichlet_concentration, cfg.dirmixe.tau) == \
+        (1e5, 3, 1e5, 1.3)
     assert cfg.forward_ratios == [3, 2]
     cfg = config_from_profile(_train_args("--profile", "cifar10-lt", "--optim", "imbsam", "--method", "vs"))
     assert (cfg.many_above, cfg.few_below) == (1000, 200)  # CIFAR-10's shot thresholds
-    assert (cfg.vs_gamma, cfg.vs_tau) == (0.05, 1.0) and cfg.lambda_var == 5.0  # dirmixe's section not applied
+    assert (cfg.vs_gamma, cfg.vs_tau) == (0.05, 1.0) and cfg.dirmixe.lambda_var == 5.0  # dirmixe's not applied
     cfg = config_from_profile(_train_args("--profile", "cifar100-lt", "--optim", "ssesam", "--rho-tail", "0.3"))
     assert (cfg.rho, cfg.rho_tail, cfg.sse_gamma, cfg.tail_eta) == (0.05, 0.3, 0.7, 100)
     cfg = config_from_profile(_train_args("--profile", "cifar100-lt", "--optim", "imbsam"))

@@ -42,7 +42,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type[Confi
                          exclude: Iterable[str] = (), positional: Iterable[str] = (),
                          required: Iterable[str] = ()) -> None:
     """Add one option per field of `config_cls` (those with ``cli=True``), with the field's default,
-    help, choices and type; list fields repeat (``--layer A --layer B``) unless they give `nargs`.
+    help, choices and type; list fields repeat (``--layer A --layer B``) unless they give `nargs`. A sub-config
+    (`difffeat.spine.run.nested`) adds one option per field of its own, ``--PREFIX-FIELD`` unless it names the flag,
+    whose value lands in the namespace as ``field.sub``.
 
     Fields in `positional` become positional arguments; `required` ones must be given. The parser's
     defaults remember which flag belongs to which field (`flag_of`)."""
@@ -53,14 +55,21 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type[Confi
         if f.name in skip or not f.metadata.get("cli", True):
             continue
         meta = f.metadata
+        if meta.get("nested"):
+            sub_hints = typing.get_type_hints(meta["nested"])
+            for sub in dataclasses.fields(meta["nested"]):
+                if not sub.metadata.get("cli", True):
+                    continue
+                dest = f"{f.name}.{sub.name}"
+                flags[dest] = meta["flags"].get(sub.name) or f"--{meta['prefix']}-{sub.name.replace('_', '-')}"
+                help_text = " ".join(x for x in (meta.get("help"), sub.metadata.get("help")) if x)
+                _add_option(parser, sub, sub_hints[sub.name], flags[dest], dest, False, help_text, nested=True)
+            continue
         kind, is_list = _base_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = None  # filled from the config's own factory in `config_from_args`
-        kwargs: dict[str, Any] = {"help": meta.get("help") or None}
-        if meta.get("metavar"):
-            kwargs["metavar"] = meta["metavar"]
         if f.name in positional:
+            kwargs: dict[str, Any] = {"help": meta.get("help") or None}
+            if meta.get("metavar"):
+                kwargs["metavar"] = meta["metavar"]
             if is_list:
                 kwargs["nargs"] = "*"
             elif f.name not in required:
@@ -68,31 +77,45 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type[Confi
             parser.add_argument(f.name, type=kind if kind in (int, float) else None, **kwargs)
             flags[f.name] = f.name.upper()
             continue
-        flag = _flag(f)
-        flags[f.name] = flag
-        names = [flag] + ([meta["short"]] if meta.get("short") else [])
-        kwargs["dest"] = f.name
-        if kind is bool and not is_list:
-            kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
-            kwargs["default"] = bool(default)
-            _note_given(parser.add_argument(*names, **kwargs))
-            continue
-        if meta.get("choices"):
-            kwargs["choices"] = list(meta["choices"])
-        if kind in (int, float, str):
-            kwargs["type"] = kind
-        if is_list:
-            if meta.get("nargs") is not None:
-                kwargs["nargs"] = meta["nargs"]
-            else:
-                kwargs["action"] = "append"
-            kwargs["default"] = None
-        else:
-            kwargs["default"] = default
-        if f.name in required:
-            kwargs["required"] = True
-        _note_given(parser.add_argument(*names, **kwargs))
+        flags[f.name] = _flag(f)
+        _add_option(parser, f, hints[f.name], flags[f.name], f.name, f.name in required, meta.get("help"))
     parser.set_defaults(_config_flags={**(parser.get_default("_config_flags") or {}), **flags})
+
+
+def _add_option(parser: argparse.ArgumentParser, f: dataclasses.Field, hint: Any, flag: str, dest: str,
+                required: bool, help_text: str | None, nested: bool = False) -> None:
+    """The option of one config field (`dest`: where its value lands; a sub-config's fields default to None, so
+    that what is not given keeps the sub-config's own default)."""
+    meta = f.metadata
+    kind, is_list = _base_type(hint)
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if f.default_factory is not dataclasses.MISSING or nested:  # type: ignore[misc]
+        default = None  # filled from the config's own defaults in `config_from_args`
+    kwargs: dict[str, Any] = {"help": help_text or None, "dest": dest}
+    if meta.get("metavar"):
+        kwargs["metavar"] = meta["metavar"]
+    names = [flag] + ([meta["short"]] if meta.get("short") else [])
+    if kind is bool and not is_list:
+        own = f.default if f.default is not dataclasses.MISSING else False
+        kwargs["action"] = argparse.BooleanOptionalAction if own or nested else "store_true"
+        kwargs["default"] = None if nested else bool(default)
+        _note_given(parser.add_argument(*names, **kwargs))
+        return
+    if meta.get("choices"):
+        kwargs["choices"] = list(meta["choices"])
+    if kind in (int, float, str):
+        kwargs["type"] = kind
+    if is_list:
+        if meta.get("nargs") is not None:
+            kwargs["nargs"] = meta["nargs"]
+        else:
+            kwargs["action"] = "append"
+        kwargs["default"] = None
+    else:
+        kwargs["default"] = default
+    if required:
+        kwargs["required"] = True
+    _note_given(parser.add_argument(*names, **kwargs))
 
 
 def _note_given(action: argparse.Action) -> None:
@@ -101,9 +124,16 @@ def _note_given(action: argparse.Action) -> None:
 
 
 def config_from_args(config_cls: type[Config], args: argparse.Namespace, **override) -> Config:
-    """The config the parsed arguments describe: fields not given keep the config's own defaults."""
-    values = {}
+    """The config the parsed arguments describe: fields not given keep the config's own defaults. A sub-config's
+    fields come as ``field.sub`` entries (in `args` and in `override`) and are gathered into its dict."""
+    values: dict[str, Any] = {}
     for f in dataclasses.fields(config_cls):
+        if f.metadata.get("nested"):
+            sub = {s.name: getattr(args, f"{f.name}.{s.name}") for s in dataclasses.fields(f.metadata["nested"])
+                   if getattr(args, f"{f.name}.{s.name}", None) is not None}
+            if sub:
+                values[f.name] = sub
+            continue
         if not hasattr(args, f.name):
             continue
         value = getattr(args, f.name)
@@ -111,7 +141,13 @@ def config_from_args(config_cls: type[Config], args: argparse.Namespace, **overr
                               f.default_factory is not dataclasses.MISSING):  # type: ignore[misc]
             continue
         values[f.name] = value
-    return config_cls.from_dict({**values, **override})
+    for key, value in override.items():
+        name, dot, sub = key.partition(".")
+        if dot:
+            values[name] = {**(values.get(name) or {}), sub: value}
+        else:
+            values[key] = value
+    return config_cls.from_dict(values)
 
 
 GIVEN = "_config_given"  # the namespace entry where the options of config fields note that they were given
@@ -140,7 +176,9 @@ def given_fields(args: argparse.Namespace, config_cls: type[Config] | None = Non
     while parsing; positional fields count as given."""
     given = set(getattr(args, GIVEN, None) or ())
     if config_cls is not None:
-        given &= {f.name for f in dataclasses.fields(config_cls)}
+        fields = dataclasses.fields(config_cls)
+        given &= {f.name for f in fields} | {f"{f.name}.{s.name}" for f in fields if f.metadata.get("nested")
+                                             for s in dataclasses.fields(f.metadata["nested"])}
     return given
 
 

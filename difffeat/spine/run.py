@@ -148,6 +148,45 @@ def option(default: Any = dataclasses.MISSING, *, help: str = "", choices: Itera
     return dataclasses.field(default=default, metadata=meta)
 
 
+def nested(config_cls: type, *, prefix: str, flags: Mapping[str, str] | None = None,
+           legacy: Mapping[str, str] | None = None, help: str = "") -> Any:
+    """A field holding a sub-config (a `Config` of its own, e.g. DirMixE's hyper-parameters in train-cls's config):
+    saved as a nested dict, validated as its own config (an error names ``field.sub``), and on the command line
+    one flag per sub-field, ``--PREFIX-SUB`` (or the spelling in `flags`, sub-field → flag). `legacy` maps the flat
+    names of configs written before the nesting (``dm_tau``) to sub-fields (``tau``): they still load."""
+    meta = {"nested": config_cls, "prefix": prefix, "flags": dict(flags or {}), "legacy": dict(legacy or {}),
+            "help": help, "choices": None, "min": None, "max": None, "above": None, "flag": None, "short": None,
+            "metavar": None, "cli": True, "nargs": None}
+    return dataclasses.field(default_factory=config_cls, metadata=meta)
+
+
+def nested_fields(config_cls: type) -> list[dataclasses.Field]:
+    """The fields of `config_cls` made with `nested`."""
+    return [f for f in dataclasses.fields(config_cls) if f.metadata.get("nested")]
+
+
+def _fold_dotted(data: Mapping[str, Any], config_cls: type) -> dict:
+    """``{"dirmixe.tau": 1.6}`` entries (a sub-config's field, as profiles and the CLI name them) folded into the
+    sub-config's dict."""
+    subs = {f.name for f in nested_fields(config_cls)}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name, dot, sub = key.partition(".")
+        if dot and name in subs:
+            base = out.get(name)
+            base = dataclasses.asdict(base) if dataclasses.is_dataclass(base) else dict(base or {})
+            out[name] = {**base, sub: value}
+        elif key in out and isinstance(value, Mapping) and isinstance(out[key], Mapping):
+            out[key] = {**value, **out[key]}
+        else:
+            out[key] = value
+    return out
+
+
+def _prefixed(name: str, error: ConfigError) -> ConfigError:
+    return ConfigError(f"{name}.{error.field}", error.reason)
+
+
 C = TypeVar("C", bound="Config")
 
 
@@ -176,7 +215,21 @@ class Config:
         """Build from a dict, ignoring entries that are not fields (a manifest holds more than the config); a
         required field missing is a `ConfigError` naming it, like a value of the wrong type or out of bounds."""
         fields = dataclasses.fields(cls)
-        values = {**{k: v for k, v in data.items() if k in {f.name for f in fields}}, **override}
+        data = _fold_dotted({**data, **override}, cls)
+        override = {}
+        values = {k: v for k, v in data.items() if k in {f.name for f in fields}}
+        for f in nested_fields(cls):  # a sub-config from its dict, from flat names of older configs, or as given
+            sub, legacy = values.get(f.name), f.metadata["legacy"]
+            if isinstance(sub, f.metadata["nested"]):
+                continue
+            if sub is not None and not isinstance(sub, Mapping):
+                raise ConfigError(f.name, f"must be a mapping of {f.metadata['nested'].__name__}'s settings, got "
+                                          f"{type(sub).__name__}")
+            merged = {**{legacy[k]: v for k, v in {**data, **override}.items() if k in legacy}, **(sub or {})}
+            try:
+                values[f.name] = f.metadata["nested"].from_dict(merged)
+            except ConfigError as e:
+                raise _prefixed(f.name, e) from None
         for f in fields:
             if f.name not in values and f.init and f.default is dataclasses.MISSING \
                     and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
@@ -196,6 +249,7 @@ class Config:
         the repeated run writes) is the caller's, not the file's."""
         file, kind, config = _saved_config(run)
         known = {f.name for f in dataclasses.fields(cls)}
+        known |= {k for f in nested_fields(cls) for k in f.metadata["legacy"]}  # flat names of older configs
         unknown = sorted(set(config) - known - set(cls.recorded_fields))
         if unknown:
             what = f"the config of a difffeat {kind} run" if kind else "a config with other settings"
@@ -221,6 +275,14 @@ class Config:
         for f in dataclasses.fields(self):
             meta, value = f.metadata, getattr(self, f.name)
             if value is None:
+                continue
+            if meta.get("nested"):
+                if not isinstance(value, meta["nested"]):
+                    raise ConfigError(f.name, f"must be a {meta['nested'].__name__}, got {type(value).__name__}")
+                try:
+                    value.validate()
+                except ConfigError as e:
+                    raise _prefixed(f.name, e) from None
                 continue
             _check_type(f.name, value, hints[f.name])
             if f.name == "seed" or f.name.endswith("_seed"):

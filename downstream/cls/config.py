@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from difffeat.spine.run import Config, ConfigError, option
+from difffeat.spine.run import Config, ConfigError, nested, option
 
 METHODS = ("ce", "la", "vs", "ldam", "tla-adrw", "dirmixe", "drauc", "tkpr")
 OPTIMIZERS = ("none", "sam", "imbsam", "ssesam")
@@ -45,7 +45,7 @@ class DirMixEConfig(Config):
     concentration: float = option(1e4, above=0, help="α0 (1e5 in the iNat config)")
     switch_fraction: float = option(0.8, min=0, max=1,
                                     help="the variance term is on after epoch int(0.8·(E + 1)) (1-based)")
-    scale: float = option(30.0, above=0, help="cosine classifier scale s")
+    scale: float = option(30.0, above=0, cli=False, help="cosine classifier scale s (train-cls: its --scale)")
 
 
 @dataclass
@@ -76,10 +76,12 @@ class ReconBoostConfig(Config):
     correct_epochs: int = option(2, min=1, help="epochs of each global rectification (`correct_epoch`)")
     weight1: float = option(5.0, help="λ₁")
     weight2: float = option(1.0, help="λ₂, the reconcilement weight")
-    lr: float = option(0.01, above=0, help="modality-update SGD (`m_lr`)")
-    correct_lr: float = option(0.01, above=0, help="rectification SGD (`e_lr`)")
-    momentum: float = option(0.9, min=0, help="SGD momentum of both phases")
-    weight_decay: float = option(5e-4, min=0, help="SGD weight decay of both phases")
+    lr: float | None = option(None, above=0, help="modality-update SGD learning rate (`m_lr`; default: train-cls's "
+                                                  "--lr; the code's is 0.01)")
+    correct_lr: float | None = option(None, above=0, help="rectification SGD learning rate (`e_lr`; default: the "
+                                                          "update's)")
+    momentum: float | None = option(None, min=0, help="SGD momentum of both phases (default: train-cls's)")
+    weight_decay: float | None = option(None, min=0, help="SGD weight decay of both phases (default: train-cls's)")
     head_hidden: int = option(128, min=1, help="width of the shared head's hidden layer")
 
     @property
@@ -149,33 +151,24 @@ class ClsTrainConfig(Config):
     sse_gamma: float = option(0.7, min=0, max=1, help="SSE-SAM: head radius 0 after γ·epochs")
     tail_eta: float | None = option(None, help="tail classes: fewer training samples than this (default: 20 with "
                                                "imbsam, as released; else 0.2 × the largest class)")
-    dm_tau: float = option(DirMixEConfig.tau, help="DirMixE: power τ of the prior shift")
-    lambda_var: float = option(DirMixEConfig.lambda_var, min=0, help="DirMixE: weight of the semi-variance")
-    trials: int = option(DirMixEConfig.trials, min=1, help="DirMixE: Dirichlet draws per iteration")
-    concentration: float = option(DirMixEConfig.concentration, above=0, help="DirMixE: α0")
-    tta_lr: float = option(AggregationConfig.lr, above=0, help="DirMixE test-time aggregation: SGD learning rate")
-    tta_epochs: int = option(AggregationConfig.epochs, min=0, help="DirMixE test-time aggregation: passes at most")
-    tta_steps: int = option(AggregationConfig.steps_per_pass, min=0,
-                            help="DirMixE test-time aggregation: 0, one sweep per pass (as SADE); N, at least N "
-                                 "batches per pass (difffeat's former 79)")
-    tta_weight_decay: float = option(AggregationConfig.weight_decay, min=0,
-                                     help="DirMixE test-time aggregation: SGD weight decay")
+    dirmixe: DirMixEConfig = nested(DirMixEConfig, prefix="dm", help="DirMixE:",
+                                    flags={"lambda_var": "--lambda-var", "trials": "--trials",
+                                           "concentration": "--concentration"},
+                                    legacy={"dm_tau": "tau", "lambda_var": "lambda_var", "trials": "trials",
+                                            "concentration": "concentration"})
+    aggregation: AggregationConfig = nested(AggregationConfig, prefix="tta", help="DirMixE test-time aggregation:",
+                                            flags={"steps_per_pass": "--tta-steps"},
+                                            legacy={"tta_lr": "lr", "tta_epochs": "epochs",
+                                                    "tta_steps": "steps_per_pass", "tta_weight_decay": "weight_decay",
+                                                    "tta_batch_size": "batch_size", "tta_dropout": "dropout",
+                                                    "tta_noise": "noise"})
     tta_adapt: str = option("independent", choices=TTA_ADAPT,
                             help="DirMixE on the Dirichlet test sets: adapt on an independent draw of the same kind "
                                  "and ratio (as released) or on the scored set itself (optimistic)")
-    tta_batch_size: int = option(AggregationConfig.batch_size, min=1, help="DirMixE test-time aggregation: batch")
-    tta_dropout: float = option(AggregationConfig.dropout, min=0, max=1,
-                                help="DirMixE test-time aggregation: feature dropout of a view")
-    tta_noise: float = option(AggregationConfig.noise, min=0, help="DirMixE test-time aggregation: noise of a view")
-    rb_stages: int = option(ReconBoostConfig.stages, min=1,
-                            help="ReconBoost: stages (update + rectify epochs each)")
-    rb_stage_epochs: int = option(ReconBoostConfig.stage_epochs, min=1, help="ReconBoost: epochs of an update")
-    rb_correct_epochs: int = option(ReconBoostConfig.correct_epochs, min=1,
-                                    help="ReconBoost: epochs of a rectification")
-    rb_weight1: float = option(ReconBoostConfig.weight1, help="ReconBoost: λ₁ of the cross-entropy")
-    rb_weight2: float = option(ReconBoostConfig.weight2, help="ReconBoost: λ₂ of the KL reconcilement term")
-    rb_lr: float | None = option(None, above=0, help="ReconBoost's SGD learning rate (default: --lr; the code's "
-                                                     "is 0.01)")
+    reconboost: ReconBoostConfig = nested(ReconBoostConfig, prefix="rb", help="ReconBoost:",
+                                          legacy={"rb_stages": "stages", "rb_stage_epochs": "stage_epochs",
+                                                  "rb_correct_epochs": "correct_epochs", "rb_weight1": "weight1",
+                                                  "rb_weight2": "weight2", "rb_lr": "lr"})
     drauc_epsilon: float = option(0.01, above=0, help="DRAUC: transport budget ε (squared distance, in units of "
                                                       "the median feature norm)")
     drauc_step_size: float = option(0.02, above=0, help="DRAUC: step of the inner ascent (relative units)")
@@ -248,19 +241,20 @@ class ClsTrainConfig(Config):
         return resolved.validate()
 
     def dirmixe_config(self) -> DirMixEConfig:
-        return DirMixEConfig(tau=self.dm_tau, lambda_var=self.lambda_var, trials=self.trials,
-                             concentration=self.concentration, scale=self.scale)
+        """DirMixE's settings with the cosine experts' scale of this run (--scale)."""
+        return dataclasses.replace(self.dirmixe, scale=self.scale)
 
     def aggregation_config(self) -> AggregationConfig:
-        return AggregationConfig(lr=self.tta_lr, epochs=self.tta_epochs, steps_per_pass=self.tta_steps,
-                                 batch_size=self.tta_batch_size, dropout=self.tta_dropout, noise=self.tta_noise,
-                                 weight_decay=self.tta_weight_decay)
+        return self.aggregation
 
     def reconboost_config(self) -> ReconBoostConfig:
-        return ReconBoostConfig(stages=self.rb_stages, stage_epochs=self.rb_stage_epochs,
-                                correct_epochs=self.rb_correct_epochs, weight1=self.rb_weight1,
-                                weight2=self.rb_weight2, lr=self.rb_lr or self.lr, correct_lr=self.rb_lr or self.lr,
-                                momentum=self.momentum, weight_decay=self.weight_decay)
+        """ReconBoost's settings with what it leaves to train-cls filled in: learning rates, momentum, weight
+        decay (one learning rate given serves both phases, as --rb-lr always did)."""
+        rb = self.reconboost
+        lr = rb.lr or self.lr
+        return dataclasses.replace(rb, lr=lr, correct_lr=rb.correct_lr or lr,
+                                   momentum=self.momentum if rb.momentum is None else rb.momentum,
+                                   weight_decay=self.weight_decay if rb.weight_decay is None else rb.weight_decay)
 
 
 # ----------------------------------------------------------------------------------------- eval-cls

@@ -8,7 +8,7 @@ evaluation's (`shots`, `test_agnostic`) always, a method's section for that meth
 only: `apply_profile` keeps every value the user gave.
 
     >>> fields = profile_fields("imagenet-lt", "dirmixe", "none")
-    >>> fields["dm_tau"], fields["lambda_var"], fields["dirichlet_ratio"], fields["dirichlet_concentration"]
+    >>> fields["dirmixe.tau"], fields["dirmixe.lambda_var"], fields["dirichlet_ratio"], fields["dirichlet_concentration"]
     (1.6, 1.0, 50, 10000.0)
     >>> profile_fields("cifar100-lt", "la", "imbsam")["imbsam_tail_weight"]
     2.0
@@ -30,10 +30,10 @@ SECTIONS: dict[str, tuple[str | tuple[str, ...], dict[str, str]]] = {
     "shots": ("always", {"many_above": "many_above", "few_below": "few_below"}),
     "test_agnostic": ("always", {k: k for k in ("forward_ratios", "backward_ratios", "dirichlet_ratio",
                                                 "dirichlet_concentration", "dirichlet_draws")}),
-    "dirmixe": ("dirmixe", {"tau": "dm_tau", "lambda_var": "lambda_var", "trials": "trials",
-                            "concentration": "concentration"}),
-    "test_time_aggregation": ("dirmixe", {"lr": "tta_lr", "weight_decay": "tta_weight_decay",
-                                          "batch_size": "tta_batch_size", "epochs": "tta_epochs"}),
+    "dirmixe": ("dirmixe", {"tau": "dirmixe.tau", "lambda_var": "dirmixe.lambda_var", "trials": "dirmixe.trials",
+                            "concentration": "dirmixe.concentration"}),
+    "test_time_aggregation": ("dirmixe", {"lr": "aggregation.lr", "weight_decay": "aggregation.weight_decay",
+                                          "batch_size": "aggregation.batch_size", "epochs": "aggregation.epochs"}),
     "vs": ("vs", {"gamma": "vs_gamma", "tau": "vs_tau"}),
     "tla_adrw": ("tla-adrw", {"gamma": "vs_gamma", "tau": "vs_tau", "stage2_tau": "tla_tau", "nu": "adrw_nu"}),
     "ldam": ("ldam", {"max_margin": "ldam_margin", "scale": "ldam_scale"}),
