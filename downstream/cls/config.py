@@ -88,6 +88,16 @@ class ReconBoostConfig(Config):
     def epochs(self) -> int:
         return self.stages * (self.stage_epochs + self.correct_epochs)
 
+    def filled(self, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4) -> ReconBoostConfig:
+        """A copy with the unset optimiser settings given values: `lr` for the update (and the rectification
+        when its own is unset), `momentum`, `weight_decay` (defaults: the code's CREMA-D values; train-cls passes
+        its own, `ClsTrainConfig.reconboost_config`)."""
+        update = self.lr if self.lr is not None else lr
+        return dataclasses.replace(
+            self, lr=update, correct_lr=self.correct_lr if self.correct_lr is not None else update,
+            momentum=self.momentum if self.momentum is not None else momentum,
+            weight_decay=self.weight_decay if self.weight_decay is not None else weight_decay)
+
 
 # ---------------------------------------------------------------------------------------- train-cls
 @dataclass
@@ -250,11 +260,7 @@ class ClsTrainConfig(Config):
     def reconboost_config(self) -> ReconBoostConfig:
         """ReconBoost's settings with what it leaves to train-cls filled in: learning rates, momentum, weight
         decay (one learning rate given serves both phases, as --rb-lr always did)."""
-        rb = self.reconboost
-        lr = rb.lr or self.lr
-        return dataclasses.replace(rb, lr=lr, correct_lr=rb.correct_lr or lr,
-                                   momentum=self.momentum if rb.momentum is None else rb.momentum,
-                                   weight_decay=self.weight_decay if rb.weight_decay is None else rb.weight_decay)
+        return self.reconboost.filled(lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
 
 # ----------------------------------------------------------------------------------------- eval-cls

@@ -8,8 +8,8 @@ evaluation's (`shots`, `test_agnostic`) always, a method's section for that meth
 only: `apply_profile` keeps every value the user gave.
 
     >>> fields = profile_fields("imagenet-lt", "dirmixe", "none")
-    >>> fields["dirmixe.tau"], fields["dirmixe.lambda_var"], fields["dirichlet_ratio"], fields["dirichlet_concentration"]
-    (1.6, 1.0, 50, 10000.0)
+    >>> [fields[k] for k in ("dirmixe.tau", "dirmixe.lambda_var", "dirichlet_ratio", "dirichlet_concentration")]
+    [1.6, 1.0, 50, 10000.0]
     >>> profile_fields("cifar100-lt", "la", "imbsam")["imbsam_tail_weight"]
     2.0
     >>> {k: v for k, v in profile_fields("cifar100-lt", "la", "ssesam").items() if k in ("lr_schedule", "nesterov")}

@@ -87,6 +87,7 @@ def reconcilement_loss(logits: torch.Tensor, others: torch.Tensor, targets: torc
 
 def phase_optimizer(model: ReconBoostModel, phase: str, source: int, config: ReconBoostConfig) -> torch.optim.Optimizer:
     """SGD over what the phase trains (a fresh one per phase, as the code builds them)."""
+    config = config.filled()  # unset settings: the code's
     if phase == "update":
         return torch.optim.SGD(model.source_parameters(source), lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay)
@@ -113,7 +114,7 @@ class ReconBoostUpdater:
 
     def __init__(self, model: nn.Module, config: ReconBoostConfig, num_sources: int,
                  adjust: torch.Tensor | None = None):
-        self.model, self.config, self.num_sources, self.adjust = model, config, num_sources, adjust
+        self.model, self.config, self.num_sources, self.adjust = model, config.filled(), num_sources, adjust
         self.optimizer: torch.optim.Optimizer | None = None
         self.key: str | None = None  # "stage:phase" of the optimizer, saved with a checkpoint
         self.phase, self.source = "update", 0
