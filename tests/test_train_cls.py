@@ -216,7 +216,8 @@ def test_zero_count_class_is_reported_and_floored_with_no_nan(world, recwarn):
         cfg = ClsTrainConfig(features=[str(root / "s1")], labels=labels, split="train/", test_split="test/",
                              classes="cat,dog,emu,fox,gnu", method=method, optim="ssesam", epochs=4, batch_size=16,
                              dirmixe=DirMixEConfig(trials=6), dirichlet_draws=1,
-                             aggregation=AggregationConfig(epochs=1, steps_per_pass=2), out=str(root / f"zero-{method}"))
+                             aggregation=AggregationConfig(epochs=1, steps_per_pass=2),
+                             out=str(root / f"zero-{method}"))
         run = train_cls(cfg, progress=False)
         report = json.loads((run / "report.json").read_text())
         assert report["zero_count_classes"] == ["gnu"]
