@@ -403,7 +403,8 @@ def test_dropout_is_inverted_dropout():
 def test_assigner_forms_and_weightings_are_the_configs():
     assert tuple(ASSIGNER_FORMS) == tuple(CONFIG_FORMS)
     assert tuple(WEIGHTINGS) == tuple(AMALGAMATION_WEIGHTINGS)
-    assert HeadConfig().amalgamation_weighting == SegTrainConfig(features=["x"], out="o").amalgamation_weighting \
+    assert HeadConfig().amalgamation_weighting == SegTrainConfig.from_dict(dict(features=["x"],
+                                                                                out="o")).head.amalgamation_weighting \
         == "released"
 
 
@@ -468,8 +469,9 @@ def test_train_seg_amalgamates_one_multi_variant_store(world, tmp_path, form, ca
                                                                                  ("y:probs", (3, 8, 8))))
     runs = {}
     for mode in ("concat", "amalgamate"):
-        cfg = SegTrainConfig(features=[str(store)], masks=str(root), out=str(tmp_path / mode), iterations=3,
-                             batch_size=2, hidden=8, variants=mode, assigners=2, assigner=form, log_every=1)
+        cfg = SegTrainConfig.from_dict(dict(features=[str(store)], masks=str(root), out=str(tmp_path / mode),
+                                            iterations=3, batch_size=2, hidden=8, variants=mode, assigners=2,
+                                            assigner=form, log_every=1))
         runs[mode] = train_seg(cfg, progress=False)
     run = runs["amalgamate"]
     weights = load_tensors(run / "model.safetensors")[0]
@@ -477,7 +479,7 @@ def test_train_seg_amalgamates_one_multi_variant_store(world, tmp_path, form, ca
     history = json.loads((run / "history.json").read_text())
     assert all("penalty" in h for h in history if "loss" in h)
     saved = json.loads((run / "config.json").read_text())
-    assert saved["variants"] == ["plain", "canny"] and saved["config"]["assigner"] == form
+    assert saved["variants"] == ["plain", "canny"] and saved["config"]["head"]["assigner"] == form
     summary, meta = load_tensors(run / "amalgamation.safetensors")
     assert meta["variants"] == ["plain", "canny"] and meta["layers"] == ["x"] and meta["assigners"] == 2
     assert summary["x/a1/mean"].shape == (2, 4) and torch.allclose(summary["x/a1/mean"].sum(0), torch.ones(4))
@@ -509,13 +511,13 @@ def test_train_seg_amalgamates_several_stores_and_refuses_bad_options(world, tmp
     assert rc == 0, err
     saved = json.loads((tmp_path / "ok" / "config.json").read_text())
     assert saved["variants"] == ["store0", "store1", "store2"]
-    assert (saved["config"]["gamma_sparsity"], saved["config"]["gamma_diversity"]) == (0.1, 0.2)
-    assert saved["config"]["amalgamation_weighting"] == "paper"
+    assert (saved["config"]["head"]["gamma_sparsity"], saved["config"]["head"]["gamma_diversity"]) == (0.1, 0.2)
+    assert saved["config"]["head"]["amalgamation_weighting"] == "paper"
     history = json.loads((tmp_path / "ok" / "history.json").read_text())
     assert all(h["penalty"] < 0 for h in history if "loss" in h)  # −γ1 S − γ2 D from the first iteration
     # resumed with the other weighting form: refused, naming it
     rc, err = run_cli([*base, "--out", str(tmp_path / "ok"), *paper[:2], "--resume"], capsys)
-    assert rc == 2 and "differs in: amalgamation_weighting, gamma_diversity, gamma_sparsity" in err, err
+    assert rc == 2 and "differs in: head.amalgamation_weighting, head.gamma_diversity, head.gamma_sparsity" in err, err
     assert "\n" not in err
     for extra, message in [(["--assigners", "0"], "--assigners: must be ≥ 1, got 0"),
                            (["--assigners", "4"], "--assigners: must be ≤ variants × layers = 3 × 1 = 3, got 4"),
@@ -541,8 +543,8 @@ def test_released_amalgamation_resumes_to_the_weights_of_an_uninterrupted_run(wo
     store = write_store(tmp_path / "two", keys, root, ["plain", "canny"])
     kw = dict(features=[str(store)], masks=str(root), iterations=23, batch_size=2, hidden=8, variants="amalgamate",
               checkpoint_every=4, log_every=1, seed=2)
-    whole = train_seg(SegTrainConfig(out=str(tmp_path / "whole"), **kw), progress=False)
-    part = SegTrainConfig(out=str(tmp_path / "part"), **kw)
+    whole = train_seg(SegTrainConfig.from_dict(dict(out=str(tmp_path / "whole"), **kw)), progress=False)
+    part = SegTrainConfig.from_dict(dict(out=str(tmp_path / "part"), **kw))
     train_seg(part, progress=False, stop_after=12)
     walk = Checkpoints(tmp_path / "part" / "checkpoints").latest().load("amalgamation_weighting")
     assert walk["iterations"] == 12 and walk["last_loss"] is not None

@@ -189,8 +189,8 @@ def chains(tmp_path_factory, mini_pipe):
             run_extraction(ExtractRunConfig(images=f"{layout}:{root}:{split}", out=str(store), model="mini",
                                             layers=["up_blocks.1"], noise=False), progress=False, pipe=mini_pipe)
             stores[split] = str(store)
-        run = train_seg(SegTrainConfig(features=[stores["train"]], out=str(folder.parent / "run"), iterations=4,
-                                       batch_size=4, hidden=16), progress=False)
+        run = train_seg(SegTrainConfig.from_dict(dict(features=[stores["train"]], out=str(folder.parent / "run"),
+                                                      iterations=4, batch_size=4, hidden=16)), progress=False)
         scores = eval_seg(run, [stores["val"]], progress=False)
         out[name] = (scores, stores, Path(scores["out"]))
     return out
@@ -265,8 +265,8 @@ def test_original_resolution_scores_equal_an_independent_computation(tmp_path, m
         run_extraction(ExtractRunConfig(images=f"ade20k:{root}:{split}", out=stores[split], model="mini",
                                         layers=["up_blocks.1"], noise=False, resize=resize), progress=False,
                        pipe=mini_pipe)
-    run = train_seg(SegTrainConfig(features=[stores["train"]], out=str(tmp_path / "run"), iterations=8, batch_size=4,
-                                   hidden=16), progress=False)
+    run = train_seg(SegTrainConfig.from_dict(dict(features=[stores["train"]], out=str(tmp_path / "run"), iterations=8,
+                                                  batch_size=4, hidden=16)), progress=False)
     scores = eval_seg(run, [stores["val"]], progress=False)
     frame = eval_seg(run, [stores["val"]], progress=False, resolution="frame", out=str(tmp_path / "frame"))
 

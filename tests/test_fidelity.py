@@ -426,7 +426,7 @@ def test_every_profile_sets_real_config_fields_with_valid_values():
     for name in ("ade20k", "cityscapes", "coco-stuff"):
         fields = seg_fields(name)
         assert set(fields) <= seg_names
-        SegTrainConfig(features=["f"], masks="m", out="o", **fields).validate()
+        SegTrainConfig.from_dict(dict(features=["f"], masks="m", out="o", **fields)).validate()
         assert fields["tail_classes"] == profile(name)["memory_bank"]["tail_classes"]
     with pytest.raises(UserError, match="segmentation profile"):
         cls_fields("ade20k", "ce", "none")

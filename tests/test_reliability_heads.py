@@ -62,8 +62,8 @@ def root(tmp_path):
 
 
 def seg_config(store, data, out, **kw):
-    return SegTrainConfig(features=[str(store)], masks=str(data), out=str(out), **{
-        "iterations": 4, "batch_size": 2, "hidden": 8, "checkpoint_every": 1, **kw})
+    return SegTrainConfig.from_dict({"features": [str(store)], "masks": str(data), "out": str(out), "iterations": 4,
+                                     "batch_size": 2, "hidden": 8, "checkpoint_every": 1, **kw})
 
 
 def run_cli(argv, capsys):
@@ -203,12 +203,12 @@ def test_train_cls_and_eval_cls_pin_their_stores(tmp_path, capsys):
 def test_stores_of_other_images_are_refused_and_one_store_twice_is_said(root, tmp_path):
     store = write_store(tmp_path / "feat", images=str(root))
     others = write_store(tmp_path / "others", keys=["elsewhere/0.png", "elsewhere/1.png"], images=str(root))
-    cfg = SegTrainConfig(features=[str(store), str(others)], masks=str(root), out=str(tmp_path / "run"), iterations=1,
-                         batch_size=2, hidden=8)
+    cfg = SegTrainConfig.from_dict(dict(features=[str(store), str(others)], masks=str(root), out=str(tmp_path / "run"),
+                                        iterations=1, batch_size=2, hidden=8))
     with pytest.raises(UserError, match="share no image key"):
         train_seg(cfg, progress=False)
     assert not (tmp_path / "run").exists()
-    twice = SegTrainConfig(**{**cfg.to_dict(), "features": [str(store), str(store)]})
+    twice = SegTrainConfig.from_dict({**cfg.to_dict(), "features": [str(store), str(store)]})
     with pytest.warns(UserWarning, match="holds the same features as .* given twice"):
         train_seg(twice, progress=False)
 

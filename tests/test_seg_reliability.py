@@ -106,8 +106,8 @@ def test_a_listed_but_missing_mask_file_is_skipped_and_reported(flat, tmp_path):
     rows = ["file_name,mask_file_name"] + [f"images/{i}.png,masks/{i}.png" for i in range(4)]
     (root / "metadata.csv").write_text("\n".join(rows) + "\n")
     (root / "masks" / "2.png").unlink()
-    cfg = SegTrainConfig(features=[str(store)], masks=str(root), out=str(tmp_path / "run"), iterations=2,
-                         batch_size=2, hidden=8)
+    cfg = SegTrainConfig.from_dict(dict(features=[str(store)], masks=str(root), out=str(tmp_path / "run"), iterations=2,
+                                        batch_size=2, hidden=8))
     with pytest.warns(UserWarning, match="whose listed mask file is missing"):
         run = train_seg(cfg, progress=False)
     report = json.loads((run / "report.json").read_text())["train"]
@@ -145,8 +145,8 @@ def test_a_failed_checkpoint_write_leaves_no_temp_folder(flat, tmp_path, monkeyp
         real(path, tensors, metadata)
 
     monkeypatch.setattr(difffeat.spine.run, "save_tensors", disk_full)
-    cfg = SegTrainConfig(features=[str(store)], masks=str(root), out=str(tmp_path / "run"), iterations=2,
-                         batch_size=2, hidden=8)
+    cfg = SegTrainConfig.from_dict(dict(features=[str(store)], masks=str(root), out=str(tmp_path / "run"), iterations=2,
+                                        batch_size=2, hidden=8))
     with pytest.raises(UserError, match="No space left"):
         train_seg(cfg, progress=False)
     left = [p.name for p in (tmp_path / "run").rglob("*") if ".tmp" in p.name]
@@ -163,8 +163,8 @@ def test_weighted_on_one_two_variant_store_differs_from_concat(flat, tmp_path):
     assert weighted.amalgamate is not None and weighted.amalgamate.positions == [[0, 1]]
     runs = {}
     for mode in ("concat", "weighted"):
-        cfg = SegTrainConfig(features=[str(store)], masks=str(root), out=str(tmp_path / mode), iterations=2,
-                             batch_size=2, hidden=8, variants=mode)
+        cfg = SegTrainConfig.from_dict(dict(features=[str(store)], masks=str(root), out=str(tmp_path / mode),
+                                            iterations=2, batch_size=2, hidden=8, variants=mode))
         runs[mode] = difffeat.spine.run.load_tensors(train_seg(cfg, progress=False) / "model.safetensors")[0]
     # concat: a conv projection per map; weighted: one per layer, after the learned sum over the two variants
     assert "amalgamate.logits.0" in runs["weighted"] and "amalgamate.logits.0" not in runs["concat"]
@@ -196,13 +196,17 @@ OLD_TRAIN_SEG_DEFAULTS = {  # the flags and defaults of train-seg before its opt
 
 def test_cli_flags_and_defaults_are_the_documented_ones():
     from difffeat.cli import build_parser
+    from difffeat.spine.config_cli import config_from_args
     from downstream.losses.aucseg import DEFAULT_AUC_WEIGHT, DEFAULT_MARGIN
 
     args = build_parser().parse_args(["train-seg", "--out", "RUN"])
-    assert {k: getattr(args, k) for k in OLD_TRAIN_SEG_DEFAULTS} == OLD_TRAIN_SEG_DEFAULTS
+    # the head's options: a sub-config (--head, --variants, --ensemble, --hidden are its flags)
+    cfg = config_from_args(SegTrainConfig, build_parser().parse_args(["train-seg", "--features", "f", "--out", "o"]))
+    head = {"head": cfg.head.kind, **{k: getattr(cfg.head, k) for k in ("variants", "ensemble", "hidden")}}
+    assert {k: head[k] if k in head else getattr(args, k) for k in OLD_TRAIN_SEG_DEFAULTS} == OLD_TRAIN_SEG_DEFAULTS
     args = build_parser().parse_args(["train-seg", "--out", "R", "--features", "a", "--features", "b", "--masks", "m",
                                       "--layer", "x", "--warmup", "7", "--memory-bank", "--no-normalize"])
-    assert (args.features, args.layers, args.warmup_iterations, args.memory_bank, args.normalize) == (
+    assert (args.features, args.layers, args.warmup_iterations, args.memory_bank, getattr(args, "head.normalize")) == (
         ["a", "b"], ["x"], 7, True, False)
     fields = SegTrainConfig.__dataclass_fields__
     assert (fields["auc_weight"].default, fields["margin"].default) == (DEFAULT_AUC_WEIGHT, DEFAULT_MARGIN)
@@ -227,8 +231,8 @@ def test_cli_config_errors_name_the_flag(flat, tmp_path, capsys):
 
 def test_memory_bank_without_groups_uses_the_count_grouping(flat, tmp_path):
     root, store, _ = flat  # classes.json has no groups: the tail comes from the training pixel counts
-    cfg = SegTrainConfig(features=[str(store)], masks=str(root), out=str(tmp_path / "run"), iterations=1,
-                         batch_size=2, hidden=8, memory_bank=True)
+    cfg = SegTrainConfig.from_dict(dict(features=[str(store)], masks=str(root), out=str(tmp_path / "run"), iterations=1,
+                                        batch_size=2, hidden=8, memory_bank=True))
     saved = json.loads((train_seg(cfg, progress=False) / "config.json").read_text())
     assert saved["kind"] == "train-seg" and saved["classes"]["groups"]["tail"]
     assert SegClasses.from_dict(saved["classes"]).tail_ids()
@@ -241,8 +245,8 @@ def test_the_cli_module_loads_without_torch():
 
 def test_eval_seg_replaces_its_own_scores_and_nothing_else(flat, tmp_path, capsys):
     root, store, _ = flat
-    cfg = SegTrainConfig(features=[str(store)], masks=str(root), out=str(tmp_path / "run"), iterations=1,
-                         batch_size=2, hidden=8)
+    cfg = SegTrainConfig.from_dict(dict(features=[str(store)], masks=str(root), out=str(tmp_path / "run"), iterations=1,
+                                        batch_size=2, hidden=8))
     run = train_seg(cfg, progress=False)
     args = ["eval-seg", "--run", str(run), "--features", str(store), "--masks", str(root)]
     for _ in range(2):  # again: its own earlier scores are replaced

@@ -86,22 +86,22 @@ def test_class_aware_training_resumes_exactly_and_sees_every_class(world):
     root, data = world
     common = dict(features=[str(root / "feat")], masks=str(data), split="train", sampler="class-aware", hidden=16,
                   iterations=6, batch_size=6, checkpoint_every=3, loss="aucseg")
-    full = train_seg(SegTrainConfig(**common, out=str(root / "full")), progress=False)
-    train_seg(SegTrainConfig(**common, out=str(root / "part")), progress=False, stop_after=3)
-    part = train_seg(SegTrainConfig(**common, out=str(root / "part")), progress=False, resume=True)
+    full = train_seg(SegTrainConfig.from_dict(dict(**common, out=str(root / "full"))), progress=False)
+    train_seg(SegTrainConfig.from_dict(dict(**common, out=str(root / "part"))), progress=False, stop_after=3)
+    part = train_seg(SegTrainConfig.from_dict(dict(**common, out=str(root / "part"))), progress=False, resume=True)
     a, b = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the batches the run drew hold every class of the training masks
     from downstream.seg.sampler import batch_indices_for, image_classes
     from downstream.seg.train import load_data
 
-    cfg = SegTrainConfig(**common, out=str(root / "full"))
+    cfg = SegTrainConfig.from_dict(dict(**common, out=str(root / "full")))
     train, _ = load_data(cfg)
     per_image = image_classes(train)
     everything = set().union(*(set(ids.tolist()) for ids in per_image))
     batches = batch_indices_for(cfg, train)
     assert len(everything) > 4 and all(batches.classes_in(batches(it)) == everything for it in range(6))
-    assert batch_indices_for(SegTrainConfig(**{**common, "sampler": "random"}, out="x"), train) is None
+    assert batch_indices_for(SegTrainConfig.from_dict(dict(**{**common, "sampler": "random"}, out="x")), train) is None
 
 
 def _seg_args(*extra):

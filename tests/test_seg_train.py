@@ -61,8 +61,9 @@ def test_train_seg_and_eval_seg_cli_end_to_end(world, capsys):
 
 def test_eval_scores_equal_a_direct_count(world):
     root, data = world
-    cfg = SegTrainConfig(features=[str(root / "feat")], masks=str(data), out=str(root / "run-direct"),
-                         split="train", iterations=3, batch_size=4, hidden=16, cache_bytes=0)  # read on demand
+    cfg = SegTrainConfig.from_dict(dict(features=[str(root / "feat")], masks=str(data), out=str(root / "run-direct"),
+                                        split="train", iterations=3, batch_size=4, hidden=16,
+                                        cache_bytes=0))  # read on demand
     run = train_seg(cfg, progress=False)
     scores = eval_seg(run, [str(root / "feat")], str(data), split="val", progress=False)
     from downstream.seg.evaluate import load_run
@@ -86,8 +87,8 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(world):
     root, data = world
     kw = dict(features=[str(root / "feat")], masks=str(data), split="train", iterations=6, batch_size=4,
               checkpoint_every=2, loss="aucseg", memory_bank=True, bank_sample_ratio=0.5, hidden=16, log_every=1)
-    whole = train_seg(SegTrainConfig(out=str(root / "whole"), **kw), progress=False)
-    part = SegTrainConfig(out=str(root / "part"), **kw)
+    whole = train_seg(SegTrainConfig.from_dict(dict(out=str(root / "whole"), **kw)), progress=False)
+    part = SegTrainConfig.from_dict(dict(out=str(root / "part"), **kw))
     train_seg(part, progress=False, stop_after=3)
     assert not (root / "part" / "model.safetensors").exists()
     assert json.loads((root / "part" / "checkpoints" / "latest.json").read_text())["step"] == 3
@@ -115,8 +116,8 @@ def test_pixel_store_and_variants(world):
     key = "train/images/000002.png"
     rgb = np.asarray(Image.open(data / key), np.float32) / 255
     assert np.allclose(store[key]["pixels"][:, 3, 5].reshape(3, 4, 4), rgb[12:16, 20:24].transpose(2, 0, 1))
-    cfg = SegTrainConfig(features=[str(root / "feat"), str(pixels)], masks=str(data), out=str(root / "run-two"),
-                         split="train", iterations=2, batch_size=4, hidden=8)
+    cfg = SegTrainConfig.from_dict(dict(features=[str(root / "feat"), str(pixels)], masks=str(data),
+                                        out=str(root / "run-two"), split="train", iterations=2, batch_size=4, hidden=8))
     train_seg(cfg, progress=False)  # concatenated variants of different channel counts
     saved = json.loads((root / "run-two" / "config.json").read_text())
     assert [s["variant"] for s in saved["specs"]] == [0, 1]

@@ -61,7 +61,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type[Confi
                 if not sub.metadata.get("cli", True):
                     continue
                 dest = f"{f.name}.{sub.name}"
-                flags[dest] = meta["flags"].get(sub.name) or f"--{meta['prefix']}-{sub.name.replace('_', '-')}"
+                own = sub.metadata.get("flag") or "--" + sub.name.replace("_", "-")
+                flags[dest] = meta["flags"].get(sub.name) or (
+                    f"--{meta['prefix']}-{sub.name.replace('_', '-')}" if meta["prefix"] else own)
                 help_text = " ".join(x for x in (meta.get("help"), sub.metadata.get("help")) if x)
                 _add_option(parser, sub, sub_hints[sub.name], flags[dest], dest, False, help_text, nested=True)
             continue

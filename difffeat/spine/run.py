@@ -86,11 +86,20 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def differing_fields(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[str]:
-    """Names of the top-level entries whose values differ between two configs."""
-    skip = set(ignore)
-    return sorted(k for k in set(old) | set(new)
-                  if k not in skip and canonical_json(old.get(k)) != canonical_json(new.get(k)))
+def differing_fields(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Iterable[str] = (),
+                     nested: Iterable[str] = ()) -> list[str]:
+    """Names of the top-level entries whose values differ between two configs; for the sub-configs named in
+    `nested` (dicts on both sides) the names of their differing entries, as ``field.sub``."""
+    skip, subs, found = set(ignore), set(nested), []
+    for k in set(old) | set(new):
+        a, b = old.get(k), new.get(k)
+        if k in skip or canonical_json(a) == canonical_json(b):
+            continue
+        if k in subs and isinstance(a, Mapping) and isinstance(b, Mapping):
+            found += [f"{k}.{sub}" for sub in differing_fields(a, b)]
+        else:
+            found.append(k)
+    return sorted(found)
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
@@ -148,12 +157,14 @@ def option(default: Any = dataclasses.MISSING, *, help: str = "", choices: Itera
     return dataclasses.field(default=default, metadata=meta)
 
 
-def nested(config_cls: type, *, prefix: str, flags: Mapping[str, str] | None = None,
+def nested(config_cls: type, *, prefix: str | None, flags: Mapping[str, str] | None = None,
            legacy: Mapping[str, str] | None = None, help: str = "") -> Any:
     """A field holding a sub-config (a `Config` of its own, e.g. DirMixE's hyper-parameters in train-cls's config):
     saved as a nested dict, validated as its own config (an error names ``field.sub``), and on the command line
-    one flag per sub-field, ``--PREFIX-SUB`` (or the spelling in `flags`, sub-field → flag). `legacy` maps the flat
-    names of configs written before the nesting (``dm_tau``) to sub-fields (``tau``): they still load."""
+    one flag per sub-field, ``--PREFIX-SUB`` (or the spelling in `flags`, sub-field → flag; with no prefix, each
+    sub-field's own flag). `legacy` maps the flat names of configs written before the nesting (``dm_tau``) to
+    sub-fields (``tau``): they still load; a legacy name may be the field's own (train-seg's ``head``, once the head
+    kind's name), then a plain value there is that sub-field's."""
     meta = {"nested": config_cls, "prefix": prefix, "flags": dict(flags or {}), "legacy": dict(legacy or {}),
             "help": help, "choices": None, "min": None, "max": None, "above": None, "flag": None, "short": None,
             "metavar": None, "cli": True, "nargs": None}
@@ -222,10 +233,14 @@ class Config:
             sub, legacy = values.get(f.name), f.metadata["legacy"]
             if isinstance(sub, f.metadata["nested"]):
                 continue
+            if f.name in legacy and sub is not None and not isinstance(sub, Mapping):
+                sub = None  # the field's own name in its former, flat sense: taken through `legacy` below
             if sub is not None and not isinstance(sub, Mapping):
                 raise ConfigError(f.name, f"must be a mapping of {f.metadata['nested'].__name__}'s settings, got "
                                           f"{type(sub).__name__}")
-            merged = {**{legacy[k]: v for k, v in {**data, **override}.items() if k in legacy}, **(sub or {})}
+            flat = {legacy[k]: v for k, v in data.items()
+                    if k in legacy and not (k == f.name and isinstance(v, (Mapping, f.metadata["nested"])))}
+            merged = {**flat, **(sub or {})}
             try:
                 values[f.name] = f.metadata["nested"].from_dict(merged)
             except ConfigError as e:
@@ -497,6 +512,8 @@ class RunFolder:
         # can only be made again (samples, a GATE report): their own old outputs are replaced with overwrite only.
         self.format, self.resumable = format, resumable
         self.config = as_json_data(config.to_dict() if isinstance(config, Config) else dict(config))
+        # sub-configs: a resumed run of another config names their differing fields (head.hidden)
+        self.nested = tuple(f.name for f in nested_fields(type(config))) if isinstance(config, Config) else ()
         self.ignore = tuple(ignore)
         self.config_hash = config_hash({k: v for k, v in self.config.items() if k not in self.ignore})
         self.marker = marker
@@ -522,7 +539,7 @@ class RunFolder:
             return False
         old = saved.get("config") if isinstance(saved.get("config"), dict) else {}
         if saved.get("config_hash") != self.config_hash:
-            differ = differing_fields(old, self.config, self.ignore)
+            differ = differing_fields(old, self.config, self.ignore, self.nested)
             raise UserError(f"{path}: holds a {self.kind} run of another config (differs in: "
                             f"{', '.join(differ) or 'format'}); replace it (overwrite, --overwrite) or choose "
                             "another folder")

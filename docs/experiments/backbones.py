@@ -76,10 +76,10 @@ def seg_runs(w: Path, rows: dict, args) -> dict[str, dict[str, list[dict]]]:
                 name = f"plain-{loss}-s{seed}" if i == 0 else f"dit-{list(DIT_FORMS)[i - 1]}-{loss}-s{seed}"
                 run = w / "seg" / name
                 if not (run / "metrics.json").is_file():
-                    cfg = SegTrainConfig(features=[store], masks=str(w / "shapes"), out=str(run), layers=layers,
-                                         split="train", val_split="test", head="conv", hidden=32, loss=loss,
-                                         iterations=args.iterations, batch_size=4, lr=2e-3, seed=seed,
-                                         checkpoint_every=50, log_every=50)
+                    cfg = SegTrainConfig.from_dict(dict(features=[store], masks=str(w / "shapes"), out=str(run),
+                                                        layers=layers, split="train", val_split="test", head="conv",
+                                                        hidden=32, loss=loss, iterations=args.iterations, batch_size=4,
+                                                        lr=2e-3, seed=seed, checkpoint_every=50, log_every=50))
                     t0 = time.perf_counter()
                     try:
                         train_seg(cfg, resume=True, progress=False)

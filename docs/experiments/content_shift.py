@@ -177,10 +177,11 @@ def train_all(w: Path, specs: list[dict], args) -> None:
             options["assigner_hidden"] = args.assigner_hidden
         if r["row"] == "plain" and loss == "ce":  # the learning curve: test scores every --curve-every iterations
             options["eval_every"] = args.curve_every
-        cfg = SegTrainConfig(features=r["features"], masks=str(w / "shapes"), out=str(out), layers=r["layers"],
-                             split="train", val_split="test", head="conv", hidden=args.hidden, loss=loss,
-                             iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, seed=seed,
-                             checkpoint_every=100, log_every=50, **options)
+        cfg = SegTrainConfig.from_dict(dict(features=r["features"], masks=str(w / "shapes"), out=str(out),
+                                            layers=r["layers"], split="train", val_split="test", head="conv",
+                                            hidden=args.hidden, loss=loss, iterations=args.iterations,
+                                            batch_size=args.batch_size, lr=args.lr, seed=seed, checkpoint_every=100,
+                                            log_every=50, **options))
         t0 = time.perf_counter()
         try:  # an interrupted run goes on from its last checkpoint
             train_seg(cfg, resume=True, progress=False)

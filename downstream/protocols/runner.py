@@ -122,7 +122,7 @@ class SegmentationRunner(TaskRunner):
         for seed in self.settings["seeds"]:
             folder = self.out / f"head-seed{seed}"
             done = (folder / "model.safetensors").is_file()
-            config = SegTrainConfig(features=[train_store], out=str(folder), seed=int(seed), **head)
+            config = SegTrainConfig.from_dict(dict(features=[train_store], out=str(folder), seed=int(seed), **head))
             run = train_seg(config, resume=folder.is_dir() and not done, progress=self.progress) if not done \
                 else folder
             scores = eval_seg(run, [test_store], progress=self.progress,

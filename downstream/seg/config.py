@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from difffeat.spine.run import Config, ConfigError, option
+from difffeat.spine.run import Config, ConfigError, nested, option
 from downstream.seg.objective import CLASS_WEIGHTS, LOSSES
 from downstream.seg.sampler import SAMPLERS
 
@@ -74,7 +74,7 @@ class HeadConfig(Config):
         check_weighting(self)
 
 
-def check_weighting(config: HeadConfig | SegTrainConfig) -> None:
+def check_weighting(config: HeadConfig) -> None:
     """γ1 and γ2 act only in the paper's weighting: set to other than their defaults with the released one, they
     are an error naming the field (a default γ is not told apart from an unset one)."""
     if config.amalgamation_weighting == "paper":
@@ -108,19 +108,12 @@ class SegTrainConfig(Config):
     mask_size: str = option("resize", choices=MASK_SIZE_MODES,
                             help="a mask whose size differs from the features' source images: resize "
                                  "(nearest) or refuse")
-    head: str = same_option(HeadConfig, "kind")
-    variants: str = same_option(HeadConfig, "variants")
-    assigners: int = same_option(HeadConfig, "assigners")
-    assigner: str = same_option(HeadConfig, "assigner")
-    assigner_hidden: int = same_option(HeadConfig, "assigner_hidden")
-    amalgamation_weighting: str = same_option(HeadConfig, "amalgamation_weighting")
-    gamma_sparsity: float = same_option(HeadConfig, "gamma_sparsity")
-    gamma_diversity: float = same_option(HeadConfig, "gamma_diversity")
-    concat_after: list[str] = same_option(HeadConfig, "concat_after")
-    ensemble: int = same_option(HeadConfig, "ensemble")
-    hidden: int = same_option(HeadConfig, "hidden")
-    dropout: float = same_option(HeadConfig, "dropout")
-    normalize: bool = same_option(HeadConfig, "normalize")
+    # The head's options, each with its own flag (--head, --hidden, --variants …); the flat names of older configs
+    # load into it.
+    head: HeadConfig = nested(HeadConfig, prefix=None, legacy={
+        "head": "kind", **{f: f for f in ("variants", "assigners", "assigner", "assigner_hidden",
+                                           "amalgamation_weighting", "gamma_sparsity", "gamma_diversity",
+                                           "concat_after", "ensemble", "hidden", "dropout", "normalize")}})
     loss: str = option("ce", choices=tuple(LOSSES), help="training loss (AUCSeg = CE + λ·pixel AUC)")
     # 0.5 ≙ AUCSeg's w_auc = 1 (downstream.losses.aucseg.DEFAULT_AUC_WEIGHT; a test keeps the two equal)
     auc_weight: float = option(0.5, min=0, help="λ in CE + λ·AUC (0.5 = AUCSeg's w_auc 1)")
@@ -165,14 +158,9 @@ class SegTrainConfig(Config):
             raise ConfigError("features", "give at least one feature store")
         if self.data and self.masks:
             raise ConfigError("masks", "give --data or --masks, not both")
-        check_weighting(self)
 
     def head_config(self) -> HeadConfig:
-        return HeadConfig(kind=self.head, variants=self.variants, assigners=self.assigners, assigner=self.assigner,
-                          assigner_hidden=self.assigner_hidden, amalgamation_weighting=self.amalgamation_weighting,
-                          gamma_sparsity=self.gamma_sparsity, gamma_diversity=self.gamma_diversity,
-                          concat_after=list(self.concat_after), ensemble=self.ensemble, hidden=self.hidden,
-                          dropout=self.dropout, normalize=self.normalize)
+        return self.head
 
 
 @dataclass

@@ -128,9 +128,10 @@ def build_objective(config: SegTrainConfig, classes: SegClasses, pixel_counts, r
         bank = FeatureMemoryBank(tail, config.bank_capacity, config.bank_sample_ratio,
                                  config.bank_min_cell_fraction, seed=config.seed * 1000 + rank)
     weighting = None
-    if config.variants == "amalgamate":
+    head = config.head_config()
+    if head.variants == "amalgamate":
         from downstream.seg.amalgamate import penalty_weighting
 
-        weighting = penalty_weighting(config.amalgamation_weighting, config.gamma_sparsity, config.gamma_diversity,
+        weighting = penalty_weighting(head.amalgamation_weighting, head.gamma_sparsity, head.gamma_diversity,
                                       seed=config.seed * 1000 + rank)
     return SegObjective(loss, bank, weighting)

@@ -41,6 +41,19 @@ def is_seg_run(path: Path, saved: dict | None) -> bool:
     return bool(saved) and "classes" in saved and "masks" in config
 
 
+def head_option(config: dict, name: str):
+    """A head option of a saved config: under ``head`` (the head's options, a nested dict), or at the top level
+    where runs written before the nesting kept it."""
+    head = config.get("head")
+    return head.get(name) if isinstance(head, dict) else config.get(name)
+
+
+def head_kind(config: dict) -> str:
+    """The head's kind of a saved config: ``head.kind``, or the string older runs kept under ``head``."""
+    head = config.get("head", "?")
+    return head.get("kind", "?") if isinstance(head, dict) else head
+
+
 def evaluations(path: Path, saved: dict) -> list[tuple[str, Path, dict]]:
     """(label, folder, scores) of every evaluation of the run: ``eval-*`` folders (test first), then the
     validation scores training wrote."""
@@ -116,8 +129,9 @@ def describe_features(config: dict) -> str:
     text = ", ".join(stores) or "?"
     if layers:
         text += " → " + ", ".join(map(str, layers))
-    if len(config.get("features") or []) > 1 or config.get("variants") not in (None, "concat"):
-        text += f" ({config.get('variants', 'concat')})"
+    variants = head_option(config, "variants")
+    if len(config.get("features") or []) > 1 or variants not in (None, "concat"):
+        text += f" ({variants or 'concat'})"
     return text
 
 
@@ -129,8 +143,9 @@ def render_seg(path: Path, saved: dict, anchor: str, shown_as: str) -> Section:
     evals = evaluations(path, saved)
     state = run_state(path, config)
     bank = " + memory bank" if config.get("memory_bank") else ""
+    head = head_kind(config)
     parts = [f"<p class='sub'>features <code>{esc(describe_features(config))}</code> · head "
-             f"<b>{esc(config.get('head', '?'))}</b> · loss <b>{esc(config.get('loss', '?'))}</b>{bank}"
+             f"<b>{esc(head)}</b> · loss <b>{esc(config.get('loss', '?'))}</b>{bank}"
              + f" · {esc(config.get('iterations', '?'))} iterations, batch {esc(config.get('batch_size', '?'))}, "
              f"lr {esc(config.get('lr', '?'))}, seed {esc(config.get('seed', '?'))} · trained on "
              f"<code>{esc(config.get('split') or 'all keys')}</code></p>"]
@@ -161,7 +176,7 @@ def render_seg(path: Path, saved: dict, anchor: str, shown_as: str) -> Section:
         parts.append("<h3>Training</h3>" + img_file(path / "curves.png", "training curves"))
     main = evals[0][2] if evals else {}
     data = {"run": shown_as, "anchor": anchor, "features": describe_features(config), "loss": config.get("loss"),
-            "head": config.get("head"), "iterations": config.get("iterations"), "seed": config.get("seed"),
+            "head": head, "iterations": config.get("iterations"), "seed": config.get("seed"),
             "evaluation": evals[0][0] if evals else None, "scores": {k: main.get(k) for k, _ in SCORES}}
     overview = (f"{evals[0][0]}: mIoU {pct(main.get('miou'))} (head {pct(main.get('miou_head'))}, middle "
                 f"{pct(main.get('miou_middle'))}, tail {pct(main.get('miou_tail'))})") if evals else \
