@@ -261,3 +261,25 @@ def test_eval_seg_replaces_its_own_scores_and_nothing_else(flat, tmp_path, capsy
         rc, err = run_cli([*args, "--out", str(out)], capsys)
         assert rc == 2 and "is not a difffeat eval-seg run" in err and "\n" not in err, err
     assert (mine / "metrics.json").read_text() == "my own notes"
+
+
+def test_head_options_are_a_sub_config_and_older_flat_configs_load(tmp_path, capsys):
+    """train-seg's head options: one sub-config (`head`), saved nested; a config written before the nesting (the
+    head's kind under "head", its options at the top) loads to the same values, and an error names the flag."""
+    import json
+
+    from difffeat.cli import main
+    from difffeat.spine.run import ConfigError
+    from downstream.seg.config import HeadConfig
+
+    flat = {"features": ["f"], "out": "o", "head": "mlp", "hidden": 16, "variants": "weighted", "normalize": False}
+    cfg = SegTrainConfig.from_dict(flat)
+    assert cfg.head == HeadConfig(kind="mlp", hidden=16, variants="weighted", normalize=False)
+    saved = cfg.to_dict()
+    assert saved["head"]["kind"] == "mlp" and "hidden" not in saved and SegTrainConfig.from_dict(saved) == cfg
+    (tmp_path / "config.json").write_text(json.dumps({"config": flat}))
+    assert SegTrainConfig.from_run(tmp_path / "config.json") == cfg
+    with pytest.raises(ConfigError, match=r"^head\.dropout: must be ≤ 1"):
+        SegTrainConfig.from_dict({**flat, "dropout": 2.0})
+    assert main(["train-seg", "--features", "f", "--out", str(tmp_path / "x"), "--dropout", "2"]) == 2
+    assert capsys.readouterr().err.strip() == "difffeat: error: --dropout: must be ≤ 1, got 2.0"
