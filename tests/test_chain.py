@@ -30,7 +30,7 @@ def test_from_a_folder_to_a_head(tmp_path, monkeypatch, capsys):
          "--assigners", "2", "--iterations", "3", "--batch-size", "2", "--hidden", "8", "--out", "runs/head"])
     run(["eval-seg", "--run", "runs/head", "--features", "runs/feat", "--masks", "shapes", "--split", "test"])
     saved = json.loads((tmp_path / "runs/head/config.json").read_text())
-    assert saved["variants"] == [*emitted, "plain"] and saved["config"]["variants"] == "amalgamate"
+    assert saved["variants"] == [*emitted, "plain"] and saved["config"]["head"]["variants"] == "amalgamate"
     assert (tmp_path / "runs/head/amalgamation.png").is_file()
     scores = json.loads((tmp_path / "runs/head/eval-test/metrics.json").read_text())
     assert scores["images"] == 2 and 0 <= scores["miou"] <= 1
