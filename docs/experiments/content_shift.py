@@ -166,7 +166,9 @@ def train_all(w: Path, specs: list[dict], args) -> None:
     jobs = sorted(((r, loss, seed) for r in specs for seed in args.seeds for loss in r.get("losses", LOSSES)),
                   key=lambda j: (j[0]["priority"], j[2], j[1]))
     index, count = args.shard
-    for i, (r, loss, seed) in enumerate(jobs, 1):
+    # --reverse: each priority's heads from its last, so that a second process helps the first from the other end
+    order = sorted(enumerate(jobs, 1), key=lambda j: (j[1][0]["priority"], -j[0] if args.reverse else j[0]))
+    for i, (r, loss, seed) in order:
         if (i - 1) % count != index:
             continue
         out = w / "seg" / f"{r['row']}-{loss}-s{seed}"
@@ -306,7 +308,8 @@ def summarize(w: Path, prep: dict, specs: list[dict], args, timing: dict) -> dic
     return {"table": table, "missing": missing, "curve": learning_curve(w, args.seeds, args.iterations),
             "spearman": correlations, "fused": fused, "fused_how": how, "gate": ranking["ranking"],
             "accepted": ranking["accepted"], "locon": prep["locon"], "timing": timing,
-            "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "shard", "summarize_only")}}
+            "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "shard", "summarize_only",
+                                                                          "reverse")}}
 
 
 def fmt(ms: tuple[float, float]) -> str:
@@ -371,6 +374,9 @@ def main() -> None:
     p.add_argument("--no-attention", dest="attention", action="store_false",
                    help="leave out the rows with the attention feature")
     p.add_argument("--shard", default="0/1", help="I/N: train every N-th head from the I-th (parallel processes)")
+    p.add_argument("--reverse", action="store_true",
+                   help="take each priority's heads from the last (a second process helping the first from the "
+                        "other end)")
     p.add_argument("--summarize-only", action="store_true", help="train nothing; tables of what is there")
     args = p.parse_args()
     index, count = (int(v) for v in args.shard.split("/"))
