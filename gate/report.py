@@ -179,34 +179,46 @@ def pca_grid(result, n_images: int = 4) -> tuple[list[str], list[list[np.ndarray
     return [name for name, _ in rows], [rgb[i * k : (i + 1) * k] for i in range(len(rows))]
 
 
-def write_reconstructions(result, folder: RunFolder, count: int) -> Path:
-    """The first `count` images as picture files — the input, each candidate's reconstruction (best first) and
-    |reconstruction − input| — in RUN/reconstructions/, and ``reconstructions.json`` listing them per image with the
-    primary score and whether it beats reference on that image ("up" / "down" / ""): what `difffeat report` shows,
-    without reading report.html. The list is written last: a run cut short has none."""
+def reconstruction_pictures(result, count: int) -> list[dict]:
+    """The first `count` images' pictures, made once for the run's files and for its page: per image its key and
+    the input as PNG, and per candidate (best first) its reconstruction and |reconstruction − input| as PNG, its
+    primary score, and whether that beats reference on the image ("up" / "down" / "")."""
     primary = result.primary
-    names = result.ranking()
     better = HIGHER_IS_BETTER[primary]
-    pictures = folder.file(RECONSTRUCTIONS)
-    pictures.mkdir(exist_ok=True)
     rows = []
     for i in range(min(count, len(result.keys))):
-        stem = f"{RECONSTRUCTIONS}/{i:03d}"
-        write_atomic(folder.file(f"{stem}-input.png"), _png(_uint8(result.inputs[i])))
         ref_v = result.evaluations[REFERENCE].per_image[primary][i]
         cells = []
-        for j, n in enumerate(names):
+        for n in result.ranking():
             ev = result.evaluations[n]
-            v = float(ev.per_image[primary][i])
-            write_atomic(folder.file(f"{stem}-c{j}.png"), _png(_uint8(ev.recon[i])))
-            write_atomic(folder.file(f"{stem}-c{j}-diff.png"), _png(difference_map(ev.recon[i], result.inputs[i])))
+            v = ev.per_image[primary][i]
             side = "" if n == REFERENCE or v == ref_v else "up" if (v > ref_v) == better else "down"
-            cells.append({"candidate": n, "file": f"{stem}-c{j}.png", "difference": f"{stem}-c{j}-diff.png",
-                          "score": v, "versus_reference": side})
-        rows.append({"key": result.keys[i], "input": f"{stem}-input.png", "cells": cells})
+            cells.append({"candidate": n, "png": _png(_uint8(ev.recon[i])), "score": float(v), "side": side,
+                          "difference": _png(difference_map(ev.recon[i], result.inputs[i]))})
+        rows.append({"key": result.keys[i], "input": _png(_uint8(result.inputs[i])), "cells": cells})
+    return rows
+
+
+def write_reconstructions(result, folder: RunFolder, pictures: list[dict]) -> Path:
+    """The `reconstruction_pictures` as files in RUN/reconstructions/, and ``reconstructions.json`` listing them per
+    image with the primary score and whether it beats reference on that image: what `difffeat report` shows,
+    without reading report.html. The list is written last: a run cut short has none."""
+    folder.file(RECONSTRUCTIONS).mkdir(exist_ok=True)
+    rows = []
+    for i, row in enumerate(pictures):
+        stem = f"{RECONSTRUCTIONS}/{i:03d}"
+        write_atomic(folder.file(f"{stem}-input.png"), row["input"])
+        cells = []
+        for j, cell in enumerate(row["cells"]):
+            write_atomic(folder.file(f"{stem}-c{j}.png"), cell["png"])
+            write_atomic(folder.file(f"{stem}-c{j}-diff.png"), cell["difference"])
+            cells.append({"candidate": cell["candidate"], "file": f"{stem}-c{j}.png",
+                          "difference": f"{stem}-c{j}-diff.png", "score": cell["score"],
+                          "versus_reference": cell["side"]})
+        rows.append({"key": row["key"], "input": f"{stem}-input.png", "cells": cells})
     listing = folder.file("reconstructions.json")
-    write_atomic(listing, json.dumps({"primary": primary, "difference_gain": DIFF_GAIN, "columns": names,
-                                      "images": rows}, indent=1))
+    write_atomic(listing, json.dumps({"primary": result.primary, "difference_gain": DIFF_GAIN,
+                                      "columns": result.ranking(), "images": rows}, indent=1))
     return listing
 
 
@@ -217,7 +229,8 @@ def write_report(result, out: str | os.PathLike | RunFolder, report_images: int 
     folder = out if isinstance(out, RunFolder) else report_folder(out, result.config, overwrite=overwrite)
     folder.create()
     write_tables(result, folder)
-    write_reconstructions(result, folder, report_images)
+    pictures = reconstruction_pictures(result, report_images)
+    write_reconstructions(result, folder, pictures)
     chart = bar_chart(result, folder.file("scores.png"))
     labels, pcas = pca_grid(result, pca_images)
     scale = max(1, 96 // pcas[0][0].shape[0])
@@ -228,7 +241,7 @@ def write_report(result, out: str | os.PathLike | RunFolder, report_images: int 
         rowgap = np.full((scale, lines[0].shape[1], 3), 255, np.uint8)
         tmp.write_bytes(_png(np.concatenate(sum(([line, rowgap] for line in lines), [])[:-1], 0)))
     scatter = probe_scatter(result, folder.file("probe.png")).read_bytes() if result.probe is not None else None
-    page = _html(result, chart.read_bytes(), labels, pcas, report_images, scatter)
+    page = _html(result, chart.read_bytes(), labels, pcas, pictures, scatter)
     write_atomic(folder.file("report.html"), page)
     return folder.file("report.html")
 
@@ -236,7 +249,7 @@ def write_report(result, out: str | os.PathLike | RunFolder, report_images: int 
 # ------------------------------------------------------------------------------------------------- HTML
 
 
-def _html(result, chart_png: bytes, pca_labels: list[str], pcas: list[list[np.ndarray]], report_images: int,
+def _html(result, chart_png: bytes, pca_labels: list[str], pcas: list[list[np.ndarray]], pictures: list[dict],
           scatter_png: bytes | None = None) -> str:
     cfg, esc, primary = result.config, html.escape, result.primary
     names = result.ranking()
@@ -303,27 +316,19 @@ def _html(result, chart_png: bytes, pca_labels: list[str], pcas: list[list[np.nd
         for m in result.metrics) + "".join(f"<li><b>{esc(m)}</b> skipped: {esc(why)}</li>"
                                            for m, why in result.skipped_metrics.items()) + "</ul>")
     # ---------------------------------------------------------------- per image
-    k = min(report_images, len(result.keys))
+    k = len(pictures)
     parts.append(f"<h2>Reconstructions</h2><p class='note'>The first {k} of {len(result.keys)} images: the input, then "
                  f"each candidate's img2img reconstruction (best first). Under each: {esc(LABELS[primary])}; green "
                  "when better than reference on that image, red when worse. Below each row: |reconstruction − input| "
                  f"(mean over colours, ×{DIFF_GAIN}; darker is closer).</p><div class='scroll'><table class='grid'>"
                  "<tr><th>input</th>" + "".join(f"<th>{esc(n)}</th>" for n in names) + "</tr>")
-    better = HIGHER_IS_BETTER[primary]
-    for i in range(k):
-        cells = [f"<td><img alt='input' src='{data_uri(_png(_uint8(result.inputs[i])))}'>"
-                 f"{esc(result.keys[i][-18:])}</td>"]
-        ref_v = result.evaluations[REFERENCE].per_image[primary][i]
-        for n in names:
-            ev = result.evaluations[n]
-            v = ev.per_image[primary][i]
-            cls = "" if n == REFERENCE or v == ref_v else "up" if (v > ref_v) == better else "down"
-            cells.append(f"<td><img alt='{esc(n)}' src='{data_uri(_png(_uint8(ev.recon[i])))}'>"
-                         f"<span class='{cls}'>{_fmt(v, primary)}</span></td>")
+    for row in pictures:
+        cells = [f"<td><img alt='input' src='{data_uri(row['input'])}'>{esc(row['key'][-18:])}</td>"]
+        cells += [f"<td><img alt='{esc(c['candidate'])}' src='{data_uri(c['png'])}'>"
+                  f"<span class='{c['side']}'>{_fmt(c['score'], primary)}</span></td>" for c in row["cells"]]
         parts.append("<tr>" + "".join(cells) + "</tr>")
-        diffs = [f"<td><img alt='difference {esc(n)}' src='"
-                 f"{data_uri(_png(difference_map(result.evaluations[n].recon[i], result.inputs[i])))}'></td>"
-                 for n in names]
+        diffs = [f"<td><img alt='difference {esc(c['candidate'])}' src='{data_uri(c['difference'])}'></td>"
+                 for c in row["cells"]]
         parts.append("<tr><td class='note'>|recon − input|</td>" + "".join(diffs) + "</tr>")
     parts.append("</table></div>")
     controlled = [n for n in names if result.evaluations[n].control is not None]
