@@ -160,7 +160,7 @@ def _check_tta_adaptation_sets(root, labels, run, metrics):
         s = sets[r["name"]]
         rows = s.adaptation if s.adaptation is not None else s.indices
         weights, _ = test_time_aggregation(lambda x: model.forward_normed(list(x.split(dims, 1))),
-                                           flat[torch.as_tensor(rows)], config.aggregation_config(),
+                                           flat[torch.as_tensor(rows)], config.aggregation,
                                            seed=config.eval_seed)
         assert r["tta_weights"] == pytest.approx(weights.tolist(), abs=1e-6), r["name"]
 

@@ -254,9 +254,6 @@ class ClsTrainConfig(Config):
         """DirMixE's settings with the cosine experts' scale of this run (--scale)."""
         return dataclasses.replace(self.dirmixe, scale=self.scale)
 
-    def aggregation_config(self) -> AggregationConfig:
-        return self.aggregation
-
     def reconboost_config(self) -> ReconBoostConfig:
         """ReconBoost's settings with what it leaves to train-cls filled in: learning rates, momentum, weight
         decay (one learning rate given serves both phases, as --rb-lr always did)."""

@@ -115,7 +115,7 @@ def evaluate(model: ClsModel, test: ClsData, train_counts: np.ndarray, config: C
         if tta:
             flat = torch.cat(normed, 1)
             dims = [b.shape[1] for b in normed]
-            agg = config.aggregation_config()
+            agg = config.aggregation
 
             def adapt_on(rows: np.ndarray) -> torch.Tensor:
                 weights, _ = test_time_aggregation(lambda x: model.forward_normed(list(x.split(dims, 1))),

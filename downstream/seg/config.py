@@ -71,19 +71,15 @@ class HeadConfig(Config):
     normalize: bool = option(True, help="standardise each input channel by train-set statistics")
 
     def check(self) -> None:
-        check_weighting(self)
-
-
-def check_weighting(config: HeadConfig) -> None:
-    """γ1 and γ2 act only in the paper's weighting: set to other than their defaults with the released one, they
-    are an error naming the field (a default γ is not told apart from an unset one)."""
-    if config.amalgamation_weighting == "paper":
-        return
-    for name in ("gamma_sparsity", "gamma_diversity"):
-        default = next(f.default for f in dataclasses.fields(HeadConfig) if f.name == name)
-        if getattr(config, name) != default:
-            raise ConfigError(name, f"acts only with the paper's weighting (--amalgamation-weighting paper); the "
-                                    f"{config.amalgamation_weighting} weighting has no fixed γ")
+        """γ1 and γ2 act only in the paper's weighting: set to other than their defaults with the released one,
+        they are an error naming the field (a default γ is not told apart from an unset one)."""
+        if self.amalgamation_weighting == "paper":
+            return
+        for name in ("gamma_sparsity", "gamma_diversity"):
+            default = next(f.default for f in dataclasses.fields(HeadConfig) if f.name == name)
+            if getattr(self, name) != default:
+                raise ConfigError(name, f"acts only with the paper's weighting (--amalgamation-weighting paper); "
+                                        f"the {self.amalgamation_weighting} weighting has no fixed γ")
 
 
 @dataclass
@@ -158,9 +154,6 @@ class SegTrainConfig(Config):
             raise ConfigError("features", "give at least one feature store")
         if self.data and self.masks:
             raise ConfigError("masks", "give --data or --masks, not both")
-
-    def head_config(self) -> HeadConfig:
-        return self.head
 
 
 @dataclass

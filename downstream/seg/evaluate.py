@@ -106,7 +106,7 @@ def load_run(run: str | os.PathLike) -> tuple[dict, SegModel, SegClasses]:
         specs = [FeatureSpec.from_dict(s) for s in saved["specs"]]
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{file}: unreadable run config ({e!r})") from None
-    model = SegModel(specs, classes.num_classes, cfg.head_config())
+    model = SegModel(specs, classes.num_classes, cfg.head)
     weights = load_trained_weights(run)
     try:
         model.load_state_dict(weights)

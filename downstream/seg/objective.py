@@ -128,7 +128,7 @@ def build_objective(config: SegTrainConfig, classes: SegClasses, pixel_counts, r
         bank = FeatureMemoryBank(tail, config.bank_capacity, config.bank_sample_ratio,
                                  config.bank_min_cell_fraction, seed=config.seed * 1000 + rank)
     weighting = None
-    head = config.head_config()
+    head = config.head
     if head.variants == "amalgamate":
         from downstream.seg.amalgamate import penalty_weighting
 

@@ -111,7 +111,7 @@ def warn_same_stores(records: list[dict]) -> None:
 
 
 def build_model(config: SegTrainConfig, train: SegDataset) -> SegModel:
-    model = SegModel(train.specs, train.classes.num_classes, config.head_config())
+    model = SegModel(train.specs, train.classes.num_classes, config.head)
     if model.norm is not None:  # statistics of up to 64 images spread over the training set
         picks = np.linspace(0, len(train) - 1, min(64, len(train))).round().astype(int)
         model.norm.fit([train.features(int(i)) for i in picks])
