@@ -17,7 +17,6 @@ from difffeat.errors import UserError
 from difffeat.extraction.runner import ExtractRunConfig
 from difffeat.spine.config_cli import add_config_arguments, flag_of
 from difffeat.spine.run import ConfigError
-from difffeat.zoo.recipe_config import MiniTrainConfig
 
 # Other packages add sub-commands by declaring `add_commands(subparsers)` in this entry-point group (pyproject.toml);
 # difffeat collects them without naming them, so dependencies point from those packages to difffeat only.
@@ -85,29 +84,6 @@ def _cmd_zoo_list(args) -> None:
 
     for name in MODELS:
         print(name)
-
-
-def _cmd_zoo_train_mini(args) -> None:
-    from difffeat.spine.config_cli import config_from_args
-    from difffeat.zoo.train import train_mini
-
-    train_mini(args.run, args.out, config_from_args(MiniTrainConfig, args), progress=not args.quiet)
-
-
-def _cmd_zoo_eval_mini(args) -> None:
-    from difffeat.utils.progress import Stopwatch
-    from difffeat.zoo.quality import evaluate_quality
-
-    watch = Stopwatch()
-    report = evaluate_quality(args.model, n=args.n, seed=args.seed, progress=not args.quiet)
-    text = json.dumps(report, indent=1)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    print(text)
-    # On stderr: stdout is the JSON report, which a script may read as a whole.
-    print(watch.finish_line(f"eval-mini: {args.model} on {args.n} held-out scenes"
-                            + (f", report in {args.json}" if args.json else ""), count=args.n, unit="images"),
-          file=sys.stderr)
 
 
 def _cmd_zoo_report(args) -> None:
@@ -290,26 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     zoo = sub.add_parser("zoo", help="built-in models").add_subparsers(dest="zoo_command", required=True)
     zoo.add_parser("list", help="registered model names").set_defaults(func=_cmd_zoo_list)
-    p = zoo.add_parser("train-mini", help="train the built-in mini model (the shipped weights' recipe)")
-    p.add_argument("run", help="run folder: config, loss log, checkpoints (resumes if present)")
-    p.add_argument("--out", help="where to export the pipeline (default RUN/pipeline)")
-    add_config_arguments(p, MiniTrainConfig)
-    p.set_defaults(func=_cmd_zoo_train_mini)
-    p = zoo.add_parser("eval-mini", help="the mini model's quality numbers on held-out Shapes-LT scenes")
-    p.add_argument("--model", default="mini")
-    p.add_argument("--n", type=int, default=64, help="held-out scenes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="also write the report here")
-    p.set_defaults(func=_cmd_zoo_eval_mini)
     p = zoo.add_parser("report", help="loss curve, sample grid and quality numbers of a mini run (docs/)")
     p.add_argument("run", help="the train-mini run folder (for losses.csv)")
     p.add_argument("--model", default="mini", help="the pipeline to sample (default: the shipped mini)")
     p.add_argument("--out", default="docs")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_zoo_report)
-    from difffeat.zoo.dit_commands import add_zoo_commands
+    from difffeat.zoo.commands import add_zoo_commands
 
-    add_zoo_commands(zoo)  # train-mini-dit, eval-mini-dit
+    add_zoo_commands(zoo)  # train-mini, eval-mini, train-mini-dit, eval-mini-dit
 
     p = sub.add_parser("layers", help="hookable UNet modules with their output shapes, and the presets")
     p.add_argument("--model", default="mini")

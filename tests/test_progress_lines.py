@@ -168,10 +168,11 @@ def test_eval_mini_prints_json_then_the_summary_on_stderr(monkeypatch, tmp_path,
 
     monkeypatch.setattr(quality, "evaluate_quality", fake)
     for quiet in (False, True):
-        out = run(["zoo", "eval-mini", "--model", "mini-random", "--n", "2", "--json", str(tmp_path / "q.json")],
+        report = tmp_path / f"q-{quiet}.json"
+        out = run(["zoo", "eval-mini", "--model", "mini-random", "--n", "2", "--json", str(report)],
                   capsys, quiet=quiet)
         assert json.loads(out.out) == {"model": "mini-random", "n_heldout": 2}  # stdout stays one JSON document
-        what = f"eval-mini: mini-random on 2 held-out scenes, report in {tmp_path / 'q.json'}"
+        what = f"eval-mini: mini-random on 2 held-out scenes, report in {report}"
         assert_summary(out.err, re.escape(what), unit="images")
         assert seen["progress"] is not quiet
 
