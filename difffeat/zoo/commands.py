@@ -2,8 +2,8 @@
 
 Each built-in model (mini, mini-dit) has a recipe, which trains it, and a quality check, which its docs page quotes.
 Both recipes get the same two commands from one table, so their flags and their rules agree: training resumes
-its run folder, and `eval-… --json` writes a new file atomically (an existing report is refused, never
-overwritten without `--overwrite`, because a quality report is what a docs page quotes). The commands live apart from the training and
+its run folder, and `eval-… --json` writes a new file atomically (an existing report is refused unless
+`--overwrite`, because a quality report is what a docs page quotes). The commands live apart from the training and
 the checks, which the checks' reports read, so that no library module imports the commands. Nothing heavy is
 imported at load: the parsers build without torch.
 """
