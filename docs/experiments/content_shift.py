@@ -274,6 +274,58 @@ def learning_curve(w: Path, seeds, iterations: int) -> list[dict]:
              "tail": mean_std([p[it]["val_miou_tail"] for p in per_seed])} for it in common]
 
 
+MIXER_IMAGES = 64
+
+
+def mixer_weights(w: Path, row: str, loss: str, seeds, images: int = MIXER_IMAGES) -> list[dict] | None:
+    """What a fused head's variant weights do on the test split, per layer (mean over seeds and assigners):
+
+    - ``largest``: the largest of the V weights of a (pixel, channel), averaged (1/V: an even average of the
+      variants; 1: one variant chosen);
+    - ``chosen``: the share of (pixel, channel) entries where one variant has more than half the weight;
+    - ``won``: per variant, the share of entries where it has the largest weight.
+
+    `weighted` has one input-independent weight per channel, so its entries are its channels. None when the row's
+    runs are not all there."""
+    import torch
+
+    from downstream.seg.amalgamate import Amalgamation
+    from downstream.seg.data import SegDataset, collate
+    from downstream.seg.evaluate import load_run
+
+    runs = [w / "seg" / f"{row}-{loss}-s{s}" for s in seeds]
+    if not all((r / "metrics.json").is_file() for r in runs):
+        return None
+    per_layer: dict[str, list[dict]] = {}
+    for run in runs:
+        saved, model, classes = load_run(run)
+        mixer = model.amalgamate
+        names, layers = list(mixer.layout.names), list(mixer.layout.layers)
+        if isinstance(mixer, Amalgamation):
+            trained = saved["config"]
+            data = SegDataset(trained["features"], trained["masks"], classes, split="test", layers=trained["layers"],
+                              cache_bytes=0, read_masks=False)
+            picks = np.linspace(0, len(data) - 1, min(images, len(data))).round().astype(int)
+            stacks: list[list[torch.Tensor]] = [[] for _ in layers]
+            with torch.no_grad():
+                for start in range(0, len(picks), 16):
+                    feats = collate([data[int(i)] for i in picks[start:start + 16]])["features"]
+                    feats = model.norm(feats) if model.norm is not None else feats
+                    for k, ws in enumerate(mixer.weights(feats)):  # per assigner [B, V, C, h, w]
+                        stacks[k] += [x.movedim(1, -1).reshape(-1, len(names)) for x in ws]
+            entries = [torch.cat(x) for x in stacks]  # [entries, V]
+        else:
+            entries = [x.detach().T for x in mixer.weights()]  # [C, V]
+        for layer, e in zip(layers, entries):
+            top, which = e.max(dim=1)
+            per_layer.setdefault(layer, []).append(
+                {"largest": top.mean().item(), "chosen": (top > 0.5).float().mean().item(),
+                 "won": {n: (which == v).float().mean().item() for v, n in enumerate(names)}})
+    return [{"layer": layer, "variants": len(names),
+             "largest": statistics.mean(d["largest"] for d in ds), "chosen": statistics.mean(d["chosen"] for d in ds),
+             "won": {n: statistics.mean(d["won"][n] for d in ds) for n in names}} for layer, ds in per_layer.items()]
+
+
 def summarize(w: Path, prep: dict, specs: list[dict], args, timing: dict) -> dict:
     table, missing = [], []
     for r in specs:
@@ -305,7 +357,10 @@ def summarize(w: Path, prep: dict, specs: list[dict], args, timing: dict) -> dic
             values = {gate_names[c]: np.asarray(per_image[c][metric], float) for c in gate_names if c in per_image}
             correlations[f"{metric} vs {loss} mIoU"] = spearman_interval(values, miou)
     fused, how = fused_set(ranking)
-    return {"table": table, "missing": missing, "curve": learning_curve(w, args.seeds, args.iterations),
+    mixers = {f"{r['row']} {loss}": m for r in specs if r["group"] == "fused" and r.get("variants")
+              for loss in LOSSES if (m := mixer_weights(w, r["row"], loss, args.seeds)) is not None}
+    return {"table": table, "mixers": mixers, "missing": missing,
+            "curve": learning_curve(w, args.seeds, args.iterations),
             "spearman": correlations, "fused": fused, "fused_how": how, "gate": ranking["ranking"],
             "accepted": ranking["accepted"], "locon": prep["locon"], "timing": timing,
             "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "shard", "summarize_only",
@@ -348,6 +403,19 @@ def markdown(res: dict) -> str:
         if e["loss"] == "ce":
             lines.append(f"| {e['row']} | " + " | ".join("–" if v != v else f"{100 * v:.0f}"
                                                         for v in e["per_class_iou"].values()) + " |")
+    if res.get("mixers"):
+        variants = list(next(iter(res["mixers"].values()))[0]["won"])
+        lines += ["", f"What the fused heads' variant weights do on {MIXER_IMAGES} test images (per layer; mean over "
+                      "seeds and assigners; an even average of the variants has largest weight "
+                      f"{1 / len(variants):.2f} and no entry above 0.5):", "",
+                  "| fusion | loss | layer | largest weight | entries > 0.5 | "
+                  + " | ".join(f"won by {v}" for v in variants) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(variants)]
+        for key, layers in res["mixers"].items():
+            row, loss = key.rsplit(" ", 1)
+            for m in layers:
+                lines.append(f"| {row} | {loss} | {m['layer']} | {m['largest']:.2f} | {100 * m['chosen']:.0f} % | "
+                             + " | ".join(f"{100 * m['won'][v]:.0f} %" for v in variants) + " |")
     t = res["timing"]
     lines += ["", f"Time: {t['wall_s'] / 60:.1f} min wall, {t['cpu_s'] / 60:.1f} min CPU (this process and its "
                   f"commands); steps: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in t["steps"].items())]
