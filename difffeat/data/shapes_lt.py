@@ -16,13 +16,13 @@ from __future__ import annotations
 import csv
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from difffeat.data.staging import staged
 from difffeat.errors import UserError
 from difffeat.spine.run import RUN_FORMAT, RunFolder
 
@@ -104,7 +104,7 @@ class Thing:
 
     def shape(self) -> np.ndarray:
         """Boolean [64, 64] mask of the whole object (before any occlusion)."""
-        return _shape_mask(self.cls, self.cx, self.cy, self.radius, self.angle)
+        return shape_mask(self.cls, self.cx, self.cy, self.radius, self.angle)
 
 
 @dataclass
@@ -154,8 +154,12 @@ def caption_vocabulary() -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- shapes
-def _shape_mask(cls: str, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
-    dx, dy = _XX - cx, _YY - cy
+def shape_mask(cls: str, cx: float, cy: float, r: float, angle: float, xx: np.ndarray = _XX,
+               yy: np.ndarray = _YY) -> np.ndarray:
+    """Whether each point (xx, yy) (continuous coordinates; default: the 64 × 64 scene's pixel centres) lies in
+    the thing `cls` of centre (cx, cy), radius `r`, turned by `angle`: Shapes-LT's shapes on any grid (the
+    correspondence world draws the same shapes at other sizes)."""
+    dx, dy = xx - cx, yy - cy
     c, s = math.cos(angle), math.sin(angle)
     u, v = c * dx + s * dy, -s * dx + c * dy  # rotated coordinates
     rho2 = dx * dx + dy * dy
@@ -171,7 +175,7 @@ def _shape_mask(cls: str, cx: float, cy: float, r: float, angle: float) -> np.nd
         a, b = np.abs(u), np.abs(v)
         return ((a <= 0.33 * r) & (b <= r)) | ((b <= 0.33 * r) & (a <= r))
     if cls == "triangle":
-        inside = np.ones_like(u, dtype=bool)
+        inside = np.ones(np.shape(u), bool)
         for k in range(3):  # three half-planes at 120° whose inscribed radius is r/2
             t = angle + k * 2 * math.pi / 3
             inside &= (math.cos(t) * dx + math.sin(t) * dy) <= 0.5 * r
@@ -181,11 +185,9 @@ def _shape_mask(cls: str, cx: float, cy: float, r: float, angle: float) -> np.nd
         h = r * math.sqrt(3) / 2
         return (b <= h) & (math.sqrt(3) * a + b <= 2 * h)
     if cls == "star":
-        phi = np.arctan2(dy, dx) - angle
-        return np.sqrt(rho2) <= r * (0.6 + 0.4 * np.cos(5 * phi))
+        return np.sqrt(rho2) <= r * (0.6 + 0.4 * np.cos(5 * np.arctan2(v, u)))
     if cls == "crescent":
-        ox, oy = 0.55 * r * c, 0.55 * r * s
-        return (rho2 <= r * r) & ((dx - ox) ** 2 + (dy - oy) ** 2 > (0.85 * r) ** 2)
+        return (rho2 <= r * r) & ((u - 0.55 * r) ** 2 + v * v > (0.85 * r) ** 2)
     raise ValueError(f"unknown thing class {cls!r}")
 
 
@@ -291,6 +293,21 @@ def iter_scenes(split: str, count: int, seed: int = 0, imbalance: float = 100.0,
         yield render_scene(scene_rng(seed, split, i), profile)
 
 
+def class_table(pixel_counts: np.ndarray, label_counts: np.ndarray) -> dict:
+    """The class part of a set's ``classes.json``: names, stuff and things, the ignore index, the training split's
+    pixel and image-label counts per class, and the head / middle / tail groups those counts give."""
+    names = list(CLASS_NAMES)
+    return {
+        "names": names,
+        "stuff": list(STUFF_CLASSES),
+        "things": list(THING_CLASSES),
+        "ignore_index": IGNORE_INDEX,
+        "train_pixel_counts": pixel_counts.tolist(),
+        "train_image_label_counts": label_counts.tolist(),
+        "groups": head_middle_tail(names, pixel_counts.tolist()),
+    }
+
+
 def head_middle_tail(names: list[str], pixel_counts: list[int]) -> dict[str, list[str]]:
     """Classes ranked by train pixel count and cut into three near-equal groups (AUCSeg's convention)."""
     order = sorted(range(len(names)), key=lambda i: -pixel_counts[i])
@@ -324,17 +341,8 @@ def synthesize(out: str | os.PathLike, n: int | None = 1000, seed: int = 0, imba
     if folder.continuing and "names" in (folder.saved() or {}):
         raise UserError(f"{out}: holds this Shapes-LT set already; replace it (--overwrite) or choose another folder")
     folder.create()  # the marker first: a set cut short is still recognised as difffeat's own
-    tmp = out / f".shapes-lt.tmp-{os.getpid()}"
-    try:
+    with staged(out, "shapes-lt", "Shapes-LT set") as tmp:
         classes = _write_scenes(tmp, sizes, seed, profile, progress)
-        for split in SPLITS:  # what is there is this set's own: an earlier call cut short
-            if (out / split).is_dir() and not (out / split).is_symlink():
-                shutil.rmtree(out / split)
-            os.replace(tmp / split, out / split)
-    except OSError as e:  # a full disk: one line, and no temporary folder left behind
-        raise UserError(f"{out}: cannot write the Shapes-LT set ({e.strerror or e})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     # Deterministic (no time stamp, no versions): the same seed gives byte-identical folders.
     folder.write_json(CLASSES, {"format": RUN_FORMAT, "kind": KIND, "config": config,
                                 "config_hash": folder.config_hash, **classes})
@@ -370,13 +378,4 @@ def _write_scenes(tmp: Path, sizes: dict[str, int], seed: int, profile: np.ndarr
             writer.writerow(["file_name", "mask_file_name", "label", "coarse_caption", "fine_caption"])
             writer.writerows(rows)
     bar.close()
-    names = list(CLASS_NAMES)
-    return {
-        "names": names,
-        "stuff": list(STUFF_CLASSES),
-        "things": list(THING_CLASSES),
-        "ignore_index": IGNORE_INDEX,
-        "train_pixel_counts": pixel_counts.tolist(),
-        "train_image_label_counts": label_counts.tolist(),
-        "groups": head_middle_tail(names, pixel_counts.tolist()),
-    }
+    return class_table(pixel_counts, label_counts)

@@ -47,14 +47,14 @@ import io
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from difffeat.data.shapes_lt import CLASSES, STUFF_COLOURS, THING_CLASSES, THING_COLOURS, split_sizes
+from difffeat.data.shapes_lt import CLASSES, STUFF_COLOURS, THING_CLASSES, THING_COLOURS, shape_mask, split_sizes
+from difffeat.data.staging import staged
 from difffeat.data.synth_layouts import SIZE_CYCLES
 from difffeat.errors import UserError
 from difffeat.spine.run import RUN_FORMAT, RunFolder
@@ -106,40 +106,6 @@ OFF_BODY = {("ring", 0), ("crescent", 0)}  # keypoints in a hole or bite: their 
 
 
 # ------------------------------------------------------------------------------------------------ shapes
-def shape_mask(cls: str, cx: float, cy: float, r: float, angle: float, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
-    """Whether each point (xx, yy) (continuous coordinates) lies in the shape: Shapes-LT's shapes on any grid."""
-    dx, dy = xx - cx, yy - cy
-    c, s = math.cos(angle), math.sin(angle)
-    u, v = c * dx + s * dy, -s * dx + c * dy
-    rho2 = dx * dx + dy * dy
-    if cls == "circle":
-        return rho2 <= r * r
-    if cls == "square":
-        return np.maximum(np.abs(u), np.abs(v)) <= 0.8 * r
-    if cls == "diamond":
-        return np.abs(u) + np.abs(v) <= r
-    if cls == "ring":
-        return (rho2 <= r * r) & (rho2 >= (0.55 * r) ** 2)
-    if cls == "cross":
-        a, b = np.abs(u), np.abs(v)
-        return ((a <= 0.33 * r) & (b <= r)) | ((b <= 0.33 * r) & (a <= r))
-    if cls == "triangle":
-        inside = np.ones(np.shape(u), bool)
-        for k in range(3):
-            t = angle + k * 2 * math.pi / 3
-            inside &= (math.cos(t) * dx + math.sin(t) * dy) <= 0.5 * r
-        return inside
-    if cls == "hexagon":
-        a, b = np.abs(u), np.abs(v)
-        h = r * math.sqrt(3) / 2
-        return (b <= h) & (math.sqrt(3) * a + b <= 2 * h)
-    if cls == "star":
-        return np.sqrt(rho2) <= r * (0.6 + 0.4 * np.cos(5 * np.arctan2(v, u)))
-    if cls == "crescent":
-        return (rho2 <= r * r) & ((u - 0.55 * r) ** 2 + v * v > (0.85 * r) ** 2)
-    raise ValueError(f"unknown shape class {cls!r}")
-
-
 @dataclass(frozen=True)
 class CorrObject:
     """One object of an image: class, colour, centre (continuous coordinates), radius, and the direction of its
@@ -367,39 +333,29 @@ def synthesize_corr(out: str | os.PathLike, n: int = 200, seed: int = 0, sizes: 
         raise UserError(f"{out}: holds this correspondence set already; replace it (--overwrite) or choose another "
                         "folder")
     folder.create()  # the marker first: a set cut short is still recognised as difffeat's own
-    tmp = out / f".synth-spair.tmp-{os.getpid()}"
     images_written = {}
     bar = tqdm(total=n, desc="synth corr", unit="pair", disable=not progress)
     try:
-        pair_id = 0
-        for split, count in counts.items():
-            images, plan = world_split(split, count, seed, sizes, identical)
-            for img in images.values():
-                folder_img = tmp / "JPEGImages" / img.category
-                folder_img.mkdir(parents=True, exist_ok=True)
-                (folder_img / img.name).write_bytes(jpeg_bytes(img.image))
-                _write_json(tmp / "ImageAnnotation" / img.category / f"{img.stem}.json", image_annotation(img))
-            images_written[SPLITS[split]] = len(images)
-            pairs_dir = tmp / "PairAnnotation" / SPLITS[split]
-            pairs_dir.mkdir(parents=True)
-            for category, a, b in plan:
-                pair_id += 1
-                source, target = images[category, a], images[category, b]
-                _write_json(pairs_dir / f"{pair_stem(pair_id, source, target)}.json",
-                            pair_annotation(pair_id, source, target))
-                bar.update()
-        for entry in sorted(tmp.iterdir()):
-            target = out / entry.name
-            if target.is_dir() and not target.is_symlink():  # this set's own: an earlier call cut short
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
-            os.replace(entry, target)
-    except OSError as e:  # a full disk: one line, and no temporary folder left behind
-        raise UserError(f"{out}: cannot write the correspondence set ({e.strerror or e})") from None
+        with staged(out, "synth-spair", "correspondence set", owned=OWNED) as tmp:
+            pair_id = 0
+            for split, count in counts.items():
+                images, plan = world_split(split, count, seed, sizes, identical)
+                for img in images.values():
+                    folder_img = tmp / "JPEGImages" / img.category
+                    folder_img.mkdir(parents=True, exist_ok=True)
+                    (folder_img / img.name).write_bytes(jpeg_bytes(img.image))
+                    _write_json(tmp / "ImageAnnotation" / img.category / f"{img.stem}.json", image_annotation(img))
+                images_written[SPLITS[split]] = len(images)
+                pairs_dir = tmp / "PairAnnotation" / SPLITS[split]
+                pairs_dir.mkdir(parents=True)
+                for category, a, b in plan:
+                    pair_id += 1
+                    source, target = images[category, a], images[category, b]
+                    _write_json(pairs_dir / f"{pair_stem(pair_id, source, target)}.json",
+                                pair_annotation(pair_id, source, target))
+                    bar.update()
     finally:
         bar.close()
-        shutil.rmtree(tmp, ignore_errors=True)
     # Deterministic (no time stamp, no versions): the same arguments give the same classes.json.
     folder.write_json(CLASSES, {"format": RUN_FORMAT, "kind": KIND, "config": config,
                                 "config_hash": folder.config_hash, "names": list(CATEGORIES), "layout": "spair",

@@ -52,7 +52,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,14 +67,13 @@ from difffeat.data.shapes_lt import (
     CLASSES,
     IGNORE_INDEX,
     SPLITS,
-    STUFF_CLASSES,
-    THING_CLASSES,
     Scene,
+    class_table,
     generate_scene,
-    head_middle_tail,
     label_profile,
     split_sizes,
 )
+from difffeat.data.staging import staged
 from difffeat.errors import UserError
 from difffeat.spine.run import RUN_FORMAT, RunFolder
 
@@ -508,23 +506,8 @@ def synthesize_layout(out: str | os.PathLike, layout: str, n: int = 1000, seed: 
     if folder.continuing and "names" in (folder.saved() or {}):
         raise UserError(f"{out}: holds this {layout} set already; replace it (--overwrite) or choose another folder")
     folder.create()  # the marker first: a set cut short is still recognised as difffeat's own
-    tmp = out / f".synth-{layout}.tmp-{os.getpid()}"
-    try:
-        tmp.mkdir()
+    with staged(out, f"synth-{layout}", f"{layout} set", owned=cls.owned) as tmp:
         classes = _write_world(cls(tmp, counts, progress), n, seed, imbalance, sizes, progress)
-        for entry in sorted(tmp.iterdir()):
-            if entry.name not in cls.owned:
-                raise RuntimeError(f"layout {layout} wrote {entry.name}, which it does not declare as its own")
-            target = out / entry.name
-            if target.is_dir() and not target.is_symlink():  # this set's own: an earlier call cut short
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
-            os.replace(entry, target)
-    except OSError as e:  # a full disk: one line, and no temporary folder left behind
-        raise UserError(f"{out}: cannot write the {layout} set ({e.strerror or e})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     # Deterministic (no time stamp, no versions): the same arguments give the same classes.json.
     folder.write_json(CLASSES, {"format": RUN_FORMAT, "kind": KIND, "config": config,
                                 "config_hash": folder.config_hash, **classes, "layout": layout,
@@ -557,16 +540,7 @@ def _write_world(writer: LayoutWriter, n: int, seed: int, imbalance: float, size
         writer.finish()
     finally:
         bar.close()
-    names = list(CLASS_NAMES)
-    return {
-        "names": names,
-        "stuff": list(STUFF_CLASSES),
-        "things": list(THING_CLASSES),
-        "ignore_index": IGNORE_INDEX,
-        "train_pixel_counts": pixel_counts.tolist(),
-        "train_image_label_counts": label_counts.tolist(),
-        "groups": head_middle_tail(names, pixel_counts.tolist()),
-    }
+    return class_table(pixel_counts, label_counts)
 
 
 @contextmanager
