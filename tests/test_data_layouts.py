@@ -54,6 +54,18 @@ def test_ade20k_raw_ids_reduce_zero_label(tmp_path):
     assert layout.target(sample).ravel().tolist() == want
 
 
+@pytest.mark.parametrize("name", ["ade20k", "coco-stuff"])
+def test_a_link_cycle_in_a_native_layout_lists_each_image_once(tmp_path, name):
+    """Linked folders are followed, each real folder once: a link back to a parent made every image a sample 41
+    times (until the system's link limit), each under a longer key."""
+    split = {"ade20k": "training", "coco-stuff": "train2017"}[name]
+    _jpg(tmp_path / f"images/{split}/sub/a.jpg", (4, 4))
+    _png(tmp_path / f"annotations/{split}/sub/a.png", np.zeros((4, 4)))
+    (tmp_path / f"images/{split}/sub/back").symlink_to(tmp_path / f"images/{split}", target_is_directory=True)
+    layout = open_data(f"{name}:{tmp_path}:train")
+    assert [s.key for s in layout.samples] == [f"images/{split}/sub/a.jpg"]
+
+
 def test_cityscapes_label_ids_to_train_ids(tmp_path):
     raw = list(range(34))
     stem = "aachen_000000_000001"

@@ -30,6 +30,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from difffeat.data.walk import walk_once
 from difffeat.errors import UserError
 
 if TYPE_CHECKING:
@@ -171,18 +172,10 @@ def discover_images(source: str | os.PathLike, recursive: bool = True,
 
 
 def _walk(root: Path, recursive: bool, skip: _Skip, skipped: list[str] | None = None) -> Iterator[str]:
-    seen: set[str] = set()
     if skip.exclude and os.path.realpath(root) in skip.exclude:
         return
-    # Symlinked folders are followed (data sets are often assembled from links); `seen` stops cycles.
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".") and not skip(os.path.join(folder, d))] \
-            if recursive else []
+    for folder, dirs, files in walk_once(root):
+        dirs[:] = [d for d in dirs if not skip(os.path.join(folder, d))] if recursive else []
         rel = Path(folder).relative_to(root)
         for name in files:
             if not name.startswith(".") and has_image_suffix(name):

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image, ImageOps
 
+from difffeat.data.walk import walk_once
 from difffeat.errors import UserError
 from difffeat.spine.run import confine_name, is_inside
 
@@ -134,14 +135,8 @@ class MaskFinder:
 
 def _metadata_files(root: Path) -> list[Path]:
     """Every ``metadata.csv`` under `root`, in sorted order, following linked folders (each real folder once)."""
-    found, seen = [], set()
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs.sort()
+    found = []
+    for folder, _, files in walk_once(root):
         if "metadata.csv" in files:
             found.append(Path(folder) / "metadata.csv")
     return sorted(found)

@@ -27,6 +27,8 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
+from difffeat.data.images import IMAGE_SUFFIXES
+from difffeat.data.walk import walk_once
 from difffeat.errors import UserError
 
 IGNORE = 255
@@ -206,6 +208,28 @@ class Layout:
         return {**described, "profile": self.profile} if self.profile else described
 
 
+class ImagesAnnotationsLayout(Layout):
+    """mmsegmentation's folder pair, as ADE20K and COCO-Stuff ship: ``ROOT/images/SPLIT/…/NAME.jpg`` and its mask
+    ``ROOT/annotations/SPLIT/…/NAME.png``. A split is a folder of both; `known_splits` are the names that
+    recognise the layout."""
+
+    known_splits: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def detect(cls, root: Path) -> bool:
+        return any((root / "images" / s).is_dir() for s in cls.known_splits) and (root / "annotations").is_dir()
+
+    def splits(self) -> list[str]:
+        return [s for s in subfolders(self.root / "images") if (self.root / "annotations" / s).is_dir()]
+
+    def find(self, split: str) -> list[Sample]:
+        images = [f for f in files_in(self.root / "images" / split, "") if f.suffix.lower() in IMAGE_SUFFIXES]
+        masks = self.root / "annotations" / split
+        return [Sample(key=key_of(self.root, f), split=split, image=f,
+                       target=masks / f.relative_to(self.root / "images" / split).with_suffix(".png"))
+                for f in images]
+
+
 def detect_layout(root: str | os.PathLike) -> str | None:
     """The name of the layout whose tree `root` holds, or None (a plain folder of images)."""
     root = Path(root)
@@ -247,12 +271,12 @@ def read_png_mask(file: Path | None) -> np.ndarray:
 
 
 def files_in(folder: Path, suffix: str) -> list[Path]:
-    """Files under `folder` (recursive, following links, no hidden names) whose name ends with `suffix`."""
+    """Files under `folder` (recursive, following links, each real folder once, no hidden names) whose name ends
+    with `suffix`."""
     if not folder.is_dir():
         return []
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    for dirpath, _, filenames in walk_once(folder):
         found += [Path(dirpath) / f for f in filenames if f.endswith(suffix) and not f.startswith(".")]
     return sorted(found)
 
