@@ -79,7 +79,9 @@ def _check_finite(loss: torch.Tensor, stage: str, step: int) -> None:
         raise UserError(f"the {stage} training loss became {loss.item()} at step {step}; lower the learning rate")
 
 
-def _training_data(cfg: MiniTrainConfig):
+def training_data(cfg) -> tuple[torch.Tensor, list[str], list[str]]:
+    """The recipe's training scenes (a config with `n_train`, `seed`, `imbalance`): images in [-1, 1]
+    [N, 3, 64, 64], their fine and their coarse captions; shared by mini and mini-dit."""
     images, fine, coarse = [], [], []
     for scene in iter_scenes("train", cfg.n_train, seed=cfg.seed, imbalance=cfg.imbalance):
         images.append(scene.image)
@@ -232,7 +234,7 @@ def train_mini(run: str | Path, out: str | Path | None = None, cfg: MiniTrainCon
     folder = start_model_training(run, out, KIND, cfg, ("losses.csv", "pipeline"), LEGACY_CHECKPOINTS)
     run = folder.path
     vae, text_encoder, tokenizer, unet, scheduler = mini.build_models(cfg.seed)
-    x, fine, coarse = _training_data(cfg)
+    x, fine, coarse = training_data(cfg)
     print(f"{len(x)} training scenes", flush=True)
     budget = _Budget(stop_after)
 

@@ -109,21 +109,6 @@ def _ema_state(ema) -> tuple[dict, dict]:
     return {str(i): t for i, t in enumerate(shadow)}, state
 
 
-def _training_data(cfg: MiniDitTrainConfig):
-    import numpy as np
-    import torch
-
-    from difffeat.data.shapes_lt import iter_scenes
-
-    images, fine, coarse = [], [], []
-    for scene in iter_scenes("train", cfg.n_train, seed=cfg.seed, imbalance=cfg.imbalance):
-        images.append(scene.image)
-        fine.append(scene.fine_caption)
-        coarse.append(scene.coarse_caption)
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return x, fine, coarse
-
-
 def _latents(folder: RunFolder, vae, x):
     """(posterior mean, std) of the train images under the frozen VAE; encoded once, then read from the run."""
     from difffeat.spine.run import load_tensors
@@ -159,6 +144,7 @@ def train_mini_dit(run: str | Path, out: str | Path | None = None, cfg: MiniDitT
 
     from difffeat.utils.progress import Stopwatch, log_line
     from difffeat.zoo import mmdit
+    from difffeat.zoo.train import training_data
 
     watch = Stopwatch()  # model building included: the summary says how long the call took
     cfg = (cfg or MiniDitTrainConfig()).validate()
@@ -171,7 +157,7 @@ def train_mini_dit(run: str | Path, out: str | Path | None = None, cfg: MiniDitT
     vae, text_encoder, tokenizer = mmdit.mini_parts()
     transformer = mmdit.build_transformer(cfg.seed)
     pipe = mmdit.assemble_pipeline(vae, text_encoder, tokenizer, transformer, mmdit.build_scheduler())
-    x, fine, coarse = _training_data(cfg)
+    x, fine, coarse = training_data(cfg)
     mean, std = _latents(folder, vae, x)
     del x
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor
