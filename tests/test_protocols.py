@@ -79,17 +79,36 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     cases = [
         (["protocol", "run", "ade20k", "--data", str(voc), "--out", str(tmp_path / "a")], "holds a voc tree"),
         (["protocol", "run", "ade20k", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "b")],
-         "expects a ade20k tree"),
+         "expects the ade20k layout"),
         (["protocol", "run", "ade20k", "--model", "mini", "--data", str(voc), "--out", str(tmp_path / "c")],
          "--set model=mini"),
         (["protocol", "run", "nope", "--smoke", "--out", str(tmp_path / "d")], "unknown protocol 'nope'"),
         (["protocol", "run", "ade20k", "--smoke", "--set", "nosection.x=1", "--out", str(tmp_path / "e")],
          "no setting section 'nosection'"),
+        # a typo in --set was passed over (or failed hours later, after extraction): now refused before any work
+        (["protocol", "run", "ade20k", "--smoke", "--set", "head.iterationz=3", "--out", str(tmp_path / "f")],
+         "no setting head.iterationz (--set head.iterationz=…)"),
+        (["protocol", "run", "ade20k", "--smoke", "--set", "head.iterations=abc", "--out", str(tmp_path / "g")],
+         "iterations: must be a whole number, got 'abc'"),
+        (["protocol", "run", "ade20k", "--smoke", "--set", "extract.timestep=[5]", "--out", str(tmp_path / "h")],
+         "no setting extract.timestep"),
+        (["protocol", "run", "ade20k", "--smoke", "--set", "extract.timesteps=[-5]", "--out", str(tmp_path / "i")],
+         "timesteps:"),
+        (["protocol", "run", "longtail-probe", "--smoke", "--set", "head.epoch=3", "--out", str(tmp_path / "j")],
+         "no setting head.epoch"),
+        (["protocol", "run", "longtail-probe", "--smoke", "--set", "head.methods=[\"nope\"]", "--out",
+          str(tmp_path / "k")], "method: must be one of"),
+        (["protocol", "run", "spair", "--smoke", "--set", "match.soft_argmx=3", "--out", str(tmp_path / "l")],
+         "no setting match.soft_argmx"),
+        (["protocol", "run", "spair", "--smoke", "--set", "match.alphas=[0]", "--out", str(tmp_path / "m")],
+         "alphas:"),
     ]
     for argv, words in cases:
         assert main(["--quiet", *argv]) == 2, argv
         err = capsys.readouterr().err.strip()
         assert words in err and err.count("\n") == 0 and "Traceback" not in err, err
+    # refused before anything was written: no output folder, and the user's data untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["voc"]
 
 
 @pytest.mark.slow

@@ -455,6 +455,11 @@ def test_sub_configs_are_nested_and_older_flat_configs_still_load(tmp_path, caps
     rb = ClsTrainConfig.from_dict({**base, "reconboost": {"lr": 0.01}}).reconboost_config()
     assert (rb.lr, rb.correct_lr) == (0.01, 0.01)
     assert ClsTrainConfig.from_dict({**base, "scale": 16.0}).dirmixe_config().scale == 16.0
+    # what a user typed is checked by name (from_dict passes over what a manifest holds beside its config)
+    typed = {**base, "dirmixe.tau": 1.6, "dm_tau": 1.6, "aggregation": {"lr": 0.1, "lrr": 1}, "dirmixe.taus": 2,
+             "methodd": "la"}
+    assert ClsTrainConfig.unknown_names(typed) == ["aggregation.lrr", "dirmixe.taus", "methodd"]
+    assert ClsTrainConfig.unknown_names(saved) == []
 
 
 def test_a_bad_value_names_its_flag(world, tmp_path, capsys):

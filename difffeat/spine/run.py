@@ -222,6 +222,25 @@ class Config:
         return json.dumps(self.to_dict(), indent=1)
 
     @classmethod
+    def unknown_names(cls, data: Mapping[str, Any]) -> list[str]:
+        """The names in `data` that `from_dict` would pass over: neither a field, nor a sub-config's field (dotted,
+        ``head.kind``, or as a nested dict), nor a sub-config's former flat name. What a user typed (``--set``, a
+        profile) is checked with it, since `from_dict` itself must skip what a manifest holds beside its config."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        nested = {f.name: f for f in nested_fields(cls)}
+        legacy = {k for f in nested.values() for k in f.metadata["legacy"]}
+        unknown = []
+        for key, value in data.items():
+            name, dot, sub = key.partition(".")
+            if dot and name in nested:
+                unknown += [f"{name}.{n}" for n in nested[name].metadata["nested"].unknown_names({sub: value})]
+            elif key in nested and isinstance(value, Mapping):
+                unknown += [f"{key}.{n}" for n in nested[key].metadata["nested"].unknown_names(value)]
+            elif key not in names and key not in legacy:
+                unknown.append(key)
+        return unknown
+
+    @classmethod
     def from_dict(cls: type[C], data: Mapping[str, Any], **override) -> C:
         """Build from a dict, ignoring entries that are not fields (a manifest holds more than the config); a
         required field missing is a `ConfigError` naming it, like a value of the wrong type or out of bounds."""

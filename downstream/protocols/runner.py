@@ -19,6 +19,7 @@ import math
 import os
 import platform
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -65,6 +66,28 @@ def summarise(values: list[float]) -> dict:
     return {"mean": mean, "std": std, "n": len(vals), "ci95": [mean - half, mean + half], "values": vals}
 
 
+#: what a protocol's extract section may set (`extract_config` reads these)
+EXTRACT_NAMES = ("layers", "timesteps", "ensemble", "seed", "noise", "posterior", "size", "resize", "prompt",
+                 "prompt_template")
+
+
+def extract_config(settings: dict, images: str, out: str, variants: dict):
+    """The `ExtractRunConfig` of the protocol's extract section, for the data spec `images`, into `out`."""
+    from difffeat.extraction.runner import ExtractRunConfig
+
+    ex = settings["extract"]
+    fields = {"images": images, "out": out, "model": settings["model"], "layers": list(ex["layers"]),
+              "timesteps": list(ex["timesteps"]), "ensemble": ex.get("ensemble", 1), "seed": ex.get("seed", 0),
+              "noise": ex.get("noise", True), "posterior": ex.get("posterior", "mean"),
+              "resolution": list(ex["size"]) if ex.get("size") else None, "resize": ex.get("resize", "center-crop"),
+              "variants": dict(variants)}
+    if "prompt_template" in ex:
+        fields.update(prompt_source="label", label_template=ex["prompt_template"].replace("{category}", "{label}"))
+    else:
+        fields["prompt"] = ex.get("prompt", "")
+    return ExtractRunConfig.from_dict(fields)
+
+
 class TaskRunner:
     """The steps of one task's protocol; subclasses set `task` and `run_heads`."""
 
@@ -76,25 +99,58 @@ class TaskRunner:
         self.progress, self.variants, self.pipe = progress, variants, pipe
         self.layout = settings["data"]["layout"]
 
+    # --------------------------------------------------------------------------------------------- checks
+    #: the names the plain sections may hold (the task's own sections are its configs': `unknown_settings`)
+    sections: ClassVar[dict[str, tuple[str, ...]]] = {
+        "data": ("layout", "train", "test", "label_column"),
+        "extract": EXTRACT_NAMES,
+    }
+
+    @classmethod
+    def unknown_settings(cls, settings: dict) -> list[str]:
+        """The dotted names in the task's own sections (head, match) that no step takes."""
+        return []
+
+    @classmethod
+    def task_configs(cls, settings: dict, stores: list[str], out: Path) -> list:
+        """The configs of the task's steps after extraction (a head per method and seed, a matching per seed)."""
+        return []
+
+    @classmethod
+    def check(cls, protocol: Protocol, settings: dict) -> None:
+        """Every setting the run will use, checked before anything is read or written, so that a typo in ``--set``
+        or a value a step refuses is one line naming it, not an error hours into the run (or, for a name no step
+        reads, no error at all)."""
+        from difffeat.spine.run import ConfigError
+
+        where = f"protocol {protocol.name}"
+        unknown = [f"{section}.{k}" for section, allowed in cls.sections.items()
+                   for k in settings.get(section) or {} if k not in allowed] + cls.unknown_settings(settings)
+        if unknown:
+            section = unknown[0].split(".")[0]
+            raise UserError(f"{where}: no setting {unknown[0]} (--set {unknown[0]}=…); the {section} settings are "
+                            f"{cls.setting_names(settings, section)}")
+        try:
+            extract_config(settings, "LAYOUT:ROOT", "OUT", {}).validate()
+            for config in cls.task_configs(settings, ["OUT/features"], Path("OUT")):
+                config.validate()
+        except ConfigError as e:
+            raise UserError(f"{where}: {e.field}: {e.reason}") from None
+
+    @classmethod
+    def setting_names(cls, settings: dict, section: str) -> str:
+        return ", ".join(cls.sections.get(section, ()))
+
     # ----------------------------------------------------------------------------------------------- steps
     def extract(self, split: str | None, name: str) -> str:
         """The feature store of `split` (every split: None), made or resumed in OUT/features-<name>."""
-        from difffeat.extraction.runner import ExtractRunConfig, run_extraction
+        from difffeat.extraction.runner import run_extraction
         from difffeat.store.feature_store import store_exists
 
-        ex = self.settings["extract"]
         store = self.out / f"features-{name}"
         spec = f"{self.layout}:{self.root}" + (f":{split}" if split else "")
-        fields = {"images": spec, "out": str(store), "model": self.settings["model"], "layers": list(ex["layers"]),
-                  "timesteps": list(ex["timesteps"]), "ensemble": int(ex.get("ensemble", 1)),
-                  "seed": int(ex.get("seed", 0)), "noise": bool(ex.get("noise", True)),
-                  "posterior": ex.get("posterior", "mean"), "resolution": list(ex["size"]) if ex.get("size") else None,
-                  "resize": ex.get("resize", "center-crop"), "variants": dict(self.variants)}
-        if "prompt_template" in ex:
-            fields.update(prompt_source="label", label_template=ex["prompt_template"].replace("{category}", "{label}"))
-        else:
-            fields["prompt"] = ex.get("prompt", "")
-        run_extraction(ExtractRunConfig(**fields), resume=store_exists(store), progress=self.progress, pipe=self.pipe)
+        config = extract_config(self.settings, spec, str(store), self.variants)
+        run_extraction(config, resume=store_exists(store), progress=self.progress, pipe=self.pipe)
         return str(store)
 
     def run(self) -> dict:
@@ -105,24 +161,42 @@ class SegmentationRunner(TaskRunner):
     """extract train and test → train-seg per seed → eval-seg at the original resolution."""
 
     task = "segmentation"
+    sections = {**TaskRunner.sections, "evaluate": ("resolution", "reduction")}
+
+    @classmethod
+    def unknown_settings(cls, settings: dict) -> list[str]:
+        from downstream.seg.config import SegTrainConfig
+
+        return [f"head.{k}" for k in SegTrainConfig.unknown_names(settings.get("head") or {})]
+
+    @classmethod
+    def setting_names(cls, settings: dict, section: str) -> str:
+        return "train-seg's options (difffeat train-seg --help)" if section == "head" else \
+            super().setting_names(settings, section)
+
+    @classmethod
+    def task_configs(cls, settings: dict, stores: list[str], out: Path, variants: dict | None = None) -> list:
+        """One train-seg config per seed, into OUT/head-seed<s> (variants concatenated unless the head says)."""
+        from downstream.seg.config import SegTrainConfig
+
+        head = dict(settings["head"])
+        if variants:
+            head.setdefault("variants", "concat")
+        return [SegTrainConfig.from_dict(dict(features=stores, out=str(out / f"head-seed{seed}"), seed=seed, **head))
+                for seed in settings["seeds"]]
 
     def run(self) -> dict:
-        from downstream.seg.config import SegTrainConfig
         from downstream.seg.evaluate import eval_seg
         from downstream.seg.train import train_seg
 
         data = self.settings["data"]
         train_store = self.extract(data["train"], "train")
         test_store = self.extract(data["test"], "test")
-        head = dict(self.settings["head"])
-        if self.variants:
-            head.setdefault("variants", "concat")
         reduction = self.settings["evaluate"].get("reduction", "mmseg")
         per_seed, runs = [], []
-        for seed in self.settings["seeds"]:
-            folder = self.out / f"head-seed{seed}"
+        for config in self.task_configs(self.settings, [train_store], self.out, self.variants):
+            folder = Path(config.out)
             done = (folder / "model.safetensors").is_file()
-            config = SegTrainConfig.from_dict(dict(features=[train_store], out=str(folder), seed=int(seed), **head))
             run = train_seg(config, resume=folder.is_dir() and not done, progress=self.progress) if not done \
                 else folder
             scores = eval_seg(run, [test_store], progress=self.progress,
@@ -150,6 +224,30 @@ class ClassificationRunner(TaskRunner):
 
     task = "classification"
 
+    @classmethod
+    def unknown_settings(cls, settings: dict) -> list[str]:
+        from downstream.cls.config import ClsTrainConfig
+
+        head = {k: v for k, v in (settings.get("head") or {}).items() if k != "methods"}
+        return [f"head.{k}" for k in ClsTrainConfig.unknown_names(head)]
+
+    @classmethod
+    def setting_names(cls, settings: dict, section: str) -> str:
+        return "methods and train-cls's options (difffeat train-cls --help)" if section == "head" else \
+            super().setting_names(settings, section)
+
+    @classmethod
+    def task_configs(cls, settings: dict, stores: list[str], out: Path, labels: tuple[str, str] = ("LABELS",) * 2
+                     ) -> list:
+        """One train-cls config per method and seed, into OUT/<method>-seed<s>."""
+        from downstream.cls.config import ClsTrainConfig
+
+        head = dict(settings["head"])
+        methods = head.pop("methods")
+        return [ClsTrainConfig.from_dict(dict(features=stores, labels=labels[0], test_labels=labels[1],
+                                              out=str(out / f"{method}-seed{seed}"), method=method, seed=seed, **head))
+                for method in methods for seed in settings["seeds"]]
+
     def labels(self, split: str) -> Path:
         layout = open_data(f"{self.layout}:{self.root}:{split}")
         column = self.settings["data"].get("label_column", "label")
@@ -166,26 +264,22 @@ class ClassificationRunner(TaskRunner):
         return table
 
     def run(self) -> dict:
-        from downstream.cls.config import ClsTrainConfig
         from downstream.cls.train import train_cls
 
         data = self.settings["data"]
         store = self.extract(None, "all")
-        train_labels, test_labels = self.labels(data["train"]), self.labels(data["test"])
-        head = dict(self.settings["head"])
-        methods = head.pop("methods")
-        groups, runs = {}, []
-        for method in methods:
-            per_seed = []
-            for seed in self.settings["seeds"]:
-                folder = self.out / f"{method}-seed{seed}"
-                if not (folder / "metrics.json").is_file():
-                    config = ClsTrainConfig(features=[store], labels=str(train_labels), test_labels=str(test_labels),
-                                            out=str(folder), method=method, seed=int(seed), **head)
-                    train_cls(config, resume=folder.is_dir(), progress=self.progress)
-                per_seed.append(classification_numbers(read_json(folder / "metrics.json", "scores")))
-                runs.append(str(folder))
-            groups[method] = {k: summarise([s[k] for s in per_seed]) for k in per_seed[0]}
+        labels = str(self.labels(data["train"])), str(self.labels(data["test"]))
+        per_method: dict[str, list[dict]] = {}
+        runs = []
+        for config in self.task_configs(self.settings, [store], self.out, labels):
+            folder = Path(config.out)
+            if not (folder / "metrics.json").is_file():
+                train_cls(config, resume=folder.is_dir(), progress=self.progress)
+            per_method.setdefault(config.method, []).append(
+                classification_numbers(read_json(folder / "metrics.json", "scores")))
+            runs.append(str(folder))
+        groups = {method: {k: summarise([s[k] for s in per_seed]) for k in per_seed[0]}
+                  for method, per_seed in per_method.items()}
         return {"groups": groups, "runs": runs, "stores": [store]}
 
 
@@ -203,23 +297,44 @@ class CorrespondenceRunner(TaskRunner):
 
     task = "correspondence"
 
+    @classmethod
+    def unknown_settings(cls, settings: dict) -> list[str]:
+        from downstream.corr.config import CorrEvalConfig
+
+        match = {k: v for k, v in (settings.get("match") or {}).items() if k != "working_size"}
+        return [f"match.{k}" for k in CorrEvalConfig.unknown_names(match)]
+
+    @classmethod
+    def setting_names(cls, settings: dict, section: str) -> str:
+        return "working_size and eval-corr's options (difffeat eval-corr --help)" if section == "match" else \
+            super().setting_names(settings, section)
+
+    @classmethod
+    def task_configs(cls, settings: dict, stores: list[str], out: Path, data: str | None = None) -> list:
+        """One eval-corr config per seed, into OUT/match-seed<s>; ``working_size: image`` matches at each image's
+        own size."""
+        from downstream.corr.config import CorrEvalConfig
+
+        match = dict(settings["match"])
+        working = match.pop("working_size", "image")
+        return [CorrEvalConfig.from_dict(dict(features=stores, data=data, out=str(out / f"match-seed{seed}"), seed=seed,
+                                              working_size=None if working == "image" else working, **match))
+                for seed in settings["seeds"]]
+
     def run(self) -> dict:
         from downstream.corr.evaluate import eval_corr
 
         store = self.extract(self.settings["data"]["test"], "test")
-        match = dict(self.settings["match"])
-        working = match.pop("working_size", "image")
-        alpha = 0.1 if 0.1 in match.get("alphas", [0.1]) else match["alphas"][0]
+        data = f"{self.layout}:{self.root}:{self.settings['data']['test']}"
         per_seed, runs = [], []
-        for seed in self.settings["seeds"]:
-            folder = self.out / f"match-seed{seed}"
-            results = eval_corr([store], f"{self.layout}:{self.root}:{self.settings['data']['test']}",
-                                out=str(folder), seed=int(seed), progress=self.progress,
-                                working_size=None if working == "image" else list(working), **match)
-            per_seed.append(correspondence_numbers(results["summary"], alpha))
-            runs.append(str(folder))
-        return {"groups": {"nearest neighbour" if not match.get("soft_argmax") else "soft-argmax":
-                           {k: summarise([s[k] for s in per_seed]) for k in per_seed[0]}},
+        for config in self.task_configs(self.settings, [store], self.out, data):
+            results = eval_corr(config.features, config.data, progress=self.progress,
+                                **{k: v for k, v in config.to_dict().items() if k not in ("features", "data")})
+            per_seed.append(correspondence_numbers(results["summary"], 0.1 if 0.1 in config.alphas
+                                                   else config.alphas[0]))
+            runs.append(config.out)
+        method = "nearest neighbour" if not self.settings["match"].get("soft_argmax") else "soft-argmax"
+        return {"groups": {method: {k: summarise([s[k] for s in per_seed]) for k in per_seed[0]}},
                 "runs": runs, "stores": [store]}
 
 
@@ -243,6 +358,7 @@ def data_root(protocol: Protocol, settings: dict, data: str | None, out: Path, s
     checked to hold the protocol's layout and splits (one line naming what was expected)."""
     layout = settings["data"]["layout"]
     if smoke:
+        (out / "data").mkdir(parents=True, exist_ok=True)
         return smoke_world(protocol, layout, out / "data", int(settings.get("smoke_n", 30)))
     if data is None:
         raise UserError(f"protocol {protocol.name}: give --data ROOT (a {layout} tree), or --smoke")
@@ -256,7 +372,7 @@ def data_root(protocol: Protocol, settings: dict, data: str | None, out: Path, s
             try:
                 open_data(f"{layout}:{root}:{split}").samples  # noqa: B018 - listing is the check
             except UserError as e:
-                raise UserError(f"protocol {protocol.name} expects a {layout} tree with split {split!r}: {e}") \
+                raise UserError(f"protocol {protocol.name} expects the {layout} layout with split {split!r}: {e}") \
                     from None
     return root
 
@@ -294,9 +410,10 @@ def run_protocol(protocol: Protocol, out: str | os.PathLike, *, data: str | None
     if runner_cls is None:
         raise UserError(f"protocol {protocol.name}: task {protocol.task!r} cannot run yet (runnable: "
                         f"{', '.join(TASKS)})")
+    runner_cls.check(protocol, settings)
     out = Path(out)
+    root = data_root(protocol, settings, data, out, smoke)  # a user's data is checked before OUT is made
     out.mkdir(parents=True, exist_ok=True)
-    root = data_root(protocol, settings, data, out, smoke)
     if variants:
         departures.append(f"variants: {', '.join(variants)} (techniques on top of the protocol)")
     outcome = runner_cls(protocol, settings, out, root, progress, variants or {}, pipe).run()
