@@ -89,7 +89,7 @@ def extract_config(settings: dict, images: str, out: str, variants: dict):
 
 
 class TaskRunner:
-    """The steps of one task's protocol; subclasses set `task` and `run_heads`."""
+    """The steps of one task's protocol; subclasses set `task`, the checks of their own sections and `run`."""
 
     task = ""
 
