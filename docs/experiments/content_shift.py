@@ -417,6 +417,8 @@ def markdown(res: dict) -> str:
                 lines.append(f"| {row} | {loss} | {m['layer']} | {m['largest']:.2f} | {100 * m['chosen']:.0f} % | "
                              + " | ".join(f"{100 * m['won'][v]:.0f} %" for v in variants) + " |")
     t = res["timing"]
+    if t is None:  # --summarize-only: this process trained nothing; the heads' times are in the log
+        return "\n".join(lines)
     lines += ["", f"Time: {t['wall_s'] / 60:.1f} min wall, {t['cpu_s'] / 60:.1f} min CPU (this process and its "
                   f"commands); steps: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in t["steps"].items())]
     return "\n".join(lines)
@@ -469,8 +471,8 @@ def main() -> None:
     specs += extra
     steps["heads"] = time.perf_counter() - t1
     usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    timing = {"wall_s": time.perf_counter() - t0, "cpu_s": sum(u.ru_utime + u.ru_stime for u in usage),
-              "steps": steps}
+    timing = None if args.summarize_only else {"wall_s": time.perf_counter() - t0,
+                                               "cpu_s": sum(u.ru_utime + u.ru_stime for u in usage), "steps": steps}
     res = summarize(w, prep, specs, args, timing)
     (w / "results.json").write_text(json.dumps(res, indent=1))
     text = markdown(res)
