@@ -341,7 +341,7 @@ def synthesize(out: str | os.PathLike, n: int | None = 1000, seed: int = 0, imba
     if folder.continuing and "names" in (folder.saved() or {}):
         raise UserError(f"{out}: holds this Shapes-LT set already; replace it (--overwrite) or choose another folder")
     folder.create()  # the marker first: a set cut short is still recognised as difffeat's own
-    with staged(out, "shapes-lt", "Shapes-LT set") as tmp:
+    with staged(out, "shapes-lt", "Shapes-LT set", owned=SPLITS) as tmp:
         classes = _write_scenes(tmp, sizes, seed, profile, progress)
     # Deterministic (no time stamp, no versions): the same seed gives byte-identical folders.
     folder.write_json(CLASSES, {"format": RUN_FORMAT, "kind": KIND, "config": config,
