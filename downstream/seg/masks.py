@@ -134,7 +134,8 @@ class MaskFinder:
 
 
 def _metadata_files(root: Path) -> list[Path]:
-    """Every ``metadata.csv`` under `root`, in sorted order, following linked folders (each real folder once)."""
+    """Every ``metadata.csv`` under `root`, in sorted order, following linked folders (each real folder once; hidden
+    folders left out, as in every other walk of a data set)."""
     found = []
     for folder, _, files in walk_once(root):
         if "metadata.csv" in files:
