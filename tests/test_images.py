@@ -116,6 +116,23 @@ def test_discover_leaves_out_difffeat_outputs_and_excluded_folders(image_tree):
     assert [i.key for i in discover_images(image_tree / "gate")] == ["scores.png"]
 
 
+def test_imagefolder_tables_in_linked_folders_are_read_once(tmp_path):
+    """An imagefolder (``metadata.csv`` tables) assembled from links: a table in a linked folder is read, as image
+    discovery follows the same link, and a link back to a parent does not read any table twice."""
+    from difffeat.data.sources import ImageSource
+
+    root, elsewhere = tmp_path / "set", tmp_path / "elsewhere"
+    for folder, name in ((root, "a.png"), (elsewhere / "more", "b.png")):
+        folder.mkdir(parents=True)
+        Image.new("RGB", (4, 4)).save(folder / name)
+        (folder / "metadata.csv").write_text(f"file_name,label\n{name},x\n")
+    (root / "extra").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "more" / "back").symlink_to(root, target_is_directory=True)
+    source = ImageSource(str(root))
+    assert [i.key for i in source.items] == ["a.png", "extra/more/b.png"]
+    assert source.rows["extra/more/b.png"]["label"] == "x"
+
+
 def test_source_stamps_are_size_and_mtime(image_tree):
     import os
 

@@ -33,6 +33,7 @@ from difffeat.data.images import (
     load_hf_image,
     load_image,
 )
+from difffeat.data.walk import walk_once
 from difffeat.errors import UserError
 from difffeat.spine.run import confine_name
 
@@ -98,8 +99,8 @@ class ImageSource:
 
     def _metadata_files(self, root: Path) -> list[Path]:
         found = []
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not self._left_out(Path(dirpath, d)))
+        for dirpath, dirnames, filenames in walk_once(root):  # linked folders too, as image discovery follows them
+            dirnames[:] = [d for d in dirnames if not self._left_out(Path(dirpath, d))]
             if "metadata.csv" in filenames:
                 found.append(Path(dirpath) / "metadata.csv")
         return found
