@@ -106,10 +106,24 @@ class TaskRunner:
         "extract": EXTRACT_NAMES,
     }
 
+    #: the task's own section (head, match), checked by name against its step's config (`own_config`), less the
+    #: names the runner reads itself (`own_extra`); `own_help` says where its names are listed
+    own_section: ClassVar[str] = ""
+    own_extra: ClassVar[tuple[str, ...]] = ()
+    own_help: ClassVar[str] = ""
+
+    @classmethod
+    def own_config(cls) -> type:
+        """The config class of the step that reads the task's own section (imported when asked)."""
+        raise NotImplementedError
+
     @classmethod
     def unknown_settings(cls, settings: dict) -> list[str]:
-        """The dotted names in the task's own sections (head, match) that no step takes."""
-        return []
+        """The dotted names in the task's own section that no step takes."""
+        if not cls.own_section:
+            return []
+        own = {k: v for k, v in (settings.get(cls.own_section) or {}).items() if k not in cls.own_extra}
+        return [f"{cls.own_section}.{k}" for k in cls.own_config().unknown_names(own)]
 
     @classmethod
     def task_configs(cls, settings: dict, stores: list[str], out: Path) -> list:
@@ -129,7 +143,7 @@ class TaskRunner:
         if unknown:
             section = unknown[0].split(".")[0]
             raise UserError(f"{where}: no setting {unknown[0]} (--set {unknown[0]}=…); the {section} settings are "
-                            f"{cls.setting_names(settings, section)}")
+                            f"{cls.setting_names(section)}")
         try:
             extract_config(settings, "LAYOUT:ROOT", "OUT", {}).validate()
             for config in cls.task_configs(settings, ["OUT/features"], Path("OUT")):
@@ -138,8 +152,8 @@ class TaskRunner:
             raise UserError(f"{where}: {e.field}: {e.reason}") from None
 
     @classmethod
-    def setting_names(cls, settings: dict, section: str) -> str:
-        return ", ".join(cls.sections.get(section, ()))
+    def setting_names(cls, section: str) -> str:
+        return cls.own_help if section == cls.own_section else ", ".join(cls.sections.get(section, ()))
 
     # ----------------------------------------------------------------------------------------------- steps
     def extract(self, split: str | None, name: str) -> str:
@@ -163,16 +177,13 @@ class SegmentationRunner(TaskRunner):
     task = "segmentation"
     sections = {**TaskRunner.sections, "evaluate": ("resolution", "reduction")}
 
+    own_section, own_help = "head", "train-seg's options (difffeat train-seg --help)"
+
     @classmethod
-    def unknown_settings(cls, settings: dict) -> list[str]:
+    def own_config(cls) -> type:
         from downstream.seg.config import SegTrainConfig
 
-        return [f"head.{k}" for k in SegTrainConfig.unknown_names(settings.get("head") or {})]
-
-    @classmethod
-    def setting_names(cls, settings: dict, section: str) -> str:
-        return "train-seg's options (difffeat train-seg --help)" if section == "head" else \
-            super().setting_names(settings, section)
+        return SegTrainConfig
 
     @classmethod
     def task_configs(cls, settings: dict, stores: list[str], out: Path, variants: dict | None = None) -> list:
@@ -224,17 +235,14 @@ class ClassificationRunner(TaskRunner):
 
     task = "classification"
 
+    own_section, own_extra = "head", ("methods",)
+    own_help = "methods and train-cls's options (difffeat train-cls --help)"
+
     @classmethod
-    def unknown_settings(cls, settings: dict) -> list[str]:
+    def own_config(cls) -> type:
         from downstream.cls.config import ClsTrainConfig
 
-        head = {k: v for k, v in (settings.get("head") or {}).items() if k != "methods"}
-        return [f"head.{k}" for k in ClsTrainConfig.unknown_names(head)]
-
-    @classmethod
-    def setting_names(cls, settings: dict, section: str) -> str:
-        return "methods and train-cls's options (difffeat train-cls --help)" if section == "head" else \
-            super().setting_names(settings, section)
+        return ClsTrainConfig
 
     @classmethod
     def task_configs(cls, settings: dict, stores: list[str], out: Path, labels: tuple[str, str] = ("LABELS",) * 2
@@ -297,17 +305,14 @@ class CorrespondenceRunner(TaskRunner):
 
     task = "correspondence"
 
+    own_section, own_extra = "match", ("working_size",)
+    own_help = "working_size and eval-corr's options (difffeat eval-corr --help)"
+
     @classmethod
-    def unknown_settings(cls, settings: dict) -> list[str]:
+    def own_config(cls) -> type:
         from downstream.corr.config import CorrEvalConfig
 
-        match = {k: v for k, v in (settings.get("match") or {}).items() if k != "working_size"}
-        return [f"match.{k}" for k in CorrEvalConfig.unknown_names(match)]
-
-    @classmethod
-    def setting_names(cls, settings: dict, section: str) -> str:
-        return "working_size and eval-corr's options (difffeat eval-corr --help)" if section == "match" else \
-            super().setting_names(settings, section)
+        return CorrEvalConfig
 
     @classmethod
     def task_configs(cls, settings: dict, stores: list[str], out: Path, data: str | None = None) -> list:
