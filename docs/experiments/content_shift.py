@@ -326,6 +326,45 @@ def mixer_weights(w: Path, row: str, loss: str, seeds, images: int = MIXER_IMAGE
              "won": {n: statistics.mean(d["won"][n] for d in ds) for n in names}} for layer, ds in per_layer.items()]
 
 
+BN_CHECK_ROW = "amalgamate-n2"
+
+
+def batch_norm_check(w: Path, row: str, loss: str, seeds) -> dict | None:
+    """Test mIoU and tail mIoU of an amalgamated head as trained (the assigners' BatchNorm on its running
+    statistics, pooled over the variants because one assigner sees every variant in turn), and with the assigners'
+    BatchNorm on each variant's statistics in the test batch (16 scenes), as in training: whether the assigners'
+    train / test difference costs the head anything. Mean over seeds; None when the runs are not all there."""
+    import torch
+
+    from downstream.seg.data import SegDataset, collate
+    from downstream.seg.evaluate import load_run
+    from downstream.seg.metrics import SegMetrics
+
+    runs = [w / "seg" / f"{row}-{loss}-s{s}" for s in seeds]
+    if not all((r / "metrics.json").is_file() for r in runs):
+        return None
+    scores: dict[str, list[tuple[float, float]]] = {"running": [], "batch": []}
+    for run in runs:
+        saved, model, classes = load_run(run)
+        trained = saved["config"]
+        data = SegDataset(trained["features"], trained["masks"], classes, split="test", layers=trained["layers"])
+        for mode in scores:
+            model.eval()
+            if mode == "batch":
+                for m in model.amalgamate.assigners.modules():
+                    if isinstance(m, torch.nn.BatchNorm2d):
+                        m.train()
+                        m.momentum = 0.0  # batch statistics, running statistics left as trained
+            metrics = SegMetrics(data.classes)
+            with torch.no_grad():
+                for batch in torch.utils.data.DataLoader(data, batch_size=16, collate_fn=collate):
+                    metrics.update(model.predict(batch["features"], data.mask_size), batch["mask"])
+            got = metrics.compute()
+            scores[mode].append((got["miou"], got["miou_tail"]))
+    return {mode: {"miou": mean_std([v[0] for v in vs]), "tail": mean_std([v[1] for v in vs])}
+            for mode, vs in scores.items()}
+
+
 def summarize(w: Path, prep: dict, specs: list[dict], args, timing: dict) -> dict:
     table, missing = [], []
     for r in specs:
@@ -359,7 +398,8 @@ def summarize(w: Path, prep: dict, specs: list[dict], args, timing: dict) -> dic
     fused, how = fused_set(ranking)
     mixers = {f"{r['row']} {loss}": m for r in specs if r["group"] == "fused" and r.get("variants")
               for loss in LOSSES if (m := mixer_weights(w, r["row"], loss, args.seeds)) is not None}
-    return {"table": table, "mixers": mixers, "missing": missing,
+    batch_norm = {loss: m for loss in LOSSES if (m := batch_norm_check(w, BN_CHECK_ROW, loss, args.seeds)) is not None}
+    return {"table": table, "mixers": mixers, "batch_norm": batch_norm, "missing": missing,
             "curve": learning_curve(w, args.seeds, args.iterations),
             "spearman": correlations, "fused": fused, "fused_how": how, "gate": ranking["ranking"],
             "accepted": ranking["accepted"], "locon": prep["locon"], "timing": timing,
@@ -416,6 +456,14 @@ def markdown(res: dict) -> str:
             for m in layers:
                 lines.append(f"| {row} | {loss} | {m['layer']} | {m['largest']:.2f} | {100 * m['chosen']:.0f} % | "
                              + " | ".join(f"{100 * m['won'][v]:.0f} %" for v in variants) + " |")
+    if res.get("batch_norm"):
+        lines += ["", f"{BN_CHECK_ROW}'s assigners at test time: BatchNorm on its running statistics (as trained and "
+                      "reported above) against each variant's statistics in the test batch (as in training):", "",
+                  "| loss | mIoU, running statistics | mIoU, batch statistics | tail, running | tail, batch |",
+                  "|---|---|---|---|---|"]
+        for loss, m in res["batch_norm"].items():
+            lines.append(f"| {loss} | {fmt(m['running']['miou'])} | {fmt(m['batch']['miou'])} | "
+                         f"{fmt(m['running']['tail'])} | {fmt(m['batch']['tail'])} |")
     t = res["timing"]
     if t is None:  # --summarize-only: this process trained nothing; the heads' times are in the log
         return "\n".join(lines)
