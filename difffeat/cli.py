@@ -168,17 +168,9 @@ def _checked_techniques(cfg):
 
 
 def _variants(args) -> dict[str, list[str]]:
-    if not args.variants and not args.variant:
-        return {}
-    from difffeat.extraction.conditioning import technique_provider
+    from difffeat.extraction.conditioning import variants_given
 
-    provider = technique_provider()
-    variants = provider.read_variants(args.variants) if args.variants else {}
-    for name, specs in provider.parse_variants(args.variant or []).items():
-        if name in variants:
-            raise UserError(f"variant {name!r} is both in {args.variants} and given by --variant")
-        variants[name] = specs
-    return variants
+    return variants_given(args.variants, args.variant or [])
 
 
 def _cmd_extract(args) -> None:

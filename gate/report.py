@@ -112,8 +112,9 @@ def _fmt(value: float, metric: str) -> str:
     return f"{value:.2f}" if metric == "psnr" else f"{value:.3f}"
 
 
-def write_tables(result, folder: RunFolder) -> None:
-    """ranking.csv, ranking.json (the whole result) and per_image.csv."""
+def write_ranking(result, folder: RunFolder) -> None:
+    """ranking.csv (`result.table()`: a row per candidate or configuration, best first) and ranking.json (the whole
+    result): what GATE and the sweep both write."""
     rows = result.table()
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
@@ -121,6 +122,11 @@ def write_tables(result, folder: RunFolder) -> None:
     writer.writerows(rows)
     write_atomic(folder.file("ranking.csv"), buf.getvalue())
     folder.write_json("ranking.json", result.to_dict())
+
+
+def write_tables(result, folder: RunFolder) -> None:
+    """ranking.csv, ranking.json (`write_ranking`) and per_image.csv."""
+    write_ranking(result, folder)
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["key", "candidate", *result.metrics])

@@ -8,28 +8,16 @@ dropped by successive halving shows the score of the rung it reached (scored on 
 
 from __future__ import annotations
 
-import csv
 import html
-import io
 import json
 
 import numpy as np
 
 from difffeat.report.page import CSP, CSS, data_uri
 from difffeat.utils.atomic import atomic_path, write_atomic
+from gate.report import write_ranking
 
 LABEL = {"miou": "mIoU ↑", "accuracy": "accuracy ↑"}
-
-
-def write_table(result, run) -> None:
-    """ranking.csv (one row per configuration, best first) and ranking.json (everything of the result)."""
-    rows = result.table()
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(run.file("ranking.csv"), buf.getvalue())
-    run.write_json("ranking.json", result.to_dict())
 
 
 def heat_map(result, variant: str, path) -> None:
@@ -81,7 +69,7 @@ def write_outputs(result, run) -> None:
     """Every output of a finished sweep into its run folder (`difffeat.spine.run.RunFolder`)."""
     from pipelines.variants import write_variants_file
 
-    write_table(result, run)
+    write_ranking(result, run)
     pictures = {}
     for variant in dict.fromkeys(c.variant for c in result.plan):
         path = run.file(f"heatmap-{variant}.png")

@@ -460,17 +460,9 @@ def add_sweep_command(subparsers) -> None:
 
 
 def _variants_from_args(args) -> dict[str, list[str]] | None:
-    from difffeat.extraction.conditioning import technique_provider
+    from difffeat.extraction.conditioning import variants_given
 
-    if not args.techniques and not args.variant:
-        return None
-    provider = technique_provider()
-    variants = provider.read_variants(args.techniques) if args.techniques else {}
-    for name, specs in provider.parse_variants(args.variant or []).items():
-        if name in variants:
-            raise UserError(f"--variant {name!r} is also in {args.techniques}")
-        variants[name] = specs
-    return variants or None
+    return variants_given(args.techniques, args.variant or []) or None
 
 
 def _cmd_sweep(args) -> None:

@@ -264,6 +264,13 @@ def test_variant_arguments_and_files(tmp_path):
         read_variants_file(tmp_path / "bad.yaml")
     with pytest.raises(UserError, match="NAME=SPEC"):
         parse_variant_args(["controlnet:canny"])
+    # a file and --variant flags together (extract --variants, sweep --techniques): one dict, a name in both refused
+    from difffeat.extraction.conditioning import variants_given
+
+    assert variants_given(None, []) == {}
+    assert variants_given(str(tmp_path / "v.yaml"), ["cap=prompt:caption"]) == {**variants, "cap": ["prompt:caption"]}
+    with pytest.raises(UserError, match=r"--variant 'canny' is also in .*v.yaml"):
+        variants_given(str(tmp_path / "v.yaml"), ["canny=prompt:caption"])
 
 
 def test_cli_extract_with_variants(shapes_dir, tmp_path):

@@ -331,6 +331,20 @@ def technique_provider(name: str | None = None) -> TechniqueProvider:
     return PROVIDERS.get(name)
 
 
+def variants_given(file: str | None, flags: Sequence[str] = ()) -> dict[str, list[str]]:
+    """Named technique lists from a variants file (`gate --emit`) and ``--variant NAME=SPEC+SPEC`` flags, read by the
+    installed provider (loaded only when something is given); a name in both is an error naming it and the file."""
+    if not file and not flags:
+        return {}
+    provider = technique_provider()
+    variants = provider.read_variants(file) if file else {}
+    for name, specs in provider.parse_variants(list(flags)).items():
+        if name in variants:
+            raise UserError(f"--variant {name!r} is also in {file}")
+        variants[name] = specs
+    return variants
+
+
 def technique_stack(pipe, techniques: Sequence | ConditioningStack = ()) -> ConditioningStack:
     """`techniques` bound to `pipe` by the installed provider (none: `PlainStack`, no provider loaded); a ready
     `ConditioningStack` passes through."""
